@@ -1,0 +1,1 @@
+"""Plain-PyTorch parts of Streamlined Inference. Nothing in this package imports `comfy`."""

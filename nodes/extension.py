@@ -1,0 +1,8 @@
+from comfy_api.latest import ComfyExtension, io
+
+from .model_patch import StreamlineModelPatch
+
+
+class StreamlineExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [StreamlineModelPatch]

@@ -1,0 +1,348 @@
+"""A sliced, grouped forward for ComfyUI's UNetModel (SD1.5/SD2/SDXL layout), with AnimateDiff motion modules.
+
+It computes what `UNetModel._forward` computes, with the same transformer_options patches, ControlNet
+residuals and transformer_index bookkeeping, but:
+- consecutive per-frame layers of a block form a group that runs chunk by chunk over the
+  (batch x frames) axis, each chunk end to end, into one output buffer;
+- motion modules run chunk by chunk over spatial positions, in place on a buffer this forward owns;
+- an output block's input (the concatenation of h with its skip) is built per chunk, never whole;
+- a block that ends in per-frame layers (the Upsample of an output block) hands them to the next
+  block's first group, so the upsampled feature is never materialised at full size either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, apply_control, forward_timestep_embed
+from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+from torch import Tensor
+
+from ..core.grouping import run_frame_chunked
+from ..core.slicing import SliceConfig, frame_chunk_size, spatial_chunk_size
+from .layer_roles import Role, role_of
+from .log import logger
+from .motion_module import run_motion_module_sliced, unsliceable_reason
+
+# transformer_options patch keys that act between blocks on whole tensors; any other patch may look
+# inside attention at batch-dependent data, so spatial transformers then run unsliced.
+_BLOCK_LEVEL_PATCHES = {
+    "forward_timestep_embed_patch",
+    "emb_patch",
+    "input_block_patch",
+    "input_block_patch_after_skip",
+    "output_block_patch",
+}
+_PER_FRAME_ROLES = {Role.RES_BLOCK, Role.SPATIAL_TRANSFORMER, Role.UPSAMPLE, Role.PER_FRAME}
+
+
+class UnsupportedModel(Exception):
+    """The model needs ComfyUI's own forward; the reason is the message."""
+
+
+@dataclass
+class LogOnce:
+    """Remembers which notices were already logged for one patched model."""
+
+    seen: set[str] = field(default_factory=set)
+
+    def warn(self, key: str, message: str) -> None:
+        if key not in self.seen:
+            self.seen.add(key)
+            logger.warning(message)
+
+
+@dataclass
+class Segment:
+    """Consecutive layers of one block that share a slicing axis ('frames'), or one layer alone."""
+
+    kind: str  # "frames" | "motion" | "whole"
+    layers: list[tuple[nn.Module, Role]]
+
+    @property
+    def spatial_transformers(self) -> int:
+        return sum(role is Role.SPATIAL_TRANSFORMER for _, role in self.layers)
+
+
+@dataclass
+class Pending:
+    """Per-frame layers of the previous output block, run per chunk at the start of the next group."""
+
+    segment: Segment
+    output_shape: tuple | None
+    transformer_index: int
+
+
+def split_block(block: nn.Module, patched_types: tuple[type, ...]) -> list[Segment]:
+    segments: list[Segment] = []
+    for layer in block:
+        role = role_of(layer, patched_types)
+        if role is Role.UNSUPPORTED:
+            raise UnsupportedModel(f"{type(layer).__name__} (video UNet layers)")
+        if role in _PER_FRAME_ROLES:
+            if segments and segments[-1].kind == "frames":
+                segments[-1].layers.append((layer, role))
+            else:
+                segments.append(Segment("frames", [(layer, role)]))
+        else:
+            segments.append(Segment("motion" if role is Role.MOTION_MODULE else "whole", [(layer, role)]))
+    return segments
+
+
+def _same_storage(a: Tensor, b: Tensor | None) -> bool:
+    return b is not None and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+class StreamlinedForward:
+    """One UNet forward. Holds what every group of that forward shares."""
+
+    def __init__(self, unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, emb: Tensor,
+                 context: Tensor | None, transformer_options: dict, video_kwargs: dict):
+        self.unet = unet
+        self.config = config
+        self.log = log
+        self.emb = emb
+        self.context = context
+        self.to = transformer_options
+        self.video_kwargs = video_kwargs
+        self.batch = x.shape[0]
+        self.top_channels = unet.model_channels
+        # Cross-attention keys and values scale with the context tokens, not with the latent: at deep
+        # levels of a small latent they are most of a group's working set.
+        self.context_tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
+        self.top_sample_values = self.sample_values(unet.model_channels, x.shape[-2] * x.shape[-1], True)
+        patches = transformer_options.get("patches", {})
+        self.patch_handlers = list(patches.get("forward_timestep_embed_patch", []))
+        self.patched_types = tuple(cls for cls, _ in self.patch_handlers)
+        attention_patches = sorted(k for k, v in patches.items() if v and k not in _BLOCK_LEVEL_PATCHES)
+        attention_patches += sorted(k for k, v in transformer_options.get("patches_replace", {}).items() if v)
+        self.attention_patches = attention_patches
+        if attention_patches:
+            log.warn("attention-patches", "Streamline: attention patches present "
+                     f"({', '.join(attention_patches)}); spatial transformers run unsliced.")
+
+    # -- groups ---------------------------------------------------------------------------------------
+
+    def run_layers(self, layers: list[tuple[nn.Module, Role]], h: Tensor, start: int, end: int,
+                   output_shape) -> Tensor:
+        emb = self.emb[start:end]
+        context = self.context[start:end] if self.context is not None else None
+        for layer, role in layers:
+            if role is Role.RES_BLOCK:
+                h = layer(h, emb)
+            elif role is Role.SPATIAL_TRANSFORMER:
+                h = layer(h, context, self.to)
+                self.to["transformer_index"] += 1
+            elif role is Role.UPSAMPLE:
+                h = layer(h, output_shape=output_shape)
+            else:
+                h = layer(h)
+        return h
+
+    def sample_values(self, channels: int, positions: int, attends: bool) -> int:
+        """Values per sample that a per-frame group holds at once, up to a constant factor."""
+        return channels * (positions + (2 * self.context_tokens if attends else 0))
+
+    def frames_chunk(self, segments: list[Segment], sample_values: int) -> int:
+        """Samples per chunk for per-frame layers that run together, chunk by chunk."""
+        if self.attention_patches and any(segment.spatial_transformers for segment in segments):
+            return self.batch
+        for name, tensor in (("emb", self.emb), ("context", self.context)):
+            if tensor is not None and tensor.shape[0] != self.batch:
+                self.log.warn(f"batch-{name}", f"Streamline: {name} batch {tensor.shape[0]} differs from the "
+                              f"latent batch {self.batch}; per-frame groups run unsliced.")
+                return self.batch
+        return frame_chunk_size(self.config, self.batch, sample_values, self.top_sample_values)
+
+    def run_frames(self, segment: Segment, h: Tensor, output_shape, pending: Pending | None = None,
+                   skip: Tensor | None = None, cast: torch.dtype | None = None) -> Tensor:
+        """Run a per-frame group on h (after `pending`, concatenated with `skip`), chunk by chunk."""
+        height, width = (skip if skip is not None else h).shape[-2:]
+        if pending is not None and skip is None:
+            height, width = height * 2, width * 2  # pending layers end in an Upsample
+        channels = h.shape[1] + (skip.shape[1] if skip is not None else 0)
+        attends = segment.spatial_transformers > 0 or (pending is not None and pending.segment.spatial_transformers > 0)
+        sample_values = self.sample_values(channels, height * width, attends)
+        chunk = self.frames_chunk([segment] if pending is None else [pending.segment, segment], sample_values)
+        index = pending.transformer_index if pending is not None else self.to["transformer_index"]
+
+        def group(start: int, end: int) -> Tensor:
+            self.to["transformer_index"] = index
+            part = h[start:end]
+            if pending is not None:
+                part = self.run_layers(pending.segment.layers, part, start, end, pending.output_shape)
+            if skip is not None:
+                part = torch.cat([part, skip[start:end]], dim=1)
+            if cast is not None:
+                part = part.type(cast)
+            return self.run_layers(segment.layers, part, start, end, output_shape)
+
+        return run_frame_chunked(group, self.batch, chunk)
+
+    def run_motion(self, layer: nn.Module, h: Tensor, owned: bool) -> Tensor:
+        reason = unsliceable_reason(layer)
+        batch, channels, height, width = h.shape
+        chunk = spatial_chunk_size(self.config, batch, height * width, channels, self.top_channels)
+        if reason is not None:
+            self.log.warn(f"mm-{reason}", f"Streamline: motion modules with {reason} run unsliced.")
+        if reason is not None or chunk >= height * width:
+            return self.run_whole(layer, h, None)
+        return run_motion_module_sliced(layer, h, self.context, self.to, chunk, in_place=owned)
+
+    def run_whole(self, layer: nn.Module, h: Tensor, output_shape) -> Tensor:
+        """One layer exactly as ComfyUI runs it (patch handlers included)."""
+        return forward_timestep_embed([layer], h, self.emb, self.context, self.to, output_shape, **self.video_kwargs)
+
+    # -- blocks ---------------------------------------------------------------------------------------
+
+    def run_block(self, segments: list[Segment], h: Tensor, output_shape, pending: Pending | None = None,
+                  skip: Tensor | None = None, defer_tail: bool = False) -> tuple[Tensor, Pending | None]:
+        """Run one UNet block. Returns (h, pending): with defer_tail, a trailing per-frame group is
+        not run but returned as pending, for the next block to run per chunk."""
+        owned = False
+        for i, segment in enumerate(segments):
+            last = i == len(segments) - 1
+            if segment.kind == "frames" and last and defer_tail and i > 0:
+                tail = Pending(segment, output_shape, self.to["transformer_index"])
+                self.to["transformer_index"] += segment.spatial_transformers
+                return h, tail
+            if pending is not None and segment.kind != "frames":
+                h, pending = self.materialize(pending, h), None
+            if skip is not None and segment.kind != "frames":
+                h, skip = torch.cat([h, skip], dim=1), None
+            if segment.kind == "frames":
+                source = h
+                h = self.run_frames(segment, h, output_shape, pending, skip)
+                owned = not (_same_storage(h, source) or _same_storage(h, skip))
+                pending = skip = None
+            elif segment.kind == "motion":
+                out = self.run_motion(segment.layers[0][0], h, owned)
+                owned = owned or not _same_storage(out, h)
+                h = out
+            else:
+                layer = segment.layers[0][0]
+                name = type(layer).__name__
+                self.log.warn(f"whole-{name}", f"Streamline: {name} is not a layer Streamline can slice; it runs unsliced.")
+                h = self.run_whole(layer, h, output_shape)
+                owned = False
+        if pending is not None:
+            h = self.materialize(pending, h)
+        if skip is not None:
+            h = torch.cat([h, skip], dim=1)
+        return h, None
+
+    def materialize(self, pending: Pending, h: Tensor) -> Tensor:
+        """Run deferred layers whole-batch-wide (chunked) when the next block cannot take them per chunk."""
+        saved = self.to["transformer_index"]
+        self.to["transformer_index"] = pending.transformer_index
+        out = self.run_frames(pending.segment, h, pending.output_shape)
+        self.to["transformer_index"] = saved
+        return out
+
+
+def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, timesteps=None,
+                             context=None, y=None, control=None, transformer_options={}, **kwargs) -> Tensor:
+    """Drop-in for UNetModel._forward (same arguments after the first three)."""
+    to = transformer_options
+    patches = to.get("patches", {})
+    patched_types = tuple(cls for cls, _ in patches.get("forward_timestep_embed_patch", []))
+    input_segments = [split_block(block, patched_types) for block in unet.input_blocks]
+    middle_segments = split_block(unet.middle_block, patched_types) if unet.middle_block is not None else None
+    output_segments = [split_block(block, patched_types) for block in unet.output_blocks]
+    out_segments = split_block(unet.out, patched_types)
+
+    to["original_shape"] = list(x.shape)
+    to["transformer_index"] = 0
+    video_kwargs = {
+        "time_context": kwargs.get("time_context", None),
+        "num_video_frames": kwargs.get("num_video_frames", unet.default_num_video_frames),
+        "image_only_indicator": kwargs.get("image_only_indicator", None),
+    }
+    assert (y is not None) == (unet.num_classes is not None), "must specify y if and only if the model is class-conditional"
+    t_emb = timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype)
+    emb = unet.time_embed(t_emb)
+    for p in patches.get("emb_patch", []):
+        emb = p(emb, unet.model_channels, to)
+    if unet.num_classes is not None:
+        assert y.shape[0] == x.shape[0]
+        emb = emb + unet.label_emb(y)
+
+    run = StreamlinedForward(unet, config, log, x, emb, context, to, video_kwargs)
+    hs: list[Tensor] = []
+    h = x
+    for block_id, segments in enumerate(input_segments):
+        to["block"] = ("input", block_id)
+        h, _ = run.run_block(segments, h, None)
+        h = apply_control(h, control, "input")
+        for p in patches.get("input_block_patch", []):
+            h = p(h, to)
+        hs.append(h)
+        for p in patches.get("input_block_patch_after_skip", []):
+            h = p(h, to)
+
+    to["block"] = ("middle", 0)
+    if middle_segments is not None:
+        h, _ = run.run_block(middle_segments, h, None)
+    h = apply_control(h, control, "middle")
+
+    pending: Pending | None = None
+    output_block_patches = patches.get("output_block_patch", [])
+    for block_id, segments in enumerate(output_segments):
+        to["block"] = ("output", block_id)
+        skip = apply_control(hs.pop(), control, "output")
+        if output_block_patches:
+            if pending is not None:
+                h, pending = run.materialize(pending, h), None
+            for p in output_block_patches:
+                h, skip = p(h, skip, to)
+        output_shape = hs[-1].shape if hs else None
+        h, pending = run.run_block(segments, h, output_shape, pending, skip,
+                                   defer_tail=not output_block_patches and block_id + 1 < len(output_segments))
+        del skip
+
+    if unet.predict_codebook_ids:
+        if pending is not None:
+            h = run.materialize(pending, h)
+        return unet.id_predictor(h.type(x.dtype))
+    if len(out_segments) == 1 and out_segments[0].kind == "frames":
+        return run.run_frames(out_segments[0], h, None, pending, cast=x.dtype)
+    if pending is not None:
+        h = run.materialize(pending, h)
+    return unet.out(h.type(x.dtype))
+
+
+def make_streamline_wrapper(get_state: Callable[[dict], tuple[SliceConfig, LogOnce] | None]):
+    """A DIFFUSION_MODEL wrapper that swaps UNetModel._forward for the streamlined forward, keeping
+    any wrappers registered after it in the chain."""
+    import comfy.patcher_extension
+
+    def wrapper(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        unet = executor.class_obj
+        state = get_state(transformer_options)
+        if state is None:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        config, log = state
+        if not isinstance(unet, UNetModel):
+            log.warn("model-type", f"Streamline: {type(unet).__name__} is not a UNet this pack can slice; "
+                     "running it unchanged.")
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        try:
+            for blocks in (unet.input_blocks, [unet.middle_block], unet.output_blocks):
+                for block in blocks:
+                    if block is not None:
+                        split_block(block, ())
+        except UnsupportedModel as e:
+            log.warn("model-layers", f"Streamline: this UNet has {e}, which needs ComfyUI's own forward; "
+                     "running it unchanged.")
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+        def forward(*args, **kw):
+            return streamlined_unet_forward(unet, config, log, *args, **kw)
+
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            forward, unet, executor.wrappers, idx=executor.idx + 1
+        ).execute(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    return wrapper

@@ -1,0 +1,1 @@
+"""Developer tools (synthetic models, benchmark). They need a ComfyUI host on sys.path."""

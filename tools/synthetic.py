@@ -1,0 +1,101 @@
+"""Random-weight models with real shapes, built through ComfyUI's and AnimateDiff-Evolved's own classes.
+
+No weights can be downloaded on our machines, so tests and benchmarks use SD1.5-shaped UNets and
+mm_sd_v15_v2-shaped motion modules with random weights. Weights are drawn with fan-in scaling so
+activations stay O(1) through the network and every motion module changes its input (a real motion
+module starts from zero-initialised output projections; random ones make slicing errors visible).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+import torch.nn as nn
+
+SD15_MOTION_CHANNELS = {"down": (320, 640, 1280, 1280), "up": (1280, 1280, 640, 320), "mid": 1280}
+_PE_KEY = "temporal_transformer.transformer_blocks.0.attention_blocks.{}.pos_encoder.pe"
+
+
+def ade_module(name: str):
+    """An AnimateDiff-Evolved module (the ADE folder must be on sys.path)."""
+    return importlib.import_module(f"animatediff.{name}")
+
+
+def randomize_(module: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            elif name.endswith("weight"):  # norm scales
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def sd15_unet(dtype=torch.float32, device="cpu", seed: int = 0):
+    """ComfyUI's UNetModel with the SD1.5 configuration, random weights."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(
+        image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+        channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=768,
+        num_heads=8, num_head_channels=-1, legacy=False, use_linear_in_transformer=False,
+        dtype=dtype, device=device, operations=comfy.ops.disable_weight_init,
+    )
+    return randomize_(unet, seed).eval()
+
+
+def mm_sd15_v2_state_dict(pe_len: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A complete mm_sd_v15_v2-format state dict (the keys ADE's loader reads), random weights."""
+    mm = _build_motion_model(pe_len)
+    return {k: v.contiguous() for k, v in randomize_(mm, seed).state_dict().items()}
+
+
+def _pe_stub(pe_len: int) -> dict[str, torch.Tensor]:
+    sd = {}
+    for kind, count in (("down_blocks", 2), ("up_blocks", 3)):
+        for i in range(4):
+            for m in range(count):
+                for a in range(2):
+                    sd[f"{kind}.{i}.motion_modules.{m}.{_PE_KEY.format(a)}"] = torch.zeros(1, pe_len, 320)
+    for a in range(2):
+        sd["mid_block.motion_modules.0." + _PE_KEY.format(a)] = torch.zeros(1, pe_len, 1280)
+    return sd
+
+
+def _build_motion_model(pe_len: int):
+    import comfy.ops
+
+    mmad = ade_module("motion_module_ad")
+    info = mmad.AnimateDiffInfo(sd_type="SD1.5", mm_format="AnimateDiff", mm_version="v2", mm_name="synthetic")
+    return mmad.AnimateDiffModel(_pe_stub(pe_len), info, init_kwargs={"ops": comfy.ops.disable_weight_init})
+
+
+def sd15_motion_model(pe_len: int = 32, dtype=torch.float32, device="cpu", seed: int = 1):
+    """ADE's AnimateDiffModel shaped like mm_sd_v15_v2, random weights (pe_len > 32 for long clips)."""
+    mm = _build_motion_model(pe_len)
+    return randomize_(mm, seed).to(device=device, dtype=dtype).eval()
+
+
+def inject(unet, mm) -> None:
+    """Put ADE's motion modules into the UNet the way ADE does at the start of sampling."""
+    mm._inject(unet.input_blocks, mm.down_blocks)
+    mm._inject(unet.output_blocks, mm.up_blocks)
+    mm._inject([unet.middle_block], [mm.mid_block])
+
+
+def ade_transformer_options(batch_conds: int) -> dict:
+    """transformer_options as ADE sets them for a UNet call (the motion-module dispatch patch)."""
+    mi = ade_module("model_injection")
+    mmad = ade_module("motion_module_ad")
+    return {
+        "patches": {"forward_timestep_embed_patch": [(mmad.VanillaTemporalModule, mi.forward_timestep_embed_patch_ade)]},
+        "sigmas": torch.tensor([1.0]),
+        "cond_or_uncond": list(range(batch_conds)),
+    }
