@@ -6,64 +6,24 @@ session summary says so in capitals, so a green run without the host cannot pass
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = "comfyui_streamline"
-ADE_DIR_NAME = "ComfyUI-AnimateDiff-Evolved"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import hostenv  # noqa: E402
 
-
-def _load_pack() -> None:
-    if PACK_NAME in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-
-
-def find_comfy_root() -> Path | None:
-    candidates = []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
-    if REPO_ROOT.parent.name == "custom_nodes":
-        candidates.append(REPO_ROOT.parent.parent)
-    candidates.append(Path.home() / "comfy" / "ComfyUI")
-    for root in candidates:
-        if (root / "comfy" / "model_patcher.py").is_file() and (root / "main.py").is_file():
-            return root.resolve()
-    return None
-
-
-def find_ade_root(comfy_root: Path) -> Path | None:
-    ade = comfy_root / "custom_nodes" / ADE_DIR_NAME
-    return ade if (ade / "animatediff" / "motion_module_ad.py").is_file() else None
-
-
-_load_pack()
-COMFY_ROOT = find_comfy_root()
-ADE_ROOT = find_ade_root(COMFY_ROOT) if COMFY_ROOT else None
-HOST_MISSING_REASON = None
-if COMFY_ROOT is None:
-    HOST_MISSING_REASON = "no ComfyUI host found ($COMFYUI_PATH, ../.. of this pack, ~/comfy/ComfyUI)"
-elif ADE_ROOT is None:
-    HOST_MISSING_REASON = f"ComfyUI host at {COMFY_ROOT} has no custom_nodes/{ADE_DIR_NAME}"
-else:
-    # `comfy` reads its command line at import: keep pytest's arguments away from it.
-    sys.argv = sys.argv[:1]
-    for path in (str(COMFY_ROOT), str(ADE_ROOT)):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    import comfy.cli_args  # noqa: E402
-
-    comfy.cli_args.args.cpu = True
+hostenv.load_pack()
+COMFY_ROOT = hostenv.find_comfy_root()
+ADE_ROOT = hostenv.find_ade_root(COMFY_ROOT) if COMFY_ROOT else None
+HOST_MISSING_REASON = hostenv.host_problem(COMFY_ROOT, ADE_ROOT)
+if HOST_MISSING_REASON is None:
+    hostenv.enter_host(COMFY_ROOT, ADE_ROOT, cpu=True)
+elif os.environ.get("STREAMLINE_REQUIRE_HOST"):
+    # CI sets this: a run without the host proves nothing about the nodes.
+    raise pytest.UsageError(f"STREAMLINE_REQUIRE_HOST is set but {HOST_MISSING_REASON}")
 
 _host_skipped: list[str] = []
 
