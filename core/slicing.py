@@ -43,6 +43,10 @@ class SliceConfig:
                 raise SliceConfigError(f"{name} must be an integer >= 0 (0 = automatic), got {value!r}")
 
 
+# One chunk for every group at every level: the grouped forward without slicing (Step Rehash alone).
+UNSLICED = SliceConfig(frame_chunk=2**62, spatial_chunk=2**62, scale_with_level=False)
+
+
 def chunk_ranges(total: int, size: int) -> Iterator[tuple[int, int]]:
     """[start, end) ranges of at most `size` covering 0..total; the last one may be shorter."""
     if total <= 0:

@@ -1,8 +1,9 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .model_patch import StreamlineModelPatch
+from .step_rehash import StepRehashModelPatch, StepRehashSampler
 
 
 class StreamlineExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [StreamlineModelPatch]
+        return [StreamlineModelPatch, StepRehashSampler, StepRehashModelPatch]

@@ -12,7 +12,7 @@ residuals and transformer_index bookkeeping, but:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -242,10 +242,28 @@ class StreamlinedForward:
         return out
 
 
+REHASH_CALL_KEY = "streamline_rehash_call"
+
+
+class RehashCall(Protocol):
+    """Step Rehash's side of one UNet call (see nodes/step_rehash.py)."""
+
+    cache_block: int
+
+    def reuse(self, shallow_feature: Tensor) -> Tensor | None:
+        """Given the deepest skip the shallow path computed, the cached deep feature to continue from,
+        or None to compute this call in full."""
+
+    def store(self, deep_feature: Tensor) -> None:
+        """The output of output block `cache_block` of a call computed in full."""
+
+
 def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, timesteps=None,
                              context=None, y=None, control=None, transformer_options={}, **kwargs) -> Tensor:
-    """Drop-in for UNetModel._forward (same arguments after the first three)."""
+    """Drop-in for UNetModel._forward (same arguments after the first three). With a RehashCall in
+    transformer_options[REHASH_CALL_KEY], the deep path may be replaced by a cached feature."""
     to = transformer_options
+    rehash: RehashCall | None = to.get(REHASH_CALL_KEY)
     patches = to.get("patches", {})
     patched_types = tuple(cls for cls, _ in patches.get("forward_timestep_embed_patch", []))
     input_segments = [split_block(block, patched_types) for block in unet.input_blocks]
@@ -270,26 +288,44 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
         emb = emb + unet.label_emb(y)
 
     run = StreamlinedForward(unet, config, log, x, emb, context, to, video_kwargs)
+    # With Step Rehash, only the input blocks whose skips the output blocks after the cache point
+    # read are shallow; the rest (and the middle, and the output blocks up to the cache point) is deep.
+    shallow_inputs = len(input_segments) if rehash is None else len(input_segments) - 1 - rehash.cache_block
     hs: list[Tensor] = []
     h = x
-    for block_id, segments in enumerate(input_segments):
-        to["block"] = ("input", block_id)
-        h, _ = run.run_block(segments, h, None)
-        h = apply_control(h, control, "input")
-        for p in patches.get("input_block_patch", []):
-            h = p(h, to)
-        hs.append(h)
-        for p in patches.get("input_block_patch_after_skip", []):
-            h = p(h, to)
 
-    to["block"] = ("middle", 0)
-    if middle_segments is not None:
-        h, _ = run.run_block(middle_segments, h, None)
-    h = apply_control(h, control, "middle")
+    def run_input_blocks(blocks: range, h: Tensor) -> Tensor:
+        for block_id in blocks:
+            to["block"] = ("input", block_id)
+            h, _ = run.run_block(input_segments[block_id], h, None)
+            h = apply_control(h, control, "input")
+            for p in patches.get("input_block_patch", []):
+                h = p(h, to)
+            hs.append(h)
+            for p in patches.get("input_block_patch_after_skip", []):
+                h = p(h, to)
+        return h
+
+    h = run_input_blocks(range(shallow_inputs), h)
+    cached = rehash.reuse(hs[-1]) if rehash is not None else None
+    first_output = 0
+    if cached is not None:
+        deep = input_segments[shallow_inputs:] + [middle_segments or []] + output_segments[: rehash.cache_block + 1]
+        to["transformer_index"] += sum(segment.spatial_transformers for segments in deep for segment in segments)
+        for _ in range(rehash.cache_block + 1):  # drop the residuals of the skipped output blocks
+            if control is not None and control.get("output"):
+                control["output"].pop()
+        h, first_output = cached, rehash.cache_block + 1
+    else:
+        h = run_input_blocks(range(shallow_inputs, len(input_segments)), h)
+        to["block"] = ("middle", 0)
+        if middle_segments is not None:
+            h, _ = run.run_block(middle_segments, h, None)
+        h = apply_control(h, control, "middle")
 
     pending: Pending | None = None
     output_block_patches = patches.get("output_block_patch", [])
-    for block_id, segments in enumerate(output_segments):
+    for block_id in range(first_output, len(output_segments)):
         to["block"] = ("output", block_id)
         skip = apply_control(hs.pop(), control, "output")
         if output_block_patches:
@@ -298,9 +334,13 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
             for p in output_block_patches:
                 h, skip = p(h, skip, to)
         output_shape = hs[-1].shape if hs else None
-        h, pending = run.run_block(segments, h, output_shape, pending, skip,
-                                   defer_tail=not output_block_patches and block_id + 1 < len(output_segments))
+        at_cache_point = rehash is not None and block_id == rehash.cache_block
+        h, pending = run.run_block(output_segments[block_id], h, output_shape, pending, skip,
+                                   defer_tail=not output_block_patches and not at_cache_point
+                                   and block_id + 1 < len(output_segments))
         del skip
+        if at_cache_point:
+            rehash.store(h)
 
     if unet.predict_codebook_ids:
         if pending is not None:

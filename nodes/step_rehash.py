@@ -1,0 +1,437 @@
+"""Step Rehash on a MODEL clone: the run state, the wrappers, and the two nodes (MODEL patch, sampler).
+
+- an OUTER_SAMPLE wrapper gives every sampling run a fresh RehashRun (schedule, caches, counters)
+  and drops it in `finally:` (an interrupted run leaves nothing behind);
+- a DIFFUSION_MODEL wrapper hands each UNet call a RehashCall (nodes/streamlined_unet.py runs the
+  shallow path, asks it whether to reuse, and gives it the deep feature to store on full calls).
+  With Streamline Model Patch on the same model, both paths run sliced; without it, unsliced.
+
+Caches are kept per cond/uncond entry (ComfyUI's uuids) and per ADE context window, so batched and
+unbatched CFG, and every window, reuse their own feature.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import comfy.model_patcher
+import comfy.patcher_extension
+import torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy_api.latest import io, ui
+from torch import Tensor
+
+from ..core.rehash import (
+    MODES, KeystepRecord, KeystepStore, RehashConfig, fingerprint, fixed_full_steps, keystep_search,
+    relative_l1, resolve_cache_block, schedule_steps, step_index, tensor_fingerprint,
+)
+from ..core.slicing import UNSLICED
+from .log import logger
+from .model_patch import STATE_KEY as SLICING_STATE_KEY
+from .streamlined_unet import REHASH_CALL_KEY, LogOnce, streamlined_unet_forward
+
+STATE_KEY = "streamline_rehash"
+WRAPPER_KEY = "streamline_rehash"
+KEYSTEP_FILE = "streamline/keysteps.json"
+
+CacheKey = tuple  # (cond uuid, context-window frame indices)
+
+
+@dataclass
+class RehashReport:
+    steps: int
+    full: int
+    rehashed: int
+    full_call_seconds: float
+    rehash_call_seconds: float
+    calls_full: int
+    calls_rehashed: int
+    note: str = ""
+
+    @property
+    def estimated_speedup(self) -> float:
+        """Model time if every call had been full, over the model time spent."""
+        if not self.calls_full:
+            return 1.0
+        per_full = self.full_call_seconds / self.calls_full
+        spent = self.full_call_seconds + self.rehash_call_seconds
+        return (per_full * (self.calls_full + self.calls_rehashed)) / spent if spent > 0 else 1.0
+
+    def text(self) -> str:
+        line = (f"Step Rehash: {self.full}/{self.steps} steps computed in full, {self.rehashed} rehashed; "
+                f"UNet time {self.full_call_seconds + self.rehash_call_seconds:.2f} s, "
+                f"{self.estimated_speedup:.2f}x vs computing every step in full")
+        return f"{line}. {self.note}" if self.note else line
+
+
+@dataclass
+class RehashRun:
+    """The state of one sampling run (never shared between runs)."""
+
+    config: RehashConfig
+    steps: int
+    full_steps: set[int] | None  # None: adaptive, or a keystep calibration (every step full)
+    rehash_sigma_range: tuple[float, float]  # rehash only for sigmas within [low, high]
+    calibrating: KeystepRecord | None = None  # the record a calibration run will save
+    deep: dict[CacheKey, Tensor] = field(default_factory=dict)
+    shallow: dict[CacheKey, Tensor] = field(default_factory=dict)  # adaptive: at the last full call
+    decisions: dict[int, bool] = field(default_factory=dict)  # step -> rehash?
+    calibration_key: CacheKey | None = None
+    calibration_prev: Tensor | None = None
+    changes: dict[int, float] = field(default_factory=dict)
+    full_seen: set[int] = field(default_factory=set)
+    rehash_seen: set[int] = field(default_factory=set)
+    seconds: dict[bool, float] = field(default_factory=lambda: {False: 0.0, True: 0.0})
+    calls: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
+    progress: object | None = None
+
+    def clear(self) -> None:
+        self.deep.clear()
+        self.shallow.clear()
+        self.calibration_prev = None
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+    def wants_rehash(self, step: int, sigma: float, key: CacheKey, shallow: Tensor) -> bool:
+        """Whether `step` reuses the deep feature; decided once per step, by the step's first call."""
+        if step in self.decisions:
+            return self.decisions[step]
+        low, high = self.rehash_sigma_range
+        if step == 0 or not low <= sigma <= high:
+            decision = False
+        elif self.full_steps is not None:
+            decision = step not in self.full_steps
+        elif self.calibrating is not None:
+            decision = False
+        else:  # adaptive
+            reference = self.shallow.get(key)
+            decision = reference is not None and reference.shape == shallow.shape and \
+                relative_l1(shallow, reference) < self.config.threshold
+        self.decisions[step] = decision
+        return decision
+
+    def record_step(self, step: int, rehashed: bool) -> None:
+        first_call_of_step = step not in self.full_seen and step not in self.rehash_seen
+        (self.rehash_seen if rehashed else self.full_seen).add(step)
+        if self.progress is not None:
+            if first_call_of_step:
+                self.progress.update(1)
+            self.progress.set_postfix(full=len(self.full_seen), rehash=len(self.rehash_seen - self.full_seen))
+
+    def report(self, note: str = "") -> RehashReport:
+        return RehashReport(self.steps, len(self.full_seen), len(self.rehash_seen - self.full_seen),
+                            self.seconds[False], self.seconds[True], self.calls[False], self.calls[True], note)
+
+
+class RehashCallState:
+    """One UNet call's view of the run (implements streamlined_unet.RehashCall)."""
+
+    def __init__(self, run: RehashRun, cache_block: int, step: int, sigma: float, keys: list[CacheKey]):
+        self.run, self.cache_block, self.step, self.sigma, self.keys = run, cache_block, step, sigma, keys
+        self.rehashed = False
+
+    def _split(self, t: Tensor) -> list[Tensor]:
+        return list(t.chunk(len(self.keys))) if len(self.keys) > 1 else [t]
+
+    def reuse(self, shallow_feature: Tensor) -> Tensor | None:
+        run = self.run
+        shallow = self._split(shallow_feature)
+        if not run.wants_rehash(self.step, self.sigma, self.keys[0], shallow[0]):
+            self._shallow = shallow
+            return None
+        cached = [run.deep.get(key) for key in self.keys]
+        if any(c is None or c.shape[1:] != cached[0].shape[1:] for c in cached):
+            self._shallow = shallow  # a window or cond without a cache yet: compute it in full
+            return None
+        self.rehashed = True
+        return torch.cat(cached) if len(cached) > 1 else cached[0]
+
+    def store(self, deep_feature: Tensor) -> None:
+        run = self.run
+        parts = self._split(deep_feature)
+        for key, part in zip(self.keys, parts):
+            run.deep[key] = part
+        if run.config.mode == "adaptive":
+            for key, part in zip(self.keys, getattr(self, "_shallow", [])):
+                run.shallow[key] = part
+        if run.calibrating is not None:
+            if run.calibration_key is None:
+                run.calibration_key = self.keys[0]
+            if self.keys[0] == run.calibration_key and self.step not in run.changes:
+                if run.calibration_prev is not None:
+                    run.changes[self.step] = relative_l1(parts[0], run.calibration_prev)
+                run.calibration_prev = parts[0]
+
+
+@dataclass
+class LastRun:
+    """The report of the latest run (and the run itself, its caches cleared), shared by every copy of
+    one patched MODEL's state so that the node that started sampling can read it."""
+
+    report: RehashReport | None = None
+    run: RehashRun | None = None
+
+
+@dataclass
+class RehashState:
+    """What the patched MODEL carries: the settings; `run` is set only on the per-run copy."""
+
+    config: RehashConfig
+    keystep_store: Path | None = None
+    log: LogOnce = field(default_factory=LogOnce)
+    last: LastRun = field(default_factory=LastRun)
+    run: RehashRun | None = None
+
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone() deep-copies model_options: copies share the settings and the report
+        # sink, never a run's tensors.
+        return RehashState(self.config, self.keystep_store, self.log, self.last)
+
+
+def _model_fingerprint(model_patcher) -> str:
+    """The UNet's identity from its first and last convolution weights (not from the parameter list:
+    AnimateDiff-Evolved injects and removes motion modules around each run)."""
+    unet = model_patcher.model.diffusion_model
+    ends = [unet.input_blocks[0][0].weight, unet.out[-1].weight] if isinstance(unet, UNetModel) else \
+        [next(iter(unet.parameters()))]
+    return f"{type(unet).__name__}:" + ":".join(tensor_fingerprint(w) for w in ends)
+
+
+def _sampler_name(sampler) -> str:
+    """A name that stays the same across runs (ComfyUI may build a new sampler function per run)."""
+    function = getattr(sampler, "sampler_function", sampler)
+    function = getattr(function, "func", function)  # functools.partial
+    return getattr(function, "__qualname__", type(function).__name__)
+
+
+def _start_run(state: RehashState, guider, sigmas: Tensor, sampler, disable_pbar: bool) -> RehashRun:
+    config = state.config
+    steps = schedule_steps(sigmas)
+    sampling = guider.model_patcher.model.model_sampling
+    high = float(sampling.percent_to_sigma(config.start_percent))
+    low = float(sampling.percent_to_sigma(config.end_percent))
+    full_steps, calibrating, note = None, None, ""
+    if config.mode == "fixed":
+        full_steps = set(fixed_full_steps(steps, config.interval, config.warmup, config.tail))
+    elif config.mode == "keystep":
+        key = fingerprint(_model_fingerprint(guider.model_patcher), _sampler_name(sampler),
+                          [round(float(s), 5) for s in sigmas], config.cache_block, config.full_steps)
+        record = KeystepStore(state.keystep_store).get(key) if state.keystep_store else None
+        if record is not None and record.steps == steps:
+            full_steps = set(record.full_steps)
+        else:
+            calibrating = KeystepRecord(key, steps, [], [])
+    run = RehashRun(config, steps, full_steps, (low, high), calibrating)
+    if not disable_pbar and steps:
+        from tqdm.auto import tqdm
+
+        run.progress = tqdm(total=steps, desc="Step Rehash", unit="step", leave=False)
+    return run
+
+
+def _finish_run(state: RehashState, run: RehashRun, completed: bool) -> None:
+    note = ""
+    if run.calibrating is not None and completed:
+        changes = [run.changes.get(t, 0.0) for t in range(run.steps)]
+        full = keystep_search(changes, state.config.full_steps)
+        record = replace(run.calibrating, full_steps=full, changes=changes)
+        if state.keystep_store is not None:
+            KeystepStore(state.keystep_store).put(record)
+        note = (f"Calibration run (all steps full); key steps for next runs with these settings: {full}"
+                + (f" (saved to {state.keystep_store})" if state.keystep_store else ""))
+    elif run.calibrating is not None:
+        note = "Calibration interrupted; nothing saved"
+    run.clear()
+    state.last.report, state.last.run = run.report(note), run
+    logger.info(state.last.report.text())
+
+
+def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                         disable_pbar=False, seed=None, **kwargs):
+    guider = executor.class_obj
+    original_options = guider.model_options
+    state: RehashState = original_options["transformer_options"][STATE_KEY]
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    run = _start_run(state, guider, sigmas, sampler, disable_pbar)
+    run_state = RehashState(state.config, state.keystep_store, state.log, state.last, run)
+    guider.model_options["transformer_options"][STATE_KEY] = run_state
+    completed = False
+    try:
+        out = executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
+        completed = True
+        return out
+    finally:
+        _finish_run(state, run, completed)
+        guider.model_options = original_options
+
+
+def _cache_keys(transformer_options: dict, batch: int) -> list[CacheKey]:
+    uuids = transformer_options.get("uuids") or [None]
+    if batch % len(uuids):
+        uuids = [None]
+    window = tuple(int(i) for i in (transformer_options.get("ad_params") or {}).get("sub_idxs") or ())
+    return [(uuid, window) for uuid in uuids]
+
+
+def diffusion_model_wrapper(executor, x, timesteps=None, context=None, y=None, control=None,
+                            transformer_options={}, **kwargs):
+    state: RehashState | None = transformer_options.get(STATE_KEY)
+    run = state.run if state is not None else None
+    call = lambda: executor(x, timesteps, context, y, control, transformer_options, **kwargs)  # noqa: E731
+    if run is None or run.config.mode == "off":
+        return call()
+    unet = executor.class_obj
+    if not isinstance(unet, UNetModel):
+        state.log.warn("model-type", f"Step Rehash: {type(unet).__name__} is not a UNet it can split into "
+                       "shallow and deep paths; every step runs in full.")
+        return call()
+    try:
+        cache_block = resolve_cache_block(run.config.cache_block, len(unet.output_blocks))
+    except ValueError as e:
+        state.log.warn("cache-block", f"Step Rehash: {e}; every step runs in full.")
+        return call()
+    sigma = float(transformer_options["sigmas"].max()) if "sigmas" in transformer_options else 0.0
+    step = step_index(transformer_options.get("sample_sigmas"), sigma)
+    rehash_call = RehashCallState(run, cache_block, step, sigma, _cache_keys(transformer_options, x.shape[0]))
+    transformer_options[REHASH_CALL_KEY] = rehash_call
+    started = time.perf_counter()
+    try:
+        if SLICING_STATE_KEY in transformer_options:  # Streamline Model Patch runs the forward
+            out = call()
+        else:
+            log = state.log
+
+            def forward(*args, **kw):
+                return streamlined_unet_forward(unet, UNSLICED, log, *args, **kw)
+
+            out = comfy.patcher_extension.WrapperExecutor.new_class_executor(
+                forward, unet, executor.wrappers, idx=executor.idx + 1
+            ).execute(x, timesteps, context, y, control, transformer_options, **kwargs)
+    finally:
+        transformer_options.pop(REHASH_CALL_KEY, None)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    run.seconds[rehash_call.rehashed] += time.perf_counter() - started
+    run.calls[rehash_call.rehashed] += 1
+    run.record_step(step, rehash_call.rehashed)
+    return out
+
+
+def default_keystep_store() -> Path | None:
+    try:
+        import folder_paths
+
+        return Path(folder_paths.get_user_directory()) / KEYSTEP_FILE
+    except Exception:  # no user directory (e.g. a bare script): key steps are not saved
+        return None
+
+
+def apply_rehash(model, config: RehashConfig, keystep_store: Path | None = None):
+    """A clone of `model` that samples with Step Rehash; `model` itself is left as it was."""
+    patched = model.clone()
+    store = keystep_store if keystep_store is not None else default_keystep_store()
+    patched.model_options["transformer_options"][STATE_KEY] = RehashState(config, store)
+    for kind, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
+                          (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
+        patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
+    return patched
+
+
+def remove_rehash(model):
+    plain = model.clone()
+    plain.model_options["transformer_options"].pop(STATE_KEY, None)
+    for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL):
+        plain.remove_wrappers_with_key(kind, WRAPPER_KEY)
+    return plain
+
+
+def rehash_inputs() -> list:
+    return [
+        io.Combo.Input("rehash_mode", options=list(MODES), default="fixed",
+                       tooltip="off: every step in full. fixed: warm-up, tail and every interval-th step in full. "
+                       "adaptive: full when the shallow feature changed by threshold since the last full step. "
+                       "keystep: the paper's key-step search; the first run calibrates (all steps full) and "
+                       "saves the key steps for this model/sampler/steps."),
+        io.Int.Input("interval", default=2, min=1, max=100, tooltip="fixed: every interval-th step is computed in full."),
+        io.Int.Input("warmup_steps", default=2, min=0, max=1000, tooltip="fixed: the first steps, always full."),
+        io.Int.Input("tail_steps", default=1, min=0, max=1000, tooltip="fixed: the last steps, always full."),
+        io.Float.Input("threshold", default=0.15, min=0.0, max=10.0, step=0.005,
+                       tooltip="adaptive: relative L1 change of the shallow feature that triggers a full step."),
+        io.Int.Input("full_steps", default=13, min=1, max=1000, tooltip="keystep: how many steps are computed in full."),
+        io.Int.Input("cache_block", default=-1, min=-1, max=64,
+                     tooltip="Output block whose output (after its temporal layer) is cached. -1: the second-to-last "
+                     "(a rehash step runs only the first input block and the last output block). Larger = cheaper "
+                     "rehash steps, more reuse."),
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Rehash only after this fraction of the schedule."),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Rehash only before this fraction of the schedule."),
+    ]
+
+
+def rehash_config(rehash_mode: str, interval: int, warmup_steps: int, tail_steps: int, threshold: float,
+                  full_steps: int, cache_block: int, start_percent: float, end_percent: float) -> RehashConfig:
+    return RehashConfig(mode=rehash_mode, cache_block=cache_block, interval=interval, warmup=warmup_steps,
+                        tail=tail_steps, threshold=threshold, full_steps=full_steps,
+                        start_percent=start_percent, end_percent=end_percent)
+
+
+class StepRehashModelPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamlineStepRehash",
+            display_name="Step Rehash (Model Patch)",
+            category="Streamline",
+            description="Step Rehash as a MODEL patch, for SamplerCustomAdvanced, ADE's samplers or any "
+            "KSampler: on chosen steps only the shallow UNet path runs and the cached deep feature is reused.",
+            inputs=[io.Model.Input("model")] + rehash_inputs(),
+            outputs=[io.Model.Output(tooltip="The model with Step Rehash (a clone).")],
+        )
+
+    @classmethod
+    def execute(cls, model, **settings) -> io.NodeOutput:
+        return io.NodeOutput(apply_rehash(model, rehash_config(**settings)))
+
+
+class StepRehashSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="StreamlineStepRehashSampler",
+            display_name="Step Rehash Sampler",
+            category="Streamline",
+            description="KSampler with Step Rehash: reuses deep UNet features across adjacent steps and "
+            "reports how many steps were computed in full and the speedup.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=25, min=1, max=10000),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+            ] + rehash_inputs(),
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                **settings) -> io.NodeOutput:
+        import nodes
+
+        patched = apply_rehash(model, rehash_config(**settings))
+        (latent,) = nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                          latent_image, denoise=denoise)
+        report = patched.model_options["transformer_options"][STATE_KEY].last.report
+        text = report.text() if report is not None else "Step Rehash: no sampling ran"
+        return io.NodeOutput(latent, ui=ui.PreviewText(text))
