@@ -142,3 +142,14 @@ def test_live_tensor_meter_counts_activations_not_inputs():
         del view, c
     assert meter.peak_bytes == 2 * 256 * 256 * 4
     assert meter.live_bytes == 0
+
+
+def test_fidelity_metrics():
+    from comfyui_streamline.core.fidelity import psnr, ssim
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(4, 4, 16, 16, generator=g)
+    assert psnr(ref, ref) == float("inf") and ssim(ref, ref) == pytest.approx(1.0)
+    slightly, badly = ref + 0.01 * torch.randn(ref.shape, generator=g), torch.randn(ref.shape, generator=g)
+    assert psnr(slightly, ref) > 40 > psnr(badly, ref)
+    assert ssim(slightly, ref) > 0.99 and ssim(badly, ref) < 0.1

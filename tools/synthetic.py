@@ -99,3 +99,36 @@ def ade_transformer_options(batch_conds: int) -> dict:
         "sigmas": torch.tensor([1.0]),
         "cond_or_uncond": list(range(batch_conds)),
     }
+
+
+def ade_model_patcher(models_dir, pe_len: int = 32, seed: int = 0, context_length: int | None = None,
+                      context_overlap: int = 4):
+    """A MODEL as a user's graph has it after AnimateDiff-Evolved's nodes: the random SD1.5 UNet
+    through ComfyUI's diffusion-model loader, a random mm_sd_v15_v2 file read by ADE's loader from
+    `models_dir`, applied with ADE's Gen2 nodes (and, with context_length, its context windows)."""
+    from pathlib import Path
+
+    import comfy.sd
+    import folder_paths
+    from safetensors.torch import save_file
+
+    nodes = ade_module("nodes").NODE_CLASS_MAPPINGS
+    utils_model = ade_module("utils_model")
+
+    def run(name, **inputs):
+        cls = nodes[name]
+        return getattr(cls(), cls.FUNCTION)(**inputs)[0]
+
+    base = comfy.sd.load_diffusion_model_state_dict(sd15_unet(seed=seed).state_dict())
+    name = f"streamline-random-mm_sd_v15_v2-pe{pe_len}.safetensors"
+    Path(models_dir).mkdir(parents=True, exist_ok=True)
+    save_file(mm_sd15_v2_state_dict(pe_len=pe_len, seed=seed + 1), str(Path(models_dir) / name))
+    folder_paths.add_model_folder_path(utils_model.Folders.ANIMATEDIFF_MODELS, str(models_dir))
+    motion = run("ADE_LoadAnimateDiffModel", model_name=name)
+    m_models = run("ADE_ApplyAnimateDiffModelSimple", motion_model=motion)
+    extra = {}
+    if context_length:
+        extra["context_options"] = run("ADE_StandardStaticContextOptions", context_length=context_length,
+                                       context_overlap=context_overlap)
+    return run("ADE_UseEvolvedSampling", model=base, beta_schedule=utils_model.BetaSchedules.AUTOSELECT,
+               m_models=m_models, **extra)
