@@ -132,6 +132,7 @@ class RehashCallState:
     def __init__(self, run: RehashRun, cache_block: int, step: int, sigma: float, keys: list[CacheKey]):
         self.run, self.cache_block, self.step, self.sigma, self.keys = run, cache_block, step, sigma, keys
         self.rehashed = False
+        self.shallow_parts: list[Tensor] = []  # per key, kept for the adaptive reference on a full call
 
     def _split(self, t: Tensor) -> list[Tensor]:
         return list(t.chunk(len(self.keys))) if len(self.keys) > 1 else [t]
@@ -140,11 +141,11 @@ class RehashCallState:
         run = self.run
         shallow = self._split(shallow_feature)
         if not run.wants_rehash(self.step, self.sigma, self.keys[0], shallow[0]):
-            self._shallow = shallow
+            self.shallow_parts = shallow
             return None
         cached = [run.deep.get(key) for key in self.keys]
         if any(c is None or c.shape[1:] != cached[0].shape[1:] for c in cached):
-            self._shallow = shallow  # a window or cond without a cache yet: compute it in full
+            self.shallow_parts = shallow  # a window or cond without a cache yet: compute it in full
             return None
         self.rehashed = True
         return torch.cat(cached) if len(cached) > 1 else cached[0]
@@ -155,7 +156,7 @@ class RehashCallState:
         for key, part in zip(self.keys, parts):
             run.deep[key] = part
         if run.config.mode == "adaptive":
-            for key, part in zip(self.keys, getattr(self, "_shallow", [])):
+            for key, part in zip(self.keys, self.shallow_parts):
                 run.shallow[key] = part
         if run.calibrating is not None:
             if run.calibration_key is None:

@@ -132,3 +132,28 @@ def ade_model_patcher(models_dir, pe_len: int = 32, seed: int = 0, context_lengt
                                        context_overlap=context_overlap)
     return run("ADE_UseEvolvedSampling", model=base, beta_schedule=utils_model.BetaSchedules.AUTOSELECT,
                m_models=m_models, **extra)
+
+
+SD15_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                     "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+def sd15_checkpoint_state_dict(seed: int = 0, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """A complete SD1.5-format checkpoint (UNet, VAE, CLIP-L text encoder) with random weights, as
+    CheckpointLoaderSimple reads it. The VAE and text encoder get small weights so their outputs stay
+    finite (their exact values do not matter to this pack)."""
+    import comfy.ldm.models.autoencoder
+    import comfy.sd1_clip
+
+    sd = {}
+    for prefix, module in (
+        ("model.diffusion_model.", sd15_unet(seed=seed)),
+        ("first_stage_model.", comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=SD15_VAE_DDCONFIG, embed_dim=4)),
+        ("cond_stage_model.", comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)),
+    ):
+        if not prefix.startswith("model."):
+            randomize_(module, seed + len(sd))
+        for key, value in module.state_dict().items():
+            sd[prefix + key] = value.to(dtype).contiguous()
+        del module
+    return sd
