@@ -80,3 +80,14 @@ def spatial_chunk_size(config: SliceConfig, batch: int, positions: int, channels
     else:
         chunk = config.spatial_chunk
     return max(1, min(positions, chunk))
+
+
+def finer(config: SliceConfig, batch: int, positions: int, top_channels: int, top_sample_values: int) -> SliceConfig | None:
+    """Half the slice sizes `config` gives at full resolution (automatic sizes resolved first), or None
+    when both are already 1 sample / 1 position."""
+    frames = frame_chunk_size(config, batch, top_sample_values, top_sample_values)
+    spatial = spatial_chunk_size(config, batch, positions, top_channels, top_channels)
+    if frames <= 1 and spatial <= 1:
+        return None
+    return SliceConfig(frame_chunk=max(1, frames // 2), spatial_chunk=max(1, spatial // 2),
+                       scale_with_level=config.scale_with_level)

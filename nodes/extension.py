@@ -1,9 +1,10 @@
 from comfy_api.latest import ComfyExtension, io
 
+from .memory_budget import MemoryBudget
 from .model_patch import StreamlineModelPatch
 from .step_rehash import StepRehashModelPatch, StepRehashSampler
 
 
 class StreamlineExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [StreamlineModelPatch, StepRehashSampler, StepRehashModelPatch]
+        return [StreamlineModelPatch, MemoryBudget, StepRehashSampler, StepRehashModelPatch]

@@ -7,10 +7,12 @@ motion modules, which ADE injects only when sampling starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import comfy.patcher_extension
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
+from torch import Tensor
 
 from ..core.slicing import SliceConfig
 from .streamlined_unet import LogOnce, make_streamline_wrapper
@@ -21,24 +23,40 @@ WRAPPER_KEY = "streamline"
 
 @dataclass
 class StreamlineState:
+    """The patched model's slicing; `config` becomes finer if a forward runs out of memory."""
+
     config: SliceConfig
     log: LogOnce = field(default_factory=LogOnce)
+    # Memory Budget: picks the config per input shape (nodes/memory_budget.py); None: use `config`
+    planner: Callable | None = None
+
+    def config_for(self, unet, x: Tensor, context: Tensor | None) -> SliceConfig:
+        return self.planner(unet, x, context, self.log) if self.planner is not None else self.config
+
+    def settle(self, config: SliceConfig) -> None:
+        """Use `config` from now on (after an out-of-memory retry), planned or not."""
+        self.config, self.planner = config, None
 
 
-def _state_from(transformer_options: dict) -> tuple[SliceConfig, LogOnce] | None:
-    state = transformer_options.get(STATE_KEY)
-    return None if state is None else (state.config, state.log)
+def _state_from(transformer_options: dict) -> StreamlineState | None:
+    return transformer_options.get(STATE_KEY)
 
 
 streamline_wrapper = make_streamline_wrapper(_state_from)
 
 
-def apply_streamline(model: ModelPatcher, config: SliceConfig) -> ModelPatcher:
-    """A clone of `model` whose UNet runs sliced and grouped; `model` itself is left as it was."""
+def apply_streamline(model: ModelPatcher, config: SliceConfig, planner: Callable | None = None) -> ModelPatcher:
+    """A clone of `model` whose UNet runs sliced and grouped; `model` itself is left as it was.
+    The clone also tells ComfyUI's memory management what a forward needs now (object patch of
+    BaseModel.memory_required), so weights stay loaded and CFG stays batched when they fit."""
+    from .memory_budget import MemoryEstimate
+
     patched = model.clone()
-    patched.model_options["transformer_options"][STATE_KEY] = StreamlineState(config)
+    state = StreamlineState(config, planner=planner)
+    patched.model_options["transformer_options"][STATE_KEY] = state
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, streamline_wrapper)
+    patched.add_object_patch("memory_required", MemoryEstimate(patched.model, patched.model_options))
     return patched
 
 
@@ -47,6 +65,7 @@ def remove_streamline(model: ModelPatcher) -> ModelPatcher:
     plain = model.clone()
     plain.model_options["transformer_options"].pop(STATE_KEY, None)
     plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    plain.object_patches.pop("memory_required", None)
     return plain
 
 

@@ -21,7 +21,7 @@ from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from torch import Tensor
 
 from ..core.grouping import run_frame_chunked
-from ..core.slicing import SliceConfig, frame_chunk_size, spatial_chunk_size
+from ..core.slicing import SliceConfig, finer, frame_chunk_size, spatial_chunk_size
 from .layer_roles import Role, role_of
 from .log import logger
 from .motion_module import run_motion_module_sliced, unsliceable_reason
@@ -353,9 +353,12 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
     return unet.out(h.type(x.dtype))
 
 
-def make_streamline_wrapper(get_state: Callable[[dict], tuple[SliceConfig, LogOnce] | None]):
+def make_streamline_wrapper(get_state: Callable[[dict], "object | None"]):
     """A DIFFUSION_MODEL wrapper that swaps UNetModel._forward for the streamlined forward, keeping
-    any wrappers registered after it in the chain."""
+    any wrappers registered after it in the chain. get_state returns the patched model's state (with
+    `.config` and `.log`), or None. On an out-of-memory error the forward is retried with finer slices,
+    which the state keeps."""
+    import comfy.model_management
     import comfy.patcher_extension
 
     def wrapper(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
@@ -363,7 +366,7 @@ def make_streamline_wrapper(get_state: Callable[[dict], tuple[SliceConfig, LogOn
         state = get_state(transformer_options)
         if state is None:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        config, log = state
+        log = state.log
         if not isinstance(unet, UNetModel):
             log.warn("model-type", f"Streamline: {type(unet).__name__} is not a UNet this pack can slice; "
                      "running it unchanged.")
@@ -378,11 +381,31 @@ def make_streamline_wrapper(get_state: Callable[[dict], tuple[SliceConfig, LogOn
                      "running it unchanged.")
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
-        def forward(*args, **kw):
-            return streamlined_unet_forward(unet, config, log, *args, **kw)
+        while True:
+            config = state.config_for(unet, x, context)
 
-        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
-            forward, unet, executor.wrappers, idx=executor.idx + 1
-        ).execute(x, timesteps, context, y, control, transformer_options, **kwargs)
+            def forward(*args, **kw):
+                return streamlined_unet_forward(unet, config, log, *args, **kw)
+
+            # the forward pops ControlNet residuals from their lists: each attempt gets its own lists
+            attempt_control = {k: list(v) for k, v in control.items()} if isinstance(control, dict) else control
+            try:
+                return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+                    forward, unet, executor.wrappers, idx=executor.idx + 1
+                ).execute(x, timesteps, context, y, attempt_control, transformer_options, **kwargs)
+            except torch.OutOfMemoryError:
+                smaller = _finer_after_oom(unet, config, x, context)
+                if smaller is None:
+                    raise
+                logger.warning(f"Streamline: out of memory with {config}; retrying with {smaller} and keeping it "
+                               "for the rest of the run.")
+                state.settle(smaller)
+                comfy.model_management.soft_empty_cache()
 
     return wrapper
+
+
+def _finer_after_oom(unet: UNetModel, config: SliceConfig, x: Tensor, context: Tensor | None) -> SliceConfig | None:
+    tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
+    positions = x.shape[-2] * x.shape[-1]
+    return finer(config, x.shape[0], positions, unet.model_channels, unet.model_channels * (positions + 2 * tokens))
