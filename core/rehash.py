@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 MODES = ("off", "fixed", "adaptive", "keystep")
@@ -201,6 +200,3 @@ def step_index(sample_sigmas: Tensor | None, sigma: float) -> int:
 def schedule_steps(sample_sigmas: Tensor | None) -> int:
     return 0 if sample_sigmas is None else max(len(sample_sigmas) - 1, 0)
 
-
-def as_cpu_float(t: Tensor) -> Tensor:
-    return t.detach().to("cpu", torch.float32)

@@ -83,11 +83,10 @@ class MemoryEstimate:
         state = self.model_options["transformer_options"].get(STATE_KEY)
         unet = self.base_model.diffusion_model
         device = next(unet.parameters()).device
-        dtype = self.base_model.get_dtype()
-        x = torch.empty(input_shape, dtype=dtype, device="meta")
+        dtype_bytes = torch.empty(0, dtype=self.base_model.get_dtype()).element_size()
         shape = unet_shape(unet, assume_motion_modules=True)
         work = Workload(batch=input_shape[0], frames=max(1, input_shape[0] // 2), height=input_shape[-2],
-                        width=input_shape[-1], dtype_bytes=x.element_size(), attention_scores=device.type != "cuda")
+                        width=input_shape[-1], dtype_bytes=dtype_bytes, attention_scores=device.type != "cuda")
         config = state.config
         if state.planner is not None:
             budget = state.planner.budget_bytes or free_activation_bytes(device)

@@ -11,7 +11,6 @@ unbatched CFG, and every window, reuse their own feature.
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -214,7 +213,7 @@ def _start_run(state: RehashState, guider, sigmas: Tensor, sampler, disable_pbar
     sampling = guider.model_patcher.model.model_sampling
     high = float(sampling.percent_to_sigma(config.start_percent))
     low = float(sampling.percent_to_sigma(config.end_percent))
-    full_steps, calibrating, note = None, None, ""
+    full_steps, calibrating = None, None
     if config.mode == "fixed":
         full_steps = set(fixed_full_steps(steps, config.interval, config.warmup, config.tail))
     elif config.mode == "keystep":

@@ -19,10 +19,10 @@ def _brute_force(changes, k):
     steps = len(changes)
 
     def cost(full):
-        total, last, acc = 0.0, 0, 0.0
+        total, acc = 0.0, 0.0
         for t in range(1, steps):
             if t in full:
-                last, acc = t, 0.0
+                acc = 0.0
             else:
                 acc += changes[t]
                 total += acc
