@@ -102,13 +102,7 @@ def measure(unet, variant: Variant, synthetic, inputs, device: str, repeats: int
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    comfy_root = hostenv.find_comfy_root(args.comfy)
-    ade_root = hostenv.find_ade_root(comfy_root) if comfy_root else None
-    problem = hostenv.host_problem(comfy_root, ade_root)
-    if problem:
-        raise SystemExit(f"bench: {problem}")
-    hostenv.enter_host(comfy_root, ade_root, cpu=args.device == "cpu")
-    hostenv.load_pack()
+    hostenv.enter_for_tool(args.comfy, cpu=args.device == "cpu", tool="bench")
 
     import torch
 

@@ -39,13 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    comfy_root = hostenv.find_comfy_root(args.comfy)
-    ade_root = hostenv.find_ade_root(comfy_root) if comfy_root else None
-    problem = hostenv.host_problem(comfy_root, ade_root)
-    if problem:
-        raise SystemExit(f"bench_rehash: {problem}")
-    hostenv.enter_host(comfy_root, ade_root, cpu=args.device == "cpu")
-    hostenv.load_pack()
+    hostenv.enter_for_tool(args.comfy, cpu=args.device == "cpu", tool="bench_rehash")
 
     import nodes
     import torch

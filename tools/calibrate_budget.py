@@ -51,12 +51,7 @@ def measure(cache: Path) -> list[dict]:
 
 
 def main() -> None:
-    root = hostenv.find_comfy_root()
-    ade = hostenv.find_ade_root(root) if root else None
-    if hostenv.host_problem(root, ade):
-        raise SystemExit(hostenv.host_problem(root, ade))
-    hostenv.enter_host(root, ade, cpu=True)
-    hostenv.load_pack()
+    hostenv.enter_for_tool(None, cpu=True, tool="calibrate_budget")
     rows = measure(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("bench_results/budget_measurements.json"))
     fitted = fit(rows)
     print(f"fitted: {fitted}")

@@ -64,3 +64,14 @@ def enter_host(comfy_root: Path, ade_root: Path, cpu: bool) -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = cpu
+
+
+def enter_for_tool(explicit: str | None, cpu: bool, tool: str) -> None:
+    """For scripts: find the host (or exit with the reason), enter it, load the pack."""
+    comfy_root = find_comfy_root(explicit)
+    ade_root = find_ade_root(comfy_root) if comfy_root else None
+    problem = host_problem(comfy_root, ade_root)
+    if problem:
+        raise SystemExit(f"{tool}: {problem}")
+    enter_host(comfy_root, ade_root, cpu=cpu)
+    load_pack()
