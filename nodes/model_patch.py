@@ -57,7 +57,25 @@ def apply_streamline(model: ModelPatcher, config: SliceConfig, planner: Callable
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, streamline_wrapper)
     patched.add_object_patch("memory_required", MemoryEstimate(patched.model, patched.model_options))
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY,
+                                 load_with_streamline_estimate)
     return patched
+
+
+def load_with_streamline_estimate(executor, model: ModelPatcher, noise_shape, conds, model_options=None, **kwargs):
+    """PREPARE_SAMPLING wrapper. ComfyUI estimates a run's memory before it loads the model, i.e.
+    before the memory_required object patch is in place: load the model first with the streamlined
+    estimate, so the weights ComfyUI keeps on the device are decided with it (the executor then finds
+    the model loaded and its estimate patched)."""
+    import comfy.model_management
+
+    estimate = model.object_patches.get("memory_required")
+    if estimate is not None:
+        needed = estimate([noise_shape[0] * 2] + list(noise_shape[1:]))
+        minimum = estimate([noise_shape[0]] + list(noise_shape[1:]))
+        comfy.model_management.load_models_gpu([model], memory_required=needed, minimum_memory_required=minimum)
+    return executor(model, noise_shape, conds, model_options=model_options, **kwargs)
 
 
 def remove_streamline(model: ModelPatcher) -> ModelPatcher:
@@ -66,6 +84,7 @@ def remove_streamline(model: ModelPatcher) -> ModelPatcher:
     plain.model_options["transformer_options"].pop(STATE_KEY, None)
     plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     plain.object_patches.pop("memory_required", None)
+    plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY)
     return plain
 
 

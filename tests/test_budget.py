@@ -156,3 +156,32 @@ def test_patched_model_reports_its_need_to_comfyui():
         assert budgeted.model.memory_required(small) <= 0.1 * 2**30 * 1.1
     finally:
         budgeted.unpatch_model()
+
+
+@pytest.mark.host
+def test_comfyui_plans_the_run_with_the_streamlined_estimate(monkeypatch):
+    """The estimate ComfyUI takes before loading the model (sampler_helpers.estimate_memory) is the
+    streamlined one, not its area-based default."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.sampler_helpers
+    import comfy.sd
+
+    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
+    from comfyui_streamline.tools.synthetic import sd15_unet
+
+    model = comfy.sd.load_diffusion_model_state_dict(sd15_unet().state_dict())
+    patched = StreamlineModelPatch.execute(model, frame_chunk=2, spatial_chunk=64).result[0]
+    estimates = []
+    real_estimate = comfy.sampler_helpers.estimate_memory
+    monkeypatch.setattr(comfy.sampler_helpers, "estimate_memory",
+                        lambda *a, **k: estimates.append(real_estimate(*a, **k)) or estimates[-1])
+    default = model.model.memory_required([16, 4, 8, 8])  # ComfyUI's own, before the patched model loads
+    noise = torch.zeros(8, 4, 8, 8)
+    positive = [[torch.zeros(1, 77, 768), {}]]
+    with torch.inference_mode():
+        comfy.sample.sample(patched, noise, 1, 5.0, "euler", "normal", positive, positive, noise, seed=0)
+    expected = predict_peak_bytes(sd15_shape(motion_modules=True), Workload(16, 8, 8, 8), SliceConfig(2, 64)) * 1.1
+    assert estimates and estimates[0][0] == int(expected)
+    assert estimates[0][0] != default
+    patched.unpatch_model()
