@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.host, pytest.mark.server]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO_ROOT / "workflows" / "streamline_animatediff_api.json"
+TINYVIDEO_WORKFLOW = REPO_ROOT / "workflows" / "tinyvideo_streamline_api.json"
 CKPT = "streamline-random-sd15.safetensors"
 MOTION = "streamline-random-mm_sd_v15_v2.safetensors"
 START_TIMEOUT = 240
@@ -136,6 +137,8 @@ def test_shipped_workflow_only_uses_inputs_the_server_knows(server):
     assert {"frame_chunk", "spatial_chunk"} <= set(streamline["required"])
     assert "tooltip" in streamline["required"]["frame_chunk"][1]
     assert "StreamlineStepRehashSampler" in info and "StreamlineStepRehash" in info
+    for name in ("StreamlineTinyVideoLoader", "StreamlineTinyVideoPrompt", "StreamlineTinyVideoDecode"):
+        assert name in info
 
 
 def test_step_rehash_sampler_runs_through_the_api(server):
@@ -166,6 +169,22 @@ def test_workflow_with_streamline_matches_workflow_without(server):
     assert len(patched["outputs"]["9"]["images"]) == 1  # the animated WEBP was written
 
 
+def test_tinyvideo_workflow_runs_as_shipped_and_makes_a_clip_of_the_prompt(server):
+    """The TinyVideo workflow needs no downloaded weights: it runs as shipped and the clip shows the prompt."""
+    from comfyui_streamline.tinyvideo import stats
+
+    prompt = json.loads(TINYVIDEO_WORKFLOW.read_text())
+    prompt["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "e2e/tinyvideo"}}
+    entry = server.run(prompt)
+    assert len(entry["outputs"]["8"]["images"]) == 1  # the animated WEBP
+    latent = load_latent(server.base, entry, node="9")
+    frames = prompt["5"]["inputs"]["batch_size"]
+    assert latent.shape == (frames, 4, 32, 32)
+    rgb = ((latent[:, :3] + 1) / 2).clamp(0, 1)
+    colour = prompt["3"]["inputs"]["text"].split()[0]
+    assert stats.frame_problems(stats.clip_stats(rgb), stats.data_ranges(frames, 32), colour) == []
+
+
 def sized_prompt(workflow: dict, patched: bool) -> dict:
     prompt = copy.deepcopy(workflow)
     prompt["1"]["inputs"]["ckpt_name"] = CKPT
@@ -184,9 +203,9 @@ def sized_prompt(workflow: dict, patched: bool) -> dict:
 
 
 
-def load_latent(base: Path, entry: dict) -> torch.Tensor:
+def load_latent(base: Path, entry: dict, node: str = "10") -> torch.Tensor:
     from safetensors.torch import load_file
 
-    saved = entry["outputs"]["10"]["latents"][0]
+    saved = entry["outputs"][node]["latents"][0]
     path = base / "output" / saved["subfolder"] / saved["filename"]
     return load_file(str(path))["latent_tensor"].float()
