@@ -1,15 +1,18 @@
 """Memory Budget: predict the peak activation memory of one UNet forward, and pick slices that fit.
 
-The prediction walks the UNet's blocks in execution order the way the streamlined forward (or
-ComfyUI's plain forward) runs them, and keeps, at every group of layers, what is alive: the skip
-tensors kept so far, the group's input and output, and one chunk's working set. Working sets are
-linear in the values a layer touches, with coefficients calibrated against measured peaks
-(docs/budget_calibration.md), plus attention scores where the attention kernel materialises them
-(ComfyUI's split attention on CPU does; SDPA on CUDA does not).
+Two parts:
+- what one layer holds at its peak, per sample (its working set): laws read off each layer's operator
+  sequence and checked layer by layer against measured peaks (docs/budget_calibration.md,
+  `python tools/calibrate_budget.py`). Attention kernels differ: ComfyUI's sub-quadratic attention (its
+  CPU default) materialises the attention scores, PyTorch's SDPA (its CUDA default) does not;
+- a walk over the UNet's blocks in execution order that keeps what the forward keeps alive around each
+  layer: skip tensors, block inputs, output buffers, and one chunk's working set. It follows either
+  ComfyUI's own forward (config None) or the streamlined forward (nodes/streamlined_unet.py).
+Nothing is fitted to whole-UNet peaks: those are the check (tests/test_budget.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from .slicing import SliceConfig, frame_chunk_size, spatial_chunk_size
@@ -21,7 +24,7 @@ class BudgetError(ValueError):
 
 @dataclass(frozen=True)
 class Layer:
-    kind: str  # "res" | "attn" | "motion" | "up" | "down" | "other"
+    kind: str  # "res" | "attn" | "motion" | "up" | "down" | "out" | "other"
     channels_in: int
     channels_out: int
     heads: int = 0
@@ -50,28 +53,27 @@ class Workload:
     width: int
     context_tokens: int = 77
     dtype_bytes: int = 4
-    attention_scores: bool = True  # the attention kernel materialises (heads x queries x keys) scores
 
 
 @dataclass(frozen=True)
-class Coefficients:
-    """Values alive inside a layer per value it touches. Defaults: fitted to 36 measured peaks on the
-    CPU (docs/budget_calibration.md; python tools/calibrate_budget.py)."""
+class WorkingSets:
+    """Values a layer holds at its peak per value it touches: its input not counted, its output counted.
+    ResBlocks, up/downsampling and the output head follow from their operator sequence exactly (see
+    _Walk.layer_values); these are the transformer laws, measured layer by layer."""
 
-    res_in: float = 5.664
-    res_out: float = 1.778
-    attn: float = 12.214
-    context: float = 8.261
-    scores: float = 1.265
-    motion: float = 0.678
-    motion_whole: float = 19.83
-    motion_scores: float = 3.221
-    up: float = 1.116
-    plain: float = 0.989  # ComfyUI's own forward: its layer working sets relative to the sliced forward's
-    plain_context: float = 2.928  # ... and its cross-attention keys/values per context token
+    feed_forward: float = 20.0  # spatial transformer, per position x channel: GEGLU's 8C projection, 4C gate, 4C product
+    self_attention: float = 6.0  # per position x channel (q, k, v, per-head copies), plus the scores
+    cross_attention: float = 5.0  # per position x channel, plus `cross_context` per context token x channel
+    cross_context: float = 4.0  # keys and values of the context and their per-head copies
+    scores: float = 2.0  # per attention score (scores and softmax); 0 where the kernel never materialises them
+    motion: float = 20.0  # a motion module run whole (AnimateDiff-Evolved's forward), per token x channel
+    motion_chunk: float = 21.0  # one spatial chunk of the sliced motion module, per token x channel
+    motion_attention: float = 8.0  # temporal attention phase, per token x channel, plus the scores
 
 
-CPU_COEFFICIENTS = Coefficients()
+# ComfyUI's sub-quadratic attention (its default on the CPU) and PyTorch SDPA (its default on CUDA).
+SUB_QUADRATIC = WorkingSets()
+SDPA = WorkingSets(self_attention=6.0, cross_attention=6.0, cross_context=2.0, scores=0.0, motion_attention=6.0)
 
 
 @dataclass
@@ -79,7 +81,7 @@ class _Walk:
     shape: UNetShape
     work: Workload
     config: SliceConfig | None  # None: ComfyUI's plain forward
-    k: Coefficients
+    laws: WorkingSets
     peak: float = 0.0
     skips: list[float] = field(default_factory=list)
 
@@ -89,116 +91,161 @@ class _Walk:
     def see(self, values: float) -> None:
         self.peak = max(self.peak, values)
 
-    # per-sample values alive inside one layer, beyond its input and output
     def layer_values(self, layer: Layer, level: int) -> float:
-        p, k, w = self.positions(level), self.k, self.work
-        if layer.kind == "res":
-            return p * (k.res_in * layer.channels_in + k.res_out * layer.channels_out)
+        """Values one sample holds inside a per-frame layer whose input is at `level` (output included)."""
+        p, k, ci, co = self.positions(level), self.laws, layer.channels_in, layer.channels_out
+        if layer.kind == "res":  # GroupNorm + SiLU on the input, GroupNorm + SiLU + conv on h, skip conv, sum
+            return p * max(2 * ci, ci + co, 3 * co)
         if layer.kind == "attn":
-            scores = k.scores * layer.heads * p * max(p, w.context_tokens) if w.attention_scores else 0.0
-            context = k.plain_context if self.config is None else k.context
-            return p * k.attn * layer.channels_in + context * w.context_tokens * layer.channels_in + scores
-        if layer.kind == "up":
-            return 4 * p * k.up * layer.channels_in
-        return p * layer.channels_out
+            t, h = self.work.context_tokens, layer.heads
+            return max(k.feed_forward * p * ci,
+                       k.self_attention * p * ci + k.scores * h * p * p,
+                       k.cross_attention * p * ci + k.cross_context * t * ci + k.scores * h * p * t)
+        if layer.kind == "up":  # nearest x2, then a conv: both at 4x the positions
+            return 4 * p * (ci + co)
+        if layer.kind == "down":
+            return self.positions(level + 1) * co
+        if layer.kind == "out":  # GroupNorm, SiLU, conv
+            return p * max(2 * ci, ci + co)
+        return p * co
 
-    def motion_values(self, layer: Layer, positions: int, whole: bool) -> float:
-        """Values alive inside a motion module run over `positions` positions of the whole batch
-        (`whole`: AnimateDiff-Evolved's own forward, which keeps more full-size temporaries)."""
-        w, k = self.work, self.k
-        scores = k.motion_scores * layer.heads * positions * w.frames * w.batch if w.attention_scores else 0.0
-        return w.batch * positions * (k.motion_whole if whole else k.motion) * layer.channels_in + scores
+    def motion_values(self, layer: Layer, level: int, positions: int) -> float:
+        """Values a motion module holds over `positions` positions of every sample: all of them
+        (AnimateDiff-Evolved's own forward) or one spatial chunk of the sliced module."""
+        k, tokens = self.laws, self.work.batch * positions
+        per_token = k.motion if positions >= self.positions(level) else k.motion_chunk
+        attention = k.motion_attention * layer.channels_in + k.scores * layer.heads * self.work.frames
+        return tokens * max(per_token * layer.channels_in, attention)
+
+    def next_level(self, layer: Layer, level: int) -> int:
+        return level - 1 if layer.kind == "up" else level + 1 if layer.kind == "down" else level
+
+    # -- ComfyUI's forward ------------------------------------------------------------------------------
+
+    def plain_block(self, layers: Iterable[Layer], level: int, channels: int, held: float) -> tuple[int, int]:
+        """forward_timestep_embed: `held` is the block's input when it is no skip (the concatenation);
+        each layer's input is alive while it runs."""
+        b, outside, current = self.work.batch, sum(self.skips) + held, 0.0
+        for layer in layers:
+            if layer.kind == "motion":
+                inside = self.motion_values(layer, level, self.positions(level))
+            else:
+                inside = b * self.layer_values(layer, level)
+            self.see(outside + current + inside)
+            level, channels = self.next_level(layer, level), layer.channels_out
+            current = b * channels * self.positions(level)
+        return level, channels
+
+    def walk_plain(self) -> None:
+        b, level, channels = self.work.batch, 0, self.shape.input_blocks[0].layers[0].channels_in
+        for block in self.shape.input_blocks:
+            level, channels = self.plain_block(block.layers, level, channels, 0.0)  # input: the last skip
+            self.skips.append(b * channels * self.positions(level))
+        level, channels = self.plain_block(self.shape.middle.layers, level, channels, 0.0)
+        for block in self.shape.output_blocks:
+            skip, h = self.skips.pop(), b * channels * self.positions(level)
+            joined = b * (channels + block.skip_channels) * self.positions(level)
+            self.see(sum(self.skips) + skip + h + joined)  # torch.cat([h, skip])
+            level, channels = self.plain_block(block.layers, level, channels + block.skip_channels, joined)
+        self.plain_block((self.out_layer(channels),), level, channels, b * channels * self.positions(level))
+
+    def out_layer(self, channels: int) -> Layer:
+        return Layer("out", channels, self.shape.out_channels)
+
+    # -- the streamlined forward ------------------------------------------------------------------------
 
     def frame_chunk(self, channels: int, level: int, attends: bool) -> int:
-        if self.config is None:
-            return self.work.batch
+        """StreamlinedForward.frames_chunk."""
         ctx = 2 * self.work.context_tokens
         sample = channels * (self.positions(level) + (ctx if attends else 0))
         top = self.shape.model_channels * (self.positions(0) + ctx)
         return frame_chunk_size(self.config, self.work.batch, sample, top)
 
-    def run_frames(self, layers: list[Layer], level_in: int, channels_in: int, outside: float,
-                   pending: Layer | None = None) -> tuple[int, int]:
-        """A per-frame group; returns (level, channels) of its output. `pending`: the previous block's
-        Upsample, run per chunk first (its input is one level deeper)."""
+    def sliced_frames(self, layers: list[Layer], level: int, channels_in: int, outside: float,
+                      pending: Layer | None, joins_skip: bool) -> tuple[int, int]:
+        """StreamlinedForward.run_frames: chunk by chunk, the previous block's Upsample (`pending`, its
+        input one level deeper), the concatenation with the skip, then `layers`, into one buffer."""
         b = self.work.batch
-        attends = any(layer.kind == "attn" for layer in layers)
-        n = self.frame_chunk(channels_in, level_in, attends)
-        level, channels, chunk_peak = level_in, channels_in, 0.0
-        current = channels_in * self.positions(level_in)  # per sample: the chunk's input (the concatenation)
+        n = self.frame_chunk(channels_in, level, any(layer.kind == "attn" for layer in layers))
+        # per sample: the peak; the group's input when the chunk made it (upsampled, joined with the
+        # skip), which stays referenced until the group returns; the previous layer's output
+        chunk, chunk_input, alive = 0.0, 0.0, 0.0
         if pending is not None:
-            low = pending.channels_in * self.positions(level_in + 1)
-            chunk_peak = max(low + self.layer_values(pending, level_in + 1),
-                             pending.channels_out * self.positions(level_in) + current)
+            chunk = self.layer_values(pending, level + 1)
+            chunk_input = pending.channels_out * self.positions(level)
+        if joins_skip:
+            joined = channels_in * self.positions(level)
+            chunk, chunk_input = max(chunk, chunk_input + joined), joined
+        channels = channels_in
         for layer in layers:
-            inside = self.layer_values(layer, level) * (self.k.plain if self.config is None else 1.0)
-            chunk_peak = max(chunk_peak, current + inside)
-            if layer.kind == "up":
-                level -= 1
-            elif layer.kind == "down":
-                level += 1
-            channels = layer.channels_out
-            current = channels * self.positions(level)
-        out_buffer = b * current if n < b else 0.0
-        self.see(outside + out_buffer + n * chunk_peak)
+            chunk = max(chunk, chunk_input + alive + self.layer_values(layer, level))
+            level, channels = self.next_level(layer, level), layer.channels_out
+            alive = channels * self.positions(level)
+        self.see(outside + (b * alive if n < b else 0.0) + n * chunk)
         return level, channels
 
-    def run_motion(self, layer: Layer, level: int, outside: float) -> None:
-        p = self.positions(level)
-        if self.config is None:
-            s = p
-        else:
-            s = spatial_chunk_size(self.config, self.work.batch, p, layer.channels_in, self.shape.model_channels)
-        self.see(outside + self.motion_values(layer, s, whole=s >= p))
-
-    def block(self, block: Block, level: int, channels: int, h_values: float, skip_values: float,
-              pending: Layer | None = None) -> tuple[int, int]:
-        """Run one block; `h_values`: the block input (total values), alive until the block ends."""
-        outside = sum(self.skips) + h_values + skip_values
-        segment: list[Layer] = []
-        channels_in = channels + block.skip_channels
-        for layer in block.layers + (Layer("end", 0, 0),):
-            if layer.kind in ("res", "attn", "up", "down", "other"):
+    def sliced_block(self, layers: tuple[Layer, ...], level: int, channels: int, held: float,
+                     skip: Block | None = None, skip_values: float = 0.0,
+                     pending: Layer | None = None) -> tuple[int, int]:
+        """StreamlinedForward.run_block. `held`: the block's input when it is no skip; `skip`: the
+        output block whose skip joins the first group."""
+        b = self.work.batch
+        outside = sum(self.skips) + held + skip_values
+        current, owned, segment = 0.0, False, []  # current: h inside the block, once it is not the input
+        channels_in = channels + (skip.skip_channels if skip else 0)
+        for layer in layers + (Layer("end", 0, 0),):
+            if layer.kind not in ("motion", "end"):
                 segment.append(layer)
                 continue
             if segment:
-                level, channels = self.run_frames(segment, level, channels_in, outside, pending)
-                pending = None
+                level, channels = self.sliced_frames(segment, level, channels_in, outside + current, pending,
+                                                     joins_skip=skip is not None)
+                current, owned, pending, skip, segment = b * channels * self.positions(level), True, None, None, []
                 channels_in = channels
-                # the block's input and skip stay referenced until the block returns
-                outside = sum(self.skips) + h_values + skip_values + self.work.batch * channels * self.positions(level)
-                segment = []
             if layer.kind == "motion":
-                self.run_motion(layer, level, outside)
+                p = self.positions(level)
+                s = spatial_chunk_size(self.config, b, p, layer.channels_in, self.shape.model_channels)
+                if s >= p:  # runs whole, through AnimateDiff-Evolved's forward: a new output
+                    self.see(outside + current + self.motion_values(layer, level, p))
+                else:  # in place on a buffer of this forward, else into a new one
+                    self.see(outside + current + (0.0 if owned else b * channels * p)
+                             + self.motion_values(layer, level, s))
+                current, owned = b * channels * p, True
         return level, channels
 
-    def walk(self) -> float:
-        b, level, channels = self.work.batch, 0, 4
+    def walk_sliced(self) -> None:
+        b, level, channels = self.work.batch, 0, self.shape.input_blocks[0].layers[0].channels_in
         for block in self.shape.input_blocks:
-            h = b * channels * self.positions(level)
-            level, channels = self.block(block, level, channels, 0.0 if self.skips else h, 0.0)
+            level, channels = self.sliced_block(block.layers, level, channels, 0.0)
             self.skips.append(b * channels * self.positions(level))
-        level, channels = self.block(self.shape.middle, level, channels, 0.0, 0.0)
+        level, channels = self.sliced_block(self.shape.middle.layers, level, channels, 0.0)
         pending = None
         for i, block in enumerate(self.shape.output_blocks):
             skip = self.skips.pop()
             h = b * channels * self.positions(level + (pending is not None))
             layers = block.layers
             # the sliced forward runs a block's trailing Upsample per chunk inside the next block
-            defer = self.config is not None and layers[-1].kind == "up" and i + 1 < len(self.shape.output_blocks)
-            if defer:
-                block = replace(block, layers=layers[:-1])
-            level, channels = self.block(block, level, channels, h, skip, pending)
+            defer = layers[-1].kind == "up" and i + 1 < len(self.shape.output_blocks)
+            level, channels = self.sliced_block(layers[:-1] if defer else layers, level, channels, h, block, skip,
+                                                pending)
             pending = layers[-1] if defer else None
-            if defer:
+            if defer:  # h stays one level deeper until the next block upsamples it per chunk
                 level -= 1
+        h = b * channels * self.positions(level)
+        self.sliced_frames([self.out_layer(channels)], level, channels, h, pending, joins_skip=False)
+
+    def walk(self) -> float:
+        if self.config is None:
+            self.walk_plain()
+        else:
+            self.walk_sliced()
         return self.peak * self.work.dtype_bytes
 
 
 def predict_peak_bytes(shape: UNetShape, work: Workload, config: SliceConfig | None,
-                       coefficients: Coefficients = CPU_COEFFICIENTS) -> int:
+                       laws: WorkingSets = SUB_QUADRATIC) -> int:
     """Peak activation bytes of one forward: patched with `config`, or ComfyUI's plain forward (None)."""
-    return int(_Walk(shape, work, config, coefficients).walk())
+    return int(_Walk(shape, work, config, laws).walk())
 
 
 def sd15_shape(motion_modules: bool = True) -> UNetShape:
@@ -258,14 +305,13 @@ def candidate_configs(work: Workload) -> Iterable[SliceConfig]:
             yield SliceConfig(frame_chunk=f, spatial_chunk=s)
 
 
-def plan(shape: UNetShape, work: Workload, budget_bytes: int,
-         coefficients: Coefficients = CPU_COEFFICIENTS) -> Plan:
+def plan(shape: UNetShape, work: Workload, budget_bytes: int, laws: WorkingSets = SUB_QUADRATIC) -> Plan:
     """The coarsest slicing (fewest, largest chunks: the least slowdown) predicted to fit the budget."""
-    baseline = predict_peak_bytes(shape, work, None, coefficients)
+    baseline = predict_peak_bytes(shape, work, None, laws)
     best: tuple[float, Plan] | None = None
     smallest = None
     for config in candidate_configs(work):
-        peak = predict_peak_bytes(shape, work, config, coefficients)
+        peak = predict_peak_bytes(shape, work, config, laws)
         smallest = peak if smallest is None else min(smallest, peak)
         if peak <= budget_bytes:
             chunks = _chunk_count(work, config)

@@ -34,24 +34,23 @@ class LiveTensorMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Inside the mode a view's `_base` is not set yet: an output that shares a storage with an
+        # input is an alias (view, in-place result), not an allocation.
+        inputs = {_storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self._track(t)
+                self._track(t, inputs)
         return out
 
-    def _track(self, t: torch.Tensor) -> None:
-        try:
-            storage = t.untyped_storage()
-        except (NotImplementedError, RuntimeError):  # sparse, meta-like tensors
-            return
-        key = storage.data_ptr()
+    def _track(self, t: torch.Tensor, input_storages: set[int] = frozenset()) -> None:
+        key = _storage_key(t)
         if key == 0:
             return
         entry = self._storages.get(key)
         if entry is None:
-            # A storage not seen before that was not created by a traced op would be a view of an
-            # untracked tensor; a new storage has no other tensor referencing it yet.
-            if storage.nbytes() == 0 or t._base is not None:
+            # An alias of a tensor made outside the mode (an input, a weight) is not activation memory.
+            storage = t.untyped_storage()
+            if storage.nbytes() == 0 or key in input_storages or t._base is not None:
                 return
             entry = _Storage(storage.nbytes())
             self._storages[key] = entry
@@ -67,3 +66,10 @@ class LiveTensorMeter(TorchDispatchMode):
         if entry.live_tensors == 0 and self._storages.get(key) is entry:
             del self._storages[key]
             self.live_bytes -= entry.nbytes
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):  # sparse, meta-like tensors
+        return 0

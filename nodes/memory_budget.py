@@ -13,27 +13,30 @@ import torch
 from comfy_api.latest import io, ui
 from torch import Tensor
 
-from ..core.budget import CPU_COEFFICIENTS, Coefficients, Plan, Workload, plan, predict_peak_bytes
+from ..core.budget import SDPA, SUB_QUADRATIC, Plan, WorkingSets, Workload, plan, predict_peak_bytes
 from ..core.slicing import SliceConfig
 from .log import logger
 from .structure import unet_shape
 
 SAFETY_FRACTION = 0.9  # of free memory, for "auto"
 SAFETY_BYTES = 256 * 2**20
-GPU_COEFFICIENTS = Coefficients(**{**CPU_COEFFICIENTS.__dict__, "scores": 0.0, "motion_scores": 0.0})
+# ComfyUI's attention kernels that hold the whole (heads x queries x keys) score matrix
+_SCORE_KERNELS = ("attention_sub_quad", "attention_split", "attention_basic")
 
 
-def coefficients_for(device: torch.device) -> Coefficients:
-    # SDPA (flash / memory-efficient) never materialises attention scores on CUDA; ComfyUI's split
-    # attention on the CPU does.
-    return GPU_COEFFICIENTS if device.type == "cuda" else CPU_COEFFICIENTS
+def attention_laws() -> WorkingSets:
+    """The working-set laws of the attention ComfyUI runs in this process (chosen at its start from
+    the device and flags): PyTorch SDPA, xformers, flash and sage attention never materialise scores."""
+    import comfy.ldm.modules.attention as attention
+
+    return SUB_QUADRATIC if attention.optimized_attention.__name__ in _SCORE_KERNELS else SDPA
 
 
 def workload_for(x: Tensor, context: Tensor | None, frames: int | None = None) -> Workload:
     batch = x.shape[0]
     return Workload(batch=batch, frames=frames or max(1, batch // 2), height=x.shape[-2], width=x.shape[-1],
                     context_tokens=context.shape[1] if context is not None and context.ndim == 3 else 77,
-                    dtype_bytes=x.element_size(), attention_scores=x.device.type != "cuda")
+                    dtype_bytes=x.element_size())
 
 
 def free_activation_bytes(device: torch.device) -> int:
@@ -55,7 +58,7 @@ class BudgetPlanner:
         key = (tuple(x.shape), x.dtype, x.device.type, context.shape[1] if context is not None else 0, frames)
         if key not in self.plans:
             budget = self.budget_bytes or free_activation_bytes(x.device)
-            chosen = plan(unet_shape(unet), workload_for(x, context, frames), budget, coefficients_for(x.device))
+            chosen = plan(unet_shape(unet), workload_for(x, context, frames), budget, attention_laws())
             self.plans[key] = chosen
             logger.info(f"Streamline Memory Budget ({budget / 2**30:.2f} GiB for {tuple(x.shape)}): {chosen.text()}")
         return self.plans[key].config
@@ -86,15 +89,15 @@ class MemoryEstimate:
         dtype_bytes = torch.empty(0, dtype=self.base_model.get_dtype()).element_size()
         shape = unet_shape(unet, assume_motion_modules=True)
         work = Workload(batch=input_shape[0], frames=max(1, input_shape[0] // 2), height=input_shape[-2],
-                        width=input_shape[-1], dtype_bytes=dtype_bytes, attention_scores=device.type != "cuda")
+                        width=input_shape[-1], dtype_bytes=dtype_bytes)
         config = state.config
         if state.planner is not None:
             budget = state.planner.budget_bytes or free_activation_bytes(device)
             try:
-                config = plan(shape, work, budget, coefficients_for(device)).config
+                config = plan(shape, work, budget, attention_laws()).config
             except ValueError:
                 config = SliceConfig(1, 1)
-        return int(predict_peak_bytes(shape, work, config, coefficients_for(device)) * 1.1)
+        return int(predict_peak_bytes(shape, work, config, attention_laws()) * 1.1)
 
 
 class MemoryBudget(io.ComfyNode):
@@ -134,13 +137,12 @@ def preview_plan(model, budget: int, width: int, height: int, frames: int) -> st
     device = model.load_device
     shape = unet_shape(model.model.diffusion_model, assume_motion_modules=True)
     dtype_bytes = torch.empty(0, dtype=model.model.get_dtype()).element_size()
-    work = Workload(batch=2 * frames, frames=frames, height=height // 8, width=width // 8, dtype_bytes=dtype_bytes,
-                    attention_scores=device.type != "cuda")
+    work = Workload(batch=2 * frames, frames=frames, height=height // 8, width=width // 8, dtype_bytes=dtype_bytes)
     budget_text = f"{budget / 2**30:.2f} GiB" if budget else "auto (free memory at run time)"
     if not budget:
         budget = free_activation_bytes(device)
     try:
-        chosen: Plan = plan(shape, work, budget, coefficients_for(device))
+        chosen: Plan = plan(shape, work, budget, attention_laws())
     except ValueError as e:
         return f"budget {budget_text}: {e}"
     return f"budget {budget_text}, {width}x{height}x{frames} with CFG: {chosen.text()}"

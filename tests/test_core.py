@@ -144,6 +144,22 @@ def test_live_tensor_meter_counts_activations_not_inputs():
     assert meter.live_bytes == 0
 
 
+@pytest.mark.parametrize("mode", [torch.enable_grad, torch.no_grad, torch.inference_mode])
+def test_live_tensor_meter_does_not_count_views_of_tensors_made_outside(mode):
+    """Slicing the conditioning per chunk (context[start:end]) allocates nothing; inside a dispatch
+    mode a view's _base is not set yet, so aliases are recognised by their storage."""
+    context = torch.randn(64, 1024)  # made before the meter: 256 KiB
+    with mode():
+        with LiveTensorMeter() as meter:
+            chunk = context[8:16]
+            flat = context.view(-1)
+            k = chunk @ torch.ones(1024, 4)  # the only allocations: ones (16 KiB) and k (128 B)
+            context.mul_(1.0)  # in place on an outside tensor: no allocation either
+            del chunk, flat, k
+    assert meter.peak_bytes == 1024 * 4 * 4 + 8 * 4 * 4
+    assert meter.live_bytes == 0
+
+
 def test_fidelity_metrics():
     from comfyui_streamline.core.fidelity import psnr, ssim
 
