@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -41,7 +40,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     hostenv.enter_for_tool(args.comfy, cpu=True, tool="tinyvideo_report")
     import torch
-    from safetensors import safe_open
 
     from comfyui_streamline.nodes.tinyvideo import TinyVideoLoader, decode, sample_clip
     from comfyui_streamline.tinyvideo import data, media, stats
@@ -49,11 +47,14 @@ def main(argv=None) -> None:
 
     trained = TinyVideoLoader.execute().result[0]
     untrained = tinyvideo.load_model_patcher(state_dict=tinyvideo.untrained_state_dict())
-    with safe_open(str(tinyvideo.WEIGHTS_PATH), "pt") as f:
-        metadata = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    from train_tinyvideo import stages_of
+
     lines = ["# TinyVideo quality report", "", f"Made by `python tools/tinyvideo_report.py` for "
              f"`{tinyvideo.WEIGHTS_PATH.name}` ({tinyvideo.WEIGHTS_PATH.stat().st_size / 2**20:.1f} MiB).", "",
-             "Training run (from the file's metadata): " + ", ".join(f"{k} {v}" for k, v in metadata.items()), ""]
+             "Training (from the file's metadata):", ""]
+    lines += [f"- stage {i}: " + ", ".join(f"{k} {v}" for k, v in stage.items())
+              for i, stage in enumerate(stages_of(tinyvideo.WEIGHTS_PATH), start=1)]
+    lines.append("")
 
     held_out = data.sample_batch(16, args.frames, args.size, torch.Generator().manual_seed(99))
     lines += ["## Denoising loss on held-out clips", "",

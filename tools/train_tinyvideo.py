@@ -2,16 +2,20 @@
 
 v-prediction objective on SD1.5's discrete schedule (ComfyUI's ModelSamplingDiscrete), classifier-free
 guidance dropout per word slot, AdamW with warm-up and cosine decay, EMA weights saved as safetensors
-(fp16) with the run's settings in the file's metadata, and the loss curve as CSV.
+(fp16) with every training stage's settings in the file's metadata, and the loss curve as CSV.
 
     python tools/train_tinyvideo.py --device cuda --steps 3000 --batch 32   # a few minutes on a GPU
     python tools/train_tinyvideo.py --device cpu --steps 2000 --batch 4     # about 50 minutes on 2 cores
+
+A later stage starts from a file (--init, with another --seed so that it sees new clips): the file it
+writes lists both stages, and its losses continue the loss curve of the first.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import csv
+import json
 import math
 import sys
 import time
@@ -41,6 +45,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=hostenv.REPO_ROOT / "tinyvideo" / "tinyvideo-v1.safetensors")
     p.add_argument("--loss-csv", type=Path, default=hostenv.REPO_ROOT / "tinyvideo" / "card" / "loss.csv")
     return p.parse_args(argv)
+
+
+STAGE_KEYS = ("steps", "batch", "frames", "size", "seed", "lr", "warmup", "ema", "drop_word", "drop_prompt", "device",
+              "final_loss", "seconds")
+
+
+def stages_of(path: Path) -> list[dict]:
+    """The training stages a TinyVideo file records (a file from a single run is one stage)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    return metadata.get("stages") or [{k: metadata[k] for k in STAGE_KEYS if k in metadata}]
+
+
+def read_loss_curve(path: Path) -> list[tuple[int, float, float]]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [(int(r["step"]), float(r["loss"]), float(r["seconds"])) for r in csv.DictReader(f)]
 
 
 def learning_rate(step: int, args) -> float:
@@ -85,7 +109,14 @@ def main(argv=None) -> None:
           f"{args.batch} videos x {args.frames} frames x {args.size}^2 per step, {args.steps} steps on {device}")
 
     args.loss_csv.parent.mkdir(parents=True, exist_ok=True)
-    rows, window, start = [], [], time.time()
+    earlier = stages_of(args.init) if args.init else []
+    step_offset = sum(stage["steps"] for stage in earlier)
+    rows = read_loss_curve(args.loss_csv) if earlier else []
+    if rows and rows[-1][0] != step_offset:
+        print(f"{args.loss_csv} does not end where {args.init} stopped (step {step_offset}): starting a new curve")
+        rows = []
+    seconds_offset = rows[-1][2] if rows else 0.0
+    window, start = [], time.time()
     for step in range(args.steps):
         batch = data.sample_batch(args.batch, args.frames, args.size, data_gen)
         words = batch.words.clone()
@@ -114,14 +145,17 @@ def main(argv=None) -> None:
 
         window.append(loss.item())
         if (step + 1) % 25 == 0:
-            rows.append((step + 1, sum(window) / len(window), round(time.time() - start, 1)))
+            seconds = round(seconds_offset + time.time() - start, 1)
+            rows.append((step_offset + step + 1, sum(window) / len(window), seconds))
             window = []
             print(f"step {rows[-1][0]:5d}  loss {rows[-1][1]:.4f}  {rows[-1][2]:.0f} s", flush=True)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            metadata = {"format": "tinyvideo-v1", "init": args.init.name if args.init else None, "steps": step + 1, "batch": args.batch, "frames": args.frames,
-                        "size": args.size, "seed": args.seed, "lr": args.lr, "ema": args.ema,
-                        "drop_word": args.drop_word, "drop_prompt": args.drop_prompt,
-                        "final_loss": rows[-1][1] if rows else None, "device": args.device}
+            stage = {"steps": step + 1, "batch": args.batch, "frames": args.frames, "size": args.size, "seed": args.seed,
+                     "lr": args.lr, "warmup": args.warmup, "ema": args.ema, "drop_word": args.drop_word,
+                     "drop_prompt": args.drop_prompt, "device": args.device,
+                     "final_loss": rows[-1][1] if rows else None, "seconds": round(time.time() - start, 1)}
+            metadata = {"format": "tinyvideo-v1", "steps": step_offset + step + 1, "final_loss": stage["final_loss"],
+                        "stages": [*earlier, stage]}
             tinyvideo.save_checkpoint(args.out, ema_unet, ema_prompt, metadata)
             with args.loss_csv.open("w", newline="") as f:
                 csv.writer(f).writerows([("step", "loss", "seconds"), *rows])
