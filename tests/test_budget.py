@@ -66,10 +66,8 @@ PREDICTION_TOLERANCE = 0.15
 
 @pytest.mark.host
 def test_predictions_match_measured_peaks():
-    import comfy.patcher_extension
 
     from comfyui_streamline.core.memtrace import LiveTensorMeter
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState, streamline_wrapper
     from comfyui_streamline.nodes.structure import unet_shape
     from comfyui_streamline.tools import synthetic
 
@@ -85,8 +83,7 @@ def test_predictions_match_measured_peaks():
         x, c = torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 77, 768, generator=g)
         to = synthetic.ade_transformer_options(2)
         if chunks:
-            to[STATE_KEY] = StreamlineState(SliceConfig(*chunks))
-            to["wrappers"] = {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"streamline": [streamline_wrapper]}}
+            synthetic.with_streamline(to, SliceConfig(*chunks))
         with torch.inference_mode(), LiveTensorMeter() as meter:
             unet(x, torch.full((batch,), 500.0), c, transformer_options=to)
         predicted = predict_peak_bytes(shape, Workload(batch, frames, side, side), SliceConfig(*chunks) if chunks else None)
@@ -102,12 +99,10 @@ def test_predictions_match_measured_peaks():
 def test_predictions_hold_for_another_model_family(frames, chunks):
     """TinyVideo: other widths (32/64/128), 1-4 heads, 3 context tokens, three levels. The laws were
     read off SD1.5 layers only."""
-    import comfy.patcher_extension
-
     from comfyui_streamline.core.memtrace import LiveTensorMeter
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState, streamline_wrapper
     from comfyui_streamline.nodes.structure import unet_shape
     from comfyui_streamline.tinyvideo import model as tinyvideo
+    from comfyui_streamline.tools.synthetic import with_streamline
 
     unet = tinyvideo.load_model_patcher().model.diffusion_model.float()
     tinyvideo.set_video_length(unet, frames)
@@ -116,8 +111,7 @@ def test_predictions_hold_for_another_model_family(frames, chunks):
     x, c = torch.randn(batch, 4, 32, 32, generator=g), torch.randn(batch, 3, tinyvideo.CONTEXT_DIM, generator=g)
     to = tinyvideo.motion_transformer_options(2)
     if chunks:
-        to[STATE_KEY] = StreamlineState(SliceConfig(*chunks))
-        to["wrappers"] = {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"streamline": [streamline_wrapper]}}
+        with_streamline(to, SliceConfig(*chunks))
     with torch.inference_mode(), LiveTensorMeter() as meter:
         unet(x, torch.full((batch,), 500.0), c, transformer_options=to)
     predicted = predict_peak_bytes(unet_shape(unet), Workload(batch, frames, 32, 32, context_tokens=3),
@@ -127,10 +121,9 @@ def test_predictions_hold_for_another_model_family(frames, chunks):
 
 @pytest.mark.host
 def test_out_of_memory_retries_with_finer_slices_and_keeps_them(monkeypatch, caplog):
-    import comfy.patcher_extension
 
     from comfyui_streamline.nodes import streamlined_unet
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState, streamline_wrapper
+    from comfyui_streamline.nodes.model_patch import StreamlineState
     from comfyui_streamline.tools import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
@@ -150,9 +143,7 @@ def test_out_of_memory_retries_with_finer_slices_and_keeps_them(monkeypatch, cap
 
     monkeypatch.setattr(streamlined_unet, "run_frame_chunked", oom_above_two)
     state = StreamlineState(SliceConfig(8, 64, scale_with_level=False))
-    to = synthetic.ade_transformer_options(2)
-    to[STATE_KEY] = state
-    to["wrappers"] = {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"streamline": [streamline_wrapper]}}
+    to = synthetic.with_streamline(synthetic.ade_transformer_options(2), state=state)
     with torch.inference_mode():
         ref = unet(x, t, c, transformer_options=synthetic.ade_transformer_options(2))
         with caplog.at_level(logging.WARNING, logger="ComfyUI-Streamline"):

@@ -33,12 +33,9 @@ def inputs(batch, size=SIZE, seed=0):
 def through_wrapper(unet, config, transformer_options, *args, state=None, **kwargs):
     """Call the UNet the way ComfyUI does, with the pack's DIFFUSION_MODEL wrapper registered.
     `state` stands for one patched MODEL across calls (its once-only log included)."""
-    import comfy.patcher_extension
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState, streamline_wrapper
+    from comfyui_streamline.tools.synthetic import with_streamline
 
-    transformer_options[STATE_KEY] = state if state is not None else StreamlineState(config)
-    transformer_options["wrappers"] = {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"streamline": [streamline_wrapper]}}
-    return unet(*args, transformer_options=transformer_options, **kwargs)
+    return unet(*args, transformer_options=with_streamline(transformer_options, config, state), **kwargs)
 
 
 def assert_exact(out, ref):

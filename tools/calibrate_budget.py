@@ -101,11 +101,9 @@ def layer_rows(laws) -> list[tuple[str, float, float]]:
 
 
 def measure_grid(points) -> list[dict]:
-    import comfy.patcher_extension
     import torch
 
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState, streamline_wrapper
     from comfyui_streamline.tools import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
@@ -118,8 +116,7 @@ def measure_grid(points) -> list[dict]:
         x, c = torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 77, 768, generator=g)
         to = synthetic.ade_transformer_options(2)
         if chunks:
-            to[STATE_KEY] = StreamlineState(SliceConfig(*chunks))
-            to["wrappers"] = {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"streamline": [streamline_wrapper]}}
+            synthetic.with_streamline(to, SliceConfig(*chunks))
         peak = peak_values(lambda: unet(x, torch.full((batch,), 500.0), c, transformer_options=to)) * 4
         rows.append({"frames": frames, "side": side, "chunks": chunks, "peak_bytes": int(peak)})
         print(f"  measured {rows[-1]}", file=sys.stderr, flush=True)
@@ -129,14 +126,13 @@ def measure_grid(points) -> list[dict]:
 def tinyvideo_rows(laws) -> list[tuple[str, float, float]]:
     """(case, measured bytes, predicted bytes) for the pack's TinyVideo model: other widths, heads, context
     tokens and levels than SD1.5, so a check of the laws on a model they were not read off."""
-    import comfy.patcher_extension
     import torch
 
     from comfyui_streamline.core.budget import Workload, predict_peak_bytes
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState, streamline_wrapper
     from comfyui_streamline.nodes.structure import unet_shape
     from comfyui_streamline.tinyvideo import model as tinyvideo
+    from comfyui_streamline.tools.synthetic import with_streamline
 
     unet = tinyvideo.load_model_patcher().model.diffusion_model.float()
     shape, rows = unet_shape(unet), []
@@ -147,8 +143,7 @@ def tinyvideo_rows(laws) -> list[tuple[str, float, float]]:
         x, c = torch.randn(batch, 4, 32, 32, generator=g), torch.randn(batch, 3, tinyvideo.CONTEXT_DIM, generator=g)
         to = tinyvideo.motion_transformer_options(2)
         if chunks:
-            to[STATE_KEY] = StreamlineState(SliceConfig(*chunks))
-            to["wrappers"] = {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"streamline": [streamline_wrapper]}}
+            with_streamline(to, SliceConfig(*chunks))
         measured = peak_values(lambda: unet(x, torch.full((batch,), 500.0), c, transformer_options=to)) * 4
         predicted = predict_peak_bytes(shape, Workload(batch, frames, 32, 32, context_tokens=3),
                                        SliceConfig(*chunks) if chunks else None, laws)

@@ -157,3 +157,15 @@ def sd15_checkpoint_state_dict(seed: int = 0, dtype=torch.float16) -> dict[str, 
             sd[prefix + key] = value.to(dtype).contiguous()
         del module
     return sd
+
+
+def with_streamline(transformer_options: dict, config=None, state=None) -> dict:
+    """`transformer_options` routed through the pack's DIFFUSION_MODEL wrapper, the way a MODEL patched by
+    Streamline Model Patch routes them (`state`: one patched model across calls; else a new one for `config`)."""
+    import comfy.patcher_extension
+
+    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState, streamline_wrapper
+
+    transformer_options[STATE_KEY] = state if state is not None else StreamlineState(config)
+    transformer_options["wrappers"] = {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"streamline": [streamline_wrapper]}}
+    return transformer_options
