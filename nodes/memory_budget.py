@@ -18,8 +18,7 @@ from ..core.slicing import SliceConfig
 from .log import logger
 from .structure import unet_shape
 
-SAFETY_FRACTION = 0.9  # of free memory, for "auto"
-SAFETY_BYTES = 256 * 2**20
+SAFETY_BYTES = 256 * 2**20  # "auto": free memory minus this; plans keep allocator headroom too (core/budget.py)
 # ComfyUI's attention kernels that hold the whole (heads x queries x keys) score matrix
 _SCORE_KERNELS = ("attention_sub_quad", "attention_split", "attention_basic")
 
@@ -43,7 +42,7 @@ def free_activation_bytes(device: torch.device) -> int:
     import comfy.model_management
 
     free = comfy.model_management.get_free_memory(device)
-    return max(0, int(free * SAFETY_FRACTION) - SAFETY_BYTES)
+    return max(0, int(free) - SAFETY_BYTES)
 
 
 @dataclass
@@ -53,15 +52,27 @@ class BudgetPlanner:
     budget_bytes: int
     plans: dict = field(default_factory=dict)
 
-    def __call__(self, unet, x: Tensor, context: Tensor | None, log) -> SliceConfig:
+    @staticmethod
+    def _key(unet, x: Tensor, context: Tensor | None) -> tuple:
         frames = _video_length(unet)
-        key = (tuple(x.shape), x.dtype, x.device.type, context.shape[1] if context is not None else 0, frames)
+        return tuple(x.shape), x.dtype, x.device.type, context.shape[1] if context is not None else 0, frames
+
+    def __call__(self, unet, x: Tensor, context: Tensor | None, log) -> SliceConfig:
+        key = self._key(unet, x, context)
         if key not in self.plans:
             budget = self.budget_bytes or free_activation_bytes(x.device)
-            chosen = plan(unet_shape(unet), workload_for(x, context, frames), budget, attention_laws())
+            chosen = plan(unet_shape(unet), workload_for(x, context, _video_length(unet)), budget, attention_laws())
             self.plans[key] = chosen
             logger.info(f"Streamline Memory Budget ({budget / 2**30:.2f} GiB for {tuple(x.shape)}): {chosen.text()}")
         return self.plans[key].config
+
+    def settle(self, unet, x: Tensor, context: Tensor | None, config: SliceConfig) -> None:
+        """After an out-of-memory retry: inputs shaped like `x` use `config` from now on."""
+        key = self._key(unet, x, context)
+        work = workload_for(x, context, _video_length(unet))
+        shape, laws = unet_shape(unet), attention_laws()
+        self.plans[key] = Plan(config, predict_peak_bytes(shape, work, config, laws),
+                               predict_peak_bytes(shape, work, None, laws))
 
 
 def _video_length(unet) -> int | None:

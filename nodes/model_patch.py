@@ -33,9 +33,13 @@ class StreamlineState:
     def config_for(self, unet, x: Tensor, context: Tensor | None) -> SliceConfig:
         return self.planner(unet, x, context, self.log) if self.planner is not None else self.config
 
-    def settle(self, config: SliceConfig) -> None:
-        """Use `config` from now on (after an out-of-memory retry), planned or not."""
-        self.config, self.planner = config, None
+    def settle(self, config: SliceConfig, unet, x: Tensor, context: Tensor | None) -> None:
+        """Use `config` from now on (after an out-of-memory retry): for inputs shaped like `x` when a
+        planner chooses per shape (other shapes keep their own plans), else for every input."""
+        if self.planner is not None and hasattr(self.planner, "settle"):
+            self.planner.settle(unet, x, context, config)
+        else:
+            self.config, self.planner = config, None
 
 
 def _state_from(transformer_options: dict) -> StreamlineState | None:
@@ -101,10 +105,11 @@ class StreamlineModelPatch(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to patch, e.g. the output of AnimateDiff-Evolved's nodes."),
                 io.Int.Input("frame_chunk", default=0, min=0, max=4096, step=1,
                              tooltip="Samples (batch x frames, CFG counts twice) per slice for per-frame layers "
-                             "at full resolution; deeper levels use larger slices. 0 = automatic."),
+                             "at full resolution; deeper levels use larger slices. 0 = automatic (slices of about 64K tokens, "
+                             "large enough to keep a GPU busy; for a given memory budget use Streamline Memory Budget)."),
                 io.Int.Input("spatial_chunk", default=0, min=0, max=1 << 20, step=64,
                              tooltip="Pixel positions per slice inside motion modules at full resolution. "
-                             "0 = automatic."),
+                             "0 = automatic (about 64K tokens per slice: 2048 positions of a 32-sample batch)."),
                 io.Boolean.Input("scale_with_level", default=True, optional=True,
                                  tooltip="Grow slices at deeper (smaller) UNet levels so each slice holds about "
                                  "as many values as at full resolution. Off: the same sizes at every level."),

@@ -399,7 +399,7 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"]):
                     raise
                 logger.warning(f"Streamline: out of memory with {config}; retrying with {smaller} and keeping it "
                                "for the rest of the run.")
-                state.settle(smaller)
+                state.settle(smaller, unet, x, context)
                 comfy.model_management.soft_empty_cache()
 
     return wrapper

@@ -8,7 +8,15 @@ import re
 import pytest
 import torch
 
-from comfyui_streamline.core.budget import SDPA, BudgetError, Workload, plan, predict_peak_bytes, sd15_shape
+from comfyui_streamline.core.budget import (
+    ALLOCATOR_HEADROOM,
+    SDPA,
+    BudgetError,
+    Workload,
+    plan,
+    predict_peak_bytes,
+    sd15_shape,
+)
 from comfyui_streamline.core.slicing import SliceConfig
 
 MEASURED_GRID = [  # (frames, latent side, chunks); CFG batched: batch = 2 x frames
@@ -28,7 +36,7 @@ def test_plans_never_exceed_the_budget_and_prefer_large_chunks(frames, side):
             chosen = plan(shape, work, budget, SDPA)
         except BudgetError:
             continue
-        assert chosen.predicted_peak_bytes <= budget
+        assert chosen.predicted_peak_bytes <= budget * ALLOCATOR_HEADROOM
         assert chosen.predicted_peak_bytes == predict_peak_bytes(shape, work, chosen.config, SDPA)
         if previous is not None:  # a smaller budget never gets coarser slices
             assert chosen.config.frame_chunk <= previous.config.frame_chunk
@@ -49,6 +57,53 @@ def test_sdpa_laws_predict_the_unpatched_forward_measured_on_a_gpu(size):
     work = Workload(2 * frames, frames, height // 8, width // 8, dtype_bytes=2)
     predicted = predict_peak_bytes(sd15_shape(), work, None, SDPA) / 2**30
     assert predicted == pytest.approx(H100_UNPATCHED_GIB[size], rel=0.10)
+
+
+# Peak activation of the streamlined forward, same model and conditions, measured on an H100 with
+# tools/bench.py (2026-11-25; docs/budget_calibration.md): GiB per (WxHxF, (frame_chunk, spatial_chunk)),
+# (0, 0) = automatic.
+H100_STREAMLINED_GIB = {
+    ((512, 512, 16), (16, 4096)): 1.914,
+    ((512, 512, 16), (8, 2048)): 1.172,
+    ((512, 512, 16), (8, 1024)): 0.972,
+    ((512, 512, 16), (4, 1024)): 0.801,
+    ((512, 512, 16), (4, 512)): 0.652,
+    ((512, 512, 16), (2, 512)): 0.610,
+    ((512, 512, 16), (0, 0)): 1.172,
+    ((768, 768, 32), (16, 4096)): 5.039,
+    ((768, 768, 32), (8, 2048)): 3.465,
+    ((768, 768, 32), (8, 1024)): 3.051,
+    ((768, 768, 32), (4, 1024)): 2.644,
+    ((768, 768, 32), (4, 512)): 2.348,
+    ((768, 768, 32), (2, 512)): 2.237,
+    ((768, 768, 32), (0, 0)): 2.819,
+    ((512, 512, 128), (16, 4096)): 15.313,
+    ((512, 512, 128), (8, 2048)): 9.376,
+    ((512, 512, 128), (8, 1024)): 6.407,
+    ((512, 512, 128), (4, 512)): 4.884,
+    ((512, 512, 128), (2, 512)): 4.884,
+    ((512, 512, 128), (0, 0)): 4.063,
+}
+
+
+@pytest.mark.parametrize("size, chunks", H100_STREAMLINED_GIB)
+def test_sdpa_laws_predict_the_streamlined_forward_measured_on_a_gpu(size, chunks):
+    width, height, frames = size
+    work = Workload(2 * frames, frames, height // 8, width // 8, dtype_bytes=2)
+    predicted = predict_peak_bytes(sd15_shape(), work, SliceConfig(*chunks), SDPA) / 2**30
+    assert predicted == pytest.approx(H100_STREAMLINED_GIB[size, chunks], rel=0.10)
+
+
+@pytest.mark.parametrize("size, budget_gib", [((768, 768, 32), 4.0), ((512, 512, 16), 0.9), ((512, 512, 16), 0.8)])
+def test_budget_plans_are_ones_measured_to_fit(size, budget_gib):
+    """The plan for a budget is one whose peak, measured on the GPU, stays under the allocator
+    headroom of that budget (the issue's case: 768x768x32 within 4 GB)."""
+    width, height, frames = size
+    work = Workload(2 * frames, frames, height // 8, width // 8, dtype_bytes=2)
+    chosen = plan(sd15_shape(), work, int(budget_gib * 2**30), SDPA)
+    key = (size, (chosen.config.frame_chunk, chosen.config.spatial_chunk))
+    assert key in H100_STREAMLINED_GIB, f"the plan {chosen.config} was not among the measured settings"
+    assert H100_STREAMLINED_GIB[key] <= budget_gib * ALLOCATOR_HEADROOM
 
 
 def test_impossible_budget_says_the_minimum():
@@ -155,6 +210,44 @@ def test_out_of_memory_retries_with_finer_slices_and_keeps_them(monkeypatch, cap
     with torch.inference_mode():
         unet(x, t, c, transformer_options=to)
     assert max(seen) <= 2  # the finer setting is kept
+
+
+@pytest.mark.host
+def test_out_of_memory_under_a_budget_refines_only_that_shape(monkeypatch):
+    """With the Memory Budget, the finer slices after an out-of-memory retry are kept for that input
+    shape; another shape (a second pass at another size) still gets its own plan."""
+    from comfyui_streamline.nodes import streamlined_unet
+    from comfyui_streamline.nodes.memory_budget import BudgetPlanner
+    from comfyui_streamline.nodes.model_patch import StreamlineState
+    from comfyui_streamline.tools import synthetic
+
+    unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
+    synthetic.inject(unet, motion)
+    frames, batch = 4, 8
+    motion.set_video_length(frames, frames)
+    g = torch.Generator().manual_seed(0)
+    c, t = torch.randn(batch, 77, 768, generator=g), torch.full((batch,), 500.0)
+    small, large = torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 4, 16, 16, generator=g)
+    real = streamlined_unet.run_frame_chunked
+    fail = {"on": True}
+
+    def oom_once(group, total, chunk):
+        if fail["on"] and chunk > 1:
+            fail["on"] = False
+            raise torch.OutOfMemoryError("injected")
+        return real(group, total, chunk)
+
+    monkeypatch.setattr(streamlined_unet, "run_frame_chunked", oom_once)
+    planner = BudgetPlanner(64 * 2**30)  # roomy: the plan is unsliced
+    state = StreamlineState(SliceConfig(), planner=planner)
+    to = synthetic.with_streamline(synthetic.ade_transformer_options(2), state=state)
+    with torch.inference_mode():
+        planned_large = state.config_for(unet, large, c)
+        unet(small, t, c, transformer_options=to)
+    settled_small = state.config_for(unet, small, c)
+    assert state.planner is planner
+    assert settled_small.frame_chunk < batch  # refined after the injected out-of-memory
+    assert state.config_for(unet, large, c) == planned_large  # the other shape keeps its plan
 
 
 @pytest.mark.host

@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--cfg", type=float, help="default: 5 for tinyvideo, 7.5 for sd15-random")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-block", type=int, default=-1,
+                   help="Step Rehash cache point: output block whose output is cached (-1 = default, the second-to-last)")
     p.add_argument("--streamline", action="store_true", help="also apply Streamline Model Patch (automatic chunks)")
     return p.parse_args(argv)
 
@@ -112,12 +114,23 @@ def main(argv=None) -> None:
         return out["samples"].float().cpu(), time.perf_counter() - start
 
     def rehash(**kw):
-        return apply_rehash(model, RehashConfig(**kw), keystep_store=work / "keysteps.json")
+        return apply_rehash(model, RehashConfig(cache_block=args.cache_block, **kw), keystep_store=work / "keysteps.json")
+
+    def last_report(m):
+        state = m.model_options["transformer_options"].get(STATE_KEY)
+        return state.last.report if state is not None else None
 
     def full_count(m) -> str:
-        state = m.model_options["transformer_options"].get(STATE_KEY)
-        report = state.last.report if state is not None else None
+        report = last_report(m)
         return f"{report.full}/{report.steps}" if report else "-"
+
+    def call_ms(m) -> str:
+        """Mean UNet call time of full and of rehash steps, as Step Rehash measured them."""
+        report = last_report(m)
+        if not report or not report.calls_full:
+            return "-"
+        rehash = f"{1000 * report.rehash_call_seconds / report.calls_rehashed:.0f}" if report.calls_rehashed else "-"
+        return f"{1000 * report.full_call_seconds / report.calls_full:.0f} / {rehash}"
 
     def unbatched(m):
         """cond and uncond run as separate UNet calls: ComfyUI batches them only when the estimate fits."""
@@ -141,11 +154,12 @@ def main(argv=None) -> None:
     ]
     print(f"device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, model {args.model}, "
           f"{args.size}, {args.steps} steps {args.sampler}/{args.scheduler}, cfg {args.cfg}, seed {args.seed}, "
-          f"{len(cases)} prompt(s), Streamline slicing {'on' if args.streamline else 'off'}")
+          f"{len(cases)} prompt(s), Streamline slicing {'on' if args.streamline else 'off'}, "
+          f"Step Rehash cache block {args.cache_block if args.cache_block >= 0 else 'default'}")
     sample(model, cases[0])  # warm-up (kernels, allocator, ADE injection caches)
     calibration_s = sum(sample(methods[1][1], case)[1] for case in cases)
     print(f"key-step calibration (all steps full, once per prompt; saved for the runs below): {calibration_s:.2f} s")
-    header = (f"{'method':>62} | {'full steps':>10} | {'time s':>7} | {'speedup':>7} | {'latent PSNR':>11} | "
+    header = (f"{'method':>62} | {'full steps':>10} | {'UNet ms full/rehash':>19} | {'time s':>7} | {'speedup':>7} | {'latent PSNR':>11} | "
               f"{'SSIM':>5}" + (f" | {'frames PSNR':>11} | {'SSIM':>5} | {'frame check':>11}" if tinyvideo else ""))
     print(header)
     print("-" * len(header))
@@ -167,7 +181,7 @@ def main(argv=None) -> None:
         def mean(metric, transform=lambda t: t):
             return sum(metric(transform(o), transform(r)) for o, r in zip(outs, references)) / len(outs)
 
-        line = (f"{name:>62} | {full_count(m):>10} | {seconds:>7.2f} | {baseline_s / seconds:>6.2f}x | "
+        line = (f"{name:>62} | {full_count(m):>10} | {call_ms(m):>19} | {seconds:>7.2f} | {baseline_s / seconds:>6.2f}x | "
                 f"{mean(psnr):>11.2f} | {mean(ssim):>5.3f}")
         if tinyvideo:
             frames_of = lambda latent: decode(latent).permute(0, 3, 1, 2)  # noqa: E731
