@@ -8,9 +8,17 @@ cached at the last full step. This module decides which steps are full:
 - fixed:    a warm-up and a tail computed in full, every `interval`-th step in between;
 - adaptive: per step, from the accumulated relative change of the shallow feature (which a rehash
             step computes anyway) since the last full step, against a threshold;
-- keystep:  the paper's key-step search: from one calibration run with every step in full, the
-            per-step change of the cached deep feature; choose the K full steps that minimise the
-            accumulated change the rehash steps reuse (dynamic programming, exact).
+- keystep:  the paper's key-step search: from one calibration run with every step in full, a sketch
+            of the cached deep feature at each step; choose the K full steps that minimise the error
+            the rehash steps would make, measured against the true feature of each step (dynamic
+            programming, exact).
+
+And what a rehash step reuses (`reuse`):
+- hold:        the feature of the last full step, as is (the paper, DeepCache);
+- extrapolate: the line through the features of the last two full steps, followed in sigma to the
+               step's own sigma (first-order; deep features drift smoothly along the noise schedule).
+               Same cost per step, one more cached feature; on the pack's trained model it brings
+               rehashed samples several times closer to full sampling (README, Step Rehash).
 """
 from __future__ import annotations
 
@@ -20,9 +28,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 MODES = ("off", "fixed", "adaptive", "keystep")
+REUSE_MODES = ("extrapolate", "hold")
 
 
 class RehashConfigError(ValueError):
@@ -39,6 +49,7 @@ class RehashConfig:
     threshold: adaptive mode; a step is computed in full once the accumulated relative L1 change of
         the shallow feature since the last full step reaches it.
     full_steps: keystep mode; how many steps the search computes in full.
+    reuse: what a rehash step takes, one of REUSE_MODES (see the module's docstring).
     start_percent, end_percent: rehash only between these fractions of the sampling schedule.
     """
 
@@ -51,10 +62,13 @@ class RehashConfig:
     full_steps: int = 13
     start_percent: float = 0.0
     end_percent: float = 1.0
+    reuse: str = "extrapolate"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise RehashConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.reuse not in REUSE_MODES:
+            raise RehashConfigError(f"reuse must be one of {REUSE_MODES}, got {self.reuse!r}")
         if self.cache_block < -1:
             raise RehashConfigError(f"cache_block must be >= 0 (or -1 = default), got {self.cache_block}")
         for name in ("interval", "full_steps"):
@@ -95,43 +109,91 @@ def relative_l1(a: Tensor, b: Tensor) -> float:
     return ((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12)).item()
 
 
-def keystep_search(changes: Sequence[float], full_steps: int) -> list[int]:
-    """The paper's key-step search.
+def reused_feature(history: Sequence[tuple[float, Tensor]], sigma: float, reuse: str) -> Tensor:
+    """What a rehash step at `sigma` takes from the deep features of the last full calls.
 
-    changes[t]: relative change of the cached deep feature from step t-1 to step t (changes[0] is
-    ignored: step 0 is always full). A rehash step t that reuses the feature of the last full step s
-    is charged the accumulated change changes[s+1] + ... + changes[t]. Returns the `full_steps` step
-    indices (step 0 included) that minimise the total charge, by dynamic programming.
+    history: (sigma, feature) of the last full calls, oldest first; only the last two are read.
+    hold: the last feature. extrapolate: the line through the last two, in sigma, at `sigma`
+    (the last feature alone while there is only one, or both were taken at the same sigma), followed
+    at most as far past the last feature as the two lie apart.
     """
-    steps = len(changes)
+    last_sigma, last = history[-1]
+    if reuse == "hold" or len(history) < 2 or history[-2][0] == last_sigma:
+        return last
+    earlier_sigma, earlier = history[-2]
+    beyond = min(extrapolation_reach(sigma, earlier_sigma, last_sigma), MAX_EXTRAPOLATION)
+    return torch.lerp(earlier, last, 1.0 + beyond)  # last + beyond * (last - earlier), one allocation
+
+
+# How far past the last full step's feature extrapolation may go, in units of the distance between the
+# last two: the line is a local estimate. On TinyVideo (every 4th step full, 25 steps) capping at 1
+# measured 35.4 dB against full sampling, 34.5 dB uncapped and 33.9 dB capped at 0.5.
+MAX_EXTRAPOLATION = 1.0
+
+
+def extrapolation_reach(sigma: float, earlier_sigma: float, last_sigma: float) -> float:
+    """Where `sigma` lies on the line through the last two full steps: 0 at the last, 1 one span past it."""
+    return (sigma - last_sigma) / (last_sigma - earlier_sigma)
+
+
+def feature_sketch(feature: Tensor, max_values: int = 1 << 14) -> Tensor:
+    """A fixed, evenly strided subsample of `feature` (float32, CPU): enough to measure relative
+    error between steps without keeping every step's full deep feature alive."""
+    flat = feature.detach().flatten()
+    stride = max(1, flat.numel() // max_values)
+    return flat[::stride][:max_values].float().cpu()
+
+
+def reuse_costs(sketches: Sequence[Tensor], sigmas: Sequence[float], reuse: str) -> Tensor:
+    """costs[p + 1, s, t] for p < s < t: the relative L1 error of step t's deep feature when step t is
+    rehashed and the last two full steps are p and s (p = -1: s is the only full step so far),
+    from a calibration run's feature sketches (one per step) and the sigma of each step."""
+    features = torch.stack([sk.double() for sk in sketches])  # (steps, values)
+    steps = features.shape[0]
+    scale = features.abs().mean(1).clamp_min(1e-12)  # (steps,)
+    sigma = torch.tensor([float(v) for v in sigmas], dtype=torch.float64)
+    costs = torch.zeros(steps + 1, steps, steps, dtype=torch.float64)
+    for s in range(steps - 1):
+        later = features[s + 1:]
+        hold = (later - features[s]).abs().mean(1) / scale[s + 1:]
+        costs[:, s, s + 1:] = hold
+        if reuse == "hold":
+            continue
+        for p in range(s):
+            if sigma[s] == sigma[p]:
+                continue  # as reused_feature: hold
+            beyond = extrapolation_reach(sigma[s + 1:], sigma[p], sigma[s]).clamp(max=MAX_EXTRAPOLATION)[:, None]
+            line = features[s] + beyond * (features[s] - features[p])
+            costs[p + 1, s, s + 1:] = (later - line).abs().mean(1) / scale[s + 1:]
+    return costs
+
+
+def keystep_search(costs: Tensor, full_steps: int) -> list[int]:
+    """The key-step search: the `full_steps` step indices (step 0 included: it has nothing to reuse)
+    that minimise the total error of the rehash steps, each charged costs[p + 1, s, t] with s and p
+    the last two full steps before it (see reuse_costs). Exact, by dynamic programming over the last
+    two full steps: O(full_steps x steps^3) tensor work."""
+    steps = costs.shape[1]
     if steps == 0:
         return []
     k = min(full_steps, steps)
-    prefix = [0.0]
-    for t in range(1, steps):
-        prefix.append(prefix[-1] + float(changes[t]))
-
-    def segment_cost(s: int, end: int) -> float:
-        # steps s+1 .. end-1 reuse step s's feature
-        return sum(prefix[t] - prefix[s] for t in range(s + 1, end))
-
-    # best[j][s]: minimal cost of steps s.. with step s full and j more full steps to place after it
-    inf = math.inf
-    best = [[inf] * steps for _ in range(k)]
-    choice = [[-1] * steps for _ in range(k)]
-    for s in range(steps):
-        best[0][s] = segment_cost(s, steps)
-    for j in range(1, k):
-        for s in range(steps):
-            for nxt in range(s + 1, steps):
-                cost = segment_cost(s, nxt) + best[j - 1][nxt]
-                if cost < best[j][s]:
-                    best[j][s], choice[j][s] = cost, nxt
-    full, s, j = [0], 0, k - 1
-    while j > 0 and choice[j][s] != -1:
-        s = choice[j][s]
+    later = torch.triu(torch.ones(steps, steps, dtype=torch.bool), diagonal=1)  # [s, t]: t > s
+    # segment[p + 1, s, end]: steps s+1 .. end-1 are rehashed after full steps p and s
+    segment = torch.zeros(steps + 1, steps, steps + 1, dtype=torch.float64)
+    segment[:, :, 1:] = torch.cumsum(costs.double() * later, dim=2)
+    # best[p + 1, s]: least cost of the steps after s, s full with p before it, j full steps left to place
+    best = segment[:, :, steps].clone()
+    choices = []
+    for _ in range(1, k):
+        # through[p + 1, s, nxt] = segment[p + 1, s, nxt] + best[s + 1, nxt]
+        through = segment[:, :, :steps] + best[1:, :].unsqueeze(0)
+        through = through.masked_fill(~later, math.inf)
+        best, choice = through.min(dim=2)
+        choices.append(choice)
+    full, prev, s = [0], -1, 0
+    for choice in reversed(choices):
+        prev, s = s, int(choice[prev + 1, s])
         full.append(s)
-        j -= 1
     return full
 
 

@@ -23,8 +23,9 @@ from comfy_api.latest import io, ui
 from torch import Tensor
 
 from ..core.rehash import (
-    MODES, KeystepRecord, KeystepStore, RehashConfig, fingerprint, fixed_full_steps, keystep_search,
-    relative_l1, resolve_cache_block, schedule_steps, step_index, tensor_fingerprint,
+    MODES, REUSE_MODES, KeystepRecord, KeystepStore, RehashConfig, feature_sketch, fingerprint,
+    fixed_full_steps, keystep_search, relative_l1, resolve_cache_block, reuse_costs, reused_feature,
+    schedule_steps, step_index, tensor_fingerprint,
 )
 from ..core.slicing import UNSLICED
 from .log import logger
@@ -34,8 +35,10 @@ from .streamlined_unet import REHASH_CALL_KEY, LogOnce, streamlined_unet_forward
 STATE_KEY = "streamline_rehash"
 WRAPPER_KEY = "streamline_rehash"
 KEYSTEP_FILE = "streamline/keysteps.json"
+KEYSTEP_SEARCH_VERSION = "reuse-error-v2"  # part of a saved result's key: results of an older search are not reused
 
 CacheKey = tuple  # (cond uuid, context-window frame indices)
+History = list  # [(sigma, deep feature)] of the last two full calls, oldest first
 
 
 @dataclass
@@ -74,12 +77,11 @@ class RehashRun:
     full_steps: set[int] | None  # None: adaptive, or a keystep calibration (every step full)
     rehash_sigma_range: tuple[float, float]  # rehash only for sigmas within [low, high]
     calibrating: KeystepRecord | None = None  # the record a calibration run will save
-    deep: dict[CacheKey, Tensor] = field(default_factory=dict)
+    deep: dict[CacheKey, History] = field(default_factory=dict)
     shallow: dict[CacheKey, Tensor] = field(default_factory=dict)  # adaptive: at the last full call
     decisions: dict[int, bool] = field(default_factory=dict)  # step -> rehash?
     calibration_key: CacheKey | None = None
-    calibration_prev: Tensor | None = None
-    changes: dict[int, float] = field(default_factory=dict)
+    sketches: dict[int, tuple[float, Tensor]] = field(default_factory=dict)  # keystep calibration: step -> (sigma, sketch)
     full_seen: set[int] = field(default_factory=set)
     rehash_seen: set[int] = field(default_factory=set)
     seconds: dict[bool, float] = field(default_factory=lambda: {False: 0.0, True: 0.0})
@@ -89,7 +91,7 @@ class RehashRun:
     def clear(self) -> None:
         self.deep.clear()
         self.shallow.clear()
-        self.calibration_prev = None
+        self.sketches.clear()
         if self.progress is not None:
             self.progress.close()
             self.progress = None
@@ -142,28 +144,29 @@ class RehashCallState:
         if not run.wants_rehash(self.step, self.sigma, self.keys[0], shallow[0]):
             self.shallow_parts = shallow
             return None
-        cached = [run.deep.get(key) for key in self.keys]
-        if any(c is None or c.shape[1:] != cached[0].shape[1:] for c in cached):
+        histories = [run.deep.get(key) for key in self.keys]
+        if any(h is None or h[-1][1].shape[1:] != histories[0][-1][1].shape[1:] for h in histories):
             self.shallow_parts = shallow  # a window or cond without a cache yet: compute it in full
             return None
         self.rehashed = True
+        cached = [reused_feature(h, self.sigma, run.config.reuse) for h in histories]
         return torch.cat(cached) if len(cached) > 1 else cached[0]
 
     def store(self, deep_feature: Tensor) -> None:
         run = self.run
         parts = self._split(deep_feature)
+        keep = 2 if run.config.reuse == "extrapolate" else 1
         for key, part in zip(self.keys, parts):
-            run.deep[key] = part
+            history = [entry for entry in run.deep.get(key, []) if entry[0] != self.sigma]
+            run.deep[key] = (history + [(self.sigma, part)])[-keep:]
         if run.config.mode == "adaptive":
             for key, part in zip(self.keys, self.shallow_parts):
                 run.shallow[key] = part
         if run.calibrating is not None:
             if run.calibration_key is None:
                 run.calibration_key = self.keys[0]
-            if self.keys[0] == run.calibration_key and self.step not in run.changes:
-                if run.calibration_prev is not None:
-                    run.changes[self.step] = relative_l1(parts[0], run.calibration_prev)
-                run.calibration_prev = parts[0]
+            if self.keys[0] == run.calibration_key and self.step not in run.sketches:
+                run.sketches[self.step] = (self.sigma, feature_sketch(parts[0]))
 
 
 @dataclass
@@ -217,8 +220,8 @@ def _start_run(state: RehashState, guider, sigmas: Tensor, sampler, disable_pbar
     if config.mode == "fixed":
         full_steps = set(fixed_full_steps(steps, config.interval, config.warmup, config.tail))
     elif config.mode == "keystep":
-        key = fingerprint(_model_fingerprint(guider.model_patcher), _sampler_name(sampler),
-                          [round(float(s), 5) for s in sigmas], config.cache_block, config.full_steps)
+        key = fingerprint(KEYSTEP_SEARCH_VERSION, _model_fingerprint(guider.model_patcher), _sampler_name(sampler),
+                          [round(float(s), 5) for s in sigmas], config.cache_block, config.full_steps, config.reuse)
         record = KeystepStore(state.keystep_store).get(key) if state.keystep_store else None
         if record is not None and record.steps == steps:
             full_steps = set(record.full_steps)
@@ -234,19 +237,31 @@ def _start_run(state: RehashState, guider, sigmas: Tensor, sampler, disable_pbar
 
 def _finish_run(state: RehashState, run: RehashRun, completed: bool) -> None:
     note = ""
-    if run.calibrating is not None and completed:
-        changes = [run.changes.get(t, 0.0) for t in range(run.steps)]
-        full = keystep_search(changes, state.config.full_steps)
+    if run.calibrating is not None and completed and run.sketches:
+        sigmas, sketches = zip(*_sketch_per_step(run.sketches, run.steps))
+        costs = reuse_costs(sketches, sigmas, state.config.reuse)
+        changes = [0.0] + [float(costs[0, t - 1, t]) for t in range(1, run.steps)]
+        full = keystep_search(costs, state.config.full_steps)
         record = replace(run.calibrating, full_steps=full, changes=changes)
         if state.keystep_store is not None:
             KeystepStore(state.keystep_store).put(record)
         note = (f"Calibration run (all steps full); key steps for next runs with these settings: {full}"
                 + (f" (saved to {state.keystep_store})" if state.keystep_store else ""))
     elif run.calibrating is not None:
-        note = "Calibration interrupted; nothing saved"
+        note = "Calibration interrupted; nothing saved" if not completed else "Calibration saw no UNet call; nothing saved"
     run.clear()
     state.last.report, state.last.run = run.report(note), run
     logger.info(state.last.report.text())
+
+
+def _sketch_per_step(sketches: dict[int, tuple], steps: int) -> list[tuple]:
+    """One sketch per step; a step the sampler never evaluated counts as unchanged from the one before."""
+    first = sketches[min(sketches)]
+    per_step, last = [], first
+    for t in range(steps):
+        last = sketches.get(t, last)
+        per_step.append(last)
+    return per_step
 
 
 def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
@@ -370,14 +385,19 @@ def rehash_inputs() -> list:
                        tooltip="Rehash only after this fraction of the schedule."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Rehash only before this fraction of the schedule."),
+        io.Combo.Input("reuse", options=list(REUSE_MODES), default="extrapolate", optional=True,
+                       tooltip="What a rehash step takes. extrapolate: the line through the deep features of the "
+                       "last two full steps, followed to this step's noise level (same speed, much closer to full "
+                       "sampling). hold: the last full step's feature as is (the paper, DeepCache)."),
     ]
 
 
 def rehash_config(rehash_mode: str, interval: int, warmup_steps: int, tail_steps: int, threshold: float,
-                  full_steps: int, cache_block: int, start_percent: float, end_percent: float) -> RehashConfig:
+                  full_steps: int, cache_block: int, start_percent: float, end_percent: float,
+                  reuse: str = "extrapolate") -> RehashConfig:
     return RehashConfig(mode=rehash_mode, cache_block=cache_block, interval=interval, warmup=warmup_steps,
                         tail=tail_steps, threshold=threshold, full_steps=full_steps,
-                        start_percent=start_percent, end_percent=end_percent)
+                        start_percent=start_percent, end_percent=end_percent, reuse=reuse)
 
 
 class StepRehashModelPatch(io.ComfyNode):

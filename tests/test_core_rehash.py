@@ -2,10 +2,11 @@
 import itertools
 
 import pytest
+import torch
 
 from comfyui_streamline.core.rehash import (
-    KeystepRecord, KeystepStore, RehashConfig, RehashConfigError, fixed_full_steps, keystep_search,
-    resolve_cache_block, step_index,
+    KeystepRecord, KeystepStore, RehashConfig, RehashConfigError, feature_sketch, fixed_full_steps,
+    MAX_EXTRAPOLATION, keystep_search, resolve_cache_block, reuse_costs, reused_feature, step_index,
 )
 
 
@@ -15,39 +16,95 @@ def test_fixed_schedule_has_warmup_interval_and_tail():
     assert fixed_full_steps(25, interval=2, warmup=1, tail=1)[:4] == [0, 1, 3, 5]
 
 
-def _brute_force(changes, k):
-    steps = len(changes)
+def _schedule_cost(costs, full):
+    """What the key-step search minimises: each rehash step t pays costs[p + 1, s, t], s and p the last
+    two full steps before it (p = -1 while s is the only one)."""
+    total, prev, last = 0.0, -1, 0
+    for t in range(1, costs.shape[1]):
+        if t in full:
+            prev, last = last, t
+        else:
+            total += float(costs[prev + 1, last, t])
+    return total
 
-    def cost(full):
-        total, acc = 0.0, 0.0
-        for t in range(1, steps):
-            if t in full:
-                acc = 0.0
-            else:
-                acc += changes[t]
-                total += acc
-        return total
 
-    best = min((c for c in itertools.combinations(range(1, steps), k - 1)), key=lambda c: cost({0, *c}))
-    return cost({0, *best}), cost
+def _brute_force(costs, k):
+    steps = costs.shape[1]
+    return min(_schedule_cost(costs, {0, *c}) for c in itertools.combinations(range(1, steps), k - 1))
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_keystep_search_is_optimal(seed):
-    import random
-
-    rng = random.Random(seed)
-    changes = [0.0] + [rng.random() ** 2 for _ in range(11)]
-    for k in (1, 3, 5, 12):
-        full = keystep_search(changes, k)
+    g = torch.Generator().manual_seed(seed)
+    steps = 10
+    costs = torch.rand(steps + 1, steps, steps, generator=g, dtype=torch.float64) ** 2
+    for k in (1, 2, 3, 5, 10):
+        full = keystep_search(costs, k)
         assert full[0] == 0 and len(full) == len(set(full)) == k and full == sorted(full)
-        best_cost, cost = _brute_force(changes, k)
-        assert cost(set(full)) == pytest.approx(best_cost)
+        assert _schedule_cost(costs, set(full)) == pytest.approx(_brute_force(costs, k))
 
 
 def test_keystep_search_puts_full_steps_where_features_change():
-    changes = [0, 0.01, 0.01, 0.9, 0.01, 0.01, 0.8, 0.01]
-    assert set(keystep_search(changes, 3)) == {0, 3, 6}
+    jumps = [0.0, 0.01, 0.01, 0.9, 0.01, 0.01, 0.8, 0.01]
+    sketches, value = [], 1.0
+    for jump in jumps:
+        value += jump
+        sketches.append(torch.full((16,), value))
+    sigmas = [float(8 - t) for t in range(8)]
+    assert set(keystep_search(reuse_costs(sketches, sigmas, "hold"), 3)) == {0, 3, 6}
+
+
+def test_keystep_search_with_extrapolation_spends_full_steps_on_bends_not_on_slopes():
+    """A feature moving steadily costs nothing to extrapolate (within reach); full steps go where the
+    motion bends, and the same number of full steps leaves far less error than holding."""
+    sigmas = [float(12 - t) for t in range(12)]
+    velocity = [1.0] * 6 + [-1.0] * 6  # a turn after step 5
+    position, sketches = 1.0, []
+    for v in velocity:
+        position += v * 0.1
+        sketches.append(torch.full((16,), 3.0) + position * torch.linspace(0, 1, 16))
+    line, hold = reuse_costs(sketches, sigmas, "extrapolate"), reuse_costs(sketches, sigmas, "hold")
+    full = keystep_search(line, 6)
+    assert _schedule_cost(line, set(full)) < 1e-5  # every rehash step lies on a line within reach
+    assert {6, 7} & set(full)  # a full step right after the turn
+    assert _schedule_cost(hold, set(keystep_search(hold, 6))) > 0.05
+
+
+def test_reuse_costs_measure_the_error_of_what_a_rehash_step_takes():
+    """A feature moving on a line in sigma: holding it costs its distance, extrapolating costs nothing;
+    each cost is exactly the error of reused_feature against the true feature."""
+    sigmas = [10.0, 8.0, 5.0, 4.0, 1.0]
+    base, direction = torch.linspace(1, 2, 32), torch.linspace(-1, 1, 32)
+    sketches = [base + (10 - sigma) * 0.05 * direction for sigma in sigmas]
+    hold, line = reuse_costs(sketches, sigmas, "hold"), reuse_costs(sketches, sigmas, "extrapolate")
+    for p, s, t in ((-1, 0, 2), (0, 1, 3), (1, 2, 4), (0, 2, 4), (0, 1, 4)):
+        history = [(sigmas[s], sketches[s])] if p < 0 else [(sigmas[p], sketches[p]), (sigmas[s], sketches[s])]
+        for costs, reuse in ((hold, "hold"), (line, "extrapolate")):
+            reused = reused_feature(history, sigmas[t], reuse)
+            expected = ((reused - sketches[t]).abs().mean() / sketches[t].abs().mean()).item()
+            assert float(costs[p + 1, s, t]) == pytest.approx(expected, abs=1e-6)
+    assert float(hold[2, 2, 3]) > 0.01 and float(line[2, 2, 3]) < 1e-6  # within reach: exact
+    assert float(line[1, 1, 3]) > 0.01  # 1.5 spans past step 1: capped, no longer on the line
+
+
+def test_reused_feature_holds_or_follows_the_line_in_sigma():
+    f1, f2 = torch.zeros(4), torch.ones(4)
+    assert torch.equal(reused_feature([(9.0, f1), (7.0, f2)], 6.0, "hold"), f2)
+    assert torch.allclose(reused_feature([(9.0, f1), (7.0, f2)], 6.0, "extrapolate"), torch.full((4,), 1.5))
+    assert torch.equal(reused_feature([(7.0, f2)], 6.0, "extrapolate"), f2)  # one full step so far
+    far = reused_feature([(9.0, f1), (7.0, f2)], 1.0, "extrapolate")  # three spans past: capped at one
+    assert torch.allclose(far, torch.full((4,), 1.0 + MAX_EXTRAPOLATION))
+    assert torch.equal(reused_feature([(7.0, f1), (7.0, f2)], 6.0, "extrapolate"), f2)  # no direction to follow
+    half = reused_feature([(9.0, f1.half()), (7.0, f2.half())], 6.0, "extrapolate")
+    assert half.dtype == torch.float16
+
+
+def test_feature_sketch_is_small_strided_and_detached():
+    feature = torch.arange(1_000_000, dtype=torch.float32).reshape(10, 100, 1000)
+    sketch = feature_sketch(feature, max_values=1000)
+    assert sketch.dtype == torch.float32 and sketch.numel() == 1000
+    assert sketch[1].item() - sketch[0].item() == 1000  # evenly strided through the whole tensor
+    assert feature_sketch(torch.ones(10)).numel() == 10
 
 
 def test_keystep_store_round_trip(tmp_path):
@@ -60,7 +117,8 @@ def test_keystep_store_round_trip(tmp_path):
 
 def test_config_rejects_bad_settings():
     for bad in (dict(mode="sometimes"), dict(interval=0), dict(full_steps=0), dict(warmup=-1),
-                dict(start_percent=0.8, end_percent=0.2), dict(cache_block=-2), dict(threshold=float("nan"))):
+                dict(start_percent=0.8, end_percent=0.2), dict(cache_block=-2), dict(threshold=float("nan")),
+                dict(reuse="average")):
         with pytest.raises(RehashConfigError):
             RehashConfig(**bad)
 

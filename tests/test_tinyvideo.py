@@ -131,3 +131,24 @@ def test_streamline_and_step_rehash_work_on_tinyvideo(tinyvideo_model):
     assert [stats.frame_problems(stats.clip_stats(decode(v).permute(0, 3, 1, 2)), ranges, "blue")
             for v in (full, rehashed)] == [[], []]
     assert psnr(rehashed, full) > 25
+
+
+@pytest.mark.host
+def test_extrapolated_reuse_is_closer_to_full_sampling_than_holding(tinyvideo_model):
+    """On a trained model, a rehash step that follows the deep feature's line through the last two full
+    steps lands much closer to full sampling than one that holds the last feature (same schedule, same
+    number of UNet calls)."""
+    from comfyui_streamline.core.fidelity import psnr
+    from comfyui_streamline.core.rehash import RehashConfig
+    from comfyui_streamline.nodes.step_rehash import STATE_KEY, apply_rehash
+    from comfyui_streamline.nodes.tinyvideo import sample_clip
+
+    full = sample_clip(tinyvideo_model, PROMPTS[0], steps=16, seed=3)
+    scores, reports = {}, {}
+    for reuse in ("hold", "extrapolate"):
+        model = apply_rehash(tinyvideo_model, RehashConfig(mode="fixed", interval=3, warmup=2, tail=1, reuse=reuse))
+        scores[reuse] = psnr(sample_clip(model, PROMPTS[0], steps=16, seed=3), full)
+        report = model.model_options["transformer_options"][STATE_KEY].last.report
+        reports[reuse] = (report.full, report.rehashed)
+    assert reports["hold"] == reports["extrapolate"] and reports["hold"][1] >= 8
+    assert scores["extrapolate"] > scores["hold"] + 3, scores

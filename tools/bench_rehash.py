@@ -138,14 +138,25 @@ def main(argv=None) -> None:
         m.add_object_patch("memory_required", lambda *a, **kw: 1 << 60)
         return m
 
-    interval_full = len(fixed_full_steps(args.steps, 2, 2, 1))
+    def full_of(interval, warmup, tail) -> int:
+        return len(fixed_full_steps(args.steps, interval, warmup, tail))
+
+    k = args.full_steps
     methods = [
         ("full sampling", model),
-        (f"Step Rehash key-step ({args.full_steps} full)", rehash(mode="keystep", full_steps=args.full_steps)),
-        (f"Step Rehash fixed (interval 2, warm-up 2, tail 1: {interval_full} full)", rehash(mode="fixed", interval=2, warmup=2, tail=1)),
-        (f"Step Rehash adaptive (threshold {args.threshold})", rehash(mode="adaptive", threshold=args.threshold)),
-        ("DeepCache-style (every 2nd step full)", rehash(mode="fixed", interval=2, warmup=0, tail=0)),
-        ("DeepCache-style (every 3rd step full)", rehash(mode="fixed", interval=3, warmup=0, tail=0)),
+        (f"Step Rehash key-step ({k} full), extrapolate", rehash(mode="keystep", full_steps=k)),
+        (f"Step Rehash key-step ({k} full), hold (paper)", rehash(mode="keystep", full_steps=k, reuse="hold")),
+        (f"Step Rehash fixed (interval 2, warm-up 2, tail 1: {full_of(2, 2, 1)} full), extrapolate",
+         rehash(mode="fixed", interval=2, warmup=2, tail=1)),
+        (f"Step Rehash fixed (interval 2, warm-up 2, tail 1: {full_of(2, 2, 1)} full), hold",
+         rehash(mode="fixed", interval=2, warmup=2, tail=1, reuse="hold")),
+        (f"Step Rehash fixed (interval 3, warm-up 2, tail 1: {full_of(3, 2, 1)} full), extrapolate",
+         rehash(mode="fixed", interval=3, warmup=2, tail=1)),
+        (f"Step Rehash fixed (interval 4, warm-up 2, tail 1: {full_of(4, 2, 1)} full), extrapolate",
+         rehash(mode="fixed", interval=4, warmup=2, tail=1)),
+        (f"Step Rehash adaptive (threshold {args.threshold}), extrapolate", rehash(mode="adaptive", threshold=args.threshold)),
+        ("DeepCache-style (every 2nd step full)", rehash(mode="fixed", interval=2, warmup=0, tail=0, reuse="hold")),
+        ("DeepCache-style (every 3rd step full)", rehash(mode="fixed", interval=3, warmup=0, tail=0, reuse="hold")),
         (f"EasyCache (threshold {args.easycache_threshold})", EasyCacheNode.execute(model, args.easycache_threshold, 0.15, 0.95, False).result[0]),
         (f"LazyCache (threshold {args.easycache_threshold})", LazyCacheNode.execute(model, args.easycache_threshold, 0.15, 0.95, False).result[0]),
         ("full sampling, cond/uncond unbatched", unbatched(model)),
@@ -157,9 +168,14 @@ def main(argv=None) -> None:
           f"{len(cases)} prompt(s), Streamline slicing {'on' if args.streamline else 'off'}, "
           f"Step Rehash cache block {args.cache_block if args.cache_block >= 0 else 'default'}")
     sample(model, cases[0])  # warm-up (kernels, allocator, ADE injection caches)
-    calibration_s = sum(sample(methods[1][1], case)[1] for case in cases)
-    print(f"key-step calibration (all steps full, once per prompt; saved for the runs below): {calibration_s:.2f} s")
-    header = (f"{'method':>62} | {'full steps':>10} | {'UNet ms full/rehash':>19} | {'time s':>7} | {'speedup':>7} | {'latent PSNR':>11} | "
+    # key-step calibration: the first run of each key-step model computes every step and saves the key
+    # steps (per model, sampler, schedule and settings, not per prompt); the timed runs below reuse them
+    for name, m in methods:
+        state = m.model_options["transformer_options"].get(STATE_KEY)
+        if state is not None and state.config.mode == "keystep":
+            calibration_s = sample(m, cases[0])[1]
+            print(f"{name}: calibration run {calibration_s:.2f} s; {last_report(m).note}")
+    header = (f"{'method':>72} | {'full steps':>10} | {'UNet ms full/rehash':>19} | {'time s':>7} | {'speedup':>7} | {'latent PSNR':>11} | "
               f"{'SSIM':>5}" + (f" | {'frames PSNR':>11} | {'SSIM':>5} | {'frame check':>11}" if tinyvideo else ""))
     print(header)
     print("-" * len(header))
@@ -168,7 +184,7 @@ def main(argv=None) -> None:
         try:
             outs, times = zip(*(sample(m, case) for case in cases))
         except Exception as e:  # a method that cannot run this case is reported, not fatal
-            print(f"{name:>62} | failed: {type(e).__name__}: {str(e).splitlines()[0][:90]}", flush=True)
+            print(f"{name:>72} | failed: {type(e).__name__}: {str(e).splitlines()[0][:90]}", flush=True)
             continue
         seconds = sum(times)
         if references is None:
@@ -181,7 +197,7 @@ def main(argv=None) -> None:
         def mean(metric, transform=lambda t: t):
             return sum(metric(transform(o), transform(r)) for o, r in zip(outs, references)) / len(outs)
 
-        line = (f"{name:>62} | {full_count(m):>10} | {call_ms(m):>19} | {seconds:>7.2f} | {baseline_s / seconds:>6.2f}x | "
+        line = (f"{name:>72} | {full_count(m):>10} | {call_ms(m):>19} | {seconds:>7.2f} | {baseline_s / seconds:>6.2f}x | "
                 f"{mean(psnr):>11.2f} | {mean(ssim):>5.3f}")
         if tinyvideo:
             frames_of = lambda latent: decode(latent).permute(0, 3, 1, 2)  # noqa: E731

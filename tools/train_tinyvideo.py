@@ -4,7 +4,7 @@ v-prediction objective on SD1.5's discrete schedule (ComfyUI's ModelSamplingDisc
 guidance dropout per word slot, AdamW with warm-up and cosine decay, EMA weights saved as safetensors
 (fp16) with every training stage's settings in the file's metadata, and the loss curve as CSV.
 
-    python tools/train_tinyvideo.py --device cuda --steps 3000 --batch 32   # a few minutes on a GPU
+    python tools/train_tinyvideo.py --device cuda --steps 3000 --batch 32   # the same training on a GPU (not timed yet)
     python tools/train_tinyvideo.py --device cpu --steps 2000 --batch 4     # about 50 minutes on 2 cores
 
 A later stage starts from a file (--init, with another --seed so that it sees new clips): the file it
