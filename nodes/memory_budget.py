@@ -13,12 +13,13 @@ import torch
 from comfy_api.latest import io, ui
 from torch import Tensor
 
-from ..core.budget import SDPA, SUB_QUADRATIC, Plan, WorkingSets, Workload, plan, predict_peak_bytes
+from ..core.budget import SDPA, SUB_QUADRATIC, BudgetError, Plan, WorkingSets, Workload, plan, predict_peak_bytes
 from ..core.slicing import SliceConfig
 from .log import logger
 from .structure import unet_shape
 
 SAFETY_BYTES = 256 * 2**20  # "auto": free memory minus this; plans keep allocator headroom too (core/budget.py)
+HELD_STEP = 64 * 2**20  # memory held across calls is budgeted in steps of this (one plan per step, not per byte)
 # ComfyUI's attention kernels that hold the whole (heads x queries x keys) score matrix
 _SCORE_KERNELS = ("attention_sub_quad", "attention_split", "attention_basic")
 
@@ -52,23 +53,34 @@ class BudgetPlanner:
     budget_bytes: int
     plans: dict = field(default_factory=dict)
 
-    @staticmethod
-    def _key(unet, x: Tensor, context: Tensor | None) -> tuple:
+    def _key(self, unet, x: Tensor, context: Tensor | None, held_bytes: int) -> tuple:
         frames = _video_length(unet)
-        return tuple(x.shape), x.dtype, x.device.type, context.shape[1] if context is not None else 0, frames
+        shape_key = tuple(x.shape), x.dtype, x.device.type, context.shape[1] if context is not None else 0, frames
+        return shape_key + (self._held_bucket(held_bytes),)
 
-    def __call__(self, unet, x: Tensor, context: Tensor | None, log) -> SliceConfig:
-        key = self._key(unet, x, context)
+    def _held_bucket(self, held_bytes: int) -> int:
+        """Memory held across calls, rounded up to HELD_STEP: an "auto" budget sees it as used already."""
+        return 0 if not self.budget_bytes else -(-held_bytes // HELD_STEP)
+
+    def __call__(self, unet, x: Tensor, context: Tensor | None, log, held_bytes: int = 0) -> SliceConfig:
+        key = self._key(unet, x, context, held_bytes)
         if key not in self.plans:
-            budget = self.budget_bytes or free_activation_bytes(x.device)
-            chosen = plan(unet_shape(unet), workload_for(x, context, _video_length(unet)), budget, attention_laws())
+            held = key[-1] * HELD_STEP
+            budget = self.budget_bytes - held if self.budget_bytes else free_activation_bytes(x.device)
+            held_text = f" after {held / 2**30:.2f} GiB held by Step Rehash's cache" if held else ""
+            try:
+                chosen = plan(unet_shape(unet), workload_for(x, context, _video_length(unet)), max(budget, 0),
+                              attention_laws())
+            except BudgetError as e:
+                raise BudgetError(f"{e}{held_text} (budget {self.budget_bytes / 2**30:.2f} GiB)" if held else str(e)) from None
             self.plans[key] = chosen
-            logger.info(f"Streamline Memory Budget ({budget / 2**30:.2f} GiB for {tuple(x.shape)}): {chosen.text()}")
+            logger.info(f"Streamline Memory Budget ({budget / 2**30:.2f} GiB{held_text} for {tuple(x.shape)}): "
+                        f"{chosen.text()}")
         return self.plans[key].config
 
-    def settle(self, unet, x: Tensor, context: Tensor | None, config: SliceConfig) -> None:
+    def settle(self, unet, x: Tensor, context: Tensor | None, config: SliceConfig, held_bytes: int = 0) -> None:
         """After an out-of-memory retry: inputs shaped like `x` use `config` from now on."""
-        key = self._key(unet, x, context)
+        key = self._key(unet, x, context, held_bytes)
         work = workload_for(x, context, _video_length(unet))
         shape, laws = unet_shape(unet), attention_laws()
         self.plans[key] = Plan(config, predict_peak_bytes(shape, work, config, laws),

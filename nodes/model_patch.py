@@ -30,14 +30,16 @@ class StreamlineState:
     # Memory Budget: picks the config per input shape (nodes/memory_budget.py); None: use `config`
     planner: Callable | None = None
 
-    def config_for(self, unet, x: Tensor, context: Tensor | None) -> SliceConfig:
-        return self.planner(unet, x, context, self.log) if self.planner is not None else self.config
+    def config_for(self, unet, x: Tensor, context: Tensor | None, held_bytes: int = 0) -> SliceConfig:
+        """held_bytes: memory other parts of the pack keep alive across calls (Step Rehash's cache),
+        which a planned budget must leave to them."""
+        return self.planner(unet, x, context, self.log, held_bytes) if self.planner is not None else self.config
 
-    def settle(self, config: SliceConfig, unet, x: Tensor, context: Tensor | None) -> None:
+    def settle(self, config: SliceConfig, unet, x: Tensor, context: Tensor | None, held_bytes: int = 0) -> None:
         """Use `config` from now on (after an out-of-memory retry): for inputs shaped like `x` when a
         planner chooses per shape (other shapes keep their own plans), else for every input."""
         if self.planner is not None and hasattr(self.planner, "settle"):
-            self.planner.settle(unet, x, context, config)
+            self.planner.settle(unet, x, context, config, held_bytes)
         else:
             self.config, self.planner = config, None
 

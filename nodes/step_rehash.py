@@ -30,9 +30,9 @@ from ..core.rehash import (
 from ..core.slicing import UNSLICED
 from .log import logger
 from .model_patch import STATE_KEY as SLICING_STATE_KEY
-from .streamlined_unet import REHASH_CALL_KEY, LogOnce, streamlined_unet_forward
+from .streamlined_unet import REHASH_CALL_KEY, REHASH_STATE_KEY, LogOnce, streamlined_unet_forward
 
-STATE_KEY = "streamline_rehash"
+STATE_KEY = REHASH_STATE_KEY
 WRAPPER_KEY = "streamline_rehash"
 KEYSTEP_FILE = "streamline/keysteps.json"
 KEYSTEP_SEARCH_VERSION = "reuse-error-v2"  # part of a saved result's key: results of an older search are not reused
@@ -95,6 +95,12 @@ class RehashRun:
         if self.progress is not None:
             self.progress.close()
             self.progress = None
+
+    def held_bytes(self) -> int:
+        """Device memory the caches keep alive: each storage once (a cond's feature is a view of the batch's)."""
+        tensors = [t for history in self.deep.values() for _, t in history] + list(self.shallow.values())
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
 
     def wants_rehash(self, step: int, sigma: float, key: CacheKey, shallow: Tensor) -> bool:
         """Whether `step` reuses the deep feature; decided once per step, by the step's first call."""

@@ -258,6 +258,16 @@ class RehashCall(Protocol):
         """The output of output block `cache_block` of a call computed in full."""
 
 
+REHASH_STATE_KEY = "streamline_rehash"  # Step Rehash's state in transformer_options (nodes/step_rehash.py)
+
+
+def held_across_calls(transformer_options: dict) -> int:
+    """Device memory Step Rehash keeps alive between UNet calls (its caches), if it is on this model.
+    Read from its per-run state, so it does not matter which of the two wrappers runs outside."""
+    run = getattr(transformer_options.get(REHASH_STATE_KEY), "run", None)
+    return run.held_bytes() if run is not None else 0
+
+
 def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, timesteps=None,
                              context=None, y=None, control=None, transformer_options={}, **kwargs) -> Tensor:
     """Drop-in for UNetModel._forward (same arguments after the first three). With a RehashCall in
@@ -381,8 +391,9 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"]):
                      "running it unchanged.")
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
+        held = held_across_calls(transformer_options)
         while True:
-            config = state.config_for(unet, x, context)
+            config = state.config_for(unet, x, context, held)
 
             def forward(*args, **kw):
                 return streamlined_unet_forward(unet, config, log, *args, **kw)
@@ -399,7 +410,7 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"]):
                     raise
                 logger.warning(f"Streamline: out of memory with {config}; retrying with {smaller} and keeping it "
                                "for the rest of the run.")
-                state.settle(smaller, unet, x, context)
+                state.settle(smaller, unet, x, context, held)
                 comfy.model_management.soft_empty_cache()
 
     return wrapper

@@ -174,17 +174,27 @@ def test_predictions_hold_for_another_model_family(frames, chunks):
     assert abs(predicted / meter.peak_bytes - 1) <= PREDICTION_TOLERANCE, (predicted, meter.peak_bytes)
 
 
-@pytest.mark.host
-def test_out_of_memory_retries_with_finer_slices_and_keeps_them(monkeypatch, caplog):
+FRAMES, BATCH = 4, 8  # CFG batched
 
-    from comfyui_streamline.nodes import streamlined_unet
-    from comfyui_streamline.nodes.model_patch import StreamlineState
+
+@pytest.fixture(scope="module")
+def injected_unet():
+    """A random-weight SD1.5 UNet with mm_sd_v15_v2 motion modules injected, set to FRAMES frames."""
     from comfyui_streamline.tools import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
     synthetic.inject(unet, motion)
-    frames, batch = 4, 8
-    motion.set_video_length(frames, frames)
+    motion.set_video_length(FRAMES, FRAMES)
+    return unet
+
+
+@pytest.mark.host
+def test_out_of_memory_retries_with_finer_slices_and_keeps_them(injected_unet, monkeypatch, caplog):
+    from comfyui_streamline.nodes import streamlined_unet
+    from comfyui_streamline.nodes.model_patch import StreamlineState
+    from comfyui_streamline.tools import synthetic
+
+    unet, batch = injected_unet, BATCH
     g = torch.Generator().manual_seed(0)
     x, c, t = torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 77, 768, generator=g), torch.full((batch,), 500.0)
     real = streamlined_unet.run_frame_chunked
@@ -213,7 +223,7 @@ def test_out_of_memory_retries_with_finer_slices_and_keeps_them(monkeypatch, cap
 
 
 @pytest.mark.host
-def test_out_of_memory_under_a_budget_refines_only_that_shape(monkeypatch):
+def test_out_of_memory_under_a_budget_refines_only_that_shape(injected_unet, monkeypatch):
     """With the Memory Budget, the finer slices after an out-of-memory retry are kept for that input
     shape; another shape (a second pass at another size) still gets its own plan."""
     from comfyui_streamline.nodes import streamlined_unet
@@ -221,10 +231,7 @@ def test_out_of_memory_under_a_budget_refines_only_that_shape(monkeypatch):
     from comfyui_streamline.nodes.model_patch import StreamlineState
     from comfyui_streamline.tools import synthetic
 
-    unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
-    synthetic.inject(unet, motion)
-    frames, batch = 4, 8
-    motion.set_video_length(frames, frames)
+    unet, batch = injected_unet, BATCH
     g = torch.Generator().manual_seed(0)
     c, t = torch.randn(batch, 77, 768, generator=g), torch.full((batch,), 500.0)
     small, large = torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 4, 16, 16, generator=g)
@@ -249,6 +256,39 @@ def test_out_of_memory_under_a_budget_refines_only_that_shape(monkeypatch):
     assert settled_small.frame_chunk < batch  # refined after the injected out-of-memory
     assert state.config_for(unet, large, c) == planned_large  # the other shape keeps its plan
 
+
+
+@pytest.mark.host
+def test_a_budget_leaves_step_rehash_its_cache(injected_unet):
+    """Step Rehash keeps deep features alive between UNet calls: a planned budget is what is left after
+    them, so the forward plus the cache fits (an "auto" budget reads free memory, which already counts them)."""
+    from types import SimpleNamespace
+
+    from comfyui_streamline.nodes.memory_budget import HELD_STEP, BudgetPlanner, attention_laws, workload_for
+    from comfyui_streamline.nodes.model_patch import StreamlineState
+    from comfyui_streamline.nodes.step_rehash import STATE_KEY as REHASH_STATE_KEY
+    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.tools import synthetic
+
+    unet, batch = injected_unet, BATCH
+    g = torch.Generator().manual_seed(0)
+    x, c, t = torch.randn(batch, 4, 16, 16, generator=g), torch.randn(batch, 77, 768, generator=g), torch.full((batch,), 500.0)
+    shape, work, laws = unet_shape(unet), workload_for(x, c, FRAMES), attention_laws()
+    unsliced = predict_peak_bytes(shape, work, None, laws)
+    budget = int(unsliced / ALLOCATOR_HEADROOM) + HELD_STEP // 2  # unsliced fits, with room to spare
+    held = HELD_STEP - 1  # more than the room to spare: the forward must be sliced finer
+    planner = BudgetPlanner(budget)
+    state = StreamlineState(SliceConfig(), planner=planner)
+    assert state.config_for(unet, x, c) == plan(shape, work, budget, laws).config
+    to = synthetic.with_streamline(synthetic.ade_transformer_options(2), state=state)
+    to[REHASH_STATE_KEY] = SimpleNamespace(run=SimpleNamespace(held_bytes=lambda: held))  # a run's caches
+    with torch.inference_mode():
+        unet(x, t, c, transformer_options=to)
+    expected = plan(shape, work, budget - HELD_STEP, laws)
+    assert expected.config != plan(shape, work, budget, laws).config
+    assert state.config_for(unet, x, c, held) == expected.config  # the plan the forward ran with
+    assert {key[-1] for key in planner.plans} == {0, 1}  # one plan per held step, not per byte
+    assert BudgetPlanner(0)._held_bucket(held) == 0  # "auto" sees held memory as already used
 
 @pytest.mark.host
 def test_patched_model_reports_its_need_to_comfyui():

@@ -192,6 +192,22 @@ def test_composes_with_streamline_slicing(ade_model):
         assert state_of(both).last.report.rehashed == 2
 
 
+def test_composes_with_the_memory_budget_which_leaves_the_cache_its_memory(ade_model):
+    """Memory Budget + Step Rehash in a real run: plans made once the cache holds features budget for it
+    (a second plan per shape), and the video is the one Step Rehash gives unsliced."""
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.nodes.memory_budget import BudgetPlanner
+    from comfyui_streamline.nodes.model_patch import STATE_KEY as STREAMLINE_STATE_KEY
+    from comfyui_streamline.nodes.model_patch import apply_streamline
+
+    rehash_only = sample(patch(ade_model, interval=2))
+    both = patch(apply_streamline(ade_model, SliceConfig(), planner=BudgetPlanner(8 * 2**30)), interval=2)
+    out = sample(both)
+    assert relative(out, rehash_only) <= 1e-5
+    planner = both.model_options["transformer_options"][STREAMLINE_STATE_KEY].planner  # the clone's copy
+    assert {key[-1] for key in planner.plans} == {0, 1}  # before any feature is cached, and after
+
+
 def test_keystep_mode_calibrates_once_then_uses_the_saved_key_steps(ade_model, tmp_path):
     store = tmp_path / "keysteps.json"
     model = patch(ade_model, mode="keystep", full_steps=3, keystep_store=store)
@@ -233,3 +249,18 @@ def test_sampler_node_reports_full_steps(ade_model, caplog):
     assert result["samples"].shape == (FRAMES, 4, LATENT, LATENT)
     assert "4/6 steps computed in full, 2 rehashed" in text
     assert any("Step Rehash:" in r.getMessage() for r in caplog.records)
+
+
+def test_held_bytes_count_each_cached_storage_once():
+    """What Step Rehash keeps between calls, for the Memory Budget: cond and uncond features cut from one
+    batch share a storage and count once; the adaptive mode's shallow reference counts too."""
+    from comfyui_streamline.core.rehash import RehashConfig
+    from comfyui_streamline.nodes.step_rehash import RehashRun
+
+    run = RehashRun(RehashConfig(mode="adaptive"), steps=4, full_steps=None, rehash_sigma_range=(0.0, 1e9))
+    batch, earlier, shallow = torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(2, 3)
+    run.deep = {("cond", ()): [(2.0, earlier[:2]), (1.0, batch[:2])], ("uncond", ()): [(2.0, earlier[2:]), (1.0, batch[2:])]}
+    run.shallow = {("cond", ()): shallow}
+    assert run.held_bytes() == (32 + 32 + 6) * 4
+    run.clear()
+    assert run.held_bytes() == 0
