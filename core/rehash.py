@@ -6,8 +6,10 @@ input blocks down to the cache point and the output blocks after it) and takes t
 cached at the last full step. This module decides which steps are full:
 
 - fixed:    a warm-up and a tail computed in full, every `interval`-th step in between;
-- adaptive: per step, from the accumulated relative change of the shallow feature (which a rehash
-            step computes anyway) since the last full step, against a threshold;
+- adaptive: per step, the predicted relative change of the deep feature since the last full step
+            against a threshold: the change of the shallow feature (which a rehash step computes
+            anyway) times how much the deep feature changed per shallow change between the last two
+            full steps (the transformation-rate idea of EasyCache, applied to the cached feature);
 - keystep:  the paper's key-step search: from one calibration run with every step in full, a sketch
             of the cached deep feature at each step; choose the K full steps that minimise the error
             the rehash steps would make, measured against the true feature of each step (dynamic
@@ -46,8 +48,8 @@ class RehashConfig:
         (the second-to-last output block: a rehash step then runs only the first input block and the
         last output block at full resolution).
     interval, warmup, tail: the fixed schedule (warm-up and tail steps are always full).
-    threshold: adaptive mode; a step is computed in full once the accumulated relative L1 change of
-        the shallow feature since the last full step reaches it.
+    threshold: adaptive mode; a step is computed in full once the predicted relative L1 change of the
+        deep feature since the last full step reaches it (see predicted_deep_change).
     full_steps: keystep mode; how many steps the search computes in full.
     reuse: what a rehash step takes, one of REUSE_MODES (see the module's docstring).
     start_percent, end_percent: rehash only between these fractions of the sampling schedule.
@@ -134,6 +136,18 @@ MAX_EXTRAPOLATION = 1.0
 def extrapolation_reach(sigma: float, earlier_sigma: float, last_sigma: float) -> float:
     """Where `sigma` lies on the line through the last two full steps: 0 at the last, 1 one span past it."""
     return (sigma - last_sigma) / (last_sigma - earlier_sigma)
+
+
+def change_rate(deep: Tensor, earlier_deep: Tensor, shallow: Tensor, earlier_shallow: Tensor) -> float:
+    """Relative change of the deep feature per relative change of the shallow feature, between two
+    full calls."""
+    return relative_l1(deep, earlier_deep) / max(relative_l1(shallow, earlier_shallow), 1e-8)
+
+
+def predicted_deep_change(rate: float, shallow: Tensor, reference_shallow: Tensor) -> float:
+    """The relative change of the deep feature since the call that computed `reference_shallow`,
+    predicted from the shallow feature's change and the last measured change rate."""
+    return rate * relative_l1(shallow, reference_shallow)
 
 
 def feature_sketch(feature: Tensor, max_values: int = 1 << 14) -> Tensor:

@@ -23,9 +23,9 @@ from comfy_api.latest import io, ui
 from torch import Tensor
 
 from ..core.rehash import (
-    MODES, REUSE_MODES, KeystepRecord, KeystepStore, RehashConfig, feature_sketch, fingerprint,
-    fixed_full_steps, keystep_search, relative_l1, resolve_cache_block, reuse_costs, reused_feature,
-    schedule_steps, step_index, tensor_fingerprint,
+    MODES, REUSE_MODES, KeystepRecord, KeystepStore, RehashConfig, change_rate, feature_sketch, fingerprint,
+    fixed_full_steps, keystep_search, predicted_deep_change, resolve_cache_block, reuse_costs,
+    reused_feature, schedule_steps, step_index, tensor_fingerprint,
 )
 from ..core.slicing import UNSLICED
 from .log import logger
@@ -79,6 +79,7 @@ class RehashRun:
     calibrating: KeystepRecord | None = None  # the record a calibration run will save
     deep: dict[CacheKey, History] = field(default_factory=dict)
     shallow: dict[CacheKey, Tensor] = field(default_factory=dict)  # adaptive: at the last full call
+    rates: dict[CacheKey, float] = field(default_factory=dict)  # adaptive: change_rate of the last two full calls
     decisions: dict[int, bool] = field(default_factory=dict)  # step -> rehash?
     calibration_key: CacheKey | None = None
     sketches: dict[int, tuple[float, Tensor]] = field(default_factory=dict)  # keystep calibration: step -> (sigma, sketch)
@@ -91,6 +92,7 @@ class RehashRun:
     def clear(self) -> None:
         self.deep.clear()
         self.shallow.clear()
+        self.rates.clear()
         self.sketches.clear()
         if self.progress is not None:
             self.progress.close()
@@ -113,10 +115,10 @@ class RehashRun:
             decision = step not in self.full_steps
         elif self.calibrating is not None:
             decision = False
-        else:  # adaptive
-            reference = self.shallow.get(key)
-            decision = reference is not None and reference.shape == shallow.shape and \
-                relative_l1(shallow, reference) < self.config.threshold
+        else:  # adaptive; full until two full calls have measured a change rate
+            reference, rate = self.shallow.get(key), self.rates.get(key)
+            decision = reference is not None and rate is not None and reference.shape == shallow.shape and \
+                predicted_deep_change(rate, shallow, reference) < self.config.threshold
         self.decisions[step] = decision
         return decision
 
@@ -162,12 +164,15 @@ class RehashCallState:
         run = self.run
         parts = self._split(deep_feature)
         keep = 2 if run.config.reuse == "extrapolate" else 1
+        if run.config.mode == "adaptive":
+            for key, part, shallow in zip(self.keys, parts, self.shallow_parts):
+                earlier_deep, earlier_shallow = run.deep.get(key), run.shallow.get(key)
+                if earlier_deep and earlier_shallow is not None and earlier_deep[-1][0] != self.sigma:
+                    run.rates[key] = change_rate(part, earlier_deep[-1][1], shallow, earlier_shallow)
+                run.shallow[key] = shallow
         for key, part in zip(self.keys, parts):
             history = [entry for entry in run.deep.get(key, []) if entry[0] != self.sigma]
             run.deep[key] = (history + [(self.sigma, part)])[-keep:]
-        if run.config.mode == "adaptive":
-            for key, part in zip(self.keys, self.shallow_parts):
-                run.shallow[key] = part
         if run.calibrating is not None:
             if run.calibration_key is None:
                 run.calibration_key = self.keys[0]
@@ -374,14 +379,16 @@ def rehash_inputs() -> list:
     return [
         io.Combo.Input("rehash_mode", options=list(MODES), default="fixed",
                        tooltip="off: every step in full. fixed: warm-up, tail and every interval-th step in full. "
-                       "adaptive: full when the shallow feature changed by threshold since the last full step. "
+                       "adaptive: full when the deep feature's change since the last full step, predicted from the "
+                       "shallow feature's change, reaches threshold. "
                        "keystep: the paper's key-step search; the first run calibrates (all steps full) and "
                        "saves the key steps for this model/sampler/steps."),
         io.Int.Input("interval", default=2, min=1, max=100, tooltip="fixed: every interval-th step is computed in full."),
         io.Int.Input("warmup_steps", default=2, min=0, max=1000, tooltip="fixed: the first steps, always full."),
         io.Int.Input("tail_steps", default=1, min=0, max=1000, tooltip="fixed: the last steps, always full."),
         io.Float.Input("threshold", default=0.15, min=0.0, max=10.0, step=0.005,
-                       tooltip="adaptive: relative L1 change of the shallow feature that triggers a full step."),
+                       tooltip="adaptive: predicted relative L1 change of the deep feature that triggers a full step "
+                       "(lower: more full steps, closer to full sampling)."),
         io.Int.Input("full_steps", default=13, min=1, max=1000, tooltip="keystep: how many steps are computed in full."),
         io.Int.Input("cache_block", default=-1, min=-1, max=64,
                      tooltip="Output block whose output (after its temporal layer) is cached. -1: the second-to-last "

@@ -6,7 +6,7 @@ import torch
 
 from comfyui_streamline.core.rehash import (
     KeystepRecord, KeystepStore, RehashConfig, RehashConfigError, feature_sketch, fixed_full_steps,
-    MAX_EXTRAPOLATION, keystep_search, resolve_cache_block, reuse_costs, reused_feature, step_index,
+    MAX_EXTRAPOLATION, change_rate, keystep_search, predicted_deep_change, resolve_cache_block, reuse_costs, reused_feature, step_index,
 )
 
 
@@ -135,3 +135,11 @@ def test_step_index_maps_model_calls_to_steps():
 
     sigmas = torch.tensor([14.6, 7.0, 3.0, 1.0, 0.0])
     assert [step_index(sigmas, s) for s in (14.6, 7.0, 5.0, 1.0)] == [0, 1, 1, 3]
+
+
+def test_adaptive_predicts_the_deep_change_from_the_shallow_one():
+    shallow_0, shallow_1 = torch.full((8,), 1.0), torch.full((8,), 1.1)  # 10% apart (relative to shallow_0)
+    deep_0, deep_1 = torch.full((8,), 2.0), torch.full((8,), 2.4)  # 20% apart
+    rate = change_rate(deep_1, deep_0, shallow_1, shallow_0)
+    assert rate == pytest.approx(2.0, rel=1e-5)  # the deep feature moved twice as much, relatively
+    assert predicted_deep_change(rate, torch.full((8,), 1.05), shallow_1) == pytest.approx(rate * 0.05 / 1.1, rel=1e-5)

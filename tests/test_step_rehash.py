@@ -227,7 +227,7 @@ def test_adaptive_threshold_bounds(ade_model, plain):
     assert relative(everything_full, plain) <= 1e-5
     model = patch(ade_model, mode="adaptive", threshold=1e9)
     sample(model)
-    assert state_of(model).last.report.full == 1  # only step 0 has no cache to reuse
+    assert state_of(model).last.report.full == 2  # steps 0 and 1: a change rate needs two full steps
 
 
 def test_start_and_end_percent_limit_rehash(ade_model):

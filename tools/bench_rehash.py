@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TinyVideo prompts (fidelity is averaged over them)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--full-steps", type=int, default=13, help="key-step search: steps computed in full (paper: 13)")
-    p.add_argument("--threshold", type=float, default=0.15, help="adaptive Step Rehash threshold")
+    p.add_argument("--threshold", type=float, default=0.15, help="adaptive Step Rehash threshold (also run at twice this)")
     p.add_argument("--easycache-threshold", type=float, default=0.2)
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")
@@ -155,6 +155,8 @@ def main(argv=None) -> None:
         (f"Step Rehash fixed (interval 4, warm-up 2, tail 1: {full_of(4, 2, 1)} full), extrapolate",
          rehash(mode="fixed", interval=4, warmup=2, tail=1)),
         (f"Step Rehash adaptive (threshold {args.threshold}), extrapolate", rehash(mode="adaptive", threshold=args.threshold)),
+        (f"Step Rehash adaptive (threshold {2 * args.threshold:g}), extrapolate",
+         rehash(mode="adaptive", threshold=2 * args.threshold)),
         ("DeepCache-style (every 2nd step full)", rehash(mode="fixed", interval=2, warmup=0, tail=0, reuse="hold")),
         ("DeepCache-style (every 3rd step full)", rehash(mode="fixed", interval=3, warmup=0, tail=0, reuse="hold")),
         (f"EasyCache (threshold {args.easycache_threshold})", EasyCacheNode.execute(model, args.easycache_threshold, 0.15, 0.95, False).result[0]),
