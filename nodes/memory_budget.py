@@ -72,7 +72,9 @@ class BudgetPlanner:
                 chosen = plan(unet_shape(unet), workload_for(x, context, _video_length(unet)), max(budget, 0),
                               attention_laws())
             except BudgetError as e:
-                raise BudgetError(f"{e}{held_text} (budget {self.budget_bytes / 2**30:.2f} GiB)" if held else str(e)) from None
+                if not held:
+                    raise
+                raise BudgetError(f"{e}{held_text} (budget {self.budget_bytes / 2**30:.2f} GiB)") from None
             self.plans[key] = chosen
             logger.info(f"Streamline Memory Budget ({budget / 2**30:.2f} GiB{held_text} for {tuple(x.shape)}): "
                         f"{chosen.text()}")
