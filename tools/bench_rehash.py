@@ -67,9 +67,7 @@ def build_model_and_cases(args, work: Path):
     from comfyui_streamline.tools import synthetic
 
     model = synthetic.ade_model_patcher(work / "animatediff_models", pe_len=max(32, frames))
-    g = torch.Generator().manual_seed(1)
-    positive = [[torch.randn(1, 77, 768, generator=g), {}]]
-    negative = [[torch.randn(1, 77, 768, generator=g), {}]]
+    positive, negative = synthetic.random_conds()
     return model, [("random prompt", positive, negative, {"samples": torch.zeros(frames, 4, height // 8, width // 8)})]
 
 

@@ -58,9 +58,7 @@ def main(argv=None) -> None:
     width, height, frames = (int(v) for v in args.size.split("x"))
     work = Path(tempfile.mkdtemp(prefix="streamline-rehash-cost-"))
     model = synthetic.ade_model_patcher(work / "animatediff_models", pe_len=max(32, frames))
-    g = torch.Generator().manual_seed(1)
-    positive = [[torch.randn(1, 77, 768, generator=g), {}]]
-    negative = [[torch.randn(1, 77, 768, generator=g), {}]]
+    positive, negative = synthetic.random_conds()
     latent = {"samples": torch.zeros(frames, 4, height // 8, width // 8)}
 
     def cpu_sdpa(query, key, value, *_, out_shape=None, **__):

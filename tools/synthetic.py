@@ -51,6 +51,14 @@ def sd15_unet(dtype=torch.float32, device="cpu", seed: int = 0):
     return randomize_(unet, seed).eval()
 
 
+def random_conds(seed: int = 1) -> tuple[list, list]:
+    """Positive and negative conditioning in ComfyUI's format: random CLIP-L-shaped embeddings (77 x 768)."""
+    g = torch.Generator().manual_seed(seed)
+    positive = [[torch.randn(1, 77, 768, generator=g), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=g), {}]]
+    return positive, negative
+
+
 def mm_sd15_v2_state_dict(pe_len: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
     """A complete mm_sd_v15_v2-format state dict (the keys ADE's loader reads), random weights."""
     mm = _build_motion_model(pe_len)
