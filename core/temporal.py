@@ -33,18 +33,21 @@ class TemporalTransformerParts:
 
 
 def temporal_transformer_sliced(
-    x: Tensor, parts: TemporalTransformerParts, spatial_chunk: int, out: Tensor | None = None, effect: float | None = None
+    x: Tensor, parts: TemporalTransformerParts, spatial_chunk: int, out: Tensor | None = None, effect: float | None = None,
+    video_frames: int = 1,
 ) -> Tensor:
     """Run the temporal transformer on `x` (batch*frames, channels, h, w), `spatial_chunk` positions at a time.
 
     out: where to write the result; may be `x` itself (each chunk reads only its own positions, and
         the statistics are taken before anything is written). A new tensor when None.
     effect: AnimateDiff's motion strength e: result = x*(1-e) + module(x)*e; None means 1.
+    video_frames: consecutive samples whose GroupNorm statistics are shared (AnimateDiff-Evolved's
+        GroupNorm over whole videos); 1 = per frame.
     """
     batch, channels, height, width = x.shape
     positions = height * width
     x = x.contiguous() if out is not x else x
-    mean, rstd = group_norm_stats(x, parts.num_groups, parts.eps)
+    mean, rstd = group_norm_stats(x, parts.num_groups, parts.eps, video_frames=video_frames)
     if out is None:
         out = torch.empty_like(x)
     x_flat = x.view(batch, channels, positions)

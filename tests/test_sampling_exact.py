@@ -86,9 +86,9 @@ def probe(diffusion_model):
         record.frame_slices.append((batch, chunk))
         return run_frame_chunked(group, batch, chunk)
 
-    def temporal_spy(x, parts, spatial_chunk, out=None, effect=None):
+    def temporal_spy(x, parts, spatial_chunk, out=None, effect=None, **kwargs):
         record.spatial_slices.append((x.shape[0], x.shape[1], x.shape[-2] * x.shape[-1], spatial_chunk))
-        return temporal_transformer_sliced(x, parts, spatial_chunk, out=out, effect=effect)
+        return temporal_transformer_sliced(x, parts, spatial_chunk, out=out, effect=effect, **kwargs)
 
     handle = diffusion_model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     streamlined_unet.run_frame_chunked = frame_spy

@@ -109,6 +109,29 @@ def ade_transformer_options(batch_conds: int) -> dict:
     }
 
 
+def ade_video_norm_options(transformer_options: dict, frames: int) -> dict:
+    """`transformer_options` for a UNet call in AnimateDiff-Evolved's GroupNorm-over-videos mode (v1
+    motion models, PIA): ADE's own DIFFUSION_MODEL wrapper, which swaps torch's GroupNorm.forward for
+    ADE's whole-video one during the call, and the ad_params ADE publishes (clip length `frames`)."""
+    import comfy.patcher_extension
+
+    injection = ade_module("model_injection")
+    sampling = ade_module("sampling")
+    params = injection.InjectionParams(apply_v2_properly=False)
+    params.full_length = frames
+    holder = sampling.FunctionInjectionHolder()
+    holder.orig_groupnorm_forward = torch.nn.GroupNorm.forward
+    import comfy.ops
+
+    holder.orig_groupnorm_forward_comfy_cast_weights = comfy.ops.disable_weight_init.GroupNorm.forward_comfy_cast_weights
+    holder.inject_groupnorm_forward = sampling.groupnorm_mm_factory(params)
+    holder.inject_groupnorm_forward_comfy_cast_weights = sampling.groupnorm_mm_factory(params, manual_cast=True)
+    model_options = {"transformer_options": transformer_options}
+    sampling.create_diffusion_model_groupnormed_wrapper(model_options, sampling.GroupnormInjectHelper(holder))
+    transformer_options["ad_params"] = {"full_length": frames, "context_length": None, "sub_idxs": None}
+    return transformer_options
+
+
 def ade_model_patcher(models_dir, pe_len: int = 32, seed: int = 0, context_length: int | None = None,
                       context_overlap: int = 4):
     """A MODEL as a user's graph has it after AnimateDiff-Evolved's nodes: the random SD1.5 UNet
@@ -175,5 +198,6 @@ def with_streamline(transformer_options: dict, config=None, state=None) -> dict:
     from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState, streamline_wrapper
 
     transformer_options[STATE_KEY] = state if state is not None else StreamlineState(config)
-    transformer_options["wrappers"] = {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"streamline": [streamline_wrapper]}}
+    wrappers = transformer_options.setdefault("wrappers", {}).setdefault(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
+    wrappers["streamline"] = [streamline_wrapper]
     return transformer_options
