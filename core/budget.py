@@ -18,8 +18,19 @@ from typing import Iterable
 from .slicing import SliceConfig, frame_chunk_size, spatial_chunk_size
 
 
+def format_bytes(n: float) -> str:
+    """A size as the pack prints it: GiB from 1 GiB up, MiB below (a budget of 0.05 GiB is 51.2 MiB, not 0.05 GiB)."""
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if abs(n) >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB"
+
+
 class BudgetError(ValueError):
     """No slicing fits the budget; the message says the smallest budget that would."""
+
+    __module__ = "comfyui_streamline"  # ComfyUI imports the pack under its folder path; its error dialog shows this
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,9 @@ class Workload:
     width: int
     context_tokens: int = 77
     dtype_bytes: int = 4
+    # AnimateDiff-Evolved's GroupNorm over whole videos (v1, PIA): the sliced forward gives each layer
+    # that starts with a GroupNorm a group of its own and runs no Upsample inside the next block
+    video_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,7 +208,7 @@ class _Walk:
         current, owned, segment = 0.0, False, []  # current: h inside the block, once it is not the input
         channels_in = channels + (skip.skip_channels if skip else 0)
         for layer in layers + (Layer("end", 0, 0),):
-            if layer.kind not in ("motion", "end"):
+            if layer.kind not in ("motion", "end") and not (segment and self.starts_group(layer)):
                 segment.append(layer)
                 continue
             if segment:
@@ -202,6 +216,9 @@ class _Walk:
                                                      joins_skip=skip is not None)
                 current, owned, pending, skip, segment = b * channels * self.positions(level), True, None, None, []
                 channels_in = channels
+            if layer.kind not in ("motion", "end"):  # a layer that starts a group of its own
+                segment.append(layer)
+                continue
             if layer.kind == "motion":
                 p = self.positions(level)
                 s = spatial_chunk_size(self.config, b, p, layer.channels_in, self.shape.model_channels)
@@ -212,6 +229,10 @@ class _Walk:
                              + self.motion_values(layer, level, s))
                 current, owned = b * channels * p, True
         return level, channels
+
+    def starts_group(self, layer: Layer) -> bool:
+        """In the GroupNorm-over-videos mode a layer that starts with a GroupNorm needs its input whole."""
+        return self.work.video_norm and layer.kind in ("res", "attn")
 
     def walk_sliced(self) -> None:
         b, level, channels = self.work.batch, 0, self.shape.input_blocks[0].layers[0].channels_in
@@ -225,7 +246,7 @@ class _Walk:
             h = b * channels * self.positions(level + (pending is not None))
             layers = block.layers
             # the sliced forward runs a block's trailing Upsample per chunk inside the next block
-            defer = layers[-1].kind == "up" and i + 1 < len(self.shape.output_blocks)
+            defer = layers[-1].kind == "up" and i + 1 < len(self.shape.output_blocks) and not self.work.video_norm
             level, channels = self.sliced_block(layers[:-1] if defer else layers, level, channels, h, block, skip,
                                                 pending)
             pending = layers[-1] if defer else None
@@ -289,9 +310,8 @@ class Plan:
     baseline_peak_bytes: int
 
     def text(self) -> str:
-        gib = 2**30
         return (f"frame_chunk {self.config.frame_chunk}, spatial_chunk {self.config.spatial_chunk}: predicted peak "
-                f"activation {self.predicted_peak_bytes / gib:.2f} GiB (unpatched {self.baseline_peak_bytes / gib:.2f} GiB)")
+                f"activation {format_bytes(self.predicted_peak_bytes)} (unpatched {format_bytes(self.baseline_peak_bytes)})")
 
 
 def candidate_configs(work: Workload) -> Iterable[SliceConfig]:
@@ -327,9 +347,9 @@ def plan(shape: UNetShape, work: Workload, budget_bytes: int, laws: WorkingSets 
             if best is None or chunks < best[0] or (chunks == best[0] and peak < best[1].predicted_peak_bytes):
                 best = (chunks, Plan(config, peak, baseline))
     if best is None:
-        raise BudgetError(f"no slicing fits {budget_bytes / 2**30:.2f} GiB of activation memory for "
+        raise BudgetError(f"no slicing fits {format_bytes(budget_bytes)} of activation memory for "
                           f"{work.batch} samples at {work.height}x{work.width} latent; the minimum feasible budget "
-                          f"is {smallest / headroom / 2**30:.2f} GiB (a predicted peak of {smallest / 2**30:.2f} GiB "
+                          f"is {format_bytes(smallest / headroom)} (a predicted peak of {format_bytes(smallest)} "
                           f"with {1 - headroom:.0%} headroom for the allocator)")
     return best[1]
 

@@ -23,6 +23,8 @@ AUTO_SPATIAL_CHUNK_VALUES = AUTO_CHUNK_VALUES
 class SliceConfigError(ValueError):
     """A slicing setting that cannot be honoured."""
 
+    __module__ = "comfyui_streamline"  # ComfyUI imports the pack under its folder path; its error dialog shows this
+
 
 @dataclass(frozen=True)
 class SliceConfig:

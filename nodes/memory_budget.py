@@ -3,23 +3,36 @@
 The node patches a MODEL clone like Streamline Model Patch, but its slicing is planned per input
 shape by core.budget from the UNet's structure as it is when the forward runs (AnimateDiff-Evolved's
 motion modules included). "auto" budgets the memory free on the device at that moment, minus a
-safety margin.
+safety margin. The plan shown on the node is made by the same function as the run's, from the same
+structure (the motion modules ADE will inject, where it injects them), dtype and prompt length, so
+for the shown shape it is the plan the run uses. Models the pack does not slice get ComfyUI's own
+memory estimate, and the node says it cannot plan for them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from comfy_api.latest import io, ui
 from torch import Tensor
 
-from ..core.budget import SDPA, SUB_QUADRATIC, BudgetError, Plan, WorkingSets, Workload, plan, predict_peak_bytes
+from ..core.budget import (
+    SDPA, SUB_QUADRATIC, Block, BudgetError, Layer, Plan, UNetShape, WorkingSets, Workload, format_bytes, plan,
+    predict_peak_bytes,
+)
 from ..core.slicing import SliceConfig
+from .layer_roles import is_ade_motion_module
 from .log import logger
-from .structure import unet_shape
+from .model_patch import STATE_KEY, apply_streamline, unsupported_reason
+from .structure import _heads, unet_shape
 
 SAFETY_BYTES = 256 * 2**20  # "auto": free memory minus this; plans keep allocator headroom too (core/budget.py)
-HELD_STEP = 64 * 2**20  # memory held across calls is budgeted in steps of this (one plan per step, not per byte)
+HELD_STEP = 64 * 2**20  # memory held across calls is budgeted in steps of at most this (a plan per step, not per byte)
+HELD_STEPS_PER_BUDGET = 16  # ... and of at most 1/16 of the budget, so small budgets are not eaten by the rounding
+FREE_STEPS_PER_DOUBLING = 8  # "auto" plans for free memory rounded down to one of 8 steps per doubling (~9%)
+CLIP_TOKENS = 77  # the preview's prompt length: one CLIP chunk (SD1.5, SDXL)
 # ComfyUI's attention kernels that hold the whole (heads x queries x keys) score matrix
 _SCORE_KERNELS = ("attention_sub_quad", "attention_split", "attention_basic")
 
@@ -32,11 +45,17 @@ def attention_laws() -> WorkingSets:
     return SUB_QUADRATIC if attention.optimized_attention.__name__ in _SCORE_KERNELS else SDPA
 
 
-def workload_for(x: Tensor, context: Tensor | None, frames: int | None = None) -> Workload:
+def workload_for(x: Tensor, context: Tensor | None, frames: int | None = None, video_norm: bool = False) -> Workload:
+    """video_norm: the call runs in ADE's GroupNorm-over-videos mode (nodes/video_norm.py)."""
     batch = x.shape[0]
     return Workload(batch=batch, frames=frames or max(1, batch // 2), height=x.shape[-2], width=x.shape[-1],
-                    context_tokens=context.shape[1] if context is not None and context.ndim == 3 else 77,
-                    dtype_bytes=x.element_size())
+                    context_tokens=context.shape[1] if context is not None and context.ndim == 3 else CLIP_TOKENS,
+                    dtype_bytes=x.element_size(), video_norm=video_norm)
+
+
+def compute_dtype(base_model) -> torch.dtype:
+    """The dtype the diffusion model computes in (BaseModel.apply_model casts its input to it)."""
+    return base_model.manual_cast_dtype or base_model.get_dtype()
 
 
 def free_activation_bytes(device: torch.device) -> int:
@@ -46,44 +65,79 @@ def free_activation_bytes(device: torch.device) -> int:
     return max(0, int(free) - SAFETY_BYTES)
 
 
+def auto_budget(device: torch.device) -> int:
+    """The budget "auto" plans with: free memory less the margin, rounded down to a step (one plan per
+    step: a run replans when free memory moves to another step, not at every call)."""
+    return free_step(free_activation_bytes(device))
+
+
+def free_step(free_bytes: int) -> int:
+    """`free_bytes` rounded down to one of FREE_STEPS_PER_DOUBLING steps per doubling."""
+    if free_bytes < 2**20:
+        return free_bytes
+    return int(2 ** (math.floor(math.log2(free_bytes) * FREE_STEPS_PER_DOUBLING) / FREE_STEPS_PER_DOUBLING))
+
+
+def held_step(budget_bytes: int) -> int:
+    """Memory held across calls (Step Rehash's cache) is budgeted in steps of this."""
+    return max(1, min(HELD_STEP, budget_bytes // HELD_STEPS_PER_BUDGET))
+
+
+def make_plan(shape: UNetShape, work: Workload, budget: int, held: int, set_budget: int) -> Plan:
+    """The plan for a forward of `work`: the one function the run and the node's preview both use."""
+    try:
+        return plan(shape, work, max(budget, 0), attention_laws())
+    except BudgetError as e:
+        if not held:
+            raise
+        raise BudgetError(f"{e}, after {format_bytes(held)} held by Step Rehash's cache (budget "
+                          f"{format_bytes(set_budget)})") from None
+
+
 @dataclass
 class BudgetPlanner:
-    """Chooses the slicing per input shape; budget_bytes 0 = auto (free memory at run time)."""
+    """Chooses the slicing per input shape; budget_bytes 0 = auto (free memory at run time). The plans
+    belong to one run (StreamlineState.for_run gives each run a fresh planner)."""
 
     budget_bytes: int
     plans: dict = field(default_factory=dict)
+    last_key: tuple | None = None  # the plan the latest forward ran with (an out-of-memory retry refines it)
 
-    def _key(self, unet, x: Tensor, context: Tensor | None, held_bytes: int) -> tuple:
-        frames = _video_length(unet)
-        shape_key = tuple(x.shape), x.dtype, x.device.type, context.shape[1] if context is not None else 0, frames
-        return shape_key + (self._held_bucket(held_bytes),)
+    def for_run(self) -> "BudgetPlanner":
+        return BudgetPlanner(self.budget_bytes)
 
-    def _held_bucket(self, held_bytes: int) -> int:
-        """Memory held across calls, rounded up to HELD_STEP: an "auto" budget sees it as used already."""
-        return 0 if not self.budget_bytes else -(-held_bytes // HELD_STEP)
+    def budget(self, device: torch.device, held_bytes: int) -> tuple[int, int]:
+        """(the activation budget to plan with, the held memory it leaves out). A set budget leaves the
+        held memory out, rounded up to a step; "auto" reads free memory, which has it counted already."""
+        if not self.budget_bytes:
+            return auto_budget(device), 0
+        step = held_step(self.budget_bytes)
+        held = -(-held_bytes // step) * step
+        return self.budget_bytes - held, held
 
-    def __call__(self, unet, x: Tensor, context: Tensor | None, log, held_bytes: int = 0) -> SliceConfig:
-        key = self._key(unet, x, context, held_bytes)
+    def _key(self, unet, x: Tensor, context: Tensor | None, budget: int, video_norm: bool = False) -> tuple:
+        tokens = context.shape[1] if context is not None else 0
+        return tuple(x.shape), x.dtype, x.device.type, tokens, _video_length(unet), video_norm, budget
+
+    def __call__(self, unet, x: Tensor, context: Tensor | None, log, held_bytes: int = 0,
+                 video_norm: bool = False) -> SliceConfig:
+        budget, held = self.budget(x.device, held_bytes)
+        key = self.last_key = self._key(unet, x, context, budget, video_norm)
         if key not in self.plans:
-            held = key[-1] * HELD_STEP
-            budget = self.budget_bytes - held if self.budget_bytes else free_activation_bytes(x.device)
-            held_text = f" after {held / 2**30:.2f} GiB held by Step Rehash's cache" if held else ""
-            try:
-                chosen = plan(unet_shape(unet), workload_for(x, context, _video_length(unet)), max(budget, 0),
-                              attention_laws())
-            except BudgetError as e:
-                if not held:
-                    raise
-                raise BudgetError(f"{e}{held_text} (budget {self.budget_bytes / 2**30:.2f} GiB)") from None
+            chosen = make_plan(unet_shape(unet), workload_for(x, context, _video_length(unet), video_norm), budget,
+                               held, self.budget_bytes)
             self.plans[key] = chosen
-            logger.info(f"Streamline Memory Budget ({budget / 2**30:.2f} GiB{held_text} for {tuple(x.shape)}): "
+            held_text = f" after {format_bytes(held)} held by Step Rehash's cache" if held else ""
+            logger.info(f"Streamline Memory Budget ({format_bytes(budget)}{held_text} for {tuple(x.shape)}): "
                         f"{chosen.text()}")
         return self.plans[key].config
 
-    def settle(self, unet, x: Tensor, context: Tensor | None, config: SliceConfig, held_bytes: int = 0) -> None:
-        """After an out-of-memory retry: inputs shaped like `x` use `config` from now on."""
-        key = self._key(unet, x, context, held_bytes)
-        work = workload_for(x, context, _video_length(unet))
+    def settle(self, unet, x: Tensor, context: Tensor | None, config: SliceConfig, held_bytes: int = 0,
+               video_norm: bool = False) -> None:
+        """After an out-of-memory retry: inputs shaped like `x`, at the budget the failed forward was
+        planned for, use `config` for the rest of the run."""
+        key = self.last_key or self._key(unet, x, context, self.budget(x.device, held_bytes)[0], video_norm)
+        work = workload_for(x, context, _video_length(unet), video_norm)
         shape, laws = unet_shape(unet), attention_laws()
         self.plans[key] = Plan(config, predict_peak_bytes(shape, work, config, laws),
                                predict_peak_bytes(shape, work, None, laws))
@@ -98,28 +152,93 @@ def _video_length(unet) -> int | None:
     return None
 
 
+# -- the UNet the run will see ---------------------------------------------------------------------------
+
+
+def ade_motion_models(model) -> list:
+    """AnimateDiff-Evolved's motion models attached to a MODEL (it injects them when sampling starts)."""
+    patchers = getattr(model, "additional_models", {}).get("ADE", [])
+    return [p.model for p in patchers if hasattr(getattr(p, "model", None), "down_blocks")]
+
+
+def _inject(blocks: tuple[Block, ...], motion_blocks: list) -> tuple[Block, ...]:
+    """ADE's injection rule (AnimateDiffModel._inject) on described blocks: one motion module per UNet
+    block in order, after its last spatial transformer, else after its first ResBlock, else none."""
+    modules = [m for block in motion_blocks if block is not None for m in block.motion_modules]
+    out = []
+    for block in blocks:
+        kinds = [layer.kind for layer in block.layers]
+        at = len(kinds) - kinds[::-1].index("attn") if "attn" in kinds else \
+            kinds.index("res") + 1 if "res" in kinds else None
+        layers = list(block.layers)
+        if at is not None and modules:
+            channels = layers[at - 1].channels_out
+            layers.insert(at, Layer("motion", channels, channels, _heads(modules.pop(0))))
+        out.append(Block(tuple(layers), block.skip_channels))
+    return tuple(out)
+
+
+def planned_shape(unet, motion_models: list) -> UNetShape:
+    """The UNet as its forward will run: as it is, or, while AnimateDiff-Evolved's motion models
+    (`ade_motion_models`) are not injected yet, with them where ADE will put them."""
+    shape = unet_shape(unet)
+    if any(is_ade_motion_module(m) for m in unet.modules()):
+        return shape
+    for mm in motion_models:
+        inputs = _inject(shape.input_blocks, list(mm.down_blocks or []))
+        middle = _inject((shape.middle,), [mm.mid_block])[0]
+        outputs = _inject(shape.output_blocks, list(mm.up_blocks or []))
+        shape = UNetShape(shape.model_channels, inputs, middle, outputs, shape.out_channels)
+    return shape
+
+
+def frames_per_call(model, frames: int) -> int:
+    """Frames one UNet call sees: the clip, or AnimateDiff-Evolved's context window when the clip is longer."""
+    params = model.get_attachment("ADE_params") if hasattr(model, "get_attachment") else None
+    contexts = getattr(getattr(params, "context_options", None), "contexts", None) or []
+    length = getattr(contexts[0], "context_length", None) if contexts else None
+    return min(frames, length) if isinstance(length, int) and length > 0 else frames
+
+
+def prompt_tokens(model) -> int:
+    """Cross-attention tokens of the model's prompts, for the preview: TinyVideo's word slots, else one
+    CLIP chunk."""
+    from ..tinyvideo import model as tinyvideo
+
+    get = getattr(model, "get_attachment", None)
+    return len(tinyvideo.SLOTS) if get is not None and get(tinyvideo.PROMPT_ATTACHMENT) is not None else CLIP_TOKENS
+
+
 class MemoryEstimate:
     """BaseModel.memory_required for a Streamline-patched model (installed as an object patch): the
-    predicted peak activation of the sliced forward instead of ComfyUI's area-based estimate."""
+    predicted peak activation of the sliced forward instead of ComfyUI's area-based estimate. For a
+    model the pack does not slice, ComfyUI's own (`earlier_patch`, if another patch set one, else the
+    base model's method)."""
 
-    def __init__(self, base_model, model_options: dict):
-        self.base_model, self.model_options = base_model, model_options
+    def __init__(self, base_model, model_options: dict, earlier_patch: Callable | None = None,
+                 motion_models: list = ()):
+        self.base_model, self.model_options, self.earlier_patch = base_model, model_options, earlier_patch
+        self.motion_models = list(motion_models)  # ADE's, attached to the patched MODEL (ade_motion_models)
+
+    def comfy_estimate(self, input_shape, cond_shapes={}) -> int:
+        if self.earlier_patch is not None:
+            return self.earlier_patch(input_shape, cond_shapes=cond_shapes)
+        return type(self.base_model).memory_required(self.base_model, input_shape, cond_shapes=cond_shapes)
 
     def __call__(self, input_shape, cond_shapes={}) -> int:
-        from .model_patch import STATE_KEY
-
-        state = self.model_options["transformer_options"].get(STATE_KEY)
         unet = self.base_model.diffusion_model
+        state = self.model_options["transformer_options"].get(STATE_KEY)
+        if state is None or unsupported_reason(unet) is not None:  # the run's log says so, once
+            return self.comfy_estimate(input_shape, cond_shapes)
         device = next(unet.parameters()).device
-        dtype_bytes = torch.empty(0, dtype=self.base_model.get_dtype()).element_size()
-        shape = unet_shape(unet, assume_motion_modules=True)
+        shape = planned_shape(unet, self.motion_models)
+        dtype_bytes = torch.empty(0, dtype=compute_dtype(self.base_model)).element_size()
         work = Workload(batch=input_shape[0], frames=max(1, input_shape[0] // 2), height=input_shape[-2],
                         width=input_shape[-1], dtype_bytes=dtype_bytes)
         config = state.config
         if state.planner is not None:
-            budget = state.planner.budget_bytes or free_activation_bytes(device)
             try:
-                config = plan(shape, work, budget, attention_laws()).config
+                config = plan(shape, work, state.planner.budget(device, 0)[0], attention_laws()).config
             except ValueError:
                 config = SliceConfig(1, 1)
         return int(predict_peak_bytes(shape, work, config, attention_laws()) * 1.1)
@@ -133,7 +252,8 @@ class MemoryBudget(io.ComfyNode):
             display_name="Streamline Memory Budget",
             category="Streamline",
             description="Streamline Model Patch with slices chosen to fit a memory budget: the largest (fastest) "
-            "slices whose predicted peak activation fits, planned at run time for the actual latent.",
+            "slices whose predicted peak activation fits, planned at run time for the actual latent. Models it "
+            "cannot plan for (DiT video models, SVD) run unchanged, with ComfyUI's own memory estimate.",
             inputs=[
                 io.Model.Input("model"),
                 io.Float.Input("budget_gb", default=0.0, min=0.0, max=1024.0, step=0.25,
@@ -148,8 +268,6 @@ class MemoryBudget(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, budget_gb: float, width: int, height: int, frames: int) -> io.NodeOutput:
-        from .model_patch import apply_streamline
-
         budget = int(budget_gb * 2**30)
         patched = apply_streamline(model, SliceConfig(), planner=BudgetPlanner(budget))
         text = preview_plan(model, budget, width, height, frames)
@@ -158,16 +276,24 @@ class MemoryBudget(io.ComfyNode):
 
 
 def preview_plan(model, budget: int, width: int, height: int, frames: int) -> str:
-    """The plan for a width x height x frames clip with CFG batched, for the node's display."""
-    device = model.load_device
-    shape = unet_shape(model.model.diffusion_model, assume_motion_modules=True)
-    dtype_bytes = torch.empty(0, dtype=model.model.get_dtype()).element_size()
-    work = Workload(batch=2 * frames, frames=frames, height=height // 8, width=width // 8, dtype_bytes=dtype_bytes)
-    budget_text = f"{budget / 2**30:.2f} GiB" if budget else "auto (free memory at run time)"
-    if not budget:
-        budget = free_activation_bytes(device)
+    """The plan the run makes for a width x height x frames clip with CFG batched (a prompt of one CLIP
+    chunk; ADE's context windows, if the clip is longer), for the node's display."""
+    reason = unsupported_reason(model.model.diffusion_model)
+    if reason is not None:
+        return (f"Streamline Memory Budget cannot plan for this model: {reason}. It runs unchanged, with "
+                "ComfyUI's own memory estimate.")
+    planner = BudgetPlanner(budget)
+    planned, _ = planner.budget(model.load_device, 0)
+    budget_text = format_bytes(budget) if budget else \
+        f"auto ({format_bytes(planned)} free now; planned again with what is free at run time)"
+    dtype_bytes = torch.empty(0, dtype=compute_dtype(model.model)).element_size()
+    per_call = frames_per_call(model, frames)
+    work = Workload(batch=2 * per_call, frames=per_call, height=height // 8, width=width // 8,
+                    context_tokens=prompt_tokens(model), dtype_bytes=dtype_bytes)
     try:
-        chosen: Plan = plan(shape, work, budget, attention_laws())
-    except ValueError as e:
+        chosen = make_plan(planned_shape(model.model.diffusion_model, ade_motion_models(model)), work, planned, 0,
+                           budget)
+    except BudgetError as e:
         return f"budget {budget_text}: {e}"
-    return f"budget {budget_text}, {width}x{height}x{frames} with CFG: {chosen.text()}"
+    windows = f" in context windows of {per_call} frames" if per_call < frames else ""
+    return f"budget {budget_text}, {width}x{height}x{frames}{windows} with CFG: {chosen.text()}"

@@ -2,44 +2,88 @@
 
 The patch is a DIFFUSION_MODEL wrapper plus a small state object in transformer_options. It takes
 effect at every UNet call, on the layers present at that moment, so it sees AnimateDiff-Evolved's
-motion modules, which ADE injects only when sampling starts.
+motion modules, which ADE injects only when sampling starts. An OUTER_SAMPLE wrapper gives every
+sampling run its own copy of the state (as ComfyUI's EasyCache does): what a run learns (an
+out-of-memory retry's finer slices, the Memory Budget's plans) lasts that run only.
+
+Models the pack cannot slice (other architectures, video UNets such as SVD's) run exactly as ComfyUI
+runs them: the wrappers hand their arguments on untouched, the memory estimate is ComfyUI's own, and
+each run logs that once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
+import comfy.model_patcher
 import comfy.patcher_extension
+import torch.nn as nn
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 from torch import Tensor
 
 from ..core.slicing import SliceConfig
+from .layer_roles import Role, role_of
 from .streamlined_unet import LogOnce, make_streamline_wrapper
 
 STATE_KEY = "streamline"
 WRAPPER_KEY = "streamline"
+UNCHANGED_LOG_KEY = "model-unchanged"  # the one notice a run logs for a model the pack does not handle
+
+
+def unsupported_reason(diffusion_model: nn.Module) -> str | None:
+    """Why the pack leaves this diffusion model to ComfyUI (None: it slices it). The pack's forward is
+    UNetModel's for SD1.5/SD2/SDXL-style UNets; video UNets (SVD's VideoResBlock and
+    SpatialVideoTransformer) need ComfyUI's own."""
+    if not isinstance(diffusion_model, UNetModel):
+        return f"{type(diffusion_model).__name__} is not a UNet this pack can slice"
+    blocks = [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]
+    video = sorted({type(layer).__name__ for block in blocks if block is not None for layer in block
+                    if role_of(layer, ()) is Role.UNSUPPORTED})
+    if video:
+        return f"this UNet has {', '.join(video)} (video UNet layers), which need ComfyUI's own forward"
+    return None
+
+
+def leaves_unchanged(state: "StreamlineState", diffusion_model: nn.Module) -> bool:
+    """Whether the pack leaves this model to ComfyUI; says so once per run (in the run's log)."""
+    reason = unsupported_reason(diffusion_model)
+    if reason is not None:
+        state.log.warn(UNCHANGED_LOG_KEY, f"Streamline: {reason}; running it unchanged (ComfyUI's own forward "
+                       "and memory estimate).")
+    return reason is not None
 
 
 @dataclass
 class StreamlineState:
-    """The patched model's slicing; `config` becomes finer if a forward runs out of memory."""
+    """The patched model's slicing; during a run, the run's copy may settle on finer slices."""
 
     config: SliceConfig
     log: LogOnce = field(default_factory=LogOnce)
     # Memory Budget: picks the config per input shape (nodes/memory_budget.py); None: use `config`
     planner: Callable | None = None
 
-    def config_for(self, unet, x: Tensor, context: Tensor | None, held_bytes: int = 0) -> SliceConfig:
-        """held_bytes: memory other parts of the pack keep alive across calls (Step Rehash's cache),
-        which a planned budget must leave to them."""
-        return self.planner(unet, x, context, self.log, held_bytes) if self.planner is not None else self.config
+    def for_run(self) -> "StreamlineState":
+        """The state one sampling run works on: the node's config, no plans yet, its own log (each run
+        says its notices once)."""
+        planner = self.planner.for_run() if hasattr(self.planner, "for_run") else self.planner
+        return StreamlineState(self.config, LogOnce(), planner)
 
-    def settle(self, config: SliceConfig, unet, x: Tensor, context: Tensor | None, held_bytes: int = 0) -> None:
+    def config_for(self, unet, x: Tensor, context: Tensor | None, held_bytes: int = 0,
+                   video_norm: bool = False) -> SliceConfig:
+        """held_bytes: memory other parts of the pack keep alive across calls (Step Rehash's cache),
+        which a planned budget must leave to them; video_norm: ADE's GroupNorm-over-videos mode."""
+        if self.planner is None:
+            return self.config
+        return self.planner(unet, x, context, self.log, held_bytes, video_norm)
+
+    def settle(self, config: SliceConfig, unet, x: Tensor, context: Tensor | None, held_bytes: int = 0,
+               video_norm: bool = False) -> None:
         """Use `config` from now on (after an out-of-memory retry): for inputs shaped like `x` when a
         planner chooses per shape (other shapes keep their own plans), else for every input."""
         if self.planner is not None and hasattr(self.planner, "settle"):
-            self.planner.settle(unet, x, context, config, held_bytes)
+            self.planner.settle(unet, x, context, config, held_bytes, video_norm)
         else:
             self.config, self.planner = config, None
 
@@ -48,21 +92,48 @@ def _state_from(transformer_options: dict) -> StreamlineState | None:
     return transformer_options.get(STATE_KEY)
 
 
-streamline_wrapper = make_streamline_wrapper(_state_from)
+streamline_wrapper = make_streamline_wrapper(_state_from, leaves_unchanged)
+
+
+def run_with_own_state(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: the run samples with its own copy of the patch's state, in a copy of the
+    guider's model options; the patched model's state is as it was when the run ends, however it ends."""
+    guider = executor.class_obj
+    original_options = guider.model_options
+    state = original_options.get("transformer_options", {}).get(STATE_KEY)
+    if state is None:
+        return executor(*args, **kwargs)
+    run_state = state.for_run()
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    guider.model_options["transformer_options"][STATE_KEY] = run_state
+    try:
+        leaves_unchanged(run_state, guider.model_patcher.model.diffusion_model)  # said at the start of the run
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original_options
+
+
+_WRAPPERS = (
+    (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, run_with_own_state),
+    (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, streamline_wrapper),
+)
 
 
 def apply_streamline(model: ModelPatcher, config: SliceConfig, planner: Callable | None = None) -> ModelPatcher:
     """A clone of `model` whose UNet runs sliced and grouped; `model` itself is left as it was.
     The clone also tells ComfyUI's memory management what a forward needs now (object patch of
     BaseModel.memory_required), so weights stay loaded and CFG stays batched when they fit."""
-    from .memory_budget import MemoryEstimate
+    from .memory_budget import MemoryEstimate, ade_motion_models
 
     patched = model.clone()
-    state = StreamlineState(config, planner=planner)
-    patched.model_options["transformer_options"][STATE_KEY] = state
-    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, streamline_wrapper)
-    patched.add_object_patch("memory_required", MemoryEstimate(patched.model, patched.model_options))
+    patched.model_options["transformer_options"][STATE_KEY] = StreamlineState(config, planner=planner)
+    for kind, wrapper in _WRAPPERS:
+        patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
+    earlier = patched.object_patches.get("memory_required")  # another pack's, or this pack's from an earlier patch
+    earlier = earlier.earlier_patch if isinstance(earlier, MemoryEstimate) else earlier
+    patched.add_object_patch("memory_required", MemoryEstimate(patched.model, patched.model_options, earlier,
+                                                               ade_motion_models(patched)))
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY,
                                  load_with_streamline_estimate)
@@ -73,11 +144,11 @@ def load_with_streamline_estimate(executor, model: ModelPatcher, noise_shape, co
     """PREPARE_SAMPLING wrapper. ComfyUI estimates a run's memory before it loads the model, i.e.
     before the memory_required object patch is in place: load the model first with the streamlined
     estimate, so the weights ComfyUI keeps on the device are decided with it (the executor then finds
-    the model loaded and its estimate patched)."""
+    the model loaded and its estimate patched). Models the pack does not slice are left to ComfyUI."""
     import comfy.model_management
 
     estimate = model.object_patches.get("memory_required")
-    if estimate is not None:
+    if estimate is not None and unsupported_reason(model.model.diffusion_model) is None:
         needed = estimate([noise_shape[0] * 2] + list(noise_shape[1:]))
         minimum = estimate([noise_shape[0]] + list(noise_shape[1:]))
         comfy.model_management.load_models_gpu([model], memory_required=needed, minimum_memory_required=minimum)
@@ -88,8 +159,11 @@ def remove_streamline(model: ModelPatcher) -> ModelPatcher:
     """A clone of `model` without the patch."""
     plain = model.clone()
     plain.model_options["transformer_options"].pop(STATE_KEY, None)
-    plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    plain.object_patches.pop("memory_required", None)
+    for kind, _ in _WRAPPERS:
+        plain.remove_wrappers_with_key(kind, WRAPPER_KEY)
+    earlier = getattr(plain.object_patches.pop("memory_required", None), "earlier_patch", None)
+    if earlier is not None:
+        plain.add_object_patch("memory_required", earlier)
     plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY)
     return plain
 
@@ -102,7 +176,8 @@ class StreamlineModelPatch(io.ComfyNode):
             display_name="Streamline Model Patch",
             category="Streamline",
             description="Exact Feature Slicer + Operator Grouping (Streamlined Inference): the UNet and the "
-            "AnimateDiff motion modules run in slices, so peak memory drops while the output stays the same.",
+            "AnimateDiff motion modules run in slices, so peak memory drops while the output stays the same. "
+            "Models it cannot slice (DiT video models, SVD) run unchanged.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch, e.g. the output of AnimateDiff-Evolved's nodes."),
                 io.Int.Input("frame_chunk", default=0, min=0, max=4096, step=1,

@@ -21,8 +21,9 @@ from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from torch import Tensor
 
 from ..core.grouping import run_frame_chunked
-from ..core.slicing import SliceConfig, finer, frame_chunk_size, spatial_chunk_size
+from ..core.slicing import UNSLICED, SliceConfig, finer, frame_chunk_size, spatial_chunk_size
 from .layer_roles import Role, role_of
+from . import host_fingerprints, video_norm
 from .log import logger
 from .motion_module import run_motion_module_sliced, unsliceable_reason
 
@@ -53,6 +54,11 @@ class LogOnce:
             self.seen.add(key)
             logger.warning(message)
 
+    def info(self, key: str, message: str) -> None:
+        if key not in self.seen:
+            self.seen.add(key)
+            logger.info(message)
+
 
 @dataclass
 class Segment:
@@ -75,14 +81,20 @@ class Pending:
     transformer_index: int
 
 
-def split_block(block: nn.Module, patched_types: tuple[type, ...]) -> list[Segment]:
+def split_block(block: nn.Module, patched_types: tuple[type, ...], video_norm_mode: bool = False) -> list[Segment]:
+    """The block's layers as segments. In ADE's GroupNorm-over-videos mode, a layer that starts with a
+    GroupNorm starts a segment of its own (its input must be whole: nodes/video_norm.py); a layer
+    whose structure that mode's forwards do not know runs whole."""
     segments: list[Segment] = []
     for layer in block:
         role = role_of(layer, patched_types)
         if role is Role.UNSUPPORTED:
             raise UnsupportedModel(f"{type(layer).__name__} (video UNet layers)")
+        if video_norm_mode and role in _PER_FRAME_ROLES and not video_norm.supports(layer, role):
+            role = Role.WHOLE
         if role in _PER_FRAME_ROLES:
-            if segments and segments[-1].kind == "frames":
+            starts_group = video_norm_mode and video_norm.splits_group(layer, role)
+            if segments and segments[-1].kind == "frames" and not starts_group:
                 segments[-1].layers.append((layer, role))
             else:
                 segments.append(Segment("frames", [(layer, role)]))
@@ -99,8 +111,10 @@ class StreamlinedForward:
     """One UNet forward. Holds what every group of that forward shares."""
 
     def __init__(self, unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, emb: Tensor,
-                 context: Tensor | None, transformer_options: dict, video_kwargs: dict):
+                 context: Tensor | None, transformer_options: dict, video_kwargs: dict,
+                 video_frames: int | None = None):
         self.unet = unet
+        self.video_frames = video_frames  # ADE's GroupNorm-over-videos mode: frames per video
         self.config = config
         self.log = log
         self.emb = emb
@@ -166,6 +180,8 @@ class StreamlinedForward:
         attends = segment.spatial_transformers > 0 or (pending is not None and pending.segment.spatial_transformers > 0)
         sample_values = self.sample_values(channels, height * width, attends)
         chunk = self.frames_chunk([segment] if pending is None else [pending.segment, segment], sample_values)
+        if self.video_frames is not None and chunk < self.batch:
+            return self.run_frames_video_norm(segment, h, output_shape, skip, cast, chunk)
         index = pending.transformer_index if pending is not None else self.to["transformer_index"]
 
         def group(start: int, end: int) -> Tensor:
@@ -181,6 +197,43 @@ class StreamlinedForward:
 
         return run_frame_chunked(group, self.batch, chunk)
 
+    def run_frames_video_norm(self, segment: Segment, h: Tensor, output_shape, skip: Tensor | None,
+                              cast: torch.dtype | None, chunk: int) -> Tensor:
+        """run_frames in ADE's GroupNorm-over-videos mode: the segment's first layer normalises with
+        statistics of whole videos (of h and the skip, gathered apart), the rest of it has no GroupNorm."""
+        first, role = segment.layers[0]
+        norm = video_norm.first_norm(first, role)
+        frames, index = self.video_frames, self.to["transformer_index"]
+        in_stats = video_norm.input_stats([h] if skip is None else [h, skip], norm, frames, cast) \
+            if norm is not None else None
+
+        def chunk_input(start: int, end: int) -> Tensor:
+            part = h[start:end] if skip is None else torch.cat([h[start:end], skip[start:end]], dim=1)
+            return part.type(cast) if cast is not None else part
+
+        out_stats = video_norm.resblock_out_stats(first, chunk_input, self.emb, in_stats, self.batch, chunk, frames) \
+            if role is Role.RES_BLOCK else None
+
+        def group(start: int, end: int) -> Tensor:
+            self.to["transformer_index"] = index
+            part = chunk_input(start, end)
+            stats = video_norm.slice_stats(in_stats, start, end)
+            rest = segment.layers[1:]
+            if role is Role.RES_BLOCK:
+                part = video_norm.resblock_forward(first, part, self.emb[start:end], stats,
+                                                   video_norm.slice_stats(out_stats, start, end))
+            elif role is Role.SPATIAL_TRANSFORMER:
+                context = self.context[start:end] if self.context is not None else None
+                part = video_norm.spatial_transformer_forward(first, part, context, self.to, stats)
+                self.to["transformer_index"] += 1
+            elif norm is not None:
+                part = video_norm.normalize(norm, part, stats)
+            else:
+                rest = segment.layers
+            return self.run_layers(rest, part, start, end, output_shape)
+
+        return run_frame_chunked(group, self.batch, chunk)
+
     def run_motion(self, layer: nn.Module, h: Tensor, owned: bool) -> Tensor:
         reason = unsliceable_reason(layer)
         batch, channels, height, width = h.shape
@@ -189,7 +242,8 @@ class StreamlinedForward:
             self.log.warn(f"mm-{reason}", f"Streamline: motion modules with {reason} run unsliced.")
         if reason is not None or chunk >= height * width:
             return self.run_whole(layer, h, None)
-        return run_motion_module_sliced(layer, h, self.context, self.to, chunk, in_place=owned)
+        return run_motion_module_sliced(layer, h, self.context, self.to, chunk, in_place=owned,
+                                        video_frames=self.video_frames or 1)
 
     def run_whole(self, layer: nn.Module, h: Tensor, output_shape) -> Tensor:
         """One layer exactly as ComfyUI runs it (patch handlers included)."""
@@ -273,13 +327,26 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
     """Drop-in for UNetModel._forward (same arguments after the first three). With a RehashCall in
     transformer_options[REHASH_CALL_KEY], the deep path may be replaced by a cached feature."""
     to = transformer_options
+    host_fingerprints.warn_on_drift(log, to)
     rehash: RehashCall | None = to.get(REHASH_CALL_KEY)
     patches = to.get("patches", {})
     patched_types = tuple(cls for cls, _ in patches.get("forward_timestep_embed_patch", []))
-    input_segments = [split_block(block, patched_types) for block in unet.input_blocks]
-    middle_segments = split_block(unet.middle_block, patched_types) if unet.middle_block is not None else None
-    output_segments = [split_block(block, patched_types) for block in unet.output_blocks]
-    out_segments = split_block(unet.out, patched_types)
+    try:
+        frames = video_norm.video_frames(to, x.shape[0])
+    except video_norm.VideoNormUnknown as e:
+        # Every group whole: the layers run as in ComfyUI's forward, under ADE's own GroupNorm.
+        log.warn("video-norm-unknown", f"Streamline: AnimateDiff-Evolved normalises over whole videos, but {e}; "
+                 "this UNet call runs unsliced.")
+        frames, config = None, UNSLICED
+    if frames is not None:
+        log.info("video-norm", f"Streamline: AnimateDiff-Evolved runs this motion model with GroupNorm statistics "
+                 f"over whole videos ({frames} frames; v1, PIA or v2 without apply_v2_models_properly); slices take "
+                 "whole-video statistics (one extra pass per sliced ResBlock).")
+    splits = dict(patched_types=patched_types, video_norm_mode=frames is not None)
+    input_segments = [split_block(block, **splits) for block in unet.input_blocks]
+    middle_segments = split_block(unet.middle_block, **splits) if unet.middle_block is not None else None
+    output_segments = [split_block(block, **splits) for block in unet.output_blocks]
+    out_segments = split_block(unet.out, **splits)
 
     to["original_shape"] = list(x.shape)
     to["transformer_index"] = 0
@@ -297,7 +364,7 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
         assert y.shape[0] == x.shape[0]
         emb = emb + unet.label_emb(y)
 
-    run = StreamlinedForward(unet, config, log, x, emb, context, to, video_kwargs)
+    run = StreamlinedForward(unet, config, log, x, emb, context, to, video_kwargs, frames)
     # With Step Rehash, only the input blocks whose skips the output blocks after the cache point
     # read are shallow; the rest (and the middle, and the output blocks up to the cache point) is deep.
     shallow_inputs = len(input_segments) if rehash is None else len(input_segments) - 1 - rehash.cache_block
@@ -346,7 +413,7 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
         output_shape = hs[-1].shape if hs else None
         at_cache_point = rehash is not None and block_id == rehash.cache_block
         h, pending = run.run_block(output_segments[block_id], h, output_shape, pending, skip,
-                                   defer_tail=not output_block_patches and not at_cache_point
+                                   defer_tail=not output_block_patches and not at_cache_point and frames is None
                                    and block_id + 1 < len(output_segments))
         del skip
         if at_cache_point:
@@ -363,41 +430,44 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
     return unet.out(h.type(x.dtype))
 
 
-def make_streamline_wrapper(get_state: Callable[[dict], "object | None"]):
+def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
+                            leaves_unchanged: Callable[["object", nn.Module], bool]):
     """A DIFFUSION_MODEL wrapper that swaps UNetModel._forward for the streamlined forward, keeping
     any wrappers registered after it in the chain. get_state returns the patched model's state (with
-    `.config` and `.log`), or None. On an out-of-memory error the forward is retried with finer slices,
-    which the state keeps."""
+    `.config` and `.log`), or None; leaves_unchanged(state, diffusion_model) says (and logs, once per
+    run) that the pack does not slice this model. Whatever it does not handle, it hands on with the
+    arguments exactly as it received them: every model family has its own forward signature. On an
+    out-of-memory error the forward is retried with finer slices, which the (run's) state keeps."""
+    import functools
+
     import comfy.model_management
     import comfy.patcher_extension
 
-    def wrapper(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+    def state_in(args: tuple, kwargs: dict):
+        """The state, from transformer_options wherever the model's forward signature puts them."""
+        for candidate in (kwargs.get("transformer_options"), *args, *kwargs.values()):
+            state = get_state(candidate) if isinstance(candidate, dict) else None
+            if state is not None:
+                return state
+        return None
+
+    def unet_arguments(x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        return x, timesteps, context, y, control, transformer_options, kwargs  # UNetModel._forward's signature
+
+    def wrapper(executor, *args, **kwargs):
         unet = executor.class_obj
-        state = get_state(transformer_options)
-        if state is None:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        log = state.log
-        if not isinstance(unet, UNetModel):
-            log.warn("model-type", f"Streamline: {type(unet).__name__} is not a UNet this pack can slice; "
-                     "running it unchanged.")
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        try:
-            for blocks in (unet.input_blocks, [unet.middle_block], unet.output_blocks):
-                for block in blocks:
-                    if block is not None:
-                        split_block(block, ())
-        except UnsupportedModel as e:
-            log.warn("model-layers", f"Streamline: this UNet has {e}, which needs ComfyUI's own forward; "
-                     "running it unchanged.")
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-
+        state = state_in(args, kwargs)
+        if state is None or leaves_unchanged(state, unet):
+            return executor(*args, **kwargs)
+        x, timesteps, context, y, control, transformer_options, kwargs = unet_arguments(*args, **kwargs)
         held = held_across_calls(transformer_options)
+        try:
+            video_norm_mode = video_norm.video_frames(transformer_options, x.shape[0]) is not None
+        except video_norm.VideoNormUnknown:  # the forward runs unsliced (and says so)
+            video_norm_mode = False
+        config = state.config_for(unet, x, context, held, video_norm_mode)
         while True:
-            config = state.config_for(unet, x, context, held)
-
-            def forward(*args, **kw):
-                return streamlined_unet_forward(unet, config, log, *args, **kw)
-
+            forward = functools.partial(streamlined_unet_forward, unet, config, state.log)
             # the forward pops ControlNet residuals from their lists: each attempt gets its own lists
             attempt_control = {k: list(v) for k, v in control.items()} if isinstance(control, dict) else control
             try:
@@ -409,8 +479,9 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"]):
                 if smaller is None:
                     raise
                 logger.warning(f"Streamline: out of memory with {config}; retrying with {smaller} and keeping it "
-                               "for the rest of the run.")
-                state.settle(smaller, unet, x, context, held)
+                               "for the rest of this run.")
+                state.settle(smaller, unet, x, context, held, video_norm_mode)
+                config = smaller
                 comfy.model_management.soft_empty_cache()
 
     return wrapper

@@ -106,13 +106,60 @@ def test_budget_plans_are_ones_measured_to_fit(size, budget_gib):
     assert H100_STREAMLINED_GIB[key] <= budget_gib * ALLOCATOR_HEADROOM
 
 
-def test_impossible_budget_says_the_minimum():
-    shape, work = sd15_shape(), Workload(32, 16, 64, 64, dtype_bytes=2)
-    with pytest.raises(BudgetError, match=r"minimum feasible budget is (\d+\.\d+) GiB") as info:
-        plan(shape, work, 10 * 2**20, SDPA)
-    minimum = float(re.search(r"minimum feasible budget is (\d+\.\d+) GiB", str(info.value)).group(1))
-    chosen = plan(shape, work, int((minimum + 0.01) * 2**30), SDPA)  # the stated minimum is feasible
-    assert chosen.predicted_peak_bytes <= (minimum + 0.01) * 2**30
+UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+@pytest.mark.parametrize("work", [Workload(128, 64, 64, 64, dtype_bytes=2), Workload(32, 16, 16, 16, dtype_bytes=2)],
+                         ids=["GiB", "MiB"])
+def test_impossible_budget_says_the_minimum(work):
+    """The smallest feasible budget, printed in the unit that shows it (MiB below 1 GiB, never "0.00 GiB")."""
+    shape = sd15_shape()
+    with pytest.raises(BudgetError, match=r"minimum feasible budget is \d+\.\d+ [KMG]iB") as info:
+        plan(shape, work, 2**20, SDPA)
+    assert "0.00 GiB" not in str(info.value)
+    value, unit = re.search(r"minimum feasible budget is (\d+\.\d+) ([KMG]iB)", str(info.value)).groups()
+    assert (unit == "GiB") == (work.height == 64), str(info.value)
+    minimum = float(value) * UNITS[unit]
+    margin = UNITS[unit] // (100 if unit == "GiB" else 10)  # one unit of the last printed decimal
+    chosen = plan(shape, work, int(minimum + margin), SDPA)  # the stated minimum is feasible
+    assert chosen.predicted_peak_bytes <= (minimum + margin)
+    with pytest.raises(BudgetError):
+        plan(shape, work, int(minimum - margin), SDPA)  # and it is the minimum
+
+
+def test_sizes_print_in_gib_from_one_gib_and_in_mib_below():
+    from comfyui_streamline.core.budget import format_bytes
+
+    assert format_bytes(int(0.05 * 2**30)) == "51.2 MiB"
+    assert format_bytes(2**30) == "1.00 GiB"
+    assert format_bytes(3.5 * 2**30) == "3.50 GiB"
+    assert format_bytes(1536) == "1.5 KiB"
+
+
+def test_errors_have_a_readable_module_under_comfyuis_import():
+    """ComfyUI imports a custom node pack under its folder path (nodes.load_custom_node); its error
+    dialog prints the exception's module. The pack's own errors say "comfyui_streamline"."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    name = str(root).replace(".", "_x_")  # ComfyUI's sys.modules name for a custom node folder
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    try:
+        spec.loader.exec_module(package)
+        budget = importlib.import_module(f"{name}.core.budget")
+        slicing = importlib.import_module(f"{name}.core.slicing")
+        assert "/" in budget.__name__  # the module really is named after the path
+        for error in (budget.BudgetError, slicing.SliceConfigError):
+            assert error.__module__ == "comfyui_streamline" and "/" not in error.__module__
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+    assert BudgetError.__module__ == "comfyui_streamline"
 
 
 # The model's laws come from single layers (docs/budget_calibration.md); these whole forwards check them.
@@ -264,7 +311,7 @@ def test_a_budget_leaves_step_rehash_its_cache(injected_unet):
     them, so the forward plus the cache fits (an "auto" budget reads free memory, which already counts them)."""
     from types import SimpleNamespace
 
-    from comfyui_streamline.nodes.memory_budget import HELD_STEP, BudgetPlanner, attention_laws, workload_for
+    from comfyui_streamline.nodes.memory_budget import BudgetPlanner, attention_laws, held_step, workload_for
     from comfyui_streamline.nodes.model_patch import StreamlineState
     from comfyui_streamline.nodes.step_rehash import STATE_KEY as REHASH_STATE_KEY
     from comfyui_streamline.nodes.structure import unet_shape
@@ -275,8 +322,10 @@ def test_a_budget_leaves_step_rehash_its_cache(injected_unet):
     x, c, t = torch.randn(batch, 4, 16, 16, generator=g), torch.randn(batch, 77, 768, generator=g), torch.full((batch,), 500.0)
     shape, work, laws = unet_shape(unet), workload_for(x, c, FRAMES), attention_laws()
     unsliced = predict_peak_bytes(shape, work, None, laws)
-    budget = int(unsliced / ALLOCATOR_HEADROOM) + HELD_STEP // 2  # unsliced fits, with room to spare
-    held = HELD_STEP - 1  # more than the room to spare: the forward must be sliced finer
+    budget = int(unsliced / ALLOCATOR_HEADROOM * 1.02)  # unsliced fits, with 2% to spare
+    step = held_step(budget)
+    assert step == budget // 16  # a small budget: held memory is counted in 1/16ths of it, not in 64 MiB
+    held = step + 1  # more than the room to spare: the forward must be sliced finer
     planner = BudgetPlanner(budget)
     state = StreamlineState(SliceConfig(), planner=planner)
     assert state.config_for(unet, x, c) == plan(shape, work, budget, laws).config
@@ -284,11 +333,32 @@ def test_a_budget_leaves_step_rehash_its_cache(injected_unet):
     to[REHASH_STATE_KEY] = SimpleNamespace(run=SimpleNamespace(held_bytes=lambda: held))  # a run's caches
     with torch.inference_mode():
         unet(x, t, c, transformer_options=to)
-    expected = plan(shape, work, budget - HELD_STEP, laws)
+    expected = plan(shape, work, budget - 2 * step, laws)  # held, rounded up to a step
     assert expected.config != plan(shape, work, budget, laws).config
     assert state.config_for(unet, x, c, held) == expected.config  # the plan the forward ran with
-    assert {key[-1] for key in planner.plans} == {0, 1}  # one plan per held step, not per byte
-    assert BudgetPlanner(0)._held_bucket(held) == 0  # "auto" sees held memory as already used
+    assert {key[-1] for key in planner.plans} == {budget, budget - 2 * step}  # one plan per held step, not per byte
+    assert BudgetPlanner(0).budget(x.device, held)[1] == 0  # "auto" sees held memory as already used
+
+
+@pytest.mark.host
+def test_step_rehash_cache_fits_a_small_budget():
+    """TinyVideo 16x32x32 with CFG under 0.05 GiB with Step Rehash: the cache (a few MiB) is budgeted in
+    steps of a sixteenth of the budget, not in 64 MiB steps that left nothing for the forward after step 1."""
+    from comfyui_streamline.nodes.memory_budget import HELD_STEP, BudgetPlanner, held_step
+    from comfyui_streamline.nodes.model_patch import StreamlineState
+    from comfyui_streamline.tinyvideo import model as tinyvideo
+
+    unet = tinyvideo.load_model_patcher().model.diffusion_model.float()
+    tinyvideo.set_video_length(unet, 16)
+    x, c = torch.zeros(32, 4, 32, 32), torch.zeros(32, 3, tinyvideo.CONTEXT_DIM)
+    budget = int(0.05 * 2**30)
+    cache = 2 * 32 * 64 * 32 * 32 * 4  # extrapolated reuse: two deep features of the batch, 64 channels at 32x32
+    assert held_step(budget) < cache < HELD_STEP
+    state = StreamlineState(SliceConfig(), planner=BudgetPlanner(budget))
+    before = state.config_for(unet, x, c, 0)
+    during = state.config_for(unet, x, c, cache)  # raised "no slicing fits" with 64 MiB steps
+    assert during.frame_chunk <= before.frame_chunk and during.spatial_chunk <= before.spatial_chunk
+
 
 @pytest.mark.host
 def test_patched_model_reports_its_need_to_comfyui():
@@ -306,16 +376,17 @@ def test_patched_model_reports_its_need_to_comfyui():
     comfy.model_management.load_models_gpu([patched])  # object patches take effect when the model loads
     try:
         reported = patched.model.memory_required(shape)
-        expected = predict_peak_bytes(sd15_shape(), Workload(32, 16, 64, 64), SliceConfig(2, 64)) * 1.1
+        image_unet = sd15_shape(motion_modules=False)  # no AnimateDiff motion models on this MODEL
+        expected = predict_peak_bytes(image_unet, Workload(32, 16, 64, 64), SliceConfig(2, 64)) * 1.1
         assert reported == int(expected)
-        assert reported < predict_peak_bytes(sd15_shape(), Workload(32, 16, 64, 64), None)
+        assert reported < predict_peak_bytes(image_unet, Workload(32, 16, 64, 64), None)
     finally:
         patched.unpatch_model()
     assert model.model.memory_required(shape) == default  # restored for other users of the same weights
 
     small = [32, 4, 16, 16]
     budgeted, text = MemoryBudget.execute(model, budget_gb=0.1, width=128, height=128, frames=16).result
-    assert "predicted peak activation" in text and "budget 0.10 GiB" in text, text
+    assert "predicted peak activation" in text and "budget 102.4 MiB" in text, text
     comfy.model_management.load_models_gpu([budgeted])
     try:
         assert budgeted.model.memory_required(small) <= 0.1 * 2**30 * 1.1
@@ -346,7 +417,204 @@ def test_comfyui_plans_the_run_with_the_streamlined_estimate(monkeypatch):
     positive = [[torch.zeros(1, 77, 768), {}]]
     with torch.inference_mode():
         comfy.sample.sample(patched, noise, 1, 5.0, "euler", "normal", positive, positive, noise, seed=0)
-    expected = predict_peak_bytes(sd15_shape(motion_modules=True), Workload(16, 8, 8, 8), SliceConfig(2, 64)) * 1.1
+    expected = predict_peak_bytes(sd15_shape(motion_modules=False), Workload(16, 8, 8, 8), SliceConfig(2, 64)) * 1.1
     assert estimates and estimates[0][0] == int(expected)
     assert estimates[0][0] != default
     patched.unpatch_model()
+
+
+# -- per-run state: what a run learns lasts that run ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd15_image():
+    """A tiny SD1.5 image model (tools/model_families.py) through ComfyUI's loader, with its conditioning."""
+    from comfyui_streamline.tools.model_families import FAMILIES, load
+
+    family = FAMILIES["SD15"]
+    return load(family), family
+
+
+@pytest.fixture
+def forward_configs(monkeypatch):
+    """The SliceConfig of every streamlined UNet forward, in order."""
+    from comfyui_streamline.nodes import streamlined_unet
+
+    seen: list[SliceConfig] = []
+    real = streamlined_unet.streamlined_unet_forward
+
+    def spy(unet, config, log, *args, **kwargs):
+        seen.append(config)
+        return real(unet, config, log, *args, **kwargs)
+
+    monkeypatch.setattr(streamlined_unet, "streamlined_unet_forward", spy)
+    return seen
+
+
+def ksampler(model, family, steps: int = 2) -> torch.Tensor:
+    import nodes
+
+    positive, negative = family.conds()
+    with torch.inference_mode():
+        return nodes.common_ksampler(model, 3, steps, family.cfg, "euler", "normal", positive, negative,
+                                     family.latent())[0]["samples"]
+
+
+@pytest.mark.host
+def test_an_out_of_memory_retry_lasts_its_run(sd15_image, forward_configs, monkeypatch, caplog):
+    """The finer slices an out-of-memory retry settles on are the run's: the next run starts from the
+    node's setting again, and the patched model's state after a run is the state before it."""
+    import copy
+
+    from comfyui_streamline.nodes import streamlined_unet
+    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineModelPatch
+
+    model, family = sd15_image
+    patched = StreamlineModelPatch.execute(model, frame_chunk=4, spatial_chunk=0).result[0]
+    state = patched.model_options["transformer_options"][STATE_KEY]
+    before = copy.deepcopy(state)
+    real = streamlined_unet.run_frame_chunked
+    failures = {"left": 1}
+
+    def oom_once(group, total, chunk):
+        if failures["left"] and chunk > 2:
+            failures["left"] -= 1
+            raise torch.OutOfMemoryError("injected")
+        return real(group, total, chunk)
+
+    monkeypatch.setattr(streamlined_unet, "run_frame_chunked", oom_once)
+    with caplog.at_level(logging.WARNING, logger="ComfyUI-Streamline"):
+        first = ksampler(patched, family)
+    finer = SliceConfig(frame_chunk=2, spatial_chunk=forward_configs[1].spatial_chunk)
+    assert forward_configs[:3] == [SliceConfig(4, 0), finer, finer]  # retried finer, kept for the run's 2nd step
+    assert sum("out of memory" in r.getMessage() for r in caplog.records) == 1
+    assert patched.model_options["transformer_options"][STATE_KEY] is state and state == before
+
+    forward_configs.clear()
+    second = ksampler(patched, family)
+    assert forward_configs == [SliceConfig(4, 0)] * 2  # the node's setting again
+    assert state == before
+    assert ((second - first).abs().max() / first.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.host
+def test_auto_plans_are_made_per_run_and_per_free_memory(sd15_image, forward_configs, monkeypatch):
+    """An "auto" budget plans with the memory free when the forward runs: each run plans anew, a run
+    whose free memory moves to another step replans, and nothing stays on the model."""
+    from comfyui_streamline.nodes import memory_budget
+    from comfyui_streamline.nodes.memory_budget import BudgetPlanner, MemoryBudget, attention_laws, free_step
+    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState
+    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.tools.model_families import TOKENS
+
+    model, family = sd15_image
+    batch = 2 * family.latent_shape[0]
+    work = Workload(batch, batch // 2, *family.latent_shape[-2:], context_tokens=TOKENS)
+    shape, laws = unet_shape(model.model.diffusion_model), attention_laws()
+    unsliced = predict_peak_bytes(shape, work, None, laws)
+    roomy, tight = int(unsliced / ALLOCATOR_HEADROOM * 1.5), int(unsliced / ALLOCATOR_HEADROOM * 0.6)
+    free = {"first": roomy, "later": roomy}  # free memory before a run's first forward, and after it
+    monkeypatch.setattr(memory_budget, "free_activation_bytes",
+                        lambda device: free["later" if forward_configs else "first"])
+    runs: list[StreamlineState] = []
+    for_run = StreamlineState.for_run
+    monkeypatch.setattr(StreamlineState, "for_run", lambda self: runs.append(for_run(self)) or runs[-1])
+    patched = MemoryBudget.execute(model, budget_gb=0.0, width=64, height=64, frames=family.latent_shape[0]).result[0]
+    planner = patched.model_options["transformer_options"][STATE_KEY].planner
+
+    def planned(free_bytes: int) -> SliceConfig:
+        return plan(shape, work, free_step(free_bytes), laws).config
+
+    assert planned(roomy) != planned(tight)
+    ksampler(patched, family)
+    assert forward_configs == [planned(roomy)] * 2
+    free.update(first=tight, later=tight)
+    forward_configs.clear()
+    ksampler(patched, family)
+    assert forward_configs == [planned(tight)] * 2  # not the first run's plan
+    free.update(first=roomy, later=tight)  # free memory drops after the first forward of the run
+    forward_configs.clear()
+    ksampler(patched, family)
+    assert forward_configs == [planned(roomy), planned(tight)]
+    assert len(runs) == 3 and len({id(run.planner) for run in runs}) == 3 and len(runs[-1].planner.plans) == 2
+    assert planner == BudgetPlanner(0)  # the model's planner holds no plan
+
+
+# -- the plan the node shows is the plan the run uses --------------------------------------------------------
+
+
+class PlanSeen(Exception):
+    """Raised instead of the first streamlined forward: the run has planned, nothing left to learn."""
+
+
+def first_forward_config(model, positive, negative, latent, monkeypatch) -> SliceConfig:
+    """The config the run's first UNet forward is given, through KSampler's real path (ADE included)."""
+    import nodes
+
+    from comfyui_streamline.nodes import streamlined_unet
+
+    seen = []
+
+    def stop(unet, config, log, *args, **kwargs):
+        seen.append(config)
+        raise PlanSeen
+
+    with monkeypatch.context() as m:
+        m.setattr(streamlined_unet, "streamlined_unet_forward", stop)
+        with torch.inference_mode(), pytest.raises(PlanSeen):
+            nodes.common_ksampler(model, 0, 1, 5.0, "euler", "normal", positive, negative, latent)
+    return seen[0]
+
+
+def shown_config(text: str) -> SliceConfig:
+    frame_chunk, spatial_chunk = re.search(r"frame_chunk (\d+), spatial_chunk (\d+)", text).groups()
+    return SliceConfig(int(frame_chunk), int(spatial_chunk))
+
+
+CONTEXT_LENGTH = 4
+
+
+@pytest.fixture(scope="module")
+def ade_model(tmp_path_factory):
+    """SD1.5 + mm_sd_v15_v2 (random weights) as AnimateDiff-Evolved's nodes output it, with context
+    windows of 4 frames (a clip of up to 4 frames runs whole)."""
+    from comfyui_streamline.tools.synthetic import ade_model_patcher
+
+    return ade_model_patcher(tmp_path_factory.mktemp("animatediff_models"), context_length=CONTEXT_LENGTH,
+                             context_overlap=2)
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("frames, budget_gib", [(4, 0.0), (4, 0.011), (4, 0.014), (4, 0.02), (6, 0.0), (6, 0.011)])
+def test_the_node_shows_the_plan_the_run_uses_with_animatediff(ade_model, monkeypatch, frames, budget_gib):
+    """Before sampling, ADE's motion modules are not in the UNet yet: the node describes them where ADE
+    will inject them, and a clip longer than ADE's context windows runs window by window, so its plan for
+    64x64 x frames is the one the run makes for that latent."""
+    from comfyui_streamline.nodes import memory_budget
+    from comfyui_streamline.tools.synthetic import random_conds
+
+    monkeypatch.setattr(memory_budget, "free_activation_bytes", lambda device: int(0.012 * 2**30))  # "auto"
+    patched, text = memory_budget.MemoryBudget.execute(ade_model, budget_gb=budget_gib, width=64, height=64,
+                                                       frames=frames).result
+    assert ("context windows of 4 frames" in text) == (frames > CONTEXT_LENGTH), text
+    positive, negative = random_conds()
+    used = first_forward_config(patched, positive, negative, {"samples": torch.zeros(frames, 4, 8, 8)}, monkeypatch)
+    assert shown_config(text) == used, text
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("budget_gib", [0.025, 0.035])
+def test_the_node_shows_the_plan_the_run_uses_with_tinyvideo(monkeypatch, budget_gib):
+    """TinyVideo's prompts are 3 tokens, not CLIP's 77: at these budgets a plan for 77 tokens slices
+    differently (before the node read the prompt length it showed frame_chunk 4 at 0.025 GiB and 8 at
+    0.035 GiB; the run used 2 and 4)."""
+    from comfyui_streamline.nodes.memory_budget import MemoryBudget
+    from comfyui_streamline.nodes.tinyvideo import TinyVideoPrompt
+    from comfyui_streamline.tinyvideo import model as tinyvideo
+
+    model = tinyvideo.load_model_patcher()
+    patched, text = MemoryBudget.execute(model, budget_gb=budget_gib, width=256, height=256, frames=16).result
+    positive = TinyVideoPrompt.execute(model, "red circle bounce").result[0]
+    negative = TinyVideoPrompt.execute(model, "").result[0]
+    used = first_forward_config(patched, positive, negative, {"samples": torch.zeros(16, 4, 32, 32)}, monkeypatch)
+    assert shown_config(text) == used, text

@@ -211,6 +211,36 @@ def test_unsliceable_features_fall_back_exactly_and_say_so(host, slicing_spy, ca
     assert len(messages) == len(set(messages)), "each notice is logged once"
 
 
+def test_motion_module_parts_are_checked_against_what_the_sliced_path_knows(host, slicing_spy, caplog):
+    """An allowlist, not a denylist: an attribute or layer a newer AnimateDiff-Evolved might add to its
+    motion module makes that module run through ADE's own forward (exact), and the log names it."""
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.nodes.motion_module import unsliceable_reason
+
+    unet, motion, synthetic = host
+    motion.set_video_length(FRAMES, FRAMES)
+    modules = [m for m in unet.modules() if type(m).__name__ == "VanillaTemporalModule"]
+    assert modules and all(unsliceable_reason(m) is None for m in modules)
+    block = modules[0].temporal_transformer.transformer_blocks[0]
+    x, t, c = inputs(FRAMES * CONDS)
+    with torch.inference_mode():
+        ref = unet(x, t, c, transformer_options=synthetic.ade_transformer_options(CONDS))
+    try:
+        block.future_feature = torch.ones(3)  # unknown attribute with a value: not sliced
+        modules[1].temporal_transformer.extra_layer = torch.nn.Identity()  # unknown child layer
+        block.disabled_feature = None  # unknown but unset: still sliced
+        assert "TemporalTransformerBlock.future_feature" in unsliceable_reason(modules[0])
+        assert "TemporalTransformer3DModel.extra_layer" in unsliceable_reason(modules[1])
+        with caplog.at_level(logging.WARNING, logger="ComfyUI-Streamline"), torch.inference_mode():
+            out = through_wrapper(unet, SliceConfig(3, 7, False), synthetic.ade_transformer_options(CONDS), x, t, c)
+    finally:
+        del block.future_feature, block.disabled_feature, modules[1].temporal_transformer.extra_layer
+    assert_exact(out, ref)
+    assert slicing_spy["motion_modules_sliced"] >= 3  # the others still sliced
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("future_feature" in m for m in messages) and any("extra_layer" in m for m in messages)
+
+
 def test_unknown_models_run_unchanged(host, caplog):
     """A diffusion model that is not a ComfyUI UNet goes through the wrapper untouched, with a notice."""
     import comfy.patcher_extension

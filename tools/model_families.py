@@ -1,0 +1,162 @@
+"""Tiny random-weight models of the families ComfyUI loads, through ComfyUI's own loader.
+
+Each family is built by instantiating the host's real diffusion-model class (UNetModel, WanModel,
+LTXVModel, Flux) with a tiny configuration, taking its state dict under the key prefix the family's
+files use, and loading that through `comfy.sd.load_diffusion_model_state_dict`, which detects the family
+from the keys and shapes (comfy/model_detection.py). What detection fixes stays as the family has it
+(SDXL's 320 channels and 2/10 transformer blocks, Flux's 3072-wide double block, 128 channels per Wan
+head); everything else is as small as detection allows, so a sampling step takes well under a second
+on one CPU thread. Conditioning is random, in ComfyUI's CONDITIONING format, with the extras each
+family's `extra_conds` reads (comfy/model_base.py).
+
+    patcher = load(FAMILIES["WAN21_T2V"])      # a MODEL, as a loader node outputs it
+    positive, negative = FAMILIES["WAN21_T2V"].conds()
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .synthetic import randomize_
+
+UNET_PREFIX = "model.diffusion_model."  # checkpoints of UNet models; DiT families ship bare diffusion-model files
+TOKENS = 8  # cross-attention tokens of the random prompts
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # type(patcher.model.model_config).__name__ after loading
+    build: Callable[[], torch.nn.Module]  # the host's diffusion-model class, tiny, weights not initialised
+    prefix: str  # key prefix of the family's model files
+    latent_shape: tuple[int, ...]  # EmptyLatent-style latent for one clip or image
+    context_dim: int
+    cond_extras: Callable[[torch.Generator, bool], dict]  # (generator, positive) -> the cond dict's extras
+    sliced: bool  # the pack slices this family (SD1.5/SDXL-style UNets); others run unchanged
+    cfg: float = 5.0
+
+    def conds(self, seed: int = 1) -> tuple[list, list]:
+        """Positive and negative CONDITIONING: [[cross-attention tokens (1, TOKENS, context_dim), extras]]."""
+        g = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, TOKENS, self.context_dim, generator=g), self.cond_extras(g, True)]],
+                [[torch.randn(1, TOKENS, self.context_dim, generator=g), self.cond_extras(g, False)]])
+
+    def latent(self) -> dict:
+        return {"samples": torch.zeros(self.latent_shape)}
+
+
+def _ops():
+    import comfy.ops
+
+    return comfy.ops.disable_weight_init  # what ComfyUI builds with: no init, the weights come from the file
+
+
+def _unet(**config) -> torch.nn.Module:
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    base = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, use_spatial_transformer=True,
+                legacy=False, dtype=torch.float32, device="cpu", operations=_ops())
+    return UNetModel(**{**base, **config})
+
+
+def _sd15() -> torch.nn.Module:
+    # two levels, one ResBlock + transformer each: SD15 detection needs 320 channels and 768-d context
+    return _unet(num_res_blocks=[1, 1], channel_mult=[1, 1], transformer_depth=[1, 1], transformer_depth_middle=1,
+                 transformer_depth_output=[1, 1, 1, 1], context_dim=768, num_heads=8, num_head_channels=-1,
+                 use_linear_in_transformer=False)
+
+
+def _sdxl() -> torch.nn.Module:
+    # SDXL detection: 320 channels, transformer depth [0, 0, 2, 2, 10, 10], 2048-d context, 2816-d ADM;
+    # the widths (channel_mult) and the output side are free
+    return _unet(num_res_blocks=[2, 2, 2], channel_mult=[1, 1, 1], transformer_depth=[0, 0, 2, 2, 10, 10],
+                 transformer_depth_middle=1, transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1], context_dim=2048,
+                 num_head_channels=64, use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential")
+
+
+def _svd() -> torch.nn.Module:
+    # SVD detection: 8 input channels, 320 channels, transformer depth [1]*6 + [0, 0], time_stack layers,
+    # 1024-d context, 768-d ADM (fps, motion bucket, augmentation)
+    return _unet(in_channels=8, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 1, 1, 1],
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0], context_dim=1024, num_head_channels=64,
+                 use_linear_in_transformer=True, adm_in_channels=768, num_classes="sequential",
+                 use_temporal_resblock=True, use_temporal_attention=True, extra_ff_mix_layer=True,
+                 use_spatial_context=True, merge_strategy="learned_with_images", merge_factor=0.0,
+                 video_kernel_size=[3, 1, 1], disable_temporal_crossattention=False)
+
+
+def _wan21_t2v() -> torch.nn.Module:
+    from comfy.ldm.wan.model import WanModel
+
+    # detection: heads = dim // 128; the text embedding reads 4096-d T5 features
+    return WanModel(model_type="t2v", dim=128, ffn_dim=256, num_heads=1, num_layers=1, in_dim=16, out_dim=16,
+                    cross_attn_norm=True, dtype=torch.float32, device="cpu", operations=_ops())
+
+
+def _ltxv() -> torch.nn.Module:
+    from comfy.ldm.lightricks.model import LTXVModel
+
+    # detection: 32 heads, head dim = attn2 width // 32; cross-attention reads the projected caption (inner width)
+    return LTXVModel(in_channels=128, cross_attention_dim=128, attention_head_dim=4, num_attention_heads=32,
+                     caption_channels=4096, num_layers=1, dtype=torch.float32, device="cpu", operations=_ops())
+
+
+def _flux() -> torch.nn.Module:
+    from comfy.ldm.flux.model import Flux
+
+    # detection fixes the width (3072, 24 heads) and the 4096-d T5 context; one double block, no single ones
+    return Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
+                num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+                qkv_bias=True, guidance_embed=True, dtype=torch.float32, device="cpu", operations=_ops())
+
+
+def _no_extras(g: torch.Generator, positive: bool) -> dict:
+    return {}
+
+
+def _sdxl_extras(g: torch.Generator, positive: bool) -> dict:
+    return {"pooled_output": torch.randn(1, 1280, generator=g), "width": 64, "height": 64}
+
+
+def _svd_extras(g: torch.Generator, positive: bool) -> dict:
+    """As SVD_img2vid_Conditioning gives them (its negative: a zero image)."""
+    image = torch.randn(1, 4, 8, 8, generator=g)
+    return {"concat_latent_image": image if positive else torch.zeros_like(image), "fps": 6, "motion_bucket_id": 127,
+            "augmentation_level": 0.0}
+
+
+def _ltxv_extras(g: torch.Generator, positive: bool) -> dict:
+    return {"attention_mask": torch.ones(1, TOKENS, dtype=torch.long), "frame_rate": 25}
+
+
+def _flux_extras(g: torch.Generator, positive: bool) -> dict:
+    return {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}
+
+
+FAMILIES = {f.name: f for f in (
+    Family("SD15", _sd15, UNET_PREFIX, (2, 4, 8, 8), 768, _no_extras, sliced=True),
+    Family("SDXL", _sdxl, UNET_PREFIX, (2, 4, 8, 8), 2048, _sdxl_extras, sliced=True),
+    Family("SVD_img2vid", _svd, UNET_PREFIX, (2, 4, 8, 8), 1024, _svd_extras, sliced=False, cfg=2.5),
+    Family("WAN21_T2V", _wan21_t2v, "", (1, 16, 2, 4, 4), 4096, _no_extras, sliced=False),
+    Family("LTXV", _ltxv, "", (1, 128, 2, 2, 2), 4096, _ltxv_extras, sliced=False),
+    Family("Flux", _flux, "", (1, 16, 4, 4), 4096, _flux_extras, sliced=False, cfg=1.0),
+)}
+
+
+def state_dict(family: Family, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The family's diffusion-model weights, random, under its file's key prefix."""
+    module = randomize_(family.build(), seed)
+    return {family.prefix + k: v for k, v in module.state_dict().items()}
+
+
+def load(family: Family, seed: int = 0):
+    """A MODEL (ModelPatcher) of `family` through ComfyUI's diffusion-model loader, fp32."""
+    import comfy.sd
+
+    patcher = comfy.sd.load_diffusion_model_state_dict(state_dict(family, seed), model_options={"dtype": torch.float32})
+    detected = type(patcher.model.model_config).__name__ if patcher is not None else None
+    if detected != family.name:
+        raise RuntimeError(f"ComfyUI detected {detected} from the tiny {family.name} weights")
+    return patcher
