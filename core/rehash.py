@@ -40,6 +40,10 @@ REUSE_MODES = ("extrapolate", "hold")
 class RehashConfigError(ValueError):
     """A Step Rehash setting that cannot be honoured."""
 
+    # ComfyUI names an error in its dialog by module and class; it imports this pack under its folder's
+    # path, which would make the module a file path.
+    __module__ = "comfyui_streamline"
+
 
 @dataclass(frozen=True)
 class RehashConfig:

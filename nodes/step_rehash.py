@@ -6,14 +6,18 @@
   shallow path, asks it whether to reuse, and gives it the deep feature to store on full calls).
   With Streamline Model Patch on the same model, both paths run sliced; without it, unsliced.
 
-Caches are kept per cond/uncond entry (ComfyUI's uuids) and per ADE context window, so batched and
-unbatched CFG, and every window, reuse their own feature.
+Caches are kept per cond/uncond entry (ComfyUI's uuids) and per context window (ADE's, and ComfyUI's own
+Context Windows nodes), so batched and unbatched CFG, and every window, reuse their own feature.
+
+A call Step Rehash cannot split (rehash off, a model other than a plain UNet, a cache_block the UNet does
+not have) runs exactly as ComfyUI would run it, is counted as a full step, and the report says why.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -23,22 +27,32 @@ from comfy_api.latest import io, ui
 from torch import Tensor
 
 from ..core.rehash import (
-    MODES, REUSE_MODES, KeystepRecord, KeystepStore, RehashConfig, change_rate, feature_sketch, fingerprint,
-    fixed_full_steps, keystep_search, predicted_deep_change, resolve_cache_block, reuse_costs,
+    MODES, REUSE_MODES, KeystepRecord, KeystepStore, RehashConfig, RehashConfigError, change_rate, feature_sketch,
+    fingerprint, fixed_full_steps, keystep_search, predicted_deep_change, resolve_cache_block, reuse_costs,
     reused_feature, schedule_steps, step_index, tensor_fingerprint,
 )
 from ..core.slicing import UNSLICED
 from .log import logger
 from .model_patch import STATE_KEY as SLICING_STATE_KEY
-from .streamlined_unet import REHASH_CALL_KEY, REHASH_STATE_KEY, LogOnce, streamlined_unet_forward
+from .streamlined_unet import (
+    REHASH_CALL_KEY, REHASH_STATE_KEY, LogOnce, UnsupportedModel, split_block, streamlined_unet_forward,
+)
 
 STATE_KEY = REHASH_STATE_KEY
 WRAPPER_KEY = "streamline_rehash"
 KEYSTEP_FILE = "streamline/keysteps.json"
 KEYSTEP_SEARCH_VERSION = "reuse-error-v2"  # part of a saved result's key: results of an older search are not reused
 
-CacheKey = tuple  # (cond uuid, context-window frame indices)
+CacheKey = tuple  # (cond uuid, (ADE context-window frame indices, ComfyUI context-window indices))
 History = list  # [(sigma, deep feature)] of the last two full calls, oldest first
+
+
+class RehashPlan(NamedTuple):
+    """How Step Rehash runs one model's calls: split at `cache_block`, or in full for the reason `why_not`."""
+
+    cache_block: int | None = None
+    why_not: str = ""
+    log_key: str = ""
 
 
 @dataclass
@@ -83,6 +97,9 @@ class RehashRun:
     decisions: dict[int, bool] = field(default_factory=dict)  # step -> rehash?
     calibration_key: CacheKey | None = None
     sketches: dict[int, tuple[float, Tensor]] = field(default_factory=dict)  # keystep calibration: step -> (sigma, sketch)
+    all_full: bool = False  # every call runs as ComfyUI runs it (rehash off, nothing left to rehash)
+    notes: list[str] = field(default_factory=list)  # for the report: why steps ran in full, calibration
+    plans: dict[int, RehashPlan] = field(default_factory=dict)  # id(model) -> how its calls run
     full_seen: set[int] = field(default_factory=set)
     rehash_seen: set[int] = field(default_factory=set)
     seconds: dict[bool, float] = field(default_factory=lambda: {False: 0.0, True: 0.0})
@@ -122,6 +139,15 @@ class RehashRun:
         self.decisions[step] = decision
         return decision
 
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def account(self, step: int, rehashed: bool, seconds: float) -> None:
+        self.seconds[rehashed] += seconds
+        self.calls[rehashed] += 1
+        self.record_step(step, rehashed)
+
     def record_step(self, step: int, rehashed: bool) -> None:
         first_call_of_step = step not in self.full_seen and step not in self.rehash_seen
         (self.rehash_seen if rehashed else self.full_seen).add(step)
@@ -130,16 +156,22 @@ class RehashRun:
                 self.progress.update(1)
             self.progress.set_postfix(full=len(self.full_seen), rehash=len(self.rehash_seen - self.full_seen))
 
-    def report(self, note: str = "") -> RehashReport:
+    def report(self) -> RehashReport:
         return RehashReport(self.steps, len(self.full_seen), len(self.rehash_seen - self.full_seen),
-                            self.seconds[False], self.seconds[True], self.calls[False], self.calls[True], note)
+                            self.seconds[False], self.seconds[True], self.calls[False], self.calls[True],
+                            " ".join(self.notes))
 
 
 class RehashCallState:
     """One UNet call's view of the run (implements streamlined_unet.RehashCall)."""
 
-    def __init__(self, run: RehashRun, cache_block: int, step: int, sigma: float, keys: list[CacheKey]):
+    def __init__(self, run: RehashRun, cache_block: int, step: int, sigma: float, keys: list[CacheKey],
+                 patched_h: bool = False):
         self.run, self.cache_block, self.step, self.sigma, self.keys = run, cache_block, step, sigma, keys
+        # Output-block patches (FreeU, FreeU_V2) get h, the deep feature, and may write into it (FreeU
+        # scales half its channels in place): then the cache keeps a copy of its own, and a rehash step
+        # is handed a tensor that is not the cached one.
+        self.patched_h = patched_h
         self.rehashed = False
         self.shallow_parts: list[Tensor] = []  # per key, kept for the adaptive reference on a full call
 
@@ -158,11 +190,14 @@ class RehashCallState:
             return None
         self.rehashed = True
         cached = [reused_feature(h, self.sigma, run.config.reuse) for h in histories]
-        return torch.cat(cached) if len(cached) > 1 else cached[0]
+        if len(cached) > 1:
+            return torch.cat(cached)
+        held = cached[0] is histories[0][-1][1]  # hold (or one full step so far): the cached tensor itself
+        return cached[0].clone() if held and self.patched_h else cached[0]
 
     def store(self, deep_feature: Tensor) -> None:
         run = self.run
-        parts = self._split(deep_feature)
+        parts = self._split(deep_feature.clone() if self.patched_h else deep_feature)
         keep = 2 if run.config.reuse == "extrapolate" else 1
         if run.config.mode == "adaptive":
             for key, part, shallow in zip(self.keys, parts, self.shallow_parts):
@@ -227,9 +262,15 @@ def _start_run(state: RehashState, guider, sigmas: Tensor, sampler, disable_pbar
     sampling = guider.model_patcher.model.model_sampling
     high = float(sampling.percent_to_sigma(config.start_percent))
     low = float(sampling.percent_to_sigma(config.end_percent))
-    full_steps, calibrating = None, None
-    if config.mode == "fixed":
+    full_steps, calibrating, in_full = None, None, None
+    if config.mode == "off":
+        in_full = "rehash_mode off: every step computed in full."
+    elif config.mode == "fixed":
         full_steps = set(fixed_full_steps(steps, config.interval, config.warmup, config.tail))
+    elif config.mode == "keystep" and config.full_steps >= steps:
+        in_full = (f"keystep: full_steps {config.full_steps} >= the run's {steps} steps, so every step is "
+                   "computed in full (no key-step search, nothing saved).")
+        state.log.warn(f"keystep-all-full-{steps}", f"Step Rehash: {in_full}")
     elif config.mode == "keystep":
         key = fingerprint(KEYSTEP_SEARCH_VERSION, _model_fingerprint(guider.model_patcher), _sampler_name(sampler),
                           [round(float(s), 5) for s in sigmas], config.cache_block, config.full_steps, config.reuse)
@@ -238,7 +279,9 @@ def _start_run(state: RehashState, guider, sigmas: Tensor, sampler, disable_pbar
             full_steps = set(record.full_steps)
         else:
             calibrating = KeystepRecord(key, steps, [], [])
-    run = RehashRun(config, steps, full_steps, (low, high), calibrating)
+    run = RehashRun(config, steps, full_steps, (low, high), calibrating, all_full=in_full is not None)
+    if in_full:
+        run.note(in_full)
     if not disable_pbar and steps:
         from tqdm.auto import tqdm
 
@@ -257,11 +300,13 @@ def _finish_run(state: RehashState, run: RehashRun, completed: bool) -> None:
         if state.keystep_store is not None:
             KeystepStore(state.keystep_store).put(record)
         note = (f"Calibration run (all steps full); key steps for next runs with these settings: {full}"
-                + (f" (saved to {state.keystep_store})" if state.keystep_store else ""))
+                + (f" (saved to {state.keystep_store})." if state.keystep_store else "."))
     elif run.calibrating is not None:
-        note = "Calibration interrupted; nothing saved" if not completed else "Calibration saw no UNet call; nothing saved"
+        note = "Calibration saw no UNet call; nothing saved." if completed else "Calibration interrupted; nothing saved."
+    if note:
+        run.note(note)
     run.clear()
-    state.last.report, state.last.run = run.report(note), run
+    state.last.report, state.last.run = run.report(), run
     logger.info(state.last.report.text())
 
 
@@ -294,39 +339,100 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
         guider.model_options = original_options
 
 
+def _window_of(transformer_options: dict) -> tuple:
+    """The context window a call computes: ADE's frame indices (ad_params.sub_idxs) and ComfyUI's own
+    (comfy/context_windows.py puts the window it evaluates in transformer_options["context_window"])."""
+    ade = (transformer_options.get("ad_params") or {}).get("sub_idxs") or ()
+    core = getattr(transformer_options.get("context_window"), "index_list", None) or ()
+    return tuple(int(i) for i in ade), tuple(int(i) for i in core)
+
+
 def _cache_keys(transformer_options: dict, batch: int) -> list[CacheKey]:
     uuids = transformer_options.get("uuids") or [None]
     if batch % len(uuids):
         uuids = [None]
-    window = tuple(int(i) for i in (transformer_options.get("ad_params") or {}).get("sub_idxs") or ())
+    window = _window_of(transformer_options)
     return [(uuid, window) for uuid in uuids]
 
 
-def diffusion_model_wrapper(executor, x, timesteps=None, context=None, y=None, control=None,
-                            transformer_options={}, **kwargs):
+def _transformer_options_in(args: tuple, kwargs: dict) -> dict:
+    """A model call's transformer_options, wherever its forward signature puts them (UNetModel: 6th
+    argument; Wan, LTXV, Flux: elsewhere): the argument that carries Step Rehash's state."""
+    for value in (kwargs.get("transformer_options"), *args):
+        if isinstance(value, dict) and STATE_KEY in value:
+            return value
+    return {}
+
+
+def _rehash_plan(run: RehashRun, model) -> RehashPlan:
+    """How Step Rehash runs `model`'s calls in this run (checked once per run and model)."""
+    if id(model) not in run.plans:
+        run.plans[id(model)] = _plan(model, run.config)
+    return run.plans[id(model)]
+
+
+def _plan(model, config: RehashConfig) -> RehashPlan:
+    if not isinstance(model, UNetModel):
+        return RehashPlan(why_not=f"{type(model).__name__} is not a UNet it can split into shallow and deep paths",
+                          log_key="model-type")
+    try:
+        for block in (*model.input_blocks, model.middle_block, *model.output_blocks, model.out):
+            if block is not None:
+                split_block(block, ())
+    except UnsupportedModel as e:  # SVD's video ResBlocks and transformers: only ComfyUI's forward runs them
+        return RehashPlan(why_not=f"this UNet has {e}, which only ComfyUI's own forward runs", log_key="model-layers")
+    try:
+        return RehashPlan(resolve_cache_block(config.cache_block, len(model.output_blocks)))
+    except RehashConfigError as e:
+        return RehashPlan(why_not=str(e), log_key="cache-block")
+
+
+def _step_and_sigma(transformer_options: dict) -> tuple[int, float]:
+    sigma = float(transformer_options["sigmas"].max()) if "sigmas" in transformer_options else 0.0
+    return step_index(transformer_options.get("sample_sigmas"), sigma), sigma
+
+
+def _synchronize(x) -> None:
+    if isinstance(x, Tensor) and x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    """Runs a UNet call with Step Rehash. A call it cannot split runs as received, `executor(*args,
+    **kwargs)` (other models' forwards take other arguments), and counts as a full step."""
+    transformer_options = _transformer_options_in(args, kwargs)
     state: RehashState | None = transformer_options.get(STATE_KEY)
     run = state.run if state is not None else None
-    call = lambda: executor(x, timesteps, context, y, control, transformer_options, **kwargs)  # noqa: E731
-    if run is None or run.config.mode == "off":
-        return call()
-    unet = executor.class_obj
-    if not isinstance(unet, UNetModel):
-        state.log.warn("model-type", f"Step Rehash: {type(unet).__name__} is not a UNet it can split into "
-                       "shallow and deep paths; every step runs in full.")
-        return call()
-    try:
-        cache_block = resolve_cache_block(run.config.cache_block, len(unet.output_blocks))
-    except ValueError as e:
-        state.log.warn("cache-block", f"Step Rehash: {e}; every step runs in full.")
-        return call()
-    sigma = float(transformer_options["sigmas"].max()) if "sigmas" in transformer_options else 0.0
-    step = step_index(transformer_options.get("sample_sigmas"), sigma)
-    rehash_call = RehashCallState(run, cache_block, step, sigma, _cache_keys(transformer_options, x.shape[0]))
+    if run is None:
+        return executor(*args, **kwargs)
+    plan = RehashPlan() if run.all_full else _rehash_plan(run, executor.class_obj)
+    if plan.cache_block is None:
+        if plan.why_not:
+            state.log.warn(plan.log_key, f"Step Rehash: {plan.why_not}; every step runs in full.")
+            run.note(f"{plan.why_not}: every step ran in full.")
+        step, _ = _step_and_sigma(transformer_options)
+        started = time.perf_counter()
+        out = executor(*args, **kwargs)
+        _synchronize(args[0] if args else None)
+        run.account(step, False, time.perf_counter() - started)
+        return out
+    return _rehash_unet_call(executor, state, plan.cache_block, *args, **kwargs)
+
+
+def _rehash_unet_call(executor, state: RehashState, cache_block: int, x, timesteps=None, context=None, y=None,
+                      control=None, transformer_options={}, **kwargs):
+    """A UNetModel call with a RehashCall in transformer_options: the shallow path, and the deep one or
+    the cached deep feature."""
+    run, unet = state.run, executor.class_obj
+    step, sigma = _step_and_sigma(transformer_options)
+    patched_h = bool(transformer_options.get("patches", {}).get("output_block_patch"))
+    rehash_call = RehashCallState(run, cache_block, step, sigma, _cache_keys(transformer_options, x.shape[0]),
+                                  patched_h)
     transformer_options[REHASH_CALL_KEY] = rehash_call
     started = time.perf_counter()
     try:
         if SLICING_STATE_KEY in transformer_options:  # Streamline Model Patch runs the forward
-            out = call()
+            out = executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         else:
             log = state.log
 
@@ -338,11 +444,8 @@ def diffusion_model_wrapper(executor, x, timesteps=None, context=None, y=None, c
             ).execute(x, timesteps, context, y, control, transformer_options, **kwargs)
     finally:
         transformer_options.pop(REHASH_CALL_KEY, None)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-    run.seconds[rehash_call.rehashed] += time.perf_counter() - started
-    run.calls[rehash_call.rehashed] += 1
-    run.record_step(step, rehash_call.rehashed)
+    _synchronize(x)
+    run.account(step, rehash_call.rehashed, time.perf_counter() - started)
     return out
 
 

@@ -192,20 +192,32 @@ def test_composes_with_streamline_slicing(ade_model):
         assert state_of(both).last.report.rehashed == 2
 
 
-def test_composes_with_the_memory_budget_which_leaves_the_cache_its_memory(ade_model):
+def test_composes_with_the_memory_budget_which_leaves_the_cache_its_memory(ade_model, monkeypatch):
     """Memory Budget + Step Rehash in a real run: plans made once the cache holds features budget for it
-    (a second plan per shape), and the video is the one Step Rehash gives unsliced."""
+    (a second plan per shape, for the budget less one held step), and the video is the one Step Rehash
+    gives unsliced. The plans belong to the run: none stay on the model."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.memory_budget import BudgetPlanner
+    from comfyui_streamline.nodes.memory_budget import BudgetPlanner, held_step
     from comfyui_streamline.nodes.model_patch import STATE_KEY as STREAMLINE_STATE_KEY
-    from comfyui_streamline.nodes.model_patch import apply_streamline
+    from comfyui_streamline.nodes.model_patch import StreamlineState, apply_streamline
 
+    runs = []
+    for_run = StreamlineState.for_run
+
+    def recording_for_run(self):
+        runs.append(for_run(self))
+        return runs[-1]
+
+    monkeypatch.setattr(StreamlineState, "for_run", recording_for_run)
     rehash_only = sample(patch(ade_model, interval=2))
-    both = patch(apply_streamline(ade_model, SliceConfig(), planner=BudgetPlanner(8 * 2**30)), interval=2)
+    budget = 8 * 2**30
+    both = patch(apply_streamline(ade_model, SliceConfig(), planner=BudgetPlanner(budget)), interval=2)
     out = sample(both)
     assert relative(out, rehash_only) <= 1e-5
-    planner = both.model_options["transformer_options"][STREAMLINE_STATE_KEY].planner  # the clone's copy
-    assert {key[-1] for key in planner.plans} == {0, 1}  # before any feature is cached, and after
+    assert len(runs) == 1
+    # before any feature is cached, and after
+    assert {key[-1] for key in runs[0].planner.plans} == {budget, budget - held_step(budget)}
+    assert not both.model_options["transformer_options"][STREAMLINE_STATE_KEY].planner.plans
 
 
 def test_keystep_mode_calibrates_once_then_uses_the_saved_key_steps(ade_model, tmp_path):
