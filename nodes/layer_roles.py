@@ -5,7 +5,9 @@ import enum
 
 import torch.nn as nn
 from comfy.ldm.modules.attention import SpatialTransformer, SpatialVideoTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, TimestepBlock, Upsample, VideoResBlock
+from comfy.ldm.modules.diffusionmodules.openaimodel import (
+    Downsample, ResBlock, TimestepBlock, UNetModel, Upsample, VideoResBlock,
+)
 
 
 class Role(enum.Enum):
@@ -47,3 +49,17 @@ def role_of(layer: nn.Module, patched_types: tuple[type, ...]) -> Role:
     if isinstance(layer, _PER_FRAME_TYPES):
         return Role.PER_FRAME
     return Role.WHOLE
+
+
+def unsupported_reason(diffusion_model: nn.Module) -> str | None:
+    """Why the pack leaves this diffusion model to ComfyUI (None: it can run it, sliced or split). The
+    pack's forward is UNetModel's for SD1.5/SD2/SDXL-style UNets; video UNets (SVD's VideoResBlock and
+    SpatialVideoTransformer) need ComfyUI's own."""
+    if not isinstance(diffusion_model, UNetModel):
+        return f"{type(diffusion_model).__name__} is not a UNet this pack can slice"
+    blocks = [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]
+    video = sorted({type(layer).__name__ for block in blocks if block is not None for layer in block
+                    if role_of(layer, ()) is Role.UNSUPPORTED})
+    if video:
+        return f"this UNet has {', '.join(video)} (video UNet layers), which need ComfyUI's own forward"
+    return None

@@ -25,7 +25,8 @@ from ..core.budget import (
 from ..core.slicing import SliceConfig
 from .layer_roles import is_ade_motion_module
 from .log import logger
-from .model_patch import STATE_KEY, apply_streamline, unsupported_reason
+from .layer_roles import unsupported_reason
+from .model_patch import STATE_KEY, apply_streamline
 from .structure import _heads, unet_shape
 
 SAFETY_BYTES = 256 * 2**20  # "auto": free memory minus this; plans keep allocator headroom too (core/budget.py)

@@ -18,32 +18,17 @@ from typing import Callable
 import comfy.model_patcher
 import comfy.patcher_extension
 import torch.nn as nn
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 from torch import Tensor
 
 from ..core.slicing import SliceConfig
-from .layer_roles import Role, role_of
+from .layer_roles import unsupported_reason
 from .streamlined_unet import LogOnce, make_streamline_wrapper
 
 STATE_KEY = "streamline"
 WRAPPER_KEY = "streamline"
 UNCHANGED_LOG_KEY = "model-unchanged"  # the one notice a run logs for a model the pack does not handle
-
-
-def unsupported_reason(diffusion_model: nn.Module) -> str | None:
-    """Why the pack leaves this diffusion model to ComfyUI (None: it slices it). The pack's forward is
-    UNetModel's for SD1.5/SD2/SDXL-style UNets; video UNets (SVD's VideoResBlock and
-    SpatialVideoTransformer) need ComfyUI's own."""
-    if not isinstance(diffusion_model, UNetModel):
-        return f"{type(diffusion_model).__name__} is not a UNet this pack can slice"
-    blocks = [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]
-    video = sorted({type(layer).__name__ for block in blocks if block is not None for layer in block
-                    if role_of(layer, ()) is Role.UNSUPPORTED})
-    if video:
-        return f"this UNet has {', '.join(video)} (video UNet layers), which need ComfyUI's own forward"
-    return None
 
 
 def leaves_unchanged(state: "StreamlineState", diffusion_model: nn.Module) -> bool:

@@ -32,10 +32,11 @@ from ..core.rehash import (
     reused_feature, schedule_steps, step_index, tensor_fingerprint,
 )
 from ..core.slicing import UNSLICED
+from .layer_roles import unsupported_reason
 from .log import logger
 from .model_patch import STATE_KEY as SLICING_STATE_KEY
 from .streamlined_unet import (
-    REHASH_CALL_KEY, REHASH_STATE_KEY, LogOnce, UnsupportedModel, split_block, streamlined_unet_forward,
+    REHASH_CALL_KEY, REHASH_STATE_KEY, LogOnce, streamlined_unet_forward,
 )
 
 STATE_KEY = REHASH_STATE_KEY
@@ -372,15 +373,9 @@ def _rehash_plan(run: RehashRun, model) -> RehashPlan:
 
 
 def _plan(model, config: RehashConfig) -> RehashPlan:
-    if not isinstance(model, UNetModel):
-        return RehashPlan(why_not=f"{type(model).__name__} is not a UNet it can split into shallow and deep paths",
-                          log_key="model-type")
-    try:
-        for block in (*model.input_blocks, model.middle_block, *model.output_blocks, model.out):
-            if block is not None:
-                split_block(block, ())
-    except UnsupportedModel as e:  # SVD's video ResBlocks and transformers: only ComfyUI's forward runs them
-        return RehashPlan(why_not=f"this UNet has {e}, which only ComfyUI's own forward runs", log_key="model-layers")
+    reason = unsupported_reason(model)  # another architecture, or SVD's video layers
+    if reason is not None:
+        return RehashPlan(why_not=reason, log_key="model-unsupported")
     try:
         return RehashPlan(resolve_cache_block(config.cache_block, len(model.output_blocks)))
     except RehashConfigError as e:
