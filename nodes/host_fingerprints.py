@@ -67,11 +67,13 @@ def ade_functions(transformer_options: dict) -> dict[str, Callable]:
         if cls.__name__ != "VanillaTemporalModule":
             continue
         motion_module = sys.modules.get(cls.__module__)
-        try:  # ADE's package, under whatever name ComfyUI imported it
-            sampling = importlib.import_module(handler.__module__.rsplit(".", 1)[0] + ".sampling")
-        except ImportError:
-            sampling = None
-        found["ADE forward_timestep_embed_patch_ade"] = handler
+        sampling = None
+        if handler.__module__.partition(".")[0] != __name__.partition(".")[0]:  # not the pack's own (TinyVideo's)
+            try:  # ADE's package, under whatever name ComfyUI imported it
+                sampling = importlib.import_module(handler.__module__.rsplit(".", 1)[0] + ".sampling")
+            except ImportError:
+                pass
+            found["ADE forward_timestep_embed_patch_ade"] = handler
         found["ADE VanillaTemporalModule.forward"] = cls.forward
         transformer = getattr(motion_module, "TemporalTransformer3DModel", None)
         if transformer is not None:

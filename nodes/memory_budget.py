@@ -26,7 +26,7 @@ from ..core.slicing import SliceConfig
 from .layer_roles import is_ade_motion_module
 from .log import logger
 from .layer_roles import unsupported_reason
-from .model_patch import STATE_KEY, apply_streamline
+from .model_patch import STATE_KEY, apply_streamline, node_id_of
 from .structure import _heads, unet_shape
 
 SAFETY_BYTES = 256 * 2**20  # "auto": free memory minus this; plans keep allocator headroom too (core/budget.py)
@@ -257,20 +257,26 @@ class MemoryBudget(io.ComfyNode):
             "cannot plan for (DiT video models, SVD) run unchanged, with ComfyUI's own memory estimate.",
             inputs=[
                 io.Model.Input("model"),
-                io.Float.Input("budget_gb", default=0.0, min=0.0, max=1024.0, step=0.25,
-                               tooltip="Activation memory budget in GB (weights not included). 0 = auto: the memory "
-                               "free on the device when sampling runs, minus a safety margin."),
+                io.Float.Input("budget_gb", display_name="budget (GiB)", default=0.0, min=0.0, max=1024.0, step=0.05,
+                               round=0.01,
+                               tooltip="Activation memory budget in GiB (1 GiB = 2^30 bytes; weights not included). "
+                               "0 = auto: the memory free on the device when sampling runs, minus 256 MiB."),
                 io.Int.Input("width", default=512, min=64, max=8192, step=8, tooltip="For the plan shown on the node."),
                 io.Int.Input("height", default=512, min=64, max=8192, step=8, tooltip="For the plan shown on the node."),
                 io.Int.Input("frames", default=16, min=1, max=4096, tooltip="For the plan shown on the node."),
             ],
-            outputs=[io.Model.Output(), io.String.Output("plan")],
+            outputs=[io.Model.Output(tooltip="The model with budget-planned slicing (a clone)."),
+                     io.String.Output("plan", display_name="plan",
+                                      tooltip="The plan for width x height x frames, as shown on the node.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, budget_gb: float, width: int, height: int, frames: int) -> io.NodeOutput:
         budget = int(budget_gb * 2**30)
-        patched = apply_streamline(model, SliceConfig(), planner=BudgetPlanner(budget))
+        source = f"Streamline Memory Budget ({format_bytes(budget) if budget else 'auto'})"
+        patched = apply_streamline(model, SliceConfig(), planner=BudgetPlanner(budget), source=source,
+                                   node_id=node_id_of(cls))
         text = preview_plan(model, budget, width, height, frames)
         logger.info(f"Streamline Memory Budget: {text}")
         return io.NodeOutput(patched, text, ui=ui.PreviewText(text))

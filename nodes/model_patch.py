@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..core.slicing import SliceConfig
 from .layer_roles import unsupported_reason
+from .run_report import RunReport, publish
 from .streamlined_unet import LogOnce, make_streamline_wrapper
 
 STATE_KEY = "streamline"
@@ -35,6 +36,7 @@ def leaves_unchanged(state: "StreamlineState", diffusion_model: nn.Module) -> bo
     """Whether the pack leaves this model to ComfyUI; says so once per run (in the run's log)."""
     reason = unsupported_reason(diffusion_model)
     if reason is not None:
+        state.report.unchanged = f"{reason}; it ran unchanged (ComfyUI's own forward and memory estimate)."
         state.log.warn(UNCHANGED_LOG_KEY, f"Streamline: {reason}; running it unchanged (ComfyUI's own forward "
                        "and memory estimate).")
     return reason is not None
@@ -48,12 +50,15 @@ class StreamlineState:
     log: LogOnce = field(default_factory=LogOnce)
     # Memory Budget: picks the config per input shape (nodes/memory_budget.py); None: use `config`
     planner: Callable | None = None
+    source: str = "Streamline Model Patch"  # the node, as the run's report names it
+    node_id: str | None = None  # where the browser shows the run's report (the node's UNIQUE_ID)
+    report: RunReport = field(default_factory=RunReport)  # what this run did (filled on the run's copy)
 
     def for_run(self) -> "StreamlineState":
         """The state one sampling run works on: the node's config, no plans yet, its own log (each run
-        says its notices once)."""
+        says its notices once) and its own report."""
         planner = self.planner.for_run() if hasattr(self.planner, "for_run") else self.planner
-        return StreamlineState(self.config, LogOnce(), planner)
+        return StreamlineState(self.config, LogOnce(), planner, self.source, self.node_id)
 
     def config_for(self, unet, x: Tensor, context: Tensor | None, held_bytes: int = 0,
                    video_norm: bool = False) -> SliceConfig:
@@ -96,6 +101,9 @@ def run_with_own_state(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options
+        report = run_state.report
+        # a model left unchanged was logged at the start of the run: the node alone gets the report
+        publish(report.text(run_state.source), run_state.node_id, log=report.unchanged is None)
 
 
 _WRAPPERS = (
@@ -104,14 +112,17 @@ _WRAPPERS = (
 )
 
 
-def apply_streamline(model: ModelPatcher, config: SliceConfig, planner: Callable | None = None) -> ModelPatcher:
+def apply_streamline(model: ModelPatcher, config: SliceConfig, planner: Callable | None = None,
+                     source: str = "Streamline Model Patch", node_id: str | None = None) -> ModelPatcher:
     """A clone of `model` whose UNet runs sliced and grouped; `model` itself is left as it was.
     The clone also tells ComfyUI's memory management what a forward needs now (object patch of
-    BaseModel.memory_required), so weights stay loaded and CFG stays batched when they fit."""
+    BaseModel.memory_required), so weights stay loaded and CFG stays batched when they fit. Each run
+    reports what it did in the log and, given the node's `node_id`, on that node."""
     from .memory_budget import MemoryEstimate, ade_motion_models
 
     patched = model.clone()
-    patched.model_options["transformer_options"][STATE_KEY] = StreamlineState(config, planner=planner)
+    patched.model_options["transformer_options"][STATE_KEY] = StreamlineState(config, planner=planner, source=source,
+                                                                              node_id=node_id)
     for kind, wrapper in _WRAPPERS:
         patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
         patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
@@ -177,9 +188,16 @@ class StreamlineModelPatch(io.ComfyNode):
                                  "as many values as at full resolution. Off: the same sizes at every level."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model (a clone; the input model is unchanged).")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model: ModelPatcher, frame_chunk: int, spatial_chunk: int, scale_with_level: bool = True) -> io.NodeOutput:
         config = SliceConfig(frame_chunk=frame_chunk, spatial_chunk=spatial_chunk, scale_with_level=scale_with_level)
-        return io.NodeOutput(apply_streamline(model, config))
+        return io.NodeOutput(apply_streamline(model, config, node_id=node_id_of(cls)))
+
+
+def node_id_of(node_class) -> str | None:
+    """The executing node's UNIQUE_ID (None when the node is called outside a prompt, e.g. in a script)."""
+    hidden = getattr(node_class, "hidden", None)
+    return getattr(hidden, "unique_id", None) if hidden is not None else None

@@ -33,8 +33,8 @@ from ..core.rehash import (
 )
 from ..core.slicing import UNSLICED
 from .layer_roles import unsupported_reason
-from .log import logger
-from .model_patch import STATE_KEY as SLICING_STATE_KEY
+from .model_patch import STATE_KEY as SLICING_STATE_KEY, node_id_of
+from .run_report import publish
 from .streamlined_unet import (
     REHASH_CALL_KEY, REHASH_STATE_KEY, LogOnce, streamlined_unet_forward,
 )
@@ -234,11 +234,12 @@ class RehashState:
     log: LogOnce = field(default_factory=LogOnce)
     last: LastRun = field(default_factory=LastRun)
     run: RehashRun | None = None
+    node_id: str | None = None  # Step Rehash (Model Patch): the node the browser shows each run's report on
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone() deep-copies model_options: copies share the settings and the report
         # sink, never a run's tensors.
-        return RehashState(self.config, self.keystep_store, self.log, self.last)
+        return RehashState(self.config, self.keystep_store, self.log, self.last, node_id=self.node_id)
 
 
 def _model_fingerprint(model_patcher) -> str:
@@ -308,7 +309,7 @@ def _finish_run(state: RehashState, run: RehashRun, completed: bool) -> None:
         run.note(note)
     run.clear()
     state.last.report, state.last.run = run.report(), run
-    logger.info(state.last.report.text())
+    publish(state.last.report.text(), state.node_id)
 
 
 def _sketch_per_step(sketches: dict[int, tuple], steps: int) -> list[tuple]:
@@ -328,7 +329,7 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
     state: RehashState = original_options["transformer_options"][STATE_KEY]
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     run = _start_run(state, guider, sigmas, sampler, disable_pbar)
-    run_state = RehashState(state.config, state.keystep_store, state.log, state.last, run)
+    run_state = RehashState(state.config, state.keystep_store, state.log, state.last, run, state.node_id)
     guider.model_options["transformer_options"][STATE_KEY] = run_state
     completed = False
     try:
@@ -453,11 +454,12 @@ def default_keystep_store() -> Path | None:
         return None
 
 
-def apply_rehash(model, config: RehashConfig, keystep_store: Path | None = None):
-    """A clone of `model` that samples with Step Rehash; `model` itself is left as it was."""
+def apply_rehash(model, config: RehashConfig, keystep_store: Path | None = None, node_id: str | None = None):
+    """A clone of `model` that samples with Step Rehash; `model` itself is left as it was. Each run's
+    report goes to the log and, given the node's `node_id`, to that node in the browser."""
     patched = model.clone()
     store = keystep_store if keystep_store is not None else default_keystep_store()
-    patched.model_options["transformer_options"][STATE_KEY] = RehashState(config, store)
+    patched.model_options["transformer_options"][STATE_KEY] = RehashState(config, store, node_id=node_id)
     for kind, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
                           (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
         patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
@@ -522,11 +524,12 @@ class StepRehashModelPatch(io.ComfyNode):
             "KSampler: on chosen steps only the shallow UNet path runs and the cached deep feature is reused.",
             inputs=[io.Model.Input("model")] + rehash_inputs(),
             outputs=[io.Model.Output(tooltip="The model with Step Rehash (a clone).")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, **settings) -> io.NodeOutput:
-        return io.NodeOutput(apply_rehash(model, rehash_config(**settings)))
+        return io.NodeOutput(apply_rehash(model, rehash_config(**settings), node_id=node_id_of(cls)))
 
 
 class StepRehashSampler(io.ComfyNode):

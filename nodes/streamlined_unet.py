@@ -466,14 +466,19 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
         except video_norm.VideoNormUnknown:  # the forward runs unsliced (and says so)
             video_norm_mode = False
         config = state.config_for(unet, x, context, held, video_norm_mode)
+        report = getattr(state, "report", None)  # the run's (nodes/run_report.py)
         while True:
             forward = functools.partial(streamlined_unet_forward, unet, config, state.log)
             # the forward pops ControlNet residuals from their lists: each attempt gets its own lists
             attempt_control = {k: list(v) for k, v in control.items()} if isinstance(control, dict) else control
             try:
-                return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+                peak = report.measure(x, video_norm_mode) if report is not None else None
+                out = comfy.patcher_extension.WrapperExecutor.new_class_executor(
                     forward, unet, executor.wrappers, idx=executor.idx + 1
                 ).execute(x, timesteps, context, y, attempt_control, transformer_options, **kwargs)
+                if report is not None:
+                    report.record(unet, x, context, config, video_norm_mode, peak)
+                return out
             except torch.OutOfMemoryError:
                 smaller = _finer_after_oom(unet, config, x, context)
                 if smaller is None:

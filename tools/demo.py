@@ -2,19 +2,22 @@
 with ComfyUI as it is and with Streamline Model Patch, and print time and peak memory side by side.
 
 Graph (the same nodes a user drags in): Load TinyVideo -> [Streamline Model Patch] -> KSampler ->
-TinyVideo Decode, prompts from TinyVideo Prompt. Saves both clips as GIFs and checks they are the same
-video (Streamline is exact: the difference is float rounding).
+TinyVideo Decode, prompts from TinyVideo Prompt. Saves both clips as GIFs in ComfyUI's output folder
+and checks they are the same video (Streamline is exact: the difference is float rounding).
 
-    python tools/demo.py                         # CPU: 16 frames, 32x32
+    python tools/demo.py                         # CPU: 16 frames, 32x32 (about half a minute on 2 cores)
     python tools/demo.py --device cuda --frames 32 --size 64
 
-Peak memory: on CUDA torch.cuda.max_memory_allocated above what was allocated before the run (the weights
-are loaded first); on CPU the live-tensor counter (core/memtrace.py), tensors made during sampling.
-Time: each run timed on its own, without the counter.
+It runs in labelled stages: a one-step warm-up of each model (first-call allocations, kernel choice),
+the two timed runs, and on the CPU one step of each under the memory counter (every step's UNet forward
+has the same peak). Peak memory: on CUDA torch.cuda.max_memory_allocated above what was allocated before the
+run (the weights are loaded first), read in the timed runs; on CPU the live-tensor counter
+(core/memtrace.py): tensors made during sampling.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -33,80 +36,140 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frame-chunk", type=int, default=4, help="Streamline Model Patch frame_chunk (0 = automatic)")
-    p.add_argument("--spatial-chunk", type=int, default=128, help="Streamline Model Patch spatial_chunk (0 = automatic)")
-    p.add_argument("--out", type=Path, default=hostenv.REPO_ROOT / "output",
-                   help="folder for the GIFs (default: output/ in the pack)")
+    p.add_argument("--frame-chunk", type=int, default=8, help="Streamline Model Patch frame_chunk (0 = automatic)")
+    p.add_argument("--spatial-chunk", type=int, default=256, help="Streamline Model Patch spatial_chunk (0 = automatic)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the GIFs (default: ComfyUI's output folder, as Save nodes use it)")
     return p.parse_args(argv)
 
 
-def run_graph(model, args, measure_memory: bool):
-    """KSampler -> TinyVideo Decode, as the graph runs them. Returns (frames, seconds, peak bytes or None)."""
-    import comfy.model_management
-    import nodes as comfy_nodes
-    import torch
+class Graph:
+    """KSampler -> TinyVideo Decode on one model, as the graph runs them."""
 
-    from comfyui_streamline.core.memtrace import LiveTensorMeter
-    from comfyui_streamline.nodes.tinyvideo import TinyVideoDecode, TinyVideoPrompt
+    def __init__(self, model, args):
+        import nodes as comfy_nodes
 
-    positive = TinyVideoPrompt.execute(model, args.prompt).result[0]
-    negative = TinyVideoPrompt.execute(model, "").result[0]
-    latent = comfy_nodes.EmptyLatentImage().generate(args.size * 8, args.size * 8, args.frames)[0]
+        from comfyui_streamline.nodes.tinyvideo import TinyVideoPrompt
 
-    def sample():
-        return comfy_nodes.KSampler().sample(model, args.seed, args.steps, args.cfg, "euler", "normal",
-                                             positive, negative, latent)[0]
+        self.model, self.args = model, args
+        self.positive = TinyVideoPrompt.execute(model, args.prompt).result[0]
+        self.negative = TinyVideoPrompt.execute(model, "").result[0]
+        self.latent = comfy_nodes.EmptyLatentImage().generate(args.size * 8, args.size * 8, args.frames)[0]
 
-    peak = None
-    if args.device == "cuda":
-        comfy.model_management.load_models_gpu([model])
-        torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    if measure_memory and args.device == "cpu":
+    def sample(self, steps: int):
+        import nodes as comfy_nodes
+
+        a = self.args
+        return comfy_nodes.KSampler().sample(self.model, a.seed, steps, a.cfg, "euler", "normal", self.positive,
+                                             self.negative, self.latent)[0]
+
+    def timed(self):
+        """The full run: (latent, frames, seconds, CUDA peak bytes or None)."""
+        import comfy.model_management
+        import torch
+
+        from comfyui_streamline.nodes.tinyvideo import TinyVideoDecode
+
+        cuda = self.args.device == "cuda"
+        if cuda:
+            comfy.model_management.load_models_gpu([self.model])
+            torch.cuda.synchronize()
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        samples = self.sample(self.args.steps)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() - held if cuda else None
+        return samples["samples"], TinyVideoDecode.execute(samples, 8).result[0], seconds, peak
+
+    def counted_peak(self) -> int:
+        """Peak bytes of tensors made during one sampling step (CPU live-tensor counter)."""
+        from comfyui_streamline.core.memtrace import LiveTensorMeter
+
         with LiveTensorMeter() as meter:
-            samples = sample()
-        peak = meter.peak_bytes
-    else:
-        samples = sample()
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - held
-    seconds = time.perf_counter() - start
-    frames = TinyVideoDecode.execute(samples, 8).result[0]
-    return samples["samples"], frames, seconds, peak
+            self.sample(1)
+        return meter.peak_bytes
+
+
+class ReportCatcher(logging.Handler):
+    """Keeps the pack's per-run report (nodes/run_report.py) of the latest run."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.latest = ""
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("Streamline Model Patch, this run"):
+            self.latest = message
+
+
+def output_folder(explicit: Path | None) -> Path:
+    if explicit is not None:
+        return explicit
+    import folder_paths
+
+    return Path(folder_paths.get_output_directory())
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     hostenv.enter_for_tool(args.comfy, cpu=args.device == "cpu", tool="demo")
 
+    from comfyui_streamline.nodes.log import logger
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
     from comfyui_streamline.nodes.tinyvideo import TinyVideoLoader
     from comfyui_streamline.tinyvideo.media import save_gif
 
+    # the pack's notices: warnings on the console; the per-run reports kept, the timed run's printed at the end
+    catcher, console = ReportCatcher(), logging.StreamHandler()
+    console.setLevel(logging.WARNING)
+    logger.addHandler(catcher)
+    logger.addHandler(console)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     model = TinyVideoLoader.execute().result[0]
     patched = StreamlineModelPatch.execute(model, args.frame_chunk, args.spatial_chunk).result[0]
+    graphs = {"ComfyUI": Graph(model, args), "Streamline": Graph(patched, args)}
     print(f'TinyVideo "{args.prompt}": {args.frames} frames at {args.size}x{args.size}, {args.steps} euler steps, '
-          f"CFG {args.cfg}, seed {args.seed}, on {args.device}")
-    results = {}
-    for name, m in (("ComfyUI", model), ("Streamline", patched)):
-        run_graph(m, args, measure_memory=False)  # warm-up: first-call allocations and kernel choice
-        latent, frames, seconds, peak = run_graph(m, args, measure_memory=args.device == "cuda")
-        if args.device == "cpu":
-            peak = run_graph(m, args, measure_memory=True)[3]
-        results[name] = (latent, frames, seconds, peak)
-    print(f"{'':12s} {'time':>8s} {'peak memory':>12s}")
+          f"CFG {args.cfg}, seed {args.seed}, on {args.device}; Streamline Model Patch frame_chunk "
+          f"{args.frame_chunk}, spatial_chunk {args.spatial_chunk}")
+    passes = 4 if args.device == "cpu" else 3
+    step = iter(range(1, passes + 1))
+
+    def say(text: str) -> None:
+        print(f"[{next(step)}/{passes}] {text}", flush=True)
+
+    say("warm-up: one step of each (first-call allocations, kernel choice)")
+    for graph in graphs.values():
+        graph.sample(1)
+    results, report = {}, ""
+    for name, graph in graphs.items():
+        say(f"{name}: {args.steps} steps, timed")
+        results[name] = list(graph.timed())
+        print(f"      {results[name][2]:.2f} s")
+        if name == "Streamline":
+            report = catcher.latest
+    if args.device == "cpu":
+        say("peak memory: one step of each under the live-tensor counter")
+        for name, graph in graphs.items():
+            results[name][3] = graph.counted_peak()
+
+    print(f"\n{'':12s} {'time':>8s} {'peak memory':>12s}")
     base = results["ComfyUI"]
     for name, (_, _, seconds, peak) in results.items():
-        ratio = "" if name == "ComfyUI" else (f"   {base[3] / peak:.2f}x less memory, {seconds / base[2]:.2f}x the time")
+        ratio = "" if name == "ComfyUI" else f"   {base[3] / peak:.2f}x less memory, {seconds / base[2]:.2f}x the time"
         print(f"{name:12s} {seconds:7.2f}s {peak / 2**20:9.1f} MiB{ratio}")
     difference = (results["Streamline"][0] - base[0]).abs().max() / base[0].abs().max()
     print(f"largest difference between the two clips (relative to the largest value): {difference.item():.1e}")
+    if report:
+        print(f"\nWhat Streamline reported for its run (on the node, in ComfyUI):\n{report}")
     slug = args.prompt.replace(" ", "_")
+    folder = output_folder(args.out)
     for name, (_, frames, _, _) in results.items():
-        path = save_gif(frames, args.out / f"tinyvideo_{slug}_{name.lower()}.gif")
+        path = save_gif(frames, folder / f"tinyvideo_{slug}_{name.lower()}.gif")
         print(f"saved {path}")
 
 

@@ -1,0 +1,142 @@
+"""What a Streamline-patched model did in one sampling run, said once at the end of the run: in the log
+and on the node that patched the model.
+
+Per latent shape the UNet saw (cond and uncond batched or not, context windows): how many calls, the
+slicing they ran with (the automatic sizes resolved), the peak activation memory the planner predicts
+with that slicing and for ComfyUI's own forward, and on CUDA the peak measured around the first call of
+that shape. The measurement resets PyTorch's peak-memory statistic once per shape per run (ComfyUI does
+not read it); tools that measure a whole process read their peak before sampling starts or use NVML.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..core.budget import format_bytes
+from ..core.slicing import SliceConfig, frame_chunk_size, spatial_chunk_size
+from .log import logger
+
+REPORT_EVENT = "streamline.report"  # websocket event web/streamline.js shows on the node: {"node", "text"}
+
+
+@dataclass
+class ShapeRecord:
+    """The calls of one run with one latent shape."""
+
+    shape: tuple[int, ...]
+    config: SliceConfig
+    slices: str  # the slice sizes at full resolution, automatic sizes resolved
+    predicted: int | None  # bytes, with the slicing; None: the planner cannot describe this UNet
+    unpatched: int | None  # bytes, ComfyUI's own forward
+    video_norm: bool
+    calls: int = 0
+    measured: int | None = None  # bytes above what was allocated before the call (CUDA only)
+
+    def text(self) -> str:
+        mode = ", whole-video GroupNorm mode" if self.video_norm else ""
+        line = f"{'x'.join(map(str, self.shape))} ({self.calls} call{'s' * (self.calls != 1)}{mode}): {self.slices}"
+        if self.predicted is not None and self.unpatched is not None:
+            line += (f"; predicted peak activation {format_bytes(self.predicted)}, ComfyUI's forward "
+                     f"{format_bytes(self.unpatched)} ({self.unpatched / max(self.predicted, 1):.1f}x less)")
+        if self.measured is not None:
+            line += f"; measured {format_bytes(self.measured)} (CUDA, first call)"
+        return line
+
+
+def slice_sizes(unet, x: Tensor, context: Tensor | None, config: SliceConfig) -> str:
+    """The slices a forward of `x` runs with at full resolution: what automatic (0) resolves to."""
+    tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
+    positions = x.shape[-2] * x.shape[-1]
+    channels = getattr(unet, "model_channels", 1)
+    top = channels * (positions + 2 * tokens)
+    frames = frame_chunk_size(config, x.shape[0], top, top)
+    spatial = spatial_chunk_size(config, x.shape[0], positions, channels, channels)
+    auto = " (automatic)" if config.frame_chunk == 0 or config.spatial_chunk == 0 else ""
+    return (f"slices of {frames} of {x.shape[0]} samples in per-frame layers, {spatial} of {positions} positions "
+            f"in temporal layers{auto}")
+
+
+def predicted_peaks(unet, x: Tensor, context: Tensor | None, config: SliceConfig,
+                    video_norm: bool) -> tuple[int | None, int | None]:
+    """(sliced, unpatched) peak activation bytes the planner predicts for a forward of `x`."""
+    from .memory_budget import _video_length, attention_laws, workload_for
+    from .structure import unet_shape
+
+    try:
+        shape, laws = unet_shape(unet), attention_laws()
+        work = workload_for(x, context, _video_length(unet), video_norm)
+        from ..core.budget import predict_peak_bytes
+
+        return predict_peak_bytes(shape, work, config, laws), predict_peak_bytes(shape, work, None, laws)
+    except Exception as e:  # a structure the planner does not describe: the report says so
+        logger.debug(f"Streamline: no memory prediction for this UNet ({e!r})")
+        return None, None
+
+
+class CudaPeak:
+    """The peak allocated above the start of one call (CUDA only)."""
+
+    def __init__(self, device: torch.device):
+        torch.cuda.synchronize(device)
+        self.device, self.start = device, torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def bytes(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - self.start
+
+
+@dataclass
+class RunReport:
+    """Collects one run's calls (a fresh one per run: StreamlineState.for_run)."""
+
+    records: dict = field(default_factory=dict)
+    unchanged: str | None = None  # why the model ran unchanged, if it did
+
+    @staticmethod
+    def _key(x: Tensor, video_norm: bool) -> tuple:
+        return tuple(x.shape), x.dtype, video_norm
+
+    def measure(self, x: Tensor, video_norm: bool) -> CudaPeak | None:
+        """A measurement for this call: on CUDA, for the first call of its shape this run."""
+        if x.device.type != "cuda" or self._key(x, video_norm) in self.records:
+            return None
+        return CudaPeak(x.device)
+
+    def record(self, unet, x: Tensor, context: Tensor | None, config: SliceConfig, video_norm: bool,
+               peak: CudaPeak | None = None) -> None:
+        key = self._key(x, video_norm)
+        entry = self.records.get(key)
+        if entry is None or entry.config != config:  # new shape, or an out-of-memory retry settled finer
+            calls = entry.calls if entry is not None else 0
+            entry = self.records[key] = ShapeRecord(tuple(x.shape), config, slice_sizes(unet, x, context, config),
+                                                    *predicted_peaks(unet, x, context, config, video_norm),
+                                                    video_norm, calls)
+        entry.calls += 1
+        if peak is not None:
+            entry.measured = peak.bytes()
+
+    def text(self, source: str) -> str:
+        if self.unchanged is not None:
+            return f"{source}: {self.unchanged}"
+        if not self.records:
+            return f"{source}: no UNet call this run"
+        lines = [f"{source}, this run:"] + [f"- {r.text()}" for r in self.records.values()]
+        return "\n".join(lines)
+
+
+def publish(text: str, node_id: str | None, log: bool = True) -> None:
+    """Log `text` and show it on the node `node_id` in the browser (when a ComfyUI server runs)."""
+    if log:
+        logger.info(text)
+    server_module = sys.modules.get("server")  # ComfyUI's; absent in scripts and tests without a server
+    server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
+    if server is None or node_id is None:
+        return
+    try:
+        server.send_sync(REPORT_EVENT, {"node": str(node_id), "text": text}, getattr(server, "client_id", None))
+    except Exception as e:  # the report is information: a closed socket must not fail the run
+        logger.debug(f"Streamline: report not sent to node {node_id} ({e!r})")
