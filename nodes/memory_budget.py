@@ -256,7 +256,7 @@ class MemoryBudget(io.ComfyNode):
             "slices whose predicted peak activation fits, planned at run time for the actual latent. Models it "
             "cannot plan for (DiT video models, SVD) run unchanged, with ComfyUI's own memory estimate.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to patch, e.g. the output of AnimateDiff-Evolved's nodes."),
                 io.Float.Input("budget_gb", display_name="budget (GiB)", default=0.0, min=0.0, max=1024.0, step=0.05,
                                round=0.01,
                                tooltip="Activation memory budget in GiB (1 GiB = 2^30 bytes; weights not included). "

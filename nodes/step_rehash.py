@@ -522,7 +522,8 @@ class StepRehashModelPatch(io.ComfyNode):
             category="Streamline",
             description="Step Rehash as a MODEL patch, for SamplerCustomAdvanced, ADE's samplers or any "
             "KSampler: on chosen steps only the shallow UNet path runs and the cached deep feature is reused.",
-            inputs=[io.Model.Input("model")] + rehash_inputs(),
+            inputs=[io.Model.Input("model", tooltip="The model to patch (e.g. Streamline Model Patch's or ADE's output).")]
+            + rehash_inputs(),
             outputs=[io.Model.Output(tooltip="The model with Step Rehash (a clone).")],
             hidden=[io.Hidden.unique_id],
         )
@@ -544,16 +545,20 @@ class StepRehashSampler(io.ComfyNode):
             description="KSampler with Step Rehash: reuses deep UNet features across adjacent steps and "
             "reports how many steps were computed in full and the speedup.",
             inputs=[
-                io.Model.Input("model"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=25, min=1, max=10000),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image"),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Model.Input("model", tooltip="The model to sample with (e.g. Streamline Model Patch's or ADE's output)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The noise seed, as KSampler's."),
+                io.Int.Input("steps", default=25, min=1, max=10000,
+                             tooltip="Denoising steps; Step Rehash computes some of them in full and rehashes the rest."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale, as KSampler's."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="As KSampler's."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="As KSampler's."),
+                io.Conditioning.Input("positive", tooltip="What the video should show."),
+                io.Conditioning.Input("negative", tooltip="What it should not show."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (frames in the batch)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the schedule to run, as KSampler's."),
             ] + rehash_inputs(),
             outputs=[io.Latent.Output()],
         )

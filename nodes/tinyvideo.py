@@ -64,7 +64,7 @@ class TinyVideoDecode(io.ComfyNode):
             category="Streamline/TinyVideo",
             description="TinyVideo latent -> frames: its latent is already RGB (+ a shape mask), so this only "
             "rescales the values and enlarges the pixels.",
-            inputs=[io.Latent.Input("samples"),
+            inputs=[io.Latent.Input("samples", tooltip="The sampled latent: with TinyVideo, the clip itself (frames in the batch)."),
                     io.Int.Input("scale", default=8, min=1, max=32, tooltip="Pixel enlargement (nearest neighbour).")],
             outputs=[io.Image.Output()],
         )
