@@ -39,12 +39,14 @@ function showReport(node, text) {
     widget.inputEl.readOnly = true;
     widget.inputEl.style.opacity = 0.8;
     widget.serialize = false; // a report, not an input: keep it out of saved workflows and prompts
+    // as tall as the text: no clipped last line, no empty box under a short report
     widget.options.getMinHeight = () => reportHeight(widget, node);
+    widget.options.getMaxHeight = () => reportHeight(widget, node);
   }
   widget.value = text;
   const width = Math.max(node.size[0], REPORT_MIN_WIDTH);
   node.setSize([width, node.size[1]]);
-  node.setSize([width, Math.max(node.size[1], node.computeSize([width, node.size[1]])[1])]);
+  node.setSize([width, node.computeSize([width, node.size[1]])[1]]); // fits the report: no empty space below it
   app.graph.setDirtyCanvas(true, true);
 }
 
