@@ -87,12 +87,47 @@ def _svd() -> torch.nn.Module:
                  video_kernel_size=[3, 1, 1], disable_temporal_crossattention=False)
 
 
+def _svd_config(channel_mult: list[int]) -> dict:
+    return dict(in_channels=8, num_res_blocks=[2, 2, 2, 2], channel_mult=channel_mult,
+                transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=1024, num_head_channels=64,
+                use_linear_in_transformer=True, adm_in_channels=768, num_classes="sequential",
+                use_temporal_resblock=True, use_temporal_attention=True, extra_ff_mix_layer=True,
+                use_spatial_context=True, merge_strategy="learned_with_images", merge_factor=0.0,
+                video_kernel_size=[3, 1, 1], disable_temporal_crossattention=False)
+
+
+def svd_layout(model_channels: int = 320) -> torch.nn.Module:
+    """SVD's real layout: channel multipliers 1/2/4/4 (at 320 channels SVD's own widths, ~1.5G parameters,
+    6 GB in fp32: more than ComfyUI's loader fits in a small machine's memory; at 64, 64/128/256/256 channels,
+    built directly, not through the loader, whose SVD detection needs 320)."""
+    return _unet(**_svd_config([1, 2, 4, 4]), model_channels=model_channels)
+
+
+def svd_reduced() -> torch.nn.Module:
+    """SVD's layout (4 levels, 2 VideoResBlocks + SpatialVideoTransformers per level, as detection needs)
+    at 320 channels on every level: the fast one (~0.2G parameters)."""
+    return _unet(**_svd_config([1, 1, 1, 1]))
+
+
 def _wan21_t2v() -> torch.nn.Module:
     from comfy.ldm.wan.model import WanModel
 
     # detection: heads = dim // 128; the text embedding reads 4096-d T5 features
     return WanModel(model_type="t2v", dim=128, ffn_dim=256, num_heads=1, num_layers=1, in_dim=16, out_dim=16,
                     cross_attn_norm=True, dtype=torch.float32, device="cpu", operations=_ops())
+
+
+def wan(model_type: str = "t2v", in_dim: int = 16, out_dim: int = 16, dim: int = 128, ffn_dim: int = 256,
+        num_layers: int = 1) -> torch.nn.Module:
+    """A tiny WanModel as detection reads it (heads = dim // 128, 4096-d text features, 1280-d CLIP image
+    features for i2v): WAN21_T2V (t2v, in/out 16), WAN21_I2V (i2v, in 36: noise + 4 mask + 16 image
+    channels), WAN22_T2V (the 5B TI2V: t2v, in/out 48). ffn_dim and num_layers are free."""
+    from comfy.ldm.wan.model import WanModel
+
+    return WanModel(model_type=model_type, dim=dim, ffn_dim=ffn_dim, num_heads=dim // 128, num_layers=num_layers,
+                    in_dim=in_dim, out_dim=out_dim, cross_attn_norm=True, dtype=torch.float32, device="cpu",
+                    operations=_ops())
 
 
 def _ltxv() -> torch.nn.Module:
@@ -160,3 +195,36 @@ def load(family: Family, seed: int = 0):
     if detected != family.name:
         raise RuntimeError(f"ComfyUI detected {detected} from the tiny {family.name} weights")
     return patcher
+
+
+def load_svd_reduced(seed: int = 0):
+    """SVD_img2vid at SVD's layout and 320 channels on every level (svd_reduced), through ComfyUI's loader, fp32."""
+    from dataclasses import replace
+
+    return load(replace(FAMILIES["SVD_img2vid"], build=svd_reduced), seed)
+
+
+CLIP_IMAGE_TOKENS = 257  # CLIP vision penultimate hidden states, as WAN21 i2v's clip_fea
+
+
+class _ClipVisionOutput:
+    """What CLIPVisionEncode outputs, as far as WAN21.extra_conds reads it."""
+
+    def __init__(self, penultimate_hidden_states: torch.Tensor):
+        self.penultimate_hidden_states = penultimate_hidden_states
+
+
+def _wan_i2v_extras(g: torch.Generator, positive: bool) -> dict:
+    """As WanImageToVideo gives them: the start image's latent (16 channels) and its CLIP vision output."""
+    return {"concat_latent_image": torch.randn(1, 16, 2, 4, 4, generator=g),
+            "clip_vision_output": _ClipVisionOutput(torch.randn(1, CLIP_IMAGE_TOKENS, 1280, generator=g))}
+
+
+# Wan variants for the Wan slicing tests (tests/test_wan_exact.py); build them at other sizes with
+# dataclasses.replace(variant, build=functools.partial(wan, ...)).
+WAN_VARIANTS = {f.name: f for f in (
+    FAMILIES["WAN21_T2V"],
+    Family("WAN21_I2V", lambda: wan("i2v", in_dim=36), "", (1, 16, 2, 4, 4), 4096, _wan_i2v_extras, sliced=False),
+    Family("WAN22_T2V", lambda: wan("t2v", in_dim=48, out_dim=48), "", (1, 48, 2, 4, 4), 4096, _no_extras,
+           sliced=False),
+)}

@@ -1,0 +1,197 @@
+"""Attach the sliced Wan block (block.py) to a MODEL clone through ComfyUI's own hooks; no monkeypatching.
+
+Two pieces, both on the clone's model_options:
+- a DIFFUSION_MODEL wrapper (key WRAPPER_KEY) that sees the diffusion model's call. WanModel.forward_orig
+  hands a block replacement {"img", "txt", "vec", "pe", "transformer_options"}, but not context_img_len
+  (the number of CLIP-image tokens at the front of the context, clip_fea.shape[-2]) nor the block itself.
+  The wrapper puts both, with the latent's tokens per frame, into a per-call copy of transformer_options
+  under CALL_KEY and hands every argument on unchanged;
+- a "dit" / ("double_block", i) replacement for each block (model.set_model_patch_replace), which runs
+  block i sliced when its class forward is exactly WanAttentionBlock.forward and the run asks for
+  slices, else calls the host's own block (`original_block`), saying why once per run.
+
+A replacement another pack set for a block first is kept (one log line at install); one set later
+replaces this pack's (ComfyUI keeps one replacement per block).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import comfy.patcher_extension
+import torch
+import torch.nn as nn
+from comfy.ldm.wan import model as wan_model
+from comfy.ldm.wan.model import WanAttentionBlock, WanModel
+from comfy.model_patcher import ModelPatcher
+from torch import Tensor
+
+from .. import host_fingerprints
+from ..log import logger
+from ..streamlined_unet import LogOnce
+from .block import sliced_block_forward
+
+WRAPPER_KEY = "streamline_wan"
+CALL_KEY = "streamline_wan_call"  # transformer_options key of the per-call WanCall
+STATE_KEY = "streamline"  # nodes/model_patch.py's StreamlineState
+
+# host function -> fingerprint of its source on the host the exactness tests passed on (ComfyUI 0.3.64):
+# the sliced block mirrors the first five; forward_orig is where the replacement hook and its arguments are
+RECORDED_WAN = {
+    "comfy WanAttentionBlock.forward": "d7832c9c3c9bee7d",
+    "comfy WanSelfAttention.forward": "1874b02fb0fc0c7f",
+    "comfy WanT2VCrossAttention.forward": "7bb1fba222c7a7ca",
+    "comfy WanI2VCrossAttention.forward": "bf7a551d05eeb8f6",
+    "comfy repeat_e": "8fe20fbbb055f096",
+    "comfy WanModel.forward_orig": "32cee57e700e7875",
+}
+CHECK_COMMAND = "COMFYUI_PATH=<your ComfyUI> python -m pytest tests/test_wan_exact.py (in the pack's folder)"
+
+
+def wan_functions() -> dict[str, Callable]:
+    return {
+        "comfy WanAttentionBlock.forward": wan_model.WanAttentionBlock.forward,
+        "comfy WanSelfAttention.forward": wan_model.WanSelfAttention.forward,
+        "comfy WanT2VCrossAttention.forward": wan_model.WanT2VCrossAttention.forward,
+        "comfy WanI2VCrossAttention.forward": wan_model.WanI2VCrossAttention.forward,
+        "comfy repeat_e": wan_model.repeat_e,
+        "comfy WanModel.forward_orig": wan_model.WanModel.forward_orig,
+    }
+
+
+def is_plain_wan_block(block: nn.Module) -> bool:
+    """The block runs WanAttentionBlock.forward itself (subclasses that override it are not sliced)."""
+    return isinstance(block, WanAttentionBlock) and type(block).forward is WanAttentionBlock.forward
+
+
+def unsupported_wan_reason(diffusion_model: nn.Module) -> str | None:
+    """Why the pack leaves this diffusion model's blocks to ComfyUI (None: it slices them)."""
+    if not isinstance(diffusion_model, WanModel):
+        return f"{type(diffusion_model).__name__} is not a Wan model"
+    if not any(is_plain_wan_block(block) for block in diffusion_model.blocks):
+        kinds = sorted({type(block).__name__ for block in diffusion_model.blocks})
+        return f"{type(diffusion_model).__name__} has no plain WanAttentionBlock ({', '.join(kinds)})"
+    return None
+
+
+@dataclass(frozen=True)
+class WanCall:
+    """What one diffusion-model call tells the block replacements."""
+
+    blocks: nn.ModuleList
+    context_img_len: int | None  # as forward_orig derives it: clip_fea.shape[-2], None without clip_fea
+    tokens_per_frame: int  # patch tokens of one latent frame
+
+
+# (transformer_options, x (B, L, C), tokens_per_frame) -> tokens per slice, or None: run the block unsliced
+TokenChunkFor = Callable[[dict, Tensor, int], "int | None"]
+
+
+def token_chunk_from_state(transformer_options: dict, x: Tensor, tokens_per_frame: int) -> int | None:
+    """The slice size the run's StreamlineState (nodes/model_patch.py) gives: its SliceConfig mapped to
+    tokens by core.dit_budget.token_chunk_size; None without a state."""
+    from ...core.dit_budget import token_chunk_size
+
+    state = transformer_options.get(STATE_KEY)
+    if state is None:
+        return None
+    return token_chunk_size(state.config, batch=x.shape[0], tokens=x.shape[1], tokens_per_frame=tokens_per_frame,
+                            dim=x.shape[2])
+
+
+def add_call_info(executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={},
+                  **kwargs):
+    """DIFFUSION_MODEL wrapper: a per-call copy of transformer_options with the WanCall; the rest unchanged."""
+    model = executor.class_obj
+    patch = getattr(model, "patch_size", (1, 2, 2))
+    tokens_per_frame = -(-x.shape[-2] // patch[1]) * -(-x.shape[-1] // patch[2])
+    call = WanCall(model.blocks, clip_fea.shape[-2] if clip_fea is not None else None, tokens_per_frame)
+    transformer_options = {**transformer_options, CALL_KEY: call}
+    return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+
+
+def _log_of(transformer_options: dict, fallback: LogOnce) -> LogOnce:
+    state = transformer_options.get(STATE_KEY)
+    return getattr(state, "log", None) or fallback
+
+
+@dataclass
+class SlicedWanBlock:
+    """The ("double_block", index) replacement: block `index` sliced over tokens when it can be."""
+
+    index: int
+    token_chunk_for: TokenChunkFor
+    # where notices go when no run state carries a log (a bare install): one LogOnce shared by the
+    # blocks of one install, so each notice is said once per install
+    log: LogOnce = field(default_factory=LogOnce)
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        to = args["transformer_options"]
+        log = _log_of(to, self.log)
+        x, e, freqs = args["img"], args["vec"], args["pe"]
+        call: WanCall | None = to.get(CALL_KEY)
+        reason = self.unsliced_reason(call, to, x, freqs)
+        chunk = None if reason else self.token_chunk_for(to, x, call.tokens_per_frame)
+        if reason or chunk is None or chunk >= x.shape[1]:
+            if reason:
+                log.warn(f"wan-unsliced-{reason}", f"Streamline: Wan block {self.index}: {reason}; it runs unsliced "
+                         "(ComfyUI's own block).")
+            return extra["original_block"](args)
+        warn_on_drift(log)
+        block = call.blocks[self.index]
+        out = sliced_block_forward(block, x, e, freqs, args["txt"], call.context_img_len, to, chunk)
+        return {"img": out}
+
+    def unsliced_reason(self, call: WanCall | None, to: dict, x: Tensor, freqs: Tensor) -> str | None:
+        if call is None:
+            return "the diffusion-model wrapper did not run (no context_img_len)"
+        if not is_plain_wan_block(call.blocks[self.index]):
+            return f"{type(call.blocks[self.index]).__name__} is not a plain WanAttentionBlock"
+        if "optimized_attention_override" in to:
+            return "an attention override is set (it may need whole query sequences)"
+        if torch.is_grad_enabled() and x.requires_grad:
+            return "gradients are on"
+        if freqs is None or freqs.shape[1] not in (1, x.shape[1]):
+            return "its RoPE frequencies do not match the tokens"
+        return None
+
+
+def warn_on_drift(log: LogOnce) -> None:
+    for name in host_fingerprints.changed(wan_functions(), RECORDED_WAN):
+        log.warn(f"host-drift-{name}", f"Streamline: {name} differs from the one the pack's Wan exactness tests "
+                 f"passed on (ComfyUI 0.3.64); the sliced Wan block mirrors it, so its output may differ from "
+                 f"ComfyUI's. Check this install with: {CHECK_COMMAND}")
+
+
+def install_wan_slicing(model: ModelPatcher, token_chunk_for: TokenChunkFor = token_chunk_from_state) -> list[int]:
+    """Add the block replacements and the call wrapper to `model` (a clone the caller owns) for every block
+    of its Wan diffusion model. Blocks another pack already replaces keep that replacement (logged once).
+    Returns the indices of the blocks patched."""
+    diffusion_model = model.model.diffusion_model
+    reason = unsupported_wan_reason(diffusion_model)
+    if reason is not None:
+        logger.info(f"Streamline: {reason}; Wan slicing not installed.")
+        return []
+    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    patched, kept, log = [], [], LogOnce()
+    for index in range(len(diffusion_model.blocks)):
+        earlier = replaced.get(("double_block", index))
+        if earlier is not None and not isinstance(earlier, SlicedWanBlock):
+            kept.append(index)
+            continue
+        model.set_model_patch_replace(SlicedWanBlock(index, token_chunk_for, log), "dit", "double_block", index)
+        patched.append(index)
+    if kept:
+        logger.warning(f"Streamline: Wan blocks {kept} already have a block replacement (another node's); they run "
+                       "through it, unsliced.")
+    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, add_call_info)
+    return patched
+
+
+def remove_wan_slicing(model: ModelPatcher) -> None:
+    """Undo install_wan_slicing on `model` (a clone the caller owns)."""
+    dit = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for key in [k for k, v in dit.items() if isinstance(v, SlicedWanBlock)]:
+        del dit[key]
+    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
