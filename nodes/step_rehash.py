@@ -35,6 +35,7 @@ from ..core.slicing import UNSLICED
 from .layer_roles import unsupported_reason
 from .model_patch import STATE_KEY as SLICING_STATE_KEY, node_id_of
 from .run_report import publish
+from .svd_unet import is_svd_unet, svd_forward
 from .streamlined_unet import (
     REHASH_CALL_KEY, REHASH_STATE_KEY, LogOnce, streamlined_unet_forward,
 )
@@ -374,7 +375,7 @@ def _rehash_plan(run: RehashRun, model) -> RehashPlan:
 
 
 def _plan(model, config: RehashConfig) -> RehashPlan:
-    reason = unsupported_reason(model)  # another architecture, or SVD's video layers
+    reason = None if is_svd_unet(model) else unsupported_reason(model)  # another architecture
     if reason is not None:
         return RehashPlan(why_not=reason, log_key="model-unsupported")
     try:
@@ -431,9 +432,10 @@ def _rehash_unet_call(executor, state: RehashState, cache_block: int, x, timeste
             out = executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         else:
             log = state.log
+            unet_forward = svd_forward if is_svd_unet(unet) else streamlined_unet_forward
 
             def forward(*args, **kw):
-                return streamlined_unet_forward(unet, UNSLICED, log, *args, **kw)
+                return unet_forward(unet, UNSLICED, log, *args, **kw)
 
             out = comfy.patcher_extension.WrapperExecutor.new_class_executor(
                 forward, unet, executor.wrappers, idx=executor.idx + 1

@@ -31,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO_ROOT / "workflows"
 UI_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
 ANIMATEDIFF = json.loads((WORKFLOWS / "streamline_animatediff_api.json").read_text())
+SVD = json.loads((WORKFLOWS / "svd_img2vid_streamline_api.json").read_text())
 RUN_WORKFLOW = "tinyvideo_budget_rehash.json"
 PACK_WEB_PATH = "/extensions/ComfyUI-Streamline/"  # where ComfyUI serves the pack's web/ folder
 CHROMIUM = os.environ.get("STREAMLINE_CHROMIUM", "/usr/bin/chromium")
@@ -157,9 +158,16 @@ def overlaps(boxes: list[dict]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy-browser")
-    yield from running_server(make_base_directory(base, ANIMATEDIFF["1"]["inputs"]["ckpt_name"],
-                                                  ANIMATEDIFF["2"]["inputs"]["model_name"]))
+    base = make_base_directory(tmp_path_factory.mktemp("comfy-browser"), ANIMATEDIFF["1"]["inputs"]["ckpt_name"],
+                               ANIMATEDIFF["2"]["inputs"]["model_name"])
+    # The SVD workflow is only loaded here, never run: its checkpoint needs to be listed, not read (a
+    # loadable random-weight SVD checkpoint is gigabytes).
+    (base / "models/checkpoints" / SVD["1"]["inputs"]["ckpt_name"]).write_bytes(b"")
+    (base / "input").mkdir(exist_ok=True)
+    from PIL import Image
+
+    Image.new("RGB", (64, 36), (90, 120, 160)).save(base / "input" / SVD["2"]["inputs"]["image"])
+    yield from running_server(base)
 
 
 @pytest.fixture(scope="module")

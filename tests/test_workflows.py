@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-NAMES = ("streamline_animatediff", "tinyvideo_streamline", "tinyvideo_budget_rehash")
+NAMES = ("streamline_animatediff", "tinyvideo_streamline", "tinyvideo_budget_rehash", "svd_img2vid_streamline")
 PAIRS = {name: (json.loads((WORKFLOWS / f"{name}.json").read_text()),
                 json.loads((WORKFLOWS / f"{name}_api.json").read_text()))
          for name in NAMES}
@@ -21,6 +21,7 @@ SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 # Where each loader's file goes (ComfyUI's models/ folder), for the files the shipped workflows need.
 MODEL_DIRECTORIES = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+                     ("ImageOnlyCheckpointLoader", "ckpt_name"): "checkpoints",
                      ("ADE_AnimateDiffLoaderGen1", "model_name"): "animatediff_models"}
 
 

@@ -97,11 +97,11 @@ def _svd_config(channel_mult: list[int]) -> dict:
                 video_kernel_size=[3, 1, 1], disable_temporal_crossattention=False)
 
 
-def svd_layout(model_channels: int = 320) -> torch.nn.Module:
+def svd_layout(model_channels: int = 320, dtype: torch.dtype = torch.float32, device="cpu") -> torch.nn.Module:
     """SVD's real layout: channel multipliers 1/2/4/4 (at 320 channels SVD's own widths, ~1.5G parameters,
     6 GB in fp32: more than ComfyUI's loader fits in a small machine's memory; at 64, 64/128/256/256 channels,
     built directly, not through the loader, whose SVD detection needs 320)."""
-    return _unet(**_svd_config([1, 2, 4, 4]), model_channels=model_channels)
+    return _unet(**_svd_config([1, 2, 4, 4]), model_channels=model_channels, dtype=dtype, device=device)
 
 
 def svd_reduced() -> torch.nn.Module:
