@@ -7,12 +7,16 @@ Two parts:
   CPU default) materialises the attention scores, PyTorch's SDPA (its CUDA default) does not;
 - a walk over the UNet's blocks in execution order that keeps what the forward keeps alive around each
   layer: skip tensors, block inputs, output buffers, and one chunk's working set. It follows either
-  ComfyUI's own forward (config None) or the streamlined forward (nodes/streamlined_unet.py).
+  ComfyUI's own forward (config None) or the streamlined forward (nodes/streamlined_unet.py);
+- with skip offload (config.offload_skips, core/offload.py) the walk keeps on the device only the skips
+  the offloaded forward keeps there: the latest one on the way down, the deepest one until the first
+  output block reads it, and on the way up the rows of the skip each frame chunk joins (and the next
+  chunk's rows, on their way), or, in ADE's GroupNorm-over-videos mode, the whole skip and the next one.
 Nothing is fitted to whole-UNet peaks: those are the check (tests/test_budget.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from .slicing import SliceConfig, frame_chunk_size, spatial_chunk_size
@@ -98,6 +102,17 @@ class _Walk:
     laws: WorkingSets
     peak: float = 0.0
     skips: list[float] = field(default_factory=list)
+    top_on_device: bool = True  # offload: the latest skip has not left the device (nothing popped yet)
+
+    @property
+    def offload(self) -> bool:
+        return self.config is not None and self.config.offload_skips
+
+    def resident_skips(self) -> float:
+        """Skip values on the device between blocks."""
+        if not self.offload:
+            return sum(self.skips)
+        return self.skips[-1] if self.skips and self.top_on_device else 0.0
 
     def positions(self, level: int) -> int:
         return max(1, (self.work.height >> level) * (self.work.width >> level))
@@ -176,23 +191,27 @@ class _Walk:
         return frame_chunk_size(self.config, self.work.batch, sample, top)
 
     def sliced_frames(self, layers: list[Layer], level: int, channels_in: int, outside: float,
-                      pending: Layer | None, joins_skip: bool) -> tuple[int, int]:
+                      pending: Layer | None, joins_skip: bool, streamed_skip: int = 0) -> tuple[int, int]:
         """StreamlinedForward.run_frames: chunk by chunk, the previous block's Upsample (`pending`, its
-        input one level deeper), the concatenation with the skip, then `layers`, into one buffer."""
+        input one level deeper), the concatenation with the skip, then `layers`, into one buffer.
+        streamed_skip: channels of an offloaded skip whose rows come from host memory per chunk."""
         b = self.work.batch
         n = self.frame_chunk(channels_in, level, any(layer.kind == "attn" for layer in layers))
         # per sample: the peak; the group's input when the chunk made it (upsampled, joined with the
         # skip), which stays referenced until the group returns; the previous layer's output
         chunk, chunk_input, alive = 0.0, 0.0, 0.0
+        # an offloaded skip's rows: this chunk's, alive while it is joined, and the next chunk's, arriving
+        rows = streamed_skip * self.positions(level)
+        incoming = rows if n < b else 0.0
         if pending is not None:
-            chunk = self.layer_values(pending, level + 1)
+            chunk = self.layer_values(pending, level + 1) + incoming
             chunk_input = pending.channels_out * self.positions(level)
         if joins_skip:
             joined = channels_in * self.positions(level)
-            chunk, chunk_input = max(chunk, chunk_input + joined), joined
+            chunk, chunk_input = max(chunk, chunk_input + rows + incoming + joined), joined
         channels = channels_in
         for layer in layers:
-            chunk = max(chunk, chunk_input + alive + self.layer_values(layer, level))
+            chunk = max(chunk, chunk_input + alive + incoming + self.layer_values(layer, level))
             level, channels = self.next_level(layer, level), layer.channels_out
             alive = channels * self.positions(level)
         self.see(outside + (b * alive if n < b else 0.0) + n * chunk)
@@ -200,11 +219,12 @@ class _Walk:
 
     def sliced_block(self, layers: tuple[Layer, ...], level: int, channels: int, held: float,
                      skip: Block | None = None, skip_values: float = 0.0,
-                     pending: Layer | None = None) -> tuple[int, int]:
+                     pending: Layer | None = None, streamed_skip: int = 0) -> tuple[int, int]:
         """StreamlinedForward.run_block. `held`: the block's input when it is no skip; `skip`: the
-        output block whose skip joins the first group."""
+        output block whose skip joins the first group (`skip_values` of it on the device, or its rows per
+        chunk: `streamed_skip` channels)."""
         b = self.work.batch
-        outside = sum(self.skips) + held + skip_values
+        outside = self.resident_skips() + held + skip_values
         current, owned, segment = 0.0, False, []  # current: h inside the block, once it is not the input
         channels_in = channels + (skip.skip_channels if skip else 0)
         for layer in layers + (Layer("end", 0, 0),):
@@ -213,7 +233,8 @@ class _Walk:
                 continue
             if segment:
                 level, channels = self.sliced_frames(segment, level, channels_in, outside + current, pending,
-                                                     joins_skip=skip is not None)
+                                                     joins_skip=skip is not None,
+                                                     streamed_skip=streamed_skip if skip is not None else 0)
                 current, owned, pending, skip, segment = b * channels * self.positions(level), True, None, None, []
                 channels_in = channels
             if layer.kind not in ("motion", "end"):  # a layer that starts a group of its own
@@ -243,12 +264,19 @@ class _Walk:
         pending = None
         for i, block in enumerate(self.shape.output_blocks):
             skip = self.skips.pop()
+            streamed = 0
+            if self.offload and not self.top_on_device:  # the skip comes back from host memory
+                if self.work.video_norm:  # whole, and the next one whole, one block ahead
+                    skip += self.skips[-1] if self.skips else 0.0
+                elif layers_join_in_chunks(block):
+                    skip, streamed = 0.0, block.skip_channels
+            self.top_on_device = False
             h = b * channels * self.positions(level + (pending is not None))
             layers = block.layers
             # the sliced forward runs a block's trailing Upsample per chunk inside the next block
             defer = layers[-1].kind == "up" and i + 1 < len(self.shape.output_blocks) and not self.work.video_norm
             level, channels = self.sliced_block(layers[:-1] if defer else layers, level, channels, h, block, skip,
-                                                pending)
+                                                pending, streamed)
             pending = layers[-1] if defer else None
             if defer:  # h stays one level deeper until the next block upsamples it per chunk
                 level -= 1
@@ -263,10 +291,37 @@ class _Walk:
         return self.peak * self.work.dtype_bytes
 
 
+def layers_join_in_chunks(block: Block) -> bool:
+    """Whether the streamlined forward joins an output block's skip per frame chunk (its first layer is
+    a per-frame one), so an offloaded skip comes back by rows."""
+    return bool(block.layers) and block.layers[0].kind not in ("motion",)
+
+
 def predict_peak_bytes(shape: UNetShape, work: Workload, config: SliceConfig | None,
                        laws: WorkingSets = SUB_QUADRATIC) -> int:
     """Peak activation bytes of one forward: patched with `config`, or ComfyUI's plain forward (None)."""
     return int(_Walk(shape, work, config, laws).walk())
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What skip offload moves in one forward: bytes held in (pinned) host memory at most, bytes copied
+    out and back."""
+
+    host_bytes: int
+    moved_bytes: int
+
+
+def offload_traffic(shape: UNetShape, work: Workload) -> Traffic:
+    """Every skip but the deepest leaves the device and comes back once."""
+    b, level, channels, skips = work.batch, 0, shape.input_blocks[0].layers[0].channels_in, []
+    for block in shape.input_blocks:
+        for layer in block.layers:
+            level = level - 1 if layer.kind == "up" else level + 1 if layer.kind == "down" else level
+            channels = layer.channels_out
+        skips.append(b * channels * max(1, (work.height >> level) * (work.width >> level)))
+    host = int(sum(skips[:-1]) * work.dtype_bytes)
+    return Traffic(host, 2 * host)
 
 
 def sd15_shape(motion_modules: bool = True) -> UNetShape:
@@ -308,10 +363,16 @@ class Plan:
     config: SliceConfig
     predicted_peak_bytes: int
     baseline_peak_bytes: int
+    traffic: Traffic | None = None  # skip offload, when the plan offloads
 
     def text(self) -> str:
-        return (f"frame_chunk {self.config.frame_chunk}, spatial_chunk {self.config.spatial_chunk}: predicted peak "
-                f"activation {format_bytes(self.predicted_peak_bytes)} (unpatched {format_bytes(self.baseline_peak_bytes)})")
+        offload = ""
+        if self.config.offload_skips and self.traffic is not None:
+            offload = (f", skips offloaded to host memory ({format_bytes(self.traffic.host_bytes)} held there, "
+                       f"{format_bytes(self.traffic.moved_bytes)} moved per forward)")
+        return (f"frame_chunk {self.config.frame_chunk}, spatial_chunk {self.config.spatial_chunk}{offload}: predicted "
+                f"peak activation {format_bytes(self.predicted_peak_bytes)} (unpatched "
+                f"{format_bytes(self.baseline_peak_bytes)})")
 
 
 def candidate_configs(work: Workload) -> Iterable[SliceConfig]:
@@ -331,21 +392,31 @@ def candidate_configs(work: Workload) -> Iterable[SliceConfig]:
 ALLOCATOR_HEADROOM = 0.9
 
 
+# Skip offload's time, in the unit of _chunk_count: its copies run on a side stream, overlapped with the
+# compute, and cost about as much as this many more frame chunks. Not calibrated on a GPU yet
+# (tools/gpu_evidence.py measures it); offload is planned only where slicing alone cannot fit, or where
+# it fits the same budget with at least this many fewer chunks.
+OFFLOAD_COST_CHUNKS = 2.0
+
+
 def plan(shape: UNetShape, work: Workload, budget_bytes: int, laws: WorkingSets = SUB_QUADRATIC,
-         headroom: float = ALLOCATOR_HEADROOM) -> Plan:
+         headroom: float = ALLOCATOR_HEADROOM, offload: bool = False) -> Plan:
     """The coarsest slicing (fewest, largest chunks: the least slowdown) predicted to fit `headroom`
-    of the budget."""
+    of the budget. offload: skip offload may be planned (a device with host memory apart: CUDA); it is
+    chosen when its slicing plus its cost (OFFLOAD_COST_CHUNKS) is cheaper than every fitting plan without."""
     usable = budget_bytes * headroom
     baseline = predict_peak_bytes(shape, work, None, laws)
+    traffic = offload_traffic(shape, work) if offload else None
     best: tuple[float, Plan] | None = None
     smallest = None
-    for config in candidate_configs(work):
-        peak = predict_peak_bytes(shape, work, config, laws)
-        smallest = peak if smallest is None else min(smallest, peak)
-        if peak <= usable:
-            chunks = _chunk_count(work, config)
-            if best is None or chunks < best[0] or (chunks == best[0] and peak < best[1].predicted_peak_bytes):
-                best = (chunks, Plan(config, peak, baseline))
+    for sliced in candidate_configs(work):
+        for config in (sliced, replace(sliced, offload_skips=True)) if offload else (sliced,):
+            peak = predict_peak_bytes(shape, work, config, laws)
+            smallest = peak if smallest is None else min(smallest, peak)
+            if peak <= usable:
+                cost = _chunk_count(work, config) + (OFFLOAD_COST_CHUNKS if config.offload_skips else 0.0)
+                if best is None or cost < best[0] or (cost == best[0] and peak < best[1].predicted_peak_bytes):
+                    best = (cost, Plan(config, peak, baseline, traffic if config.offload_skips else None))
     if best is None:
         raise BudgetError(f"no slicing fits {format_bytes(budget_bytes)} of activation memory for "
                           f"{work.batch} samples at {work.height}x{work.width} latent; the minimum feasible budget "

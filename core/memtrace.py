@@ -4,11 +4,17 @@ CUDA has max_memory_allocated; the CPU has nothing like it. This dispatch mode s
 operator creates, follows its storage, and keeps a running total of the storages still referenced by
 a live tensor. Tensors created before the mode (weights, inputs) and views of them are not counted,
 so the peak is the activation memory of the traced code.
+
+Device and host: on the CPU both are the same memory, so a storage made inside `counted_as_host()` (the
+pack's skip offload without CUDA, core/offload.py) is counted apart, in `host_bytes`: it is a real copy
+out of the "device" tensors, which are released, and `peak_bytes` counts device storages only.
 """
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,15 +25,20 @@ from torch.utils._pytree import tree_flatten
 class _Storage:
     nbytes: int
     live_tensors: int = 0
+    host: bool = False
 
 
 @dataclass
 class LiveTensorMeter(TorchDispatchMode):
-    """Use as a context manager; read `peak_bytes` (and `live_bytes`) afterwards."""
+    """Use as a context manager; read `peak_bytes` (and `live_bytes`) afterwards: device storages.
+    Storages made under `counted_as_host()` count in `host_bytes` / `peak_host_bytes` instead."""
 
     live_bytes: int = 0
     peak_bytes: int = 0
+    host_bytes: int = 0
+    peak_host_bytes: int = 0
     _storages: dict[int, _Storage] = field(default_factory=dict)
+    _host_depth: int = 0
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -52,10 +63,14 @@ class LiveTensorMeter(TorchDispatchMode):
             storage = t.untyped_storage()
             if storage.nbytes() == 0 or key in input_storages or t._base is not None:
                 return
-            entry = _Storage(storage.nbytes())
+            entry = _Storage(storage.nbytes(), host=self._host_depth > 0)
             self._storages[key] = entry
-            self.live_bytes += entry.nbytes
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            if entry.host:
+                self.host_bytes += entry.nbytes
+                self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
+            else:
+                self.live_bytes += entry.nbytes
+                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         elif entry.live_tensors == 0:
             return
         entry.live_tensors += 1
@@ -65,7 +80,10 @@ class LiveTensorMeter(TorchDispatchMode):
         entry.live_tensors -= 1
         if entry.live_tensors == 0 and self._storages.get(key) is entry:
             del self._storages[key]
-            self.live_bytes -= entry.nbytes
+            if entry.host:
+                self.host_bytes -= entry.nbytes
+            else:
+                self.live_bytes -= entry.nbytes
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -73,3 +91,18 @@ def _storage_key(t: torch.Tensor) -> int:
         return t.untyped_storage().data_ptr()
     except (NotImplementedError, RuntimeError):  # sparse, meta-like tensors
         return 0
+
+
+@contextmanager
+def counted_as_host() -> Iterator[None]:
+    """Storages created inside count as host memory in every active LiveTensorMeter (no-op without one)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    meters = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, LiveTensorMeter)]
+    for meter in meters:
+        meter._host_depth += 1
+    try:
+        yield
+    finally:
+        for meter in meters:
+            meter._host_depth -= 1

@@ -34,11 +34,13 @@ class SliceConfig:
     spatial_chunk: spatial positions per chunk inside motion modules at full resolution.
     scale_with_level: grow chunks at deeper levels to keep the values per chunk constant; False
         uses the given sizes at every level (useful to exercise every level in tests).
+    offload_skips: the UNet's skip tensors wait in host memory (core/offload.py); the output is the same.
     """
 
     frame_chunk: int = 0
     spatial_chunk: int = 0
     scale_with_level: bool = True
+    offload_skips: bool = False
 
     def __post_init__(self) -> None:
         for name in ("frame_chunk", "spatial_chunk"):
@@ -94,4 +96,4 @@ def finer(config: SliceConfig, batch: int, positions: int, top_channels: int, to
     if frames <= 1 and spatial <= 1:
         return None
     return SliceConfig(frame_chunk=max(1, frames // 2), spatial_chunk=max(1, spatial // 2),
-                       scale_with_level=config.scale_with_level)
+                       scale_with_level=config.scale_with_level, offload_skips=config.offload_skips)

@@ -19,8 +19,8 @@ from comfy_api.latest import io, ui
 from torch import Tensor
 
 from ..core.budget import (
-    SDPA, SUB_QUADRATIC, Block, BudgetError, Layer, Plan, UNetShape, WorkingSets, Workload, format_bytes, plan,
-    predict_peak_bytes,
+    SDPA, SUB_QUADRATIC, Block, BudgetError, Layer, Plan, UNetShape, WorkingSets, Workload, format_bytes,
+    offload_traffic, plan, predict_peak_bytes,
 )
 from ..core.slicing import SliceConfig
 from .layer_roles import is_ade_motion_module
@@ -34,6 +34,10 @@ HELD_STEP = 64 * 2**20  # memory held across calls is budgeted in steps of at mo
 HELD_STEPS_PER_BUDGET = 16  # ... and of at most 1/16 of the budget, so small budgets are not eaten by the rounding
 FREE_STEPS_PER_DOUBLING = 8  # "auto" plans for free memory rounded down to one of 8 steps per doubling (~9%)
 CLIP_TOKENS = 77  # the preview's prompt length: one CLIP chunk (SD1.5, SDXL)
+ESTIMATE_MARGIN = 1.1  # what the patched model tells ComfyUI: the predicted peak times this
+# ComfyUI runs cond and uncond in one call while memory_required(batched shape) x this < free memory
+# (comfy/samplers.py, _calc_cond_batch), else one after the other
+COMFY_BATCH_FACTOR = 1.5
 # ComfyUI's attention kernels that hold the whole (heads x queries x keys) score matrix
 _SCORE_KERNELS = ("attention_sub_quad", "attention_split", "attention_basic")
 
@@ -84,10 +88,18 @@ def held_step(budget_bytes: int) -> int:
     return max(1, min(HELD_STEP, budget_bytes // HELD_STEPS_PER_BUDGET))
 
 
-def make_plan(shape: UNetShape, work: Workload, budget: int, held: int, set_budget: int) -> Plan:
-    """The plan for a forward of `work`: the one function the run and the node's preview both use."""
+def offload_available(device: torch.device) -> bool:
+    """Whether skip offload can save device memory here: host memory apart from the device's (CUDA). On
+    the CPU the offloaded skips would stay in the same memory, so the planner never chooses it there."""
+    return torch.device(device).type == "cuda"
+
+
+def make_plan(shape: UNetShape, work: Workload, budget: int, held: int, set_budget: int,
+              offload: bool = False) -> Plan:
+    """The plan for a forward of `work`: the one function the run and the node's preview both use.
+    offload: skip offload may be planned (offload_available)."""
     try:
-        return plan(shape, work, max(budget, 0), attention_laws())
+        return plan(shape, work, max(budget, 0), attention_laws(), offload=offload)
     except BudgetError as e:
         if not held:
             raise
@@ -126,7 +138,7 @@ class BudgetPlanner:
         key = self.last_key = self._key(unet, x, context, budget, video_norm)
         if key not in self.plans:
             chosen = make_plan(unet_shape(unet), workload_for(x, context, _video_length(unet), video_norm), budget,
-                               held, self.budget_bytes)
+                               held, self.budget_bytes, offload_available(x.device))
             self.plans[key] = chosen
             held_text = f" after {format_bytes(held)} held by Step Rehash's cache" if held else ""
             logger.info(f"Streamline Memory Budget ({format_bytes(budget)}{held_text} for {tuple(x.shape)}): "
@@ -141,7 +153,8 @@ class BudgetPlanner:
         work = workload_for(x, context, _video_length(unet), video_norm)
         shape, laws = unet_shape(unet), attention_laws()
         self.plans[key] = Plan(config, predict_peak_bytes(shape, work, config, laws),
-                               predict_peak_bytes(shape, work, None, laws))
+                               predict_peak_bytes(shape, work, None, laws),
+                               offload_traffic(shape, work) if config.offload_skips else None)
 
 
 def _video_length(unet) -> int | None:
@@ -237,12 +250,13 @@ class MemoryEstimate:
         work = Workload(batch=input_shape[0], frames=max(1, input_shape[0] // 2), height=input_shape[-2],
                         width=input_shape[-1], dtype_bytes=dtype_bytes)
         config = state.config
-        if state.planner is not None:
+        if state.planner is not None:  # the plan the run will make, offload included where it pays
             try:
-                config = plan(shape, work, state.planner.budget(device, 0)[0], attention_laws()).config
+                config = plan(shape, work, state.planner.budget(device, 0)[0], attention_laws(),
+                              offload=offload_available(device)).config
             except ValueError:
-                config = SliceConfig(1, 1)
-        return int(predict_peak_bytes(shape, work, config, attention_laws()) * 1.1)
+                config = SliceConfig(1, 1, offload_skips=offload_available(device))
+        return int(predict_peak_bytes(shape, work, config, attention_laws()) * ESTIMATE_MARGIN)
 
 
 class MemoryBudget(io.ComfyNode):
@@ -295,12 +309,36 @@ def preview_plan(model, budget: int, width: int, height: int, frames: int) -> st
         f"auto ({format_bytes(planned)} free now; planned again with what is free at run time)"
     dtype_bytes = torch.empty(0, dtype=compute_dtype(model.model)).element_size()
     per_call = frames_per_call(model, frames)
-    work = Workload(batch=2 * per_call, frames=per_call, height=height // 8, width=width // 8,
-                    context_tokens=prompt_tokens(model), dtype_bytes=dtype_bytes)
+    shape = planned_shape(model.model.diffusion_model, ade_motion_models(model))
+    offload = offload_available(model.load_device)
+
+    def plan_for(conds: int) -> Plan:
+        work = Workload(batch=conds * per_call, frames=per_call, height=height // 8, width=width // 8,
+                        context_tokens=prompt_tokens(model), dtype_bytes=dtype_bytes)
+        return make_plan(shape, work, planned, 0, budget, offload)
+
     try:
-        chosen = make_plan(planned_shape(model.model.diffusion_model, ade_motion_models(model)), work, planned, 0,
-                           budget)
+        chosen = plan_for(2)
     except BudgetError as e:
         return f"budget {budget_text}: {e}"
     windows = f" in context windows of {per_call} frames" if per_call < frames else ""
-    return f"budget {budget_text}, {width}x{height}x{frames}{windows} with CFG: {chosen.text()}"
+    return (f"budget {budget_text}, {width}x{height}x{frames}{windows} with CFG: {chosen.text()}; "
+            f"{cond_batching(model.load_device, chosen, plan_for)}")
+
+
+def cond_batching(device: torch.device, batched: Plan, plan_for: Callable[[int], Plan]) -> str:
+    """Whether ComfyUI will run cond and uncond in one call, judged as it judges it (its estimate, ours
+    under the patch, times COMFY_BATCH_FACTOR against free memory now: weights not loaded yet count as free)."""
+    import comfy.model_management
+
+    free = comfy.model_management.get_free_memory(device)
+    need = batched.predicted_peak_bytes * ESTIMATE_MARGIN * COMFY_BATCH_FACTOR
+    if need < free:
+        return (f"cond and uncond batched (ComfyUI batches them while {COMFY_BATCH_FACTOR:g} x the estimate, "
+                f"{format_bytes(need)}, is below free memory: {format_bytes(free)} now)")
+    try:
+        alone = plan_for(1).text()
+    except BudgetError as e:
+        alone = str(e)
+    return (f"cond and uncond one after the other (ComfyUI splits them: {COMFY_BATCH_FACTOR:g} x the estimate, "
+            f"{format_bytes(need)}, is above free memory, {format_bytes(free)} now); each call: {alone}")

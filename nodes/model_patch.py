@@ -186,14 +186,21 @@ class StreamlineModelPatch(io.ComfyNode):
                 io.Boolean.Input("scale_with_level", default=True, optional=True,
                                  tooltip="Grow slices at deeper (smaller) UNet levels so each slice holds about "
                                  "as many values as at full resolution. Off: the same sizes at every level."),
+                io.Boolean.Input("offload_skips", default=False, optional=True,
+                                 tooltip="Keep the UNet's skip tensors in host memory between the input block that "
+                                 "makes them and the output block that reads them (CUDA: pinned memory, copies on a "
+                                 "side stream, overlapped with the compute). Less device memory, the same output; "
+                                 "the run's report says how many bytes moved. On the CPU it saves nothing."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model (a clone; the input model is unchanged).")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model: ModelPatcher, frame_chunk: int, spatial_chunk: int, scale_with_level: bool = True) -> io.NodeOutput:
-        config = SliceConfig(frame_chunk=frame_chunk, spatial_chunk=spatial_chunk, scale_with_level=scale_with_level)
+    def execute(cls, model: ModelPatcher, frame_chunk: int, spatial_chunk: int, scale_with_level: bool = True,
+                offload_skips: bool = False) -> io.NodeOutput:
+        config = SliceConfig(frame_chunk=frame_chunk, spatial_chunk=spatial_chunk, scale_with_level=scale_with_level,
+                             offload_skips=offload_skips)
         return io.NodeOutput(apply_streamline(model, config, node_id=node_id_of(cls)))
 
 

@@ -34,6 +34,8 @@ class ShapeRecord:
     video_norm: bool
     calls: int = 0
     measured: int | None = None  # bytes above what was allocated before the call (CUDA only)
+    moved: int | None = None  # skip offload: bytes copied out and back in the latest call
+    host: int | None = None  # skip offload: peak bytes held in host memory in that call
 
     def text(self) -> str:
         mode = ", whole-video GroupNorm mode" if self.video_norm else ""
@@ -43,6 +45,9 @@ class ShapeRecord:
                      f"{format_bytes(self.unpatched)} ({self.unpatched / max(self.predicted, 1):.1f}x less)")
         if self.measured is not None:
             line += f"; measured {format_bytes(self.measured)} (CUDA, first call)"
+        if self.moved is not None:
+            line += (f"; skips offloaded to host memory: {format_bytes(self.moved)} moved per call, "
+                     f"{format_bytes(self.host or 0)} held in host memory at most")
         return line
 
 
@@ -55,8 +60,9 @@ def slice_sizes(unet, x: Tensor, context: Tensor | None, config: SliceConfig) ->
     frames = frame_chunk_size(config, x.shape[0], top, top)
     spatial = spatial_chunk_size(config, x.shape[0], positions, channels, channels)
     auto = " (automatic)" if config.frame_chunk == 0 or config.spatial_chunk == 0 else ""
+    offload = ", skips offloaded" if config.offload_skips else ""
     return (f"slices of {frames} of {x.shape[0]} samples in per-frame layers, {spatial} of {positions} positions "
-            f"in temporal layers{auto}")
+            f"in temporal layers{auto}{offload}")
 
 
 def predicted_peaks(unet, x: Tensor, context: Tensor | None, config: SliceConfig,
@@ -107,7 +113,8 @@ class RunReport:
         return CudaPeak(x.device)
 
     def record(self, unet, x: Tensor, context: Tensor | None, config: SliceConfig, video_norm: bool,
-               peak: CudaPeak | None = None) -> None:
+               peak: CudaPeak | None = None, transfers=None) -> None:
+        """transfers: the call's core.offload.Transfers when it offloaded its skips."""
         key = self._key(x, video_norm)
         entry = self.records.get(key)
         if entry is None or entry.config != config:  # new shape, or an out-of-memory retry settled finer
@@ -118,6 +125,8 @@ class RunReport:
         entry.calls += 1
         if peak is not None:
             entry.measured = peak.bytes()
+        if transfers is not None:
+            entry.moved, entry.host = transfers.moved_bytes, transfers.peak_host_bytes
 
     def text(self, source: str) -> str:
         if self.unchanged is not None:

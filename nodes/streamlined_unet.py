@@ -7,7 +7,9 @@ residuals and transformer_index bookkeeping, but:
 - motion modules run chunk by chunk over spatial positions, in place on a buffer this forward owns;
 - an output block's input (the concatenation of h with its skip) is built per chunk, never whole;
 - a block that ends in per-frame layers (the Upsample of an output block) hands them to the next
-  block's first group, so the upsampled feature is never materialised at full size either.
+  block's first group, so the upsampled feature is never materialised at full size either;
+- with `offload_skips`, the skip tensors wait in host memory (core/offload.py) and come back whole one
+  block ahead of use, or by the rows each frame chunk joins.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, apply_cont
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from torch import Tensor
 
+from ..core import offload
 from ..core.grouping import run_frame_chunked
 from ..core.slicing import UNSLICED, SliceConfig, finer, frame_chunk_size, spatial_chunk_size
 from .layer_roles import Role, role_of
@@ -104,7 +107,7 @@ def split_block(block: nn.Module, patched_types: tuple[type, ...], video_norm_mo
 
 
 def _same_storage(a: Tensor, b: Tensor | None) -> bool:
-    return b is not None and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    return isinstance(b, Tensor) and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class StreamlinedForward:
@@ -190,7 +193,7 @@ class StreamlinedForward:
             if pending is not None:
                 part = self.run_layers(pending.segment.layers, part, start, end, pending.output_shape)
             if skip is not None:
-                part = torch.cat([part, skip[start:end]], dim=1)
+                part = torch.cat([part, offload.rows(skip, start, end)], dim=1)
             if cast is not None:
                 part = part.type(cast)
             return self.run_layers(segment.layers, part, start, end, output_shape)
@@ -201,6 +204,7 @@ class StreamlinedForward:
                               cast: torch.dtype | None, chunk: int) -> Tensor:
         """run_frames in ADE's GroupNorm-over-videos mode: the segment's first layer normalises with
         statistics of whole videos (of h and the skip, gathered apart), the rest of it has no GroupNorm."""
+        skip = offload.whole(skip) if skip is not None else None
         first, role = segment.layers[0]
         norm = video_norm.first_norm(first, role)
         frames, index = self.video_frames, self.to["transformer_index"]
@@ -265,7 +269,7 @@ class StreamlinedForward:
             if pending is not None and segment.kind != "frames":
                 h, pending = self.materialize(pending, h), None
             if skip is not None and segment.kind != "frames":
-                h, skip = torch.cat([h, skip], dim=1), None
+                h, skip = torch.cat([h, offload.whole(skip)], dim=1), None
             if segment.kind == "frames":
                 source = h
                 h = self.run_frames(segment, h, output_shape, pending, skip)
@@ -284,7 +288,7 @@ class StreamlinedForward:
         if pending is not None:
             h = self.materialize(pending, h)
         if skip is not None:
-            h = torch.cat([h, skip], dim=1)
+            h = torch.cat([h, offload.whole(skip)], dim=1)
         return h, None
 
     def materialize(self, pending: Pending, h: Tensor) -> Tensor:
@@ -323,9 +327,11 @@ def held_across_calls(transformer_options: dict) -> int:
 
 
 def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, timesteps=None,
-                             context=None, y=None, control=None, transformer_options={}, **kwargs) -> Tensor:
+                             context=None, y=None, control=None, transformer_options={}, *,
+                             transfers: offload.Transfers | None = None, **kwargs) -> Tensor:
     """Drop-in for UNetModel._forward (same arguments after the first three). With a RehashCall in
-    transformer_options[REHASH_CALL_KEY], the deep path may be replaced by a cached feature."""
+    transformer_options[REHASH_CALL_KEY], the deep path may be replaced by a cached feature. With
+    config.offload_skips the skips wait in host memory; `transfers` counts what moved (made here if None)."""
     to = transformer_options
     host_fingerprints.warn_on_drift(log, to)
     rehash: RehashCall | None = to.get(REHASH_CALL_KEY)
@@ -368,7 +374,11 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
     # With Step Rehash, only the input blocks whose skips the output blocks after the cache point
     # read are shallow; the rest (and the middle, and the output blocks up to the cache point) is deep.
     shallow_inputs = len(input_segments) if rehash is None else len(input_segments) - 1 - rehash.cache_block
-    hs: list[Tensor] = []
+    if config.offload_skips:
+        transfers = transfers if transfers is not None else offload.Transfers(x.device)
+        hs: list[Tensor] | offload.SkipStack = offload.SkipStack(transfers)
+    else:
+        hs = []
     h = x
 
     def run_input_blocks(blocks: range, h: Tensor) -> Tensor:
@@ -402,9 +412,22 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
 
     pending: Pending | None = None
     output_block_patches = patches.get("output_block_patch", [])
+
+    def skip_needed_whole(later: int) -> bool:
+        """Offloaded skips come back by rows unless an output block (this one, later=0, or the next, 1)
+        needs the whole skip: a ControlNet residual is added to it, a patch gets it, or GroupNorm statistics
+        are taken over whole videos."""
+        residuals = len(control.get("output") or ()) if isinstance(control, dict) else 0
+        return bool(output_block_patches) or frames is not None or residuals > later
+
     for block_id in range(first_output, len(output_segments)):
         to["block"] = ("output", block_id)
-        skip = apply_control(hs.pop(), control, "output")
+        skip = hs.pop()
+        if isinstance(hs, offload.SkipStack) and skip_needed_whole(0):
+            skip = offload.whole(skip)
+            if skip_needed_whole(1):
+                hs.prefetch_top()  # one block ahead of its use
+        skip = apply_control(skip, control, "output")
         if output_block_patches:
             if pending is not None:
                 h, pending = run.materialize(pending, h), None
@@ -468,7 +491,8 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
         config = state.config_for(unet, x, context, held, video_norm_mode)
         report = getattr(state, "report", None)  # the run's (nodes/run_report.py)
         while True:
-            forward = functools.partial(streamlined_unet_forward, unet, config, state.log)
+            transfers = offload.Transfers(x.device) if config.offload_skips else None
+            forward = functools.partial(streamlined_unet_forward, unet, config, state.log, transfers=transfers)
             # the forward pops ControlNet residuals from their lists: each attempt gets its own lists
             attempt_control = {k: list(v) for k, v in control.items()} if isinstance(control, dict) else control
             try:
@@ -477,7 +501,7 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
                     forward, unet, executor.wrappers, idx=executor.idx + 1
                 ).execute(x, timesteps, context, y, attempt_control, transformer_options, **kwargs)
                 if report is not None:
-                    report.record(unet, x, context, config, video_norm_mode, peak)
+                    report.record(unet, x, context, config, video_norm_mode, peak, transfers)
                 return out
             except torch.OutOfMemoryError:
                 smaller = _finer_after_oom(unet, config, x, context)

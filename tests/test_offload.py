@@ -1,0 +1,394 @@
+"""Skip offload (core/offload.py): bit-identical to the same slicing without it, in every composition the
+pack supports; the skips really leave the device count (the CPU path: real copies into storages the
+live-tensor counter counts as host memory, the device tensors released); the planner's predictions with
+offload against the counter; when the Memory Budget chooses offload; what the node and the report say.
+
+CPU, fp32: random SD1.5 + mm_sd_v15_v2 at an 8x8 latent for single forwards and ADE sampling, TinyVideo
+through ComfyUI's KSampler path with ComfyUI's real FreeU, Context Windows (Manual) and Step Rehash.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import pytest
+import torch
+
+from comfyui_streamline.core.budget import (
+    ALLOCATOR_HEADROOM, OFFLOAD_COST_CHUNKS, SDPA, Workload, _chunk_count, offload_traffic, plan,
+    predict_peak_bytes, sd15_shape,
+)
+from comfyui_streamline.core.slicing import SliceConfig
+from test_sampling_exact import (  # noqa: F401  (fixtures)
+    CTX_FRAMES, NEGATIVE, POSITIVE, ade_context_model, ade_nodes, base_model, motion_model,
+)
+from test_sampling_exact import sample as ade_sample
+
+FRAMES, CONDS, SIZE = 4, 2, 8
+STREAMLINE_LOGGER = "ComfyUI-Streamline"
+
+
+def offloaded(config: SliceConfig) -> SliceConfig:
+    from dataclasses import replace
+
+    return replace(config, offload_skips=True)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    from comfyui_streamline.tools import synthetic
+
+    unet, motion = synthetic.sd15_unet(seed=0), synthetic.sd15_motion_model(seed=1)
+    synthetic.inject(unet, motion)
+    motion.set_video_length(FRAMES, FRAMES)
+    return unet, synthetic
+
+
+def inputs(batch: int, size: int = SIZE, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, size, size, generator=g), torch.full((batch,), 500.0),
+            torch.randn(batch, 77, 768, generator=g))
+
+
+def forward(sd15, config, conds=CONDS, control=None, patches=None, meter=False):
+    """One UNet forward through the pack's wrapper; with meter, also the live-tensor counter."""
+    from comfyui_streamline.core.memtrace import LiveTensorMeter
+
+    unet, synthetic = sd15
+    x, t, c = inputs(FRAMES * conds)
+    to = synthetic.ade_transformer_options(conds)
+    to["patches"].update(patches or {})
+    synthetic.with_streamline(to, config)
+    with torch.inference_mode(), LiveTensorMeter() as counter:
+        out = unet(x, t, c, control=control, transformer_options=to)
+    return (out, counter) if meter else out
+
+
+@pytest.fixture
+def moved(monkeypatch):
+    """Bytes every Transfers object moved (proof that offload ran)."""
+    from comfyui_streamline.core import offload
+
+    total = {"out": 0, "back": 0}
+    to_host, to_device = offload.Transfers.to_host, offload.Transfers.to_device
+
+    def out(self, t):
+        total["out"] += t.numel() * t.element_size()
+        return to_host(self, t)
+
+    def back(self, host):
+        total["back"] += host.numel() * host.element_size()
+        return to_device(self, host)
+
+    monkeypatch.setattr(offload.Transfers, "to_host", out)
+    monkeypatch.setattr(offload.Transfers, "to_device", back)
+    return total
+
+
+# -- bit-identical ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("config, conds", [(SliceConfig(3, 7, False), 2), (SliceConfig(1, 5, True), 1),
+                                           (SliceConfig(), 2)], ids=["f3-s7-cfg", "f1-s5-cond", "auto-cfg"])
+def test_offload_is_bit_identical_to_no_offload(sd15, moved, config, conds):
+    ref = forward(sd15, config, conds)
+    out = forward(sd15, offloaded(config), conds)
+    assert torch.equal(out, ref)
+    assert moved["out"] > 0 and moved["back"] == moved["out"]  # every skip but the deepest went out and came back
+
+
+def control_residuals(sd15, conds=CONDS, seed=3):
+    """ControlNet-shaped residuals (one per input block and the middle), as ComfyUI's ControlNet returns them."""
+    unet, synthetic = sd15
+    shapes = []
+    x, t, c = inputs(FRAMES * conds)
+    to = synthetic.ade_transformer_options(conds)
+    to["patches"]["input_block_patch"] = [lambda h, to: shapes.append(h.shape) or h]
+    with torch.inference_mode():
+        unet(x, t, c, transformer_options=to)
+    g = torch.Generator().manual_seed(seed)
+    res = [0.2 * torch.randn(s, generator=g) for s in shapes + shapes[-1:]]
+    ins, middle = res[:-1], res[-1]
+    return lambda: {"input": list(reversed(ins)), "middle": [middle], "output": list(ins)}
+
+
+@pytest.mark.host
+def test_controlnet_residuals(sd15, moved):
+    make_control = control_residuals(sd15)
+    config = SliceConfig(3, 7, False)
+    plain = forward(sd15, config)
+    ref = forward(sd15, config, control=make_control())
+    out = forward(sd15, offloaded(config), control=make_control())
+    assert not torch.equal(ref, plain)  # the residuals matter
+    assert torch.equal(out, ref) and moved["out"] > 0
+
+
+@pytest.mark.host
+def test_output_block_patches(sd15, moved):
+    """A FreeU-style output_block_patch gets the whole skip (brought back one block ahead) and scales it."""
+    def freeu_like(h, hsp, to):
+        h = h.clone()
+        h[:, : h.shape[1] // 2] *= 1.2
+        return h, hsp * 0.9
+
+    patches = {"output_block_patch": [freeu_like], "input_block_patch": [lambda h, to: h * 1.01]}
+    ref = forward(sd15, SliceConfig(3, 7, False), patches=patches)
+    out = forward(sd15, offloaded(SliceConfig(3, 7, False)), patches=patches)
+    assert torch.equal(out, ref) and moved["out"] > 0
+
+
+# -- the live-tensor counter sees the skips leave the device ---------------------------------------------------
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("config", [SliceConfig(2, 16), SliceConfig(3, 7, False)], ids=["f2-s16", "f3-s7-fixed"])
+def test_skips_leave_the_device_count_and_predictions_hold(sd15, monkeypatch, config):
+    """At the middle block every skip but the deepest is in host memory: the device count is lower by
+    exactly their bytes, the host count holds exactly them, and the device tensors they came from are gone
+    (the CPU path copies out for real). The planner predicts the peaks within 10%."""
+    from comfyui_streamline.core import memtrace, offload
+    from comfyui_streamline.nodes.structure import unet_shape
+
+    unet, _ = sd15
+    sources: list[weakref.ref] = []
+    to_host = offload.Transfers.to_host
+    monkeypatch.setattr(offload.Transfers, "to_host", lambda self, t: sources.append(weakref.ref(t)) or to_host(self, t))
+    at_middle = []
+
+    def middle_hook(module, args):
+        meters = [m for m in torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+                  if isinstance(m, memtrace.LiveTensorMeter)]
+        at_middle.append((meters[0].live_bytes, meters[0].host_bytes, [r() is None for r in sources]))
+
+    hook = unet.middle_block[0].register_forward_pre_hook(middle_hook)  # the middle block's first ResBlock
+    try:
+        ref, plain = forward(sd15, config, meter=True)
+        first = at_middle[0]
+        out, moved = forward(sd15, offloaded(config), meter=True)
+    finally:
+        hook.remove()
+    at_middle = [first, at_middle[len(at_middle) // 2]]  # each forward's first call (equal slicing: as many)
+    assert torch.equal(out, ref)
+    work = Workload(FRAMES * CONDS, FRAMES, SIZE, SIZE)
+    traffic = offload_traffic(unet_shape(unet), work)
+    (device_plain, host_plain, _), (device_moved, host_moved, released) = at_middle
+    assert host_plain == 0 and host_moved == traffic.host_bytes
+    assert device_plain - device_moved == traffic.host_bytes
+    assert len(released) == 11 and all(released)  # SD1.5: 12 skips, the deepest stays
+    assert moved.peak_host_bytes == traffic.host_bytes
+    assert moved.peak_bytes < plain.peak_bytes
+    shape = unet_shape(unet)
+    for meter, c in ((plain, config), (moved, offloaded(config))):
+        predicted = predict_peak_bytes(shape, work, c)
+        assert abs(predicted / meter.peak_bytes - 1) <= 0.10, (c, predicted, meter.peak_bytes)
+
+
+# -- sampling compositions: ADE context windows, FreeU, Step Rehash, ComfyUI's context windows --------------
+
+
+@pytest.mark.host
+def test_ade_context_windows(ade_context_model, moved):
+    """AnimateDiff-Evolved's overlapping context windows: each window's UNet call offloads its own skips."""
+    model, _ = ade_context_model
+    config = SliceConfig(3, 7, False)
+    ref, _ = ade_sample(streamline(model, config), POSITIVE, NEGATIVE, CTX_FRAMES)
+    out, record = ade_sample(streamline(model, offloaded(config)), POSITIVE, NEGATIVE, CTX_FRAMES)
+    assert len(record.unet_calls) > 2 and all(call.batch < 2 * CTX_FRAMES for call in record.unet_calls)  # windows
+    assert torch.equal(out, ref) and moved["out"] > 0
+
+
+@pytest.fixture(scope="module")
+def tinyvideo():
+    from comfyui_streamline.nodes.tinyvideo import TinyVideoLoader
+
+    return TinyVideoLoader.execute().result[0]
+
+
+def tv_sample(model, frames=8, cfg=5.0):
+    from test_rehash_robustness import sample
+
+    return sample(model, frames=frames, cfg=cfg)
+
+
+def streamline(model, config):
+    from comfyui_streamline.nodes.model_patch import apply_streamline
+
+    return apply_streamline(model, config)
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("node", ["FreeU", "FreeU_V2"])
+def test_comfyui_freeu(tinyvideo, moved, node):
+    from test_rehash_robustness import freeu
+
+    config = SliceConfig(2, 32, False)
+    ref = tv_sample(freeu(streamline(tinyvideo, config), node))
+    out = tv_sample(freeu(streamline(tinyvideo, offloaded(config)), node))
+    assert torch.equal(out, ref) and moved["out"] > 0
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("reuse", ["extrapolate", "hold"])
+def test_step_rehash(tinyvideo, moved, reuse):
+    """Rehash steps read the deepest shallow skip (on the device: the top of the stack never leaves)."""
+    from test_rehash_robustness import patch, state_of
+
+    config = SliceConfig(2, 32, False)
+    settings = dict(mode="fixed", interval=2, warmup=1, tail=1, reuse=reuse)
+    ref_model = patch(streamline(tinyvideo, config), **settings)
+    ref = tv_sample(ref_model)
+    model = patch(streamline(tinyvideo, offloaded(config)), **settings)
+    out = tv_sample(model)
+    assert state_of(model).last.report.rehashed >= 2
+    assert torch.equal(out, ref) and moved["out"] > 0
+
+
+@pytest.mark.host
+def test_comfyui_context_windows(tinyvideo, moved):
+    from test_rehash_robustness import CW_FRAMES, core_context_windows
+
+    config = SliceConfig(2, 32, False)
+    ref = tv_sample(core_context_windows(streamline(tinyvideo, config)), frames=CW_FRAMES)
+    out = tv_sample(core_context_windows(streamline(tinyvideo, offloaded(config))), frames=CW_FRAMES)
+    assert torch.equal(out, ref) and moved["out"] > 0
+
+
+# -- the planner -------------------------------------------------------------------------------------------
+
+
+GPU_CASES = [(512, 512, 16), (768, 768, 32), (512, 512, 128)]
+
+
+def gpu_work(width, height, frames):
+    return Workload(2 * frames, frames, height // 8, width // 8, dtype_bytes=2)
+
+
+@pytest.mark.parametrize("size", GPU_CASES)
+def test_offload_is_planned_only_where_slicing_alone_cannot_fit_or_costs_more(size):
+    shape, work = sd15_shape(), gpu_work(*size)
+    smallest_sliced = min(predict_peak_bytes(shape, work, SliceConfig(f, s), SDPA)
+                          for f, s in ((1, 16), (2, 256), (1, 256), (0, 0)))
+    for budget_gib in (64.0, 8.0, 4.0, 2.0, 1.0, 0.75, 0.5):
+        budget = int(budget_gib * 2**30)
+        try:
+            without = plan(shape, work, budget, SDPA)
+        except ValueError:
+            without = None
+        try:
+            chosen = plan(shape, work, budget, SDPA, offload=True)
+        except ValueError:
+            assert without is None
+            continue
+        assert chosen.predicted_peak_bytes <= budget * ALLOCATOR_HEADROOM
+        if chosen.config.offload_skips:
+            assert chosen.traffic == offload_traffic(shape, work) and "skips offloaded" in chosen.text()
+            # ... because nothing without it fits, or it fits with fewer chunks than the best without
+            assert without is None or (_chunk_count(work, chosen.config) + OFFLOAD_COST_CHUNKS
+                                       < _chunk_count(work, without.config))
+        else:
+            assert chosen == without
+    roomy = plan(shape, work, 64 * 2**30, SDPA, offload=True)
+    assert not roomy.config.offload_skips  # nothing to save
+    assert smallest_sliced > 0
+
+
+def test_offload_breaks_the_skip_floor_in_prediction():
+    """The issue's goals, as predicted (fp16, SDPA, CFG batched): the measured GPU figures come from
+    tools/gpu_evidence.py."""
+    shape = sd15_shape()
+    ratios = {}
+    for size, chunks in (((512, 512, 16), (2, 512)), ((768, 768, 32), (4, 1024))):
+        work = gpu_work(*size)
+        base = predict_peak_bytes(shape, work, None, SDPA)
+        ratios[size] = base / predict_peak_bytes(shape, work, SliceConfig(*chunks, offload_skips=True), SDPA)
+        assert ratios[size] > base / predict_peak_bytes(shape, work, SliceConfig(*chunks), SDPA)
+    assert ratios[512, 512, 16] >= 5 and ratios[768, 768, 32] >= 6, ratios
+
+
+# -- the nodes ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.host
+def test_model_patch_input_is_optional_and_off_by_default(tinyvideo):
+    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineModelPatch
+
+    schema = StreamlineModelPatch.define_schema()
+    entry = next(i for i in schema.inputs if i.id == "offload_skips")
+    assert entry.optional and entry.default is False
+    old = StreamlineModelPatch.execute(tinyvideo, frame_chunk=2, spatial_chunk=32).result[0]  # a saved workflow
+    assert not old.model_options["transformer_options"][STATE_KEY].config.offload_skips
+    new = StreamlineModelPatch.execute(tinyvideo, frame_chunk=2, spatial_chunk=32, offload_skips=True).result[0]
+    assert new.model_options["transformer_options"][STATE_KEY].config.offload_skips
+
+
+@pytest.mark.host
+def test_the_report_says_skips_were_offloaded_and_what_moved(tinyvideo, moved, caplog):
+    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
+
+    patched = StreamlineModelPatch.execute(tinyvideo, frame_chunk=2, spatial_chunk=32, offload_skips=True).result[0]
+    with caplog.at_level(logging.INFO, logger=STREAMLINE_LOGGER):
+        tv_sample(patched)
+    report = next(r.getMessage() for r in caplog.records if "this run" in r.getMessage())
+    assert "skips offloaded" in report and "moved per call" in report, report
+    per_call = moved["out"] + moved["back"]
+    assert per_call > 0
+
+
+@pytest.mark.host
+def test_memory_budget_chooses_offload_and_tells_comfyui(sd15, monkeypatch):
+    """Where offload is available (CUDA; here pretended), a budget that slicing alone cannot fit gets
+    offload, the forward runs with it, and the estimate ComfyUI sees is the plan's prediction."""
+    from comfyui_streamline.nodes import memory_budget
+    from comfyui_streamline.nodes.memory_budget import BudgetPlanner, attention_laws, workload_for
+    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState
+    from comfyui_streamline.nodes.structure import unet_shape
+
+    unet, synthetic = sd15
+    x, t, c = inputs(FRAMES * CONDS)
+    shape, work, laws = unet_shape(unet), workload_for(x, c, FRAMES), attention_laws()
+    floor = min(predict_peak_bytes(shape, work, SliceConfig(f, s), laws) for f, s in ((1, 16), (1, 1)))
+    budget = int(floor / ALLOCATOR_HEADROOM * 0.97)  # below what slicing alone reaches
+    with pytest.raises(ValueError):
+        plan(shape, work, budget, laws)
+    monkeypatch.setattr(memory_budget, "offload_available", lambda device: True)
+    state = StreamlineState(SliceConfig(), planner=BudgetPlanner(budget))
+    config = state.config_for(unet, x, c)
+    assert config.offload_skips
+    expected = plan(shape, work, budget, laws, offload=True)
+    assert config == expected.config
+
+    class Base:  # what MemoryEstimate reads of ComfyUI's BaseModel
+        diffusion_model, manual_cast_dtype = unet, None
+
+        def get_dtype(self):
+            return torch.float32
+
+    estimate = memory_budget.MemoryEstimate(Base(), {"transformer_options": {STATE_KEY: state}})
+    assert estimate(list(x.shape)) == int(expected.predicted_peak_bytes * memory_budget.ESTIMATE_MARGIN)
+
+
+# -- the GPU evidence command's plumbing ---------------------------------------------------------------------
+
+
+@pytest.mark.host
+def test_gpu_evidence_command_appends_rows_and_skips_what_is_missing(tmp_path):
+    """`tools/gpu_evidence.py --device cpu --quick`: each benchmark in its own process under its own limit,
+    rows appended to the markdown file as they are measured, a benchmark not written yet listed as skipped."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    sys.path.insert(0, str(tools))
+    import gpu_evidence
+
+    assert sum(b.limit_s for b in gpu_evidence.BENCHMARKS) <= gpu_evidence.GPU_TOTAL_S
+    out = tmp_path / "evidence.md"
+    subprocess.run([sys.executable, str(tools / "gpu_evidence.py"), "--device", "cpu", "--quick", "--only", "offload",
+                    "svd", "--out", str(out)], check=True, timeout=600)
+    text = out.read_text()
+    assert text.startswith("# GPU evidence") and "svd: skipped" not in text and "bench_svd.py does not exist" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 64x64x4")]
+    assert len(rows) == 3 and "bit-identical" in rows[-1], text
+    assert "offload: ok" in text and "all done" in text
