@@ -11,7 +11,10 @@ Two parts:
 - with skip offload (config.offload_skips, core/offload.py) the walk keeps on the device only the skips
   the offloaded forward keeps there: the latest one on the way down, the deepest one until the first
   output block reads it, and on the way up the rows of the skip each frame chunk joins (and the next
-  chunk's rows, on their way), or, in ADE's GroupNorm-over-videos mode, the whole skip and the next one.
+  chunk's rows, on their way), or, in ADE's GroupNorm-over-videos mode, the whole skip and the next one;
+- with feature offload too (config.offload_features) a block's output that the next block's first group
+  reads chunk by chunk is in host memory from the moment it is written: that group holds its rows (this
+  chunk's and the next chunk's) instead of the whole of it, and the rest of the block holds none of it.
 Nothing is fitted to whole-UNet peaks: those are the check (tests/test_budget.py).
 """
 from __future__ import annotations
@@ -108,6 +111,11 @@ class _Walk:
     def offload(self) -> bool:
         return self.config is not None and self.config.offload_skips
 
+    @property
+    def offload_features(self) -> bool:
+        """Feature offload (never in the GroupNorm-over-videos mode: its groups read whole videos)."""
+        return self.offload and self.config.offload_features and not self.work.video_norm
+
     def resident_skips(self) -> float:
         """Skip values on the device between blocks."""
         if not self.offload:
@@ -191,20 +199,27 @@ class _Walk:
         return frame_chunk_size(self.config, self.work.batch, sample, top)
 
     def sliced_frames(self, layers: list[Layer], level: int, channels_in: int, outside: float,
-                      pending: Layer | None, joins_skip: bool, streamed_skip: int = 0) -> tuple[int, int]:
+                      pending: Layer | None, joins_skip: bool, streamed_skip: int = 0,
+                      streamed_input: int = 0) -> tuple[int, int]:
         """StreamlinedForward.run_frames: chunk by chunk, the previous block's Upsample (`pending`, its
         input one level deeper), the concatenation with the skip, then `layers`, into one buffer.
-        streamed_skip: channels of an offloaded skip whose rows come from host memory per chunk."""
+        streamed_skip: channels of an offloaded skip whose rows come from host memory per chunk;
+        streamed_input: channels of the group's input when its rows come from host memory (feature
+        offload; at `pending`'s input level when there is one)."""
         b = self.work.batch
         n = self.frame_chunk(channels_in, level, any(layer.kind == "attn" for layer in layers))
-        # per sample: the peak; the group's input when the chunk made it (upsampled, joined with the
-        # skip), which stays referenced until the group returns; the previous layer's output
+        # per sample: the peak; the group's input when the chunk made it (its rows from host memory,
+        # upsampled, joined with the skip), which stays referenced until the group returns; the previous
+        # layer's output
         chunk, chunk_input, alive = 0.0, 0.0, 0.0
-        # an offloaded skip's rows: this chunk's, alive while it is joined, and the next chunk's, arriving
+        # an offloaded skip's rows: this chunk's, alive while it is joined, and the next chunk's, arriving;
+        # the same for an offloaded input
         rows = streamed_skip * self.positions(level)
-        incoming = rows if n < b else 0.0
+        input_rows = streamed_input * self.positions(level + (pending is not None))
+        incoming = rows + input_rows if n < b else 0.0
+        chunk_input = input_rows
         if pending is not None:
-            chunk = self.layer_values(pending, level + 1) + incoming
+            chunk = input_rows + self.layer_values(pending, level + 1) + incoming
             chunk_input = pending.channels_out * self.positions(level)
         if joins_skip:
             joined = channels_in * self.positions(level)
@@ -219,10 +234,12 @@ class _Walk:
 
     def sliced_block(self, layers: tuple[Layer, ...], level: int, channels: int, held: float,
                      skip: Block | None = None, skip_values: float = 0.0,
-                     pending: Layer | None = None, streamed_skip: int = 0) -> tuple[int, int]:
+                     pending: Layer | None = None, streamed_skip: int = 0,
+                     streamed_input: int = 0) -> tuple[int, int]:
         """StreamlinedForward.run_block. `held`: the block's input when it is no skip; `skip`: the
         output block whose skip joins the first group (`skip_values` of it on the device, or its rows per
-        chunk: `streamed_skip` channels)."""
+        chunk: `streamed_skip` channels); streamed_input: channels of the block's input when it is in
+        host memory (feature offload), read by rows by the first group only."""
         b = self.work.batch
         outside = self.resident_skips() + held + skip_values
         current, owned, segment = 0.0, False, []  # current: h inside the block, once it is not the input
@@ -234,8 +251,10 @@ class _Walk:
             if segment:
                 level, channels = self.sliced_frames(segment, level, channels_in, outside + current, pending,
                                                      joins_skip=skip is not None,
-                                                     streamed_skip=streamed_skip if skip is not None else 0)
+                                                     streamed_skip=streamed_skip if skip is not None else 0,
+                                                     streamed_input=streamed_input)
                 current, owned, pending, skip, segment = b * channels * self.positions(level), True, None, None, []
+                streamed_input = 0
                 channels_in = channels
             if layer.kind not in ("motion", "end"):  # a layer that starts a group of its own
                 segment.append(layer)
@@ -257,12 +276,19 @@ class _Walk:
 
     def walk_sliced(self) -> None:
         b, level, channels = self.work.batch, 0, self.shape.input_blocks[0].layers[0].channels_in
-        for block in self.shape.input_blocks:
-            level, channels = self.sliced_block(block.layers, level, channels, 0.0)
+        inputs, outputs = self.shape.input_blocks, self.shape.output_blocks
+        streamed = 0  # channels of the block's input, in host memory (feature offload)
+        for k, block in enumerate(inputs):
+            level, channels = self.sliced_block(block.layers, level, channels, 0.0, streamed_input=streamed)
             self.skips.append(b * channels * self.positions(level))
+            # feature offload: a skip the next block reads by chunks leaves at once, the deepest stays
+            leaves = self.offload_features and k + 1 < len(inputs) and layers_join_in_chunks(inputs[k + 1])
+            self.top_on_device = not leaves
+            streamed = channels if leaves else 0
         level, channels = self.sliced_block(self.shape.middle.layers, level, channels, 0.0)
+        leaves = self.offload_features and layers_join_in_chunks(outputs[0])  # the middle's output
         pending = None
-        for i, block in enumerate(self.shape.output_blocks):
+        for i, block in enumerate(outputs):
             skip = self.skips.pop()
             streamed = 0
             if self.offload and not self.top_on_device:  # the skip comes back from host memory
@@ -275,13 +301,17 @@ class _Walk:
             layers = block.layers
             # the sliced forward runs a block's trailing Upsample per chunk inside the next block
             defer = layers[-1].kind == "up" and i + 1 < len(self.shape.output_blocks) and not self.work.video_norm
-            level, channels = self.sliced_block(layers[:-1] if defer else layers, level, channels, h, block, skip,
-                                                pending, streamed)
+            level, channels = self.sliced_block(layers[:-1] if defer else layers, level, channels,
+                                                0.0 if leaves else h, block, skip, pending, streamed,
+                                                streamed_input=channels if leaves else 0)
             pending = layers[-1] if defer else None
             if defer:  # h stays one level deeper until the next block upsamples it per chunk
                 level -= 1
+            # feature offload: this block's output leaves when the next block (or the head) reads it by chunks
+            leaves = self.offload_features and (i + 1 == len(outputs) or layers_join_in_chunks(outputs[i + 1]))
         h = b * channels * self.positions(level)
-        self.sliced_frames([self.out_layer(channels)], level, channels, h, pending, joins_skip=False)
+        self.sliced_frames([self.out_layer(channels)], level, channels, 0.0 if leaves else h, pending,
+                           joins_skip=False, streamed_input=channels if leaves else 0)
 
     def walk(self) -> float:
         if self.config is None:
@@ -305,23 +335,51 @@ def predict_peak_bytes(shape: UNetShape, work: Workload, config: SliceConfig | N
 
 @dataclass(frozen=True)
 class Traffic:
-    """What skip offload moves in one forward: bytes held in (pinned) host memory at most, bytes copied
+    """What offload moves in one forward: bytes held in (pinned) host memory at most, bytes copied
     out and back."""
 
     host_bytes: int
     moved_bytes: int
 
 
-def offload_traffic(shape: UNetShape, work: Workload) -> Traffic:
-    """Every skip but the deepest leaves the device and comes back once."""
+def offload_traffic(shape: UNetShape, work: Workload, features: bool = False) -> Traffic:
+    """Skip offload: every skip but the deepest leaves the device and comes back once. Feature offload
+    (`features`, as _Walk.walk_sliced has it) adds: each of those skips comes back by rows once more, for
+    the block after the one that made it; the middle's and each output block's output (before a deferred
+    Upsample) leaves and comes back once. The host holds at most the skips not yet popped plus the latest
+    output (the one before it and the popped skip are released by then)."""
     b, level, channels, skips = work.batch, 0, shape.input_blocks[0].layers[0].channels_in, []
-    for block in shape.input_blocks:
-        for layer in block.layers:
+
+    def values(channels: int, level: int) -> int:
+        return b * channels * max(1, (work.height >> level) * (work.width >> level))
+
+    def through(layers: Iterable[Layer], level: int, channels: int) -> tuple[int, int]:
+        for layer in layers:
             level = level - 1 if layer.kind == "up" else level + 1 if layer.kind == "down" else level
             channels = layer.channels_out
-        skips.append(b * channels * max(1, (work.height >> level) * (work.width >> level)))
-    host = int(sum(skips[:-1]) * work.dtype_bytes)
-    return Traffic(host, 2 * host)
+        return level, channels
+
+    inputs, outputs = shape.input_blocks, shape.output_blocks
+    for block in inputs:
+        level, channels = through(block.layers, level, channels)
+        skips.append(values(channels, level))
+    host = peak = sum(skips[:-1])
+    moved = 2 * host
+    if features and not work.video_norm:
+        moved += sum(s for k, s in enumerate(skips[:-1]) if layers_join_in_chunks(inputs[k + 1]))
+        level, channels = through(shape.middle.layers, level, channels)
+        on_host = skips[:-1]
+        for i, block in enumerate((None,) + outputs):  # the middle, then each output block
+            if block is not None:
+                on_host = on_host[:-1] if i > 1 else on_host  # output block 0 pops the deepest (on the device)
+                defer = block.layers[-1].kind == "up" and i < len(outputs)
+                level, channels = through(block.layers[:-1] if defer else block.layers, level, channels)
+            if i == len(outputs) or layers_join_in_chunks(outputs[i]):
+                feature = values(channels, level)
+                peak, moved = max(peak, sum(on_host) + feature), moved + 2 * feature
+            if block is not None and defer:
+                level -= 1
+    return Traffic(int(peak * work.dtype_bytes), int(moved * work.dtype_bytes))
 
 
 def sd15_shape(motion_modules: bool = True) -> UNetShape:
@@ -363,12 +421,13 @@ class Plan:
     config: SliceConfig
     predicted_peak_bytes: int
     baseline_peak_bytes: int
-    traffic: Traffic | None = None  # skip offload, when the plan offloads
+    traffic: Traffic | None = None  # skip (and feature) offload, when the plan offloads
 
     def text(self) -> str:
         offload = ""
         if self.config.offload_skips and self.traffic is not None:
-            offload = (f", skips offloaded to host memory ({format_bytes(self.traffic.host_bytes)} held there, "
+            what = "skips and block outputs" if self.config.offload_features else "skips"
+            offload = (f", {what} offloaded to host memory ({format_bytes(self.traffic.host_bytes)} held there, "
                        f"{format_bytes(self.traffic.moved_bytes)} moved per forward)")
         return (f"frame_chunk {self.config.frame_chunk}, spatial_chunk {self.config.spatial_chunk}{offload}: predicted "
                 f"peak activation {format_bytes(self.predicted_peak_bytes)} (unpatched "
@@ -395,34 +454,56 @@ ALLOCATOR_HEADROOM = 0.9
 # Skip offload's time, in the unit of _chunk_count: its copies run on a side stream, overlapped with the
 # compute, and cost about as much as this many more frame chunks. Not calibrated on a GPU yet
 # (tools/gpu_evidence.py measures it); offload is planned only where slicing alone cannot fit, or where
-# it fits the same budget with at least this many fewer chunks.
+# it fits the same budget with at least this many fewer chunks. Feature offload costs in proportion to
+# the bytes it moves (offload_cost_chunks).
 OFFLOAD_COST_CHUNKS = 2.0
+
+
+def offload_cost_chunks(shape: UNetShape, work: Workload, config: SliceConfig) -> float:
+    """Offload's cost in the unit of _chunk_count: OFFLOAD_COST_CHUNKS for skip offload's traffic, scaled
+    by the bytes moved (feature offload moves more)."""
+    if not config.offload_skips:
+        return 0.0
+    skips = offload_traffic(shape, work).moved_bytes
+    return OFFLOAD_COST_CHUNKS * offload_traffic(shape, work, config.offload_features).moved_bytes / max(skips, 1)
+
+
+def offload_choices(sliced: SliceConfig, offload: bool) -> tuple[SliceConfig, ...]:
+    """A slicing without offload, with skip offload, with skip and feature offload."""
+    if not offload:
+        return (sliced,)
+    return sliced, replace(sliced, offload_skips=True), replace(sliced, offload_skips=True, offload_features=True)
 
 
 def plan(shape: UNetShape, work: Workload, budget_bytes: int, laws: WorkingSets = SUB_QUADRATIC,
          headroom: float = ALLOCATOR_HEADROOM, offload: bool = False) -> Plan:
     """The coarsest slicing (fewest, largest chunks: the least slowdown) predicted to fit `headroom`
-    of the budget. offload: skip offload may be planned (a device with host memory apart: CUDA); it is
-    chosen when its slicing plus its cost (OFFLOAD_COST_CHUNKS) is cheaper than every fitting plan without."""
+    of the budget. offload: skip offload, and skip and feature offload, may be planned (a device with host
+    memory apart: CUDA); each is chosen when its slicing plus its cost (offload_cost_chunks) is cheaper
+    than every fitting plan with less offload."""
     usable = budget_bytes * headroom
     baseline = predict_peak_bytes(shape, work, None, laws)
-    traffic = offload_traffic(shape, work) if offload else None
     best: tuple[float, Plan] | None = None
     smallest = None
     for sliced in candidate_configs(work):
-        for config in (sliced, replace(sliced, offload_skips=True)) if offload else (sliced,):
+        for config in offload_choices(sliced, offload):
             peak = predict_peak_bytes(shape, work, config, laws)
             smallest = peak if smallest is None else min(smallest, peak)
             if peak <= usable:
-                cost = _chunk_count(work, config) + (OFFLOAD_COST_CHUNKS if config.offload_skips else 0.0)
+                cost = _chunk_count(work, config) + offload_cost_chunks(shape, work, config)
                 if best is None or cost < best[0] or (cost == best[0] and peak < best[1].predicted_peak_bytes):
-                    best = (cost, Plan(config, peak, baseline, traffic if config.offload_skips else None))
+                    best = (cost, Plan(config, peak, baseline, plan_traffic(shape, work, config)))
     if best is None:
         raise BudgetError(f"no slicing fits {format_bytes(budget_bytes)} of activation memory for "
                           f"{work.batch} samples at {work.height}x{work.width} latent; the minimum feasible budget "
                           f"is {format_bytes(smallest / headroom)} (a predicted peak of {format_bytes(smallest)} "
                           f"with {1 - headroom:.0%} headroom for the allocator)")
     return best[1]
+
+
+def plan_traffic(shape: UNetShape, work: Workload, config: SliceConfig) -> Traffic | None:
+    """What a forward with `config` moves to host memory and back (None without offload)."""
+    return offload_traffic(shape, work, config.offload_features) if config.offload_skips else None
 
 
 def _chunk_count(work: Workload, config: SliceConfig) -> float:

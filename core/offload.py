@@ -16,6 +16,13 @@ allocated on the compute stream, which waits for the copy's event before it read
 No CUDA: the copies are plain copies into new storages, made under memtrace.counted_as_host(), so the
 live-tensor counter sees the skips leave the device count; the device-side tensors are released.
 Copies are exact: the forward's output is bit-identical with and without offload.
+
+Feature offload (SliceConfig.offload_features) moves the whole-batch features between blocks the same
+way: a block's output that the next block's first group reads chunk by chunk leaves the device as soon
+as it is written and comes back by the rows of each chunk (`HostTensor.rows`, the next chunk's rows on
+their way). On the way down those outputs are the skips themselves: a skip then leaves at once instead
+of after the next block (`SkipStack.append(..., now=True)`), comes back by rows for the next block, and
+again for the output block that joins it. A feature that the next op needs whole stays on the device.
 """
 from __future__ import annotations
 
@@ -106,8 +113,8 @@ class Transfers:
         return incoming.tensor
 
 
-class HostSkip:
-    """A skip tensor in host memory: brought back whole (`prefetch`, `whole`) or by rows (`rows`)."""
+class HostTensor:
+    """A skip or a feature in host memory: brought back whole (`prefetch`, `whole`) or by rows (`rows`)."""
 
     def __init__(self, transfers: Transfers, t: Tensor):
         self.transfers = transfers
@@ -127,9 +134,12 @@ class HostSkip:
         return self.transfers.arrive(self.fetched)
 
     def rows(self, start: int, end: int) -> Tensor:
-        """Samples [start, end) on the device; the next range of the same size starts coming meanwhile."""
-        if self.fetched is not None or (start == 0 and end >= self.shape[0]):
+        """Samples [start, end) on the device; the next range of the same size starts coming meanwhile.
+        All rows at once come back uncached (a feature stays in host memory after its reader)."""
+        if self.fetched is not None:
             return self.whole()[start:end]
+        if start == 0 and end >= self.shape[0]:
+            return self.transfers.arrive(self.transfers.to_device(self.host))
         if self.next_rows is not None and self.next_rows[:2] == (start, end):
             incoming = self.next_rows[2]
         else:
@@ -141,37 +151,40 @@ class HostSkip:
         return self.transfers.arrive(incoming)
 
 
-def whole(skip: "Tensor | HostSkip") -> Tensor:
-    return skip.whole() if isinstance(skip, HostSkip) else skip
+def whole(t: "Tensor | HostTensor") -> Tensor:
+    return t.whole() if isinstance(t, HostTensor) else t
 
 
-def rows(skip: "Tensor | HostSkip", start: int, end: int) -> Tensor:
-    return skip.rows(start, end) if isinstance(skip, HostSkip) else skip[start:end]
+def rows(t: "Tensor | HostTensor", start: int, end: int) -> Tensor:
+    return t.rows(start, end) if isinstance(t, HostTensor) else t[start:end]
 
 
 class SkipStack:
     """The forward's skip tensors (ComfyUI's `hs`), offloaded: append, pop and [-1] as on a list. The top
     stays on the device (the block after it reads it, Step Rehash reads the deepest shallow one); a skip
-    goes to host memory when the next one is appended."""
+    goes to host memory when the next one is appended, or at once (`now`: feature offload)."""
 
     def __init__(self, transfers: Transfers):
         self.transfers = transfers
-        self.items: list[Tensor | HostSkip] = []
+        self.items: list[Tensor | HostTensor] = []
 
-    def append(self, t: Tensor) -> None:
+    def append(self, t: Tensor, now: bool = False) -> "Tensor | HostTensor":
+        """Push `t`; with `now` it goes to host memory at once: the caller reads it back by rows
+        through what this returns (and drops `t`)."""
         if self.items and isinstance(self.items[-1], Tensor):
-            self.items[-1] = HostSkip(self.transfers, self.items[-1])
-        self.items.append(t)
+            self.items[-1] = HostTensor(self.transfers, self.items[-1])
+        self.items.append(HostTensor(self.transfers, t) if now else t)
+        return self.items[-1]
 
-    def pop(self) -> "Tensor | HostSkip":
+    def pop(self) -> "Tensor | HostTensor":
         return self.items.pop()
 
     def prefetch_top(self) -> None:
         """The next skip to be read will be needed whole: start bringing it back now."""
-        if self.items and isinstance(self.items[-1], HostSkip):
+        if self.items and isinstance(self.items[-1], HostTensor):
             self.items[-1].prefetch()
 
-    def __getitem__(self, index: int) -> "Tensor | HostSkip":
+    def __getitem__(self, index: int) -> "Tensor | HostTensor":
         return self.items[index]
 
     def __len__(self) -> int:

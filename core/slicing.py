@@ -35,18 +35,26 @@ class SliceConfig:
     scale_with_level: grow chunks at deeper levels to keep the values per chunk constant; False
         uses the given sizes at every level (useful to exercise every level in tests).
     offload_skips: the UNet's skip tensors wait in host memory (core/offload.py); the output is the same.
+    token_chunk: tokens per slice in a DiT block (Wan); 0: from frame_chunk, or automatic
+        (core/dit_budget.token_chunk_size).
+    offload_features: with offload_skips, the whole-batch features between blocks (a block's output that
+        the next block's first group reads chunk by chunk) wait in host memory too, and come back by rows.
     """
 
     frame_chunk: int = 0
     spatial_chunk: int = 0
     scale_with_level: bool = True
     offload_skips: bool = False
+    token_chunk: int = 0
+    offload_features: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("frame_chunk", "spatial_chunk"):
+        for name in ("frame_chunk", "spatial_chunk", "token_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SliceConfigError(f"{name} must be an integer >= 0 (0 = automatic), got {value!r}")
+        if self.offload_features and not self.offload_skips:  # the input blocks' outputs are the skips
+            raise SliceConfigError("offload_features needs offload_skips")
 
 
 # One chunk for every group at every level: the grouped forward without slicing (Step Rehash alone).
@@ -96,4 +104,5 @@ def finer(config: SliceConfig, batch: int, positions: int, top_channels: int, to
     if frames <= 1 and spatial <= 1:
         return None
     return SliceConfig(frame_chunk=max(1, frames // 2), spatial_chunk=max(1, spatial // 2),
-                       scale_with_level=config.scale_with_level, offload_skips=config.offload_skips)
+                       scale_with_level=config.scale_with_level, offload_skips=config.offload_skips,
+                       offload_features=config.offload_features)

@@ -51,15 +51,20 @@ def role_of(layer: nn.Module, patched_types: tuple[type, ...]) -> Role:
     return Role.WHOLE
 
 
-def unsupported_reason(diffusion_model: nn.Module) -> str | None:
-    """Why the pack leaves this diffusion model to ComfyUI (None: it can run it, sliced or split). The
-    pack's forward is UNetModel's for SD1.5/SD2/SDXL-style UNets; video UNets (SVD's VideoResBlock and
-    SpatialVideoTransformer) need ComfyUI's own."""
-    if not isinstance(diffusion_model, UNetModel):
-        return f"{type(diffusion_model).__name__} is not a UNet this pack can slice"
-    blocks = [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]
-    video = sorted({type(layer).__name__ for block in blocks if block is not None for layer in block
-                    if role_of(layer, ()) is Role.UNSUPPORTED})
-    if video:
-        return f"this UNet has {', '.join(video)} (video UNet layers), which need ComfyUI's own forward"
+def unsupported_reason(diffusion_model: nn.Module, purpose: str = "slice") -> str | None:
+    """Why the pack leaves this diffusion model to ComfyUI for `purpose` (None: it handles it).
+    purpose: "slice" (Streamline Model Patch), "plan" (Memory Budget, the memory estimate) or "rehash"
+    (Step Rehash's shallow/deep split). The families and what each supports: nodes/families.py."""
+    from . import families
+
+    family = families.family_of(diffusion_model)
+    if family is None:
+        if isinstance(diffusion_model, UNetModel):
+            blocks = [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]
+            video = sorted({type(layer).__name__ for block in blocks if block is not None for layer in block
+                            if role_of(layer, ()) is Role.UNSUPPORTED})
+            return f"this UNet has {', '.join(video)} (video UNet layers) the pack does not know"
+        return f"{type(diffusion_model).__name__} is not a model this pack can slice"
+    if purpose == "rehash" and not families.splits_for_rehash(family):
+        return f"Step Rehash does not split {type(diffusion_model).__name__} ({family} DiT) models yet"
     return None

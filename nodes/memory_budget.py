@@ -20,11 +20,12 @@ from torch import Tensor
 
 from ..core.budget import (
     SDPA, SUB_QUADRATIC, Block, BudgetError, Layer, Plan, UNetShape, WorkingSets, Workload, format_bytes,
-    offload_traffic, plan, predict_peak_bytes,
+    plan, plan_traffic, predict_peak_bytes,
 )
 from ..core.slicing import SliceConfig
 from .layer_roles import is_ade_motion_module
 from .log import logger
+from . import families
 from .layer_roles import unsupported_reason
 from .model_patch import STATE_KEY, apply_streamline, node_id_of
 from .structure import _heads, unet_shape
@@ -128,33 +129,45 @@ class BudgetPlanner:
         held = -(-held_bytes // step) * step
         return self.budget_bytes - held, held
 
-    def _key(self, unet, x: Tensor, context: Tensor | None, budget: int, video_norm: bool = False) -> tuple:
+    def _key(self, unet, x: Tensor, context: Tensor | None, budget: int, video_norm: bool = False,
+             frames: int | None = None) -> tuple:
         tokens = context.shape[1] if context is not None else 0
-        return tuple(x.shape), x.dtype, x.device.type, tokens, _video_length(unet), video_norm, budget
+        return tuple(x.shape), x.dtype, x.device.type, tokens, _video_length(unet), video_norm, frames, budget
 
     def __call__(self, unet, x: Tensor, context: Tensor | None, log, held_bytes: int = 0,
-                 video_norm: bool = False) -> SliceConfig:
+                 video_norm: bool = False, frames: int | None = None) -> SliceConfig:
         budget, held = self.budget(x.device, held_bytes)
-        key = self.last_key = self._key(unet, x, context, budget, video_norm)
+        key = self.last_key = self._key(unet, x, context, budget, video_norm, frames)
         if key not in self.plans:
-            chosen = make_plan(unet_shape(unet), workload_for(x, context, _video_length(unet), video_norm), budget,
-                               held, self.budget_bytes, offload_available(x.device))
+            family = families.family_of(unet)
+            if family in (families.SVD, families.WAN):  # the family's own laws (nodes/families.py)
+                tokens = context.shape[1] if context is not None and context.ndim == 3 else None
+                chosen = families.plan_for(family, unet, tuple(x.shape), x.element_size(), budget, attention_laws(),
+                                           tokens, frames)
+            else:
+                chosen = make_plan(unet_shape(unet), workload_for(x, context, _video_length(unet), video_norm),
+                                   budget, held, self.budget_bytes, offload_available(x.device))
             self.plans[key] = chosen
             held_text = f" after {format_bytes(held)} held by Step Rehash's cache" if held else ""
             logger.info(f"Streamline Memory Budget ({format_bytes(budget)}{held_text} for {tuple(x.shape)}): "
-                        f"{chosen.text()}")
+                        f"{families.plan_text(chosen)}")
         return self.plans[key].config
 
     def settle(self, unet, x: Tensor, context: Tensor | None, config: SliceConfig, held_bytes: int = 0,
-               video_norm: bool = False) -> None:
+               video_norm: bool = False, frames: int | None = None) -> None:
         """After an out-of-memory retry: inputs shaped like `x`, at the budget the failed forward was
         planned for, use `config` for the rest of the run."""
-        key = self.last_key or self._key(unet, x, context, self.budget(x.device, held_bytes)[0], video_norm)
+        key = self.last_key or self._key(unet, x, context, self.budget(x.device, held_bytes)[0], video_norm, frames)
+        family = families.family_of(unet)
+        if family in (families.SVD, families.WAN):
+            self.plans[key] = Plan(config, *families.peaks_for(family, unet, x, context, config, attention_laws(),
+                                                                frames))
+            return
         work = workload_for(x, context, _video_length(unet), video_norm)
         shape, laws = unet_shape(unet), attention_laws()
         self.plans[key] = Plan(config, predict_peak_bytes(shape, work, config, laws),
                                predict_peak_bytes(shape, work, None, laws),
-                               offload_traffic(shape, work) if config.offload_skips else None)
+                               plan_traffic(shape, work, config))
 
 
 def _video_length(unet) -> int | None:
@@ -234,6 +247,25 @@ class MemoryEstimate:
         self.base_model, self.model_options, self.earlier_patch = base_model, model_options, earlier_patch
         self.motion_models = list(motion_models)  # ADE's, attached to the patched MODEL (ade_motion_models)
 
+    def family_estimate(self, family: str, unet, input_shape, state, device) -> int:
+        """SVD or Wan: the peak of one call with the node's slicing, or with the plan the run will make.
+        SVD's estimate takes the batch as one video (its frames are the batch; two videos of half the
+        frames differ only in the small temporal-attention scores)."""
+        dtype_bytes = torch.empty(0, dtype=compute_dtype(self.base_model)).element_size()
+        frames = input_shape[0] if family == families.SVD else None
+        laws = attention_laws()
+        config = state.config
+        if state.planner is not None:
+            try:
+                return families.plan_for(family, unet, tuple(input_shape), dtype_bytes,
+                                         state.planner.budget(device, 0)[0], laws, None, frames).predicted_peak_bytes
+            except ValueError:
+                config = SliceConfig(1, 1, token_chunk=1)
+        shaped = families._shaped(input_shape, dtype_bytes)
+        context = families._shaped((input_shape[0], 1 if family == families.SVD else families.WAN_TEXT_TOKENS, 1),
+                                   dtype_bytes)
+        return families.peaks_for(family, unet, shaped, context, config, laws, frames)[0]
+
     def comfy_estimate(self, input_shape, cond_shapes={}) -> int:
         if self.earlier_patch is not None:
             return self.earlier_patch(input_shape, cond_shapes=cond_shapes)
@@ -242,9 +274,12 @@ class MemoryEstimate:
     def __call__(self, input_shape, cond_shapes={}) -> int:
         unet = self.base_model.diffusion_model
         state = self.model_options["transformer_options"].get(STATE_KEY)
-        if state is None or unsupported_reason(unet) is not None:  # the run's log says so, once
+        if state is None or unsupported_reason(unet, "plan") is not None:  # the run's log says so, once
             return self.comfy_estimate(input_shape, cond_shapes)
         device = next(unet.parameters()).device
+        family = families.family_of(unet)
+        if family in (families.SVD, families.WAN):
+            return int(self.family_estimate(family, unet, input_shape, state, device) * ESTIMATE_MARGIN)
         shape = planned_shape(unet, self.motion_models)
         dtype_bytes = torch.empty(0, dtype=compute_dtype(self.base_model)).element_size()
         work = Workload(batch=input_shape[0], frames=max(1, input_shape[0] // 2), height=input_shape[-2],
@@ -255,7 +290,8 @@ class MemoryEstimate:
                 config = plan(shape, work, state.planner.budget(device, 0)[0], attention_laws(),
                               offload=offload_available(device)).config
             except ValueError:
-                config = SliceConfig(1, 1, offload_skips=offload_available(device))
+                config = SliceConfig(1, 1, offload_skips=offload_available(device),
+                                     offload_features=offload_available(device))
         return int(predict_peak_bytes(shape, work, config, attention_laws()) * ESTIMATE_MARGIN)
 
 
@@ -299,7 +335,7 @@ class MemoryBudget(io.ComfyNode):
 def preview_plan(model, budget: int, width: int, height: int, frames: int) -> str:
     """The plan the run makes for a width x height x frames clip with CFG batched (a prompt of one CLIP
     chunk; ADE's context windows, if the clip is longer), for the node's display."""
-    reason = unsupported_reason(model.model.diffusion_model)
+    reason = unsupported_reason(model.model.diffusion_model, "plan")
     if reason is not None:
         return (f"Streamline Memory Budget cannot plan for this model: {reason}. It runs unchanged, with "
                 "ComfyUI's own memory estimate.")
@@ -308,6 +344,17 @@ def preview_plan(model, budget: int, width: int, height: int, frames: int) -> st
     budget_text = format_bytes(budget) if budget else \
         f"auto ({format_bytes(planned)} free now; planned again with what is free at run time)"
     dtype_bytes = torch.empty(0, dtype=compute_dtype(model.model)).element_size()
+    family = families.family_of(model.model.diffusion_model)
+    if family in (families.SVD, families.WAN):
+        dm = model.model.diffusion_model
+        latent = families.preview_latent(family, dm, width, height, frames)
+        try:
+            chosen = families.plan_for(family, dm, latent, dtype_bytes, planned, attention_laws(), None,
+                                       frames if family == families.SVD else None)
+        except BudgetError as e:
+            return f"budget {budget_text}: {e}"
+        return (f"budget {budget_text}, {width}x{height}x{frames} with CFG batched ({family}, latent "
+                f"{'x'.join(map(str, latent))}): {families.plan_text(chosen)}")
     per_call = frames_per_call(model, frames)
     shape = planned_shape(model.model.diffusion_model, ade_motion_models(model))
     offload = offload_available(model.load_device)

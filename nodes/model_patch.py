@@ -25,7 +25,9 @@ from torch import Tensor
 from ..core.slicing import SliceConfig
 from .layer_roles import unsupported_reason
 from .run_report import RunReport, publish
-from .streamlined_unet import LogOnce, make_streamline_wrapper
+from .families import WAN, family_of
+from .streamlined_unet import CALL_CONFIG_KEY, LogOnce, make_streamline_wrapper
+from .wan import install_wan_slicing, remove_wan_slicing
 
 STATE_KEY = "streamline"
 WRAPPER_KEY = "streamline"
@@ -61,19 +63,20 @@ class StreamlineState:
         return StreamlineState(self.config, LogOnce(), planner, self.source, self.node_id)
 
     def config_for(self, unet, x: Tensor, context: Tensor | None, held_bytes: int = 0,
-                   video_norm: bool = False) -> SliceConfig:
+                   video_norm: bool = False, frames: int | None = None) -> SliceConfig:
         """held_bytes: memory other parts of the pack keep alive across calls (Step Rehash's cache),
-        which a planned budget must leave to them; video_norm: ADE's GroupNorm-over-videos mode."""
+        which a planned budget must leave to them; video_norm: ADE's GroupNorm-over-videos mode; frames:
+        SVD's frames per video."""
         if self.planner is None:
             return self.config
-        return self.planner(unet, x, context, self.log, held_bytes, video_norm)
+        return self.planner(unet, x, context, self.log, held_bytes, video_norm, frames=frames)
 
     def settle(self, config: SliceConfig, unet, x: Tensor, context: Tensor | None, held_bytes: int = 0,
-               video_norm: bool = False) -> None:
+               video_norm: bool = False, frames: int | None = None) -> None:
         """Use `config` from now on (after an out-of-memory retry): for inputs shaped like `x` when a
         planner chooses per shape (other shapes keep their own plans), else for every input."""
         if self.planner is not None and hasattr(self.planner, "settle"):
-            self.planner.settle(unet, x, context, config, held_bytes, video_norm)
+            self.planner.settle(unet, x, context, config, held_bytes, video_norm, frames=frames)
         else:
             self.config, self.planner = config, None
 
@@ -133,7 +136,22 @@ def apply_streamline(model: ModelPatcher, config: SliceConfig, planner: Callable
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY,
                                  load_with_streamline_estimate)
+    if family_of(patched.model.diffusion_model) == WAN:  # Wan's blocks are sliced through the block-replace hook
+        install_wan_slicing(patched, wan_token_chunk)
     return patched
+
+
+def wan_token_chunk(transformer_options: dict, x: Tensor, tokens_per_frame: int) -> int | None:
+    """Tokens per slice for a Wan block: the slicing the streamline wrapper chose for this call (the
+    Memory Budget's plan, or the node's), else the node's own; None without the patch's state."""
+    from ..core.dit_budget import token_chunk_size
+
+    state = transformer_options.get(STATE_KEY)
+    if state is None:
+        return None
+    config = transformer_options.get(CALL_CONFIG_KEY, state.config)
+    return token_chunk_size(config, batch=x.shape[0], tokens=x.shape[1], tokens_per_frame=tokens_per_frame,
+                            dim=x.shape[2])
 
 
 def load_with_streamline_estimate(executor, model: ModelPatcher, noise_shape, conds, model_options=None, **kwargs):
@@ -144,7 +162,7 @@ def load_with_streamline_estimate(executor, model: ModelPatcher, noise_shape, co
     import comfy.model_management
 
     estimate = model.object_patches.get("memory_required")
-    if estimate is not None and unsupported_reason(model.model.diffusion_model) is None:
+    if estimate is not None and unsupported_reason(model.model.diffusion_model, "plan") is None:
         needed = estimate([noise_shape[0] * 2] + list(noise_shape[1:]))
         minimum = estimate([noise_shape[0]] + list(noise_shape[1:]))
         comfy.model_management.load_models_gpu([model], memory_required=needed, minimum_memory_required=minimum)
@@ -161,6 +179,7 @@ def remove_streamline(model: ModelPatcher) -> ModelPatcher:
     if earlier is not None:
         plain.add_object_patch("memory_required", earlier)
     plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY)
+    remove_wan_slicing(plain)
     return plain
 
 

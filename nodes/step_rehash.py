@@ -9,8 +9,12 @@
 Caches are kept per cond/uncond entry (ComfyUI's uuids) and per context window (ADE's, and ComfyUI's own
 Context Windows nodes), so batched and unbatched CFG, and every window, reuse their own feature.
 
-A call Step Rehash cannot split (rehash off, a model other than a plain UNet, a cache_block the UNet does
-not have) runs exactly as ComfyUI would run it, is counted as a full step, and the report says why.
+Wan 2.1 / 2.2 (nodes/wan/rehash.py): the pack's block replacements run the first and last blocks on every
+step and reuse the residual the blocks between add; apply_rehash installs them (unsliced) when Streamline
+has not.
+
+A call Step Rehash cannot split (rehash off, a model other than a plain UNet or Wan, a cache_block the
+model does not have) runs exactly as ComfyUI would run it, is counted as a full step, and the report says why.
 """
 from __future__ import annotations
 
@@ -32,10 +36,12 @@ from ..core.rehash import (
     reused_feature, schedule_steps, step_index, tensor_fingerprint,
 )
 from ..core.slicing import UNSLICED
+from . import families
 from .layer_roles import unsupported_reason
 from .model_patch import STATE_KEY as SLICING_STATE_KEY, node_id_of
 from .run_report import publish
 from .svd_unet import is_svd_unet, svd_forward
+from .wan.rehash import WAN_REHASH_KEY, WanRehashCall, foreign_deep_blocks, install_for_rehash, shallow_blocks
 from .streamlined_unet import (
     REHASH_CALL_KEY, REHASH_STATE_KEY, LogOnce, streamlined_unet_forward,
 )
@@ -52,9 +58,10 @@ History = list  # [(sigma, deep feature)] of the last two full calls, oldest fir
 class RehashPlan(NamedTuple):
     """How Step Rehash runs one model's calls: split at `cache_block`, or in full for the reason `why_not`."""
 
-    cache_block: int | None = None
+    cache_block: int | None = None  # a Wan model: the shallow blocks at each end (nodes/wan/rehash.py)
     why_not: str = ""
     log_key: str = ""
+    wan: bool = False
 
 
 @dataclass
@@ -375,10 +382,12 @@ def _rehash_plan(run: RehashRun, model) -> RehashPlan:
 
 
 def _plan(model, config: RehashConfig) -> RehashPlan:
-    reason = None if is_svd_unet(model) else unsupported_reason(model)  # another architecture
+    reason = unsupported_reason(model, "rehash")  # another architecture, or a DiT the pack does not split
     if reason is not None:
         return RehashPlan(why_not=reason, log_key="model-unsupported")
     try:
+        if families.family_of(model) == families.WAN:
+            return RehashPlan(shallow_blocks(config.cache_block, len(model.blocks)), wan=True)
         return RehashPlan(resolve_cache_block(config.cache_block, len(model.output_blocks)))
     except RehashConfigError as e:
         return RehashPlan(why_not=str(e), log_key="cache-block")
@@ -413,7 +422,34 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         _synchronize(args[0] if args else None)
         run.account(step, False, time.perf_counter() - started)
         return out
+    if plan.wan:
+        return _rehash_wan_call(executor, state, plan.cache_block, transformer_options, args, kwargs)
     return _rehash_unet_call(executor, state, plan.cache_block, *args, **kwargs)
+
+
+def _rehash_wan_call(executor, state: RehashState, shallow: int, transformer_options: dict, args: tuple,
+                     kwargs: dict):
+    """A WanModel call with a WanRehashCall in a per-call copy of transformer_options: the pack's block
+    replacements (nodes/wan/patch.py) run the shallow blocks, and the deep ones or the reused residual."""
+    run, model = state.run, executor.class_obj
+    x = args[0] if args else kwargs["x"]
+    step, sigma = _step_and_sigma(transformer_options)
+    first_deep, last_deep = shallow, len(model.blocks) - 1 - shallow
+    rehash_call = RehashCallState(run, shallow, step, sigma, _cache_keys(transformer_options, x.shape[0]))
+    foreign = foreign_deep_blocks(transformer_options, first_deep, last_deep)
+    if foreign:  # a block the pack does not run cannot be skipped: this call runs in full, as received
+        why = f"Wan blocks {foreign} run through another node's block replacement"
+        state.log.warn("wan-foreign-blocks", f"Step Rehash: {why}; every step runs in full.")
+        run.note(f"{why}: every step ran in full.")
+    else:
+        options = {**transformer_options, WAN_REHASH_KEY: WanRehashCall(rehash_call, first_deep, last_deep)}
+        args = tuple(options if a is transformer_options else a for a in args)
+        kwargs = {k: options if v is transformer_options else v for k, v in kwargs.items()}
+    started = time.perf_counter()
+    out = executor(*args, **kwargs)
+    _synchronize(x)
+    run.account(step, rehash_call.rehashed, time.perf_counter() - started)
+    return out
 
 
 def _rehash_unet_call(executor, state: RehashState, cache_block: int, x, timesteps=None, context=None, y=None,
@@ -466,6 +502,8 @@ def apply_rehash(model, config: RehashConfig, keystep_store: Path | None = None,
                           (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
         patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
         patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
+    if families.family_of(patched.model.diffusion_model) == families.WAN:
+        install_for_rehash(patched)  # the block replacements that split a Wan call (unsliced without Streamline)
     return patched
 
 
@@ -495,7 +533,8 @@ def rehash_inputs() -> list:
         io.Int.Input("cache_block", default=-1, min=-1, max=64,
                      tooltip="Output block whose output (after its temporal layer) is cached. -1: the second-to-last "
                      "(a rehash step runs only the first input block and the last output block). Larger = cheaper "
-                     "rehash steps, more reuse."),
+                     "rehash steps, more reuse. Wan: the blocks at each end that run on every step (-1: one; "
+                     "smaller = cheaper rehash steps); the residual of the blocks between is reused."),
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Rehash only after this fraction of the schedule."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,

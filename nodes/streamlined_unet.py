@@ -9,7 +9,9 @@ residuals and transformer_index bookkeeping, but:
 - a block that ends in per-frame layers (the Upsample of an output block) hands them to the next
   block's first group, so the upsampled feature is never materialised at full size either;
 - with `offload_skips`, the skip tensors wait in host memory (core/offload.py) and come back whole one
-  block ahead of use, or by the rows each frame chunk joins.
+  block ahead of use, or by the rows each frame chunk joins;
+- with `offload_features` too, a block's output that the next block's first group reads chunk by chunk
+  waits in host memory as soon as it is written and comes back by the rows of each chunk.
 """
 from __future__ import annotations
 
@@ -173,9 +175,11 @@ class StreamlinedForward:
                 return self.batch
         return frame_chunk_size(self.config, self.batch, sample_values, self.top_sample_values)
 
-    def run_frames(self, segment: Segment, h: Tensor, output_shape, pending: Pending | None = None,
-                   skip: Tensor | None = None, cast: torch.dtype | None = None) -> Tensor:
-        """Run a per-frame group on h (after `pending`, concatenated with `skip`), chunk by chunk."""
+    def run_frames(self, segment: Segment, h: "Tensor | offload.HostTensor", output_shape,
+                   pending: Pending | None = None, skip: Tensor | None = None,
+                   cast: torch.dtype | None = None) -> Tensor:
+        """Run a per-frame group on h (after `pending`, concatenated with `skip`), chunk by chunk; h
+        and the skip may be in host memory (offload), read by the rows of each chunk."""
         height, width = (skip if skip is not None else h).shape[-2:]
         if pending is not None and skip is None:
             height, width = height * 2, width * 2  # pending layers end in an Upsample
@@ -184,12 +188,12 @@ class StreamlinedForward:
         sample_values = self.sample_values(channels, height * width, attends)
         chunk = self.frames_chunk([segment] if pending is None else [pending.segment, segment], sample_values)
         if self.video_frames is not None and chunk < self.batch:
-            return self.run_frames_video_norm(segment, h, output_shape, skip, cast, chunk)
+            return self.run_frames_video_norm(segment, offload.whole(h), output_shape, skip, cast, chunk)
         index = pending.transformer_index if pending is not None else self.to["transformer_index"]
 
         def group(start: int, end: int) -> Tensor:
             self.to["transformer_index"] = index
-            part = h[start:end]
+            part = offload.rows(h, start, end)
             if pending is not None:
                 part = self.run_layers(pending.segment.layers, part, start, end, pending.output_shape)
             if skip is not None:
@@ -258,8 +262,11 @@ class StreamlinedForward:
     def run_block(self, segments: list[Segment], h: Tensor, output_shape, pending: Pending | None = None,
                   skip: Tensor | None = None, defer_tail: bool = False) -> tuple[Tensor, Pending | None]:
         """Run one UNet block. Returns (h, pending): with defer_tail, a trailing per-frame group is
-        not run but returned as pending, for the next block to run per chunk."""
+        not run but returned as pending, for the next block to run per chunk. h may be in host memory
+        (feature offload) when the first segment reads it per chunk."""
         owned = False
+        if not (segments and segments[0].kind == "frames"):
+            h = offload.whole(h)
         for i, segment in enumerate(segments):
             last = i == len(segments) - 1
             if segment.kind == "frames" and last and defer_tail and i > 0:
@@ -316,6 +323,8 @@ class RehashCall(Protocol):
         """The output of output block `cache_block` of a call computed in full."""
 
 
+# the slicing the streamline wrapper chose for one Wan call, in a per-call copy of transformer_options
+CALL_CONFIG_KEY = "streamline_call_config"
 REHASH_STATE_KEY = "streamline_rehash"  # Step Rehash's state in transformer_options (nodes/step_rehash.py)
 
 
@@ -379,6 +388,23 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
         hs: list[Tensor] | offload.SkipStack = offload.SkipStack(transfers)
     else:
         hs = []
+    # Feature offload: a block's output leaves the device as soon as it is written when the next block's
+    # first group reads it chunk by chunk (not in the GroupNorm-over-videos mode, whose groups read
+    # whole videos, nor where a patch gets whole features between blocks).
+    features = config.offload_features and isinstance(hs, offload.SkipStack) and frames is None
+    output_block_patches = patches.get("output_block_patch", [])
+
+    def read_by_chunks(segments: list[Segment]) -> bool:
+        return bool(segments) and segments[0].kind == "frames"
+
+    def output_leaves(next_block: int) -> bool:
+        """Whether the output before output block `next_block` (the middle's, an output block's) leaves."""
+        if not features or output_block_patches:
+            return False
+        if next_block < len(output_segments):
+            return read_by_chunks(output_segments[next_block])
+        return not unet.predict_codebook_ids and len(out_segments) == 1 and read_by_chunks(out_segments)
+
     h = x
 
     def run_input_blocks(blocks: range, h: Tensor) -> Tensor:
@@ -388,7 +414,14 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
             h = apply_control(h, control, "input")
             for p in patches.get("input_block_patch", []):
                 h = p(h, to)
-            hs.append(h)
+            # the skip the next block reads chunk by chunk leaves at once (the deepest, and the last
+            # one Step Rehash reads, stay until the next is pushed)
+            leaves = (features and block_id + 1 < blocks.stop and read_by_chunks(input_segments[block_id + 1])
+                      and not patches.get("input_block_patch_after_skip"))
+            if leaves:
+                h = hs.append(h, now=True)
+            else:
+                hs.append(h)
             for p in patches.get("input_block_patch_after_skip", []):
                 h = p(h, to)
         return h
@@ -409,9 +442,10 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
         if middle_segments is not None:
             h, _ = run.run_block(middle_segments, h, None)
         h = apply_control(h, control, "middle")
+        if output_leaves(0) and middle_segments is not None:  # else h is the deepest skip, on the stack
+            h = offload.HostTensor(transfers, h)
 
     pending: Pending | None = None
-    output_block_patches = patches.get("output_block_patch", [])
 
     def skip_needed_whole(later: int) -> bool:
         """Offloaded skips come back by rows unless an output block (this one, later=0, or the next, 1)
@@ -441,6 +475,8 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
         del skip
         if at_cache_point:
             rehash.store(h)
+        elif output_leaves(block_id + 1):  # the popped skip and the previous output are released by now
+            h = offload.HostTensor(transfers, h)
 
     if unet.predict_codebook_ids:
         if pending is not None:
@@ -466,6 +502,9 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
     import comfy.model_management
     import comfy.patcher_extension
 
+    from . import families
+    from .svd_unet import svd_forward
+
     def state_in(args: tuple, kwargs: dict):
         """The state, from transformer_options wherever the model's forward signature puts them."""
         for candidate in (kwargs.get("transformer_options"), *args, *kwargs.values()):
@@ -482,17 +521,28 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
         state = state_in(args, kwargs)
         if state is None or leaves_unchanged(state, unet):
             return executor(*args, **kwargs)
+        family = families.family_of(unet)
+        if family == families.WAN:
+            return wan_call(executor, state, args, kwargs)
         x, timesteps, context, y, control, transformer_options, kwargs = unet_arguments(*args, **kwargs)
         held = held_across_calls(transformer_options)
-        try:
-            video_norm_mode = video_norm.video_frames(transformer_options, x.shape[0]) is not None
-        except video_norm.VideoNormUnknown:  # the forward runs unsliced (and says so)
-            video_norm_mode = False
-        config = state.config_for(unet, x, context, held, video_norm_mode)
+        frames = None
+        if family == families.SVD:  # SVD's video UNet: its own sliced forward (nodes/svd_unet.py)
+            video_norm_mode, frames = False, families.svd_frames(kwargs, x, unet)
+        else:
+            try:
+                video_norm_mode = video_norm.video_frames(transformer_options, x.shape[0]) is not None
+            except video_norm.VideoNormUnknown:  # the forward runs unsliced (and says so)
+                video_norm_mode = False
+        config = state.config_for(unet, x, context, held, video_norm_mode, frames=frames)
         report = getattr(state, "report", None)  # the run's (nodes/run_report.py)
         while True:
-            transfers = offload.Transfers(x.device) if config.offload_skips else None
-            forward = functools.partial(streamlined_unet_forward, unet, config, state.log, transfers=transfers)
+            if family == families.SVD:
+                transfers = None  # skip offload is the UNet forward's (SVD's forward keeps its skips)
+                forward = functools.partial(svd_forward, unet, config, state.log)
+            else:
+                transfers = offload.Transfers(x.device) if config.offload_skips else None
+                forward = functools.partial(streamlined_unet_forward, unet, config, state.log, transfers=transfers)
             # the forward pops ControlNet residuals from their lists: each attempt gets its own lists
             attempt_control = {k: list(v) for k, v in control.items()} if isinstance(control, dict) else control
             try:
@@ -501,7 +551,7 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
                     forward, unet, executor.wrappers, idx=executor.idx + 1
                 ).execute(x, timesteps, context, y, attempt_control, transformer_options, **kwargs)
                 if report is not None:
-                    report.record(unet, x, context, config, video_norm_mode, peak, transfers)
+                    report.record(unet, x, context, config, video_norm_mode, peak, transfers, frames=frames)
                 return out
             except torch.OutOfMemoryError:
                 smaller = _finer_after_oom(unet, config, x, context)
@@ -509,9 +559,28 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
                     raise
                 logger.warning(f"Streamline: out of memory with {config}; retrying with {smaller} and keeping it "
                                "for the rest of this run.")
-                state.settle(smaller, unet, x, context, held, video_norm_mode)
+                state.settle(smaller, unet, x, context, held, video_norm_mode, frames=frames)
                 config = smaller
                 comfy.model_management.soft_empty_cache()
+
+    def wan_call(executor, state, args: tuple, kwargs: dict):
+        """A Wan call: its blocks are sliced by the block replacements (nodes/wan/); here the call's
+        slicing is chosen (the Memory Budget plans it per latent shape) and handed to them in a per-call
+        copy of transformer_options, and the run's report records it."""
+        model, x = executor.class_obj, args[0] if args else kwargs["x"]
+        options = next((v for v in (kwargs.get("transformer_options"), *args) if isinstance(v, dict)
+                        and get_state(v) is state), None)
+        context = args[2] if len(args) > 2 else kwargs.get("context")
+        config = state.config_for(model, x, context, held_across_calls(options or {}), False)
+        call_options = {**(options or {}), CALL_CONFIG_KEY: config}
+        args = tuple(call_options if a is options else a for a in args)
+        kwargs = {k: call_options if v is options else v for k, v in kwargs.items()}
+        report = getattr(state, "report", None)
+        peak = report.measure(x, False) if report is not None else None
+        out = executor(*args, **kwargs)
+        if report is not None:
+            report.record(model, x, context, config, False, peak)
+        return out
 
     return wrapper
 

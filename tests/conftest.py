@@ -56,3 +56,19 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("!", f"{len(_host_skipped)} HOST TESTS SKIPPED: {HOST_MISSING_REASON}", red=True)
     else:
         terminalreporter.write_line(f"ComfyUI host: {COMFY_ROOT} (AnimateDiff-Evolved: {ADE_ROOT})")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_models_after_each_module():
+    """Each test file loads its own models (SD1.5, SVD, Wan, Flux at test sizes, up to a few GB): drop what
+    ComfyUI's model management still holds once a file is done, so one pytest process does not grow
+    through the whole suite (it once reached 12.6 GB)."""
+    yield
+    if HOST_MISSING_REASON is None:
+        import gc
+
+        import comfy.model_management
+
+        comfy.model_management.unload_all_models()
+        gc.collect()
+        comfy.model_management.soft_empty_cache()

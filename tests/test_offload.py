@@ -1,7 +1,8 @@
-"""Skip offload (core/offload.py): bit-identical to the same slicing without it, in every composition the
-pack supports; the skips really leave the device count (the CPU path: real copies into storages the
-live-tensor counter counts as host memory, the device tensors released); the planner's predictions with
-offload against the counter; when the Memory Budget chooses offload; what the node and the report say.
+"""Skip offload and feature offload (core/offload.py): bit-identical to the same slicing without it, in every
+composition the pack supports; the skips and the features between blocks really leave the device count
+(the CPU path: real copies into storages the live-tensor counter counts as host memory, the device
+tensors released); the planner's predictions with offload against the counter; when the Memory Budget
+chooses offload; what the node and the report say.
 
 CPU, fp32: random SD1.5 + mm_sd_v15_v2 at an 8x8 latent for single forwards and ADE sampling, TinyVideo
 through ComfyUI's KSampler path with ComfyUI's real FreeU, Context Windows (Manual) and Step Rehash.
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from comfyui_streamline.core.budget import (
-    ALLOCATOR_HEADROOM, OFFLOAD_COST_CHUNKS, SDPA, Workload, _chunk_count, offload_traffic, plan,
+    ALLOCATOR_HEADROOM, SDPA, Workload, _chunk_count, offload_cost_chunks, offload_traffic, plan,
     predict_peak_bytes, sd15_shape,
 )
 from comfyui_streamline.core.slicing import SliceConfig
@@ -28,10 +29,19 @@ FRAMES, CONDS, SIZE = 4, 2, 8
 STREAMLINE_LOGGER = "ComfyUI-Streamline"
 
 
-def offloaded(config: SliceConfig) -> SliceConfig:
+def offloaded(config: SliceConfig, features: bool = False) -> SliceConfig:
     from dataclasses import replace
 
-    return replace(config, offload_skips=True)
+    return replace(config, offload_skips=True, offload_features=features)
+
+
+# skip offload alone, and with feature offload
+KINDS = pytest.mark.parametrize("features", [False, True], ids=["skips", "features"])
+
+
+def features_moved(moved: dict, features: bool) -> bool:
+    """Whether the features moved too: skips then come back twice (for the next block and the output block)."""
+    return moved["back"] > moved["out"] if features else moved["back"] == moved["out"]
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +99,19 @@ def moved(monkeypatch):
 
 
 @pytest.mark.host
+@KINDS
 @pytest.mark.parametrize("config, conds", [(SliceConfig(3, 7, False), 2), (SliceConfig(1, 5, True), 1),
                                            (SliceConfig(), 2)], ids=["f3-s7-cfg", "f1-s5-cond", "auto-cfg"])
-def test_offload_is_bit_identical_to_no_offload(sd15, moved, config, conds):
+def test_offload_is_bit_identical_to_no_offload(sd15, moved, config, conds, features):
+    from comfyui_streamline.nodes.structure import unet_shape
+
     ref = forward(sd15, config, conds)
-    out = forward(sd15, offloaded(config), conds)
+    out = forward(sd15, offloaded(config, features), conds)
     assert torch.equal(out, ref)
-    assert moved["out"] > 0 and moved["back"] == moved["out"]  # every skip but the deepest went out and came back
+    # every skip but the deepest went out and came back (with features: once more, and the block outputs)
+    traffic = offload_traffic(unet_shape(sd15[0]), Workload(FRAMES * conds, FRAMES, SIZE, SIZE), features)
+    assert moved["out"] > 0 and moved["out"] + moved["back"] == traffic.moved_bytes
+    assert features_moved(moved, features)
 
 
 def control_residuals(sd15, conds=CONDS, seed=3):
@@ -114,19 +130,26 @@ def control_residuals(sd15, conds=CONDS, seed=3):
 
 
 @pytest.mark.host
-def test_controlnet_residuals(sd15, moved):
+@KINDS
+def test_controlnet_residuals(sd15, moved, features):
+    """Residuals are added to whole skips (brought back one block ahead); the features still stream."""
     make_control = control_residuals(sd15)
     config = SliceConfig(3, 7, False)
     plain = forward(sd15, config)
     ref = forward(sd15, config, control=make_control())
-    out = forward(sd15, offloaded(config), control=make_control())
+    out = forward(sd15, offloaded(config, features), control=make_control())
     assert not torch.equal(ref, plain)  # the residuals matter
-    assert torch.equal(out, ref) and moved["out"] > 0
+    assert torch.equal(out, ref) and moved["out"] > 0 and features_moved(moved, features)
 
 
 @pytest.mark.host
-def test_output_block_patches(sd15, moved):
-    """A FreeU-style output_block_patch gets the whole skip (brought back one block ahead) and scales it."""
+@KINDS
+def test_output_block_patches(sd15, moved, features):
+    """A FreeU-style output_block_patch gets the whole skip (brought back one block ahead) and scales it, and
+    the whole h: on the way up the features between blocks stay on the device (only the skips move); on the
+    way down they still leave (the skips, read back by rows by the next block)."""
+    from comfyui_streamline.nodes.structure import unet_shape
+
     def freeu_like(h, hsp, to):
         h = h.clone()
         h[:, : h.shape[1] // 2] *= 1.2
@@ -134,8 +157,9 @@ def test_output_block_patches(sd15, moved):
 
     patches = {"output_block_patch": [freeu_like], "input_block_patch": [lambda h, to: h * 1.01]}
     ref = forward(sd15, SliceConfig(3, 7, False), patches=patches)
-    out = forward(sd15, offloaded(SliceConfig(3, 7, False)), patches=patches)
-    assert torch.equal(out, ref) and moved["out"] > 0
+    out = forward(sd15, offloaded(SliceConfig(3, 7, False), features), patches=patches)
+    skips = offload_traffic(unet_shape(sd15[0]), Workload(FRAMES * CONDS, FRAMES, SIZE, SIZE))
+    assert torch.equal(out, ref) and moved["out"] == skips.host_bytes and features_moved(moved, features)
 
 
 # -- the live-tensor counter sees the skips leave the device ---------------------------------------------------
@@ -184,18 +208,65 @@ def test_skips_leave_the_device_count_and_predictions_hold(sd15, monkeypatch, co
         assert abs(predicted / meter.peak_bytes - 1) <= 0.10, (c, predicted, meter.peak_bytes)
 
 
+@pytest.mark.host
+@pytest.mark.parametrize("config", [SliceConfig(2, 16), SliceConfig(3, 7, False)], ids=["f2-s16", "f3-s7-fixed"])
+def test_features_leave_the_device_count_and_predictions_hold(sd15, monkeypatch, config):
+    """In input block 2's motion module its input (input block 1's output, a skip) is in host memory with
+    feature offload, and on the device with skip offload alone: the device count is lower by exactly its
+    bytes, the host count higher by them, and the device tensor it came from is gone. The planner predicts
+    the peak with feature offload within 10%, and what the host held and what moved exactly."""
+    from comfyui_streamline.core import memtrace, offload
+    from comfyui_streamline.nodes.structure import unet_shape
+
+    unet, _ = sd15
+    sources: list[weakref.ref] = []
+    to_host = offload.Transfers.to_host
+    monkeypatch.setattr(offload.Transfers, "to_host", lambda self, t: sources.append(weakref.ref(t)) or to_host(self, t))
+    at_motion = []
+
+    def motion_hook(module, args):
+        meters = [m for m in torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+                  if isinstance(m, memtrace.LiveTensorMeter)]
+        at_motion.append((meters[0].live_bytes, meters[0].host_bytes, [r() is None for r in sources]))
+
+    motion = unet.input_blocks[2][-1]
+    assert type(motion).__name__ == "VanillaTemporalModule"
+    hook = motion.temporal_transformer.transformer_blocks[0].register_forward_pre_hook(motion_hook)
+    try:
+        ref, skips = forward(sd15, offloaded(config), meter=True)
+        first, sources[:] = at_motion[0], []
+        out, features = forward(sd15, offloaded(config, True), meter=True)
+    finally:
+        hook.remove()
+    at_motion = [first, at_motion[len(at_motion) // 2]]  # each forward's first call (equal slicing: as many)
+    assert torch.equal(out, ref)
+    (device_skips, host_skips, _), (device_features, host_features, released) = at_motion
+    skip_1 = FRAMES * CONDS * unet.model_channels * SIZE * SIZE * 4  # input block 1's output, fp32
+    assert device_skips - device_features == skip_1 and host_features - host_skips == skip_1
+    assert len(released) == 2 and all(released)  # input blocks 0 and 1's outputs left at once
+    work, shape = Workload(FRAMES * CONDS, FRAMES, SIZE, SIZE), unet_shape(unet)
+    traffic = offload_traffic(shape, work, features=True)
+    assert features.peak_host_bytes == traffic.host_bytes
+    assert features.peak_bytes < skips.peak_bytes
+    for meter, c in ((skips, offloaded(config)), (features, offloaded(config, True))):
+        predicted = predict_peak_bytes(shape, work, c)
+        assert abs(predicted / meter.peak_bytes - 1) <= 0.10, (c, predicted, meter.peak_bytes)
+
+
 # -- sampling compositions: ADE context windows, FreeU, Step Rehash, ComfyUI's context windows --------------
 
 
 @pytest.mark.host
-def test_ade_context_windows(ade_context_model, moved):
-    """AnimateDiff-Evolved's overlapping context windows: each window's UNet call offloads its own skips."""
+@KINDS
+def test_ade_context_windows(ade_context_model, moved, features):
+    """AnimateDiff-Evolved's overlapping context windows: each window's UNet call offloads its own skips
+    (and features)."""
     model, _ = ade_context_model
     config = SliceConfig(3, 7, False)
     ref, _ = ade_sample(streamline(model, config), POSITIVE, NEGATIVE, CTX_FRAMES)
-    out, record = ade_sample(streamline(model, offloaded(config)), POSITIVE, NEGATIVE, CTX_FRAMES)
+    out, record = ade_sample(streamline(model, offloaded(config, features)), POSITIVE, NEGATIVE, CTX_FRAMES)
     assert len(record.unet_calls) > 2 and all(call.batch < 2 * CTX_FRAMES for call in record.unet_calls)  # windows
-    assert torch.equal(out, ref) and moved["out"] > 0
+    assert torch.equal(out, ref) and moved["out"] > 0 and features_moved(moved, features)
 
 
 @pytest.fixture(scope="module")
@@ -218,40 +289,46 @@ def streamline(model, config):
 
 
 @pytest.mark.host
+@KINDS
 @pytest.mark.parametrize("node", ["FreeU", "FreeU_V2"])
-def test_comfyui_freeu(tinyvideo, moved, node):
+def test_comfyui_freeu(tinyvideo, moved, node, features):
+    """FreeU patches the output blocks' h and skips whole: the features stay on the device there."""
     from test_rehash_robustness import freeu
 
     config = SliceConfig(2, 32, False)
     ref = tv_sample(freeu(streamline(tinyvideo, config), node))
-    out = tv_sample(freeu(streamline(tinyvideo, offloaded(config)), node))
+    out = tv_sample(freeu(streamline(tinyvideo, offloaded(config, features)), node))
     assert torch.equal(out, ref) and moved["out"] > 0
 
 
 @pytest.mark.host
+@KINDS
 @pytest.mark.parametrize("reuse", ["extrapolate", "hold"])
-def test_step_rehash(tinyvideo, moved, reuse):
-    """Rehash steps read the deepest shallow skip (on the device: the top of the stack never leaves)."""
+def test_step_rehash(tinyvideo, moved, reuse, features):
+    """Rehash steps read the deepest shallow skip (on the device: the top of the stack never leaves, and with
+    feature offload the last shallow block's output stays until the next is pushed); the cached deep
+    feature and the output it is stored from stay on the device."""
     from test_rehash_robustness import patch, state_of
 
     config = SliceConfig(2, 32, False)
     settings = dict(mode="fixed", interval=2, warmup=1, tail=1, reuse=reuse)
     ref_model = patch(streamline(tinyvideo, config), **settings)
     ref = tv_sample(ref_model)
-    model = patch(streamline(tinyvideo, offloaded(config)), **settings)
+    model = patch(streamline(tinyvideo, offloaded(config, features)), **settings)
     out = tv_sample(model)
     assert state_of(model).last.report.rehashed >= 2
-    assert torch.equal(out, ref) and moved["out"] > 0
+    assert torch.equal(out, ref) and moved["out"] > 0 and features_moved(moved, features)
 
 
 @pytest.mark.host
-def test_comfyui_context_windows(tinyvideo, moved):
+@KINDS
+def test_comfyui_context_windows(tinyvideo, moved, features):
     from test_rehash_robustness import CW_FRAMES, core_context_windows
 
     config = SliceConfig(2, 32, False)
     ref = tv_sample(core_context_windows(streamline(tinyvideo, config)), frames=CW_FRAMES)
-    out = tv_sample(core_context_windows(streamline(tinyvideo, offloaded(config))), frames=CW_FRAMES)
-    assert torch.equal(out, ref) and moved["out"] > 0
+    out = tv_sample(core_context_windows(streamline(tinyvideo, offloaded(config, features))), frames=CW_FRAMES)
+    assert torch.equal(out, ref) and moved["out"] > 0 and features_moved(moved, features)
 
 
 # -- the planner -------------------------------------------------------------------------------------------
@@ -264,12 +341,24 @@ def gpu_work(width, height, frames):
     return Workload(2 * frames, frames, height // 8, width // 8, dtype_bytes=2)
 
 
+def cheapest(shape, work, budget, offload_skips, offload_features=False):
+    """The least cost (chunks + offload's) among the candidate slicings that fit, with the given offload."""
+    from dataclasses import replace
+
+    from comfyui_streamline.core.budget import candidate_configs
+
+    costs = [_chunk_count(work, c) + offload_cost_chunks(shape, work, c)
+             for c in (replace(s, offload_skips=offload_skips, offload_features=offload_features)
+                       for s in candidate_configs(work))
+             if predict_peak_bytes(shape, work, c, SDPA) <= budget * ALLOCATOR_HEADROOM]
+    return min(costs, default=float("inf"))
+
+
 @pytest.mark.parametrize("size", GPU_CASES)
 def test_offload_is_planned_only_where_slicing_alone_cannot_fit_or_costs_more(size):
     shape, work = sd15_shape(), gpu_work(*size)
-    smallest_sliced = min(predict_peak_bytes(shape, work, SliceConfig(f, s), SDPA)
-                          for f, s in ((1, 16), (2, 256), (1, 256), (0, 0)))
-    for budget_gib in (64.0, 8.0, 4.0, 2.0, 1.0, 0.75, 0.5):
+    kinds = set()
+    for budget_gib in (64.0, 8.0, 4.0, 2.0, 1.5, 1.0, 0.75, 0.5):
         budget = int(budget_gib * 2**30)
         try:
             without = plan(shape, work, budget, SDPA)
@@ -281,16 +370,24 @@ def test_offload_is_planned_only_where_slicing_alone_cannot_fit_or_costs_more(si
             assert without is None
             continue
         assert chosen.predicted_peak_bytes <= budget * ALLOCATOR_HEADROOM
-        if chosen.config.offload_skips:
-            assert chosen.traffic == offload_traffic(shape, work) and "skips offloaded" in chosen.text()
+        config = chosen.config
+        kinds.add((config.offload_skips, config.offload_features))
+        cost = _chunk_count(work, config) + offload_cost_chunks(shape, work, config)
+        if config.offload_skips:
+            text = "skips and block outputs offloaded" if config.offload_features else "skips offloaded"
+            assert chosen.traffic == offload_traffic(shape, work, config.offload_features) and text in chosen.text()
             # ... because nothing without it fits, or it fits with fewer chunks than the best without
-            assert without is None or (_chunk_count(work, chosen.config) + OFFLOAD_COST_CHUNKS
-                                       < _chunk_count(work, without.config))
+            assert without is None or cost < _chunk_count(work, without.config)
+            if config.offload_features:  # ... and the same against skip offload alone
+                assert cost < cheapest(shape, work, budget, True)
+            else:
+                assert cost <= cheapest(shape, work, budget, True, True)
         else:
             assert chosen == without
     roomy = plan(shape, work, 64 * 2**30, SDPA, offload=True)
     assert not roomy.config.offload_skips  # nothing to save
-    assert smallest_sliced > 0
+    if size == (512, 512, 128):  # every choice is made somewhere
+        assert kinds == {(False, False), (True, False), (True, True)}, kinds
 
 
 def test_offload_breaks_the_skip_floor_in_prediction():
@@ -304,6 +401,17 @@ def test_offload_breaks_the_skip_floor_in_prediction():
         ratios[size] = base / predict_peak_bytes(shape, work, SliceConfig(*chunks, offload_skips=True), SDPA)
         assert ratios[size] > base / predict_peak_bytes(shape, work, SliceConfig(*chunks), SDPA)
     assert ratios[512, 512, 16] >= 5 and ratios[768, 768, 32] >= 6, ratios
+
+
+def test_feature_offload_brings_512x512x128_under_2_gib_in_prediction():
+    """At 512x512x128 (CFG batched, fp16, SDPA, automatic chunks) skip offload alone stops at 2.07 GiB: a
+    block's input stays whole on the device while its motion module runs. With the features offloaded too
+    it is predicted at 1.79 GiB."""
+    shape, work = sd15_shape(), gpu_work(512, 512, 128)
+    skips = predict_peak_bytes(shape, work, SliceConfig(offload_skips=True), SDPA)
+    features = predict_peak_bytes(shape, work, SliceConfig(offload_skips=True, offload_features=True), SDPA)
+    assert skips > 2 * 2**30 >= features, (skips / 2**30, features / 2**30)
+    assert offload_cost_chunks(shape, work, SliceConfig(offload_skips=True)) == 2.0
 
 
 # -- the nodes ---------------------------------------------------------------------------------------------
@@ -386,9 +494,14 @@ def test_gpu_evidence_command_appends_rows_and_skips_what_is_missing(tmp_path):
     assert sum(b.limit_s for b in gpu_evidence.BENCHMARKS) <= gpu_evidence.GPU_TOTAL_S
     out = tmp_path / "evidence.md"
     subprocess.run([sys.executable, str(tools / "gpu_evidence.py"), "--device", "cpu", "--quick", "--only", "offload",
-                    "svd", "--out", str(out)], check=True, timeout=600)
+                    "svd", "wan", "--out", str(out)], check=True, timeout=900)
     text = out.read_text()
-    assert text.startswith("# GPU evidence") and "svd: skipped" not in text and "bench_svd.py does not exist" in text
+    assert text.startswith("# GPU evidence") and "svd: ok" in text and "wan: ok" in text, text
     rows = [line for line in text.splitlines() if line.startswith("| 64x64x4")]
-    assert len(rows) == 3 and "bit-identical" in rows[-1], text
+    assert len(rows) == 4 and "bit-identical" in rows[-2] and "bit-identical" in rows[-1], text  # skips, features
+    assert "| tiny 128x128x5" in text and "Streamline, token_chunk" in text
+    missing = tmp_path / "missing.md"
+    args = gpu_evidence.parse_args(["--out", str(missing), "--device", "cpu", "--quick"])
+    gpu_evidence.run_benchmark(gpu_evidence.Benchmark("missing", "no_such_tool.py", (), (), 5), args, missing)
+    assert "skipped: tools/no_such_tool.py does not exist yet" in missing.read_text()
     assert "offload: ok" in text and "all done" in text

@@ -293,7 +293,9 @@ def svd_unet():
     return randomize_(unet, seed=3).eval()
 
 
-def test_svd_unet_without_streamline_runs_unchanged(svd_unet, caplog):
+def test_svd_unet_without_streamline_is_split_by_step_rehash(svd_unet, caplog):
+    """SVD's video UNet: Step Rehash splits it (nodes/svd_unet.py) with no notice; full steps compute what
+    ComfyUI computes, rehash steps reuse the deep feature (steps 0, 1, 3 full, step 2 rehashed)."""
     frames = 4
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(frames, 4, 8, 8, generator=g), torch.randn(frames, 3, 32, generator=g)
@@ -306,11 +308,14 @@ def test_svd_unet_without_streamline_runs_unchanged(svd_unet, caplog):
             expected = svd_unet(x, timesteps, context, transformer_options={}, **video)
             out = svd_unet(x, timesteps, context, transformer_options=through_the_wrapper(state, step, sample_sigmas),
                            **video)
-            assert torch.equal(out, expected)
-    messages = warnings_from_streamline(caplog)
-    assert len(messages) == 1 and "VideoResBlock" in messages[0], messages
+            error = ((out - expected).abs().max() / expected.abs().max()).item()
+            if step == 2:
+                assert error > 1e-4  # the reused feature, not this step's own
+            else:
+                assert error <= 1e-5, (step, error)
+    assert warnings_from_streamline(caplog) == []
     report = state.run.report()
-    assert (report.full, report.rehashed) == (4, 0) and "every step" in report.note
+    assert (report.full, report.rehashed) == (3, 1), report
 
 
 class FluxSignature(torch.nn.Module):

@@ -119,17 +119,29 @@ def main(argv=None) -> None:
     hostenv.enter_for_tool(args.comfy, cpu=args.device == "cpu", tool="demo")
 
     from comfyui_streamline.nodes.log import logger
-    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
-    from comfyui_streamline.nodes.tinyvideo import TinyVideoLoader
-    from comfyui_streamline.tinyvideo.media import save_gif
 
     # the pack's notices: warnings on the console; the per-run reports kept, the timed run's printed at the end
     catcher, console = ReportCatcher(), logging.StreamHandler()
     console.setLevel(logging.WARNING)
+    saved = logger.level, logger.propagate
     logger.addHandler(catcher)
     logger.addHandler(console)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    try:
+        run(args, catcher)
+    finally:  # main() may run inside another program (the tests): leave its logging as it was
+        logger.removeHandler(catcher)
+        logger.removeHandler(console)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def run(args, catcher: "ReportCatcher") -> None:
+    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
+    from comfyui_streamline.nodes.tinyvideo import TinyVideoLoader
+    from comfyui_streamline.tinyvideo.media import save_gif
+
     model = TinyVideoLoader.execute().result[0]
     patched = StreamlineModelPatch.execute(model, args.frame_chunk, args.spatial_chunk).result[0]
     graphs = {"ComfyUI": Graph(model, args), "Streamline": Graph(patched, args)}

@@ -6,8 +6,7 @@ and one slow part cannot eat the rest.
     python tools/gpu_evidence.py --device cpu --quick --out /tmp/e.md  # the plumbing, tiny cases (tests)
 
 Adding a benchmark is one line in BENCHMARKS: a name, the script under tools/, its arguments on the GPU and
-in --quick mode, and its time limit in seconds. A script that does not exist yet (SVD, Wan) is listed as
-skipped. The benchmark "offload" is this file's own: ComfyUI's forward, Streamline, and Streamline with
+in --quick mode, and its time limit in seconds. A script that does not exist (yet) is listed as skipped. The benchmark "offload" is this file's own: ComfyUI's forward, Streamline, and Streamline with
 skip offload side by side per UNet forward (peak activation, time, bit-identity, the planner's prediction).
 """
 from __future__ import annotations
@@ -37,13 +36,16 @@ class Benchmark:
 
 # fmt: off
 BENCHMARKS = [
-    Benchmark("offload", "gpu_evidence.py", ("--offload-bench",), ("--offload-bench",), 100),
-    Benchmark("paper_metric", "paper_metric.py", ("--limit-s", "45"), ("--quick",), 200),
-    Benchmark("bench", "bench.py", ("--cases", "512x512x16", "768x768x32", "512x512x128", "--chunks", "8/2048", "4/512", "0/0", "--repeats", "2"), ("--cases", "64x64x4", "--chunks", "2/16", "--repeats", "1"), 50),
-    Benchmark("bench_rehash", "bench_rehash.py", ("--prompts", "red circle bounce", "--steps", "25"), ("--prompts", "red circle bounce", "--steps", "2"), 40),
-    Benchmark("rehash_cost", "rehash_cost.py", ("--size", "512x512x16"), ("--size", "64x64x2"), 25),
-    Benchmark("svd", "bench_svd.py", (), ("--quick",), 30),
-    Benchmark("wan", "bench_wan.py", (), ("--quick",), 35),
+    Benchmark("offload", "gpu_evidence.py", ("--offload-bench",), ("--offload-bench",), 90),
+    Benchmark("paper_metric", "paper_metric.py", ("--limit-s", "32"), ("--quick",), 130),
+    Benchmark("bench", "bench.py", ("--cases", "512x512x16", "768x768x32", "512x512x128", "--chunks", "8/2048", "4/512", "0/0", "--repeats", "2"), ("--cases", "64x64x4", "--chunks", "2/16", "--repeats", "1"), 40),
+    Benchmark("bench_rehash", "bench_rehash.py", ("--prompts", "red circle bounce", "--steps", "25"), ("--prompts", "red circle bounce", "--steps", "2"), 30),
+    Benchmark("rehash_cost", "rehash_cost.py", ("--size", "512x512x16"), ("--size", "64x64x2"), 20),
+    Benchmark("svd", "bench_svd.py", ("--frames", "14", "--repeats", "1"), ("--quick",), 45),
+    Benchmark("wan", "bench_wan.py", ("--repeats", "1"), ("--quick",), 25),
+    # the SVD img2vid workflow, whole process (a peak is one step's: 4 steps measure what 25 would)
+    Benchmark("svd_process", "paper_metric.py", ("--model", "svd", "--steps", "4", "--limit-s", "30"),
+              ("--model", "svd", "--quick"), 100),
 ]
 # fmt: on
 QUICK_LIMIT_S = 240
@@ -187,7 +189,9 @@ def offload_bench(args: argparse.Namespace) -> None:
         work = Workload(batch, frames, height // 8, width // 8, dtype_bytes=x.element_size())
         case = f"{width}x{height}x{frames}"
         variants = [("ComfyUI", None), (f"Streamline {chunks[0]}/{chunks[1]}", SliceConfig(*chunks)),
-                    (f"Streamline {chunks[0]}/{chunks[1]} + offload", SliceConfig(*chunks, offload_skips=True))]
+                    (f"Streamline {chunks[0]}/{chunks[1]} + offload", SliceConfig(*chunks, offload_skips=True)),
+                    (f"Streamline {chunks[0]}/{chunks[1]} + offload with features",
+                     SliceConfig(*chunks, offload_skips=True, offload_features=True))]
         base = sliced_out = None
         for name, config in variants:
             try:
@@ -199,7 +203,8 @@ def offload_bench(args: argparse.Namespace) -> None:
             if base is None and config is None:
                 base = (peak, seconds)
             ratios = (f"{base[0] / peak:.2f}x", f"{seconds / base[1]:.2f}x") if base else ("", "")
-            moved = offload_traffic(shape, work).moved_bytes / 2**30 if config and config.offload_skips else 0.0
+            moved = (offload_traffic(shape, work, config.offload_features).moved_bytes / 2**30
+                     if config and config.offload_skips else 0.0)
             if config is not None and not config.offload_skips:
                 sliced_out, verdict = result, "reference of the offload row"
             elif config is not None and sliced_out is not None:

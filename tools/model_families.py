@@ -33,8 +33,13 @@ class Family:
     latent_shape: tuple[int, ...]  # EmptyLatent-style latent for one clip or image
     context_dim: int
     cond_extras: Callable[[torch.Generator, bool], dict]  # (generator, positive) -> the cond dict's extras
-    sliced: bool  # the pack slices this family (SD1.5/SDXL-style UNets); others run unchanged
+    sliced: bool  # Streamline Model Patch and Memory Budget slice this family (UNets, SVD, Wan); others run unchanged
     cfg: float = 5.0
+    rehash_split: bool | None = None  # Step Rehash splits its calls (None: as `sliced`)
+
+    @property
+    def rehashes(self) -> bool:
+        return self.sliced if self.rehash_split is None else self.rehash_split
 
     def conds(self, seed: int = 1) -> tuple[list, list]:
         """Positive and negative CONDITIONING: [[cross-attention tokens (1, TOKENS, context_dim), extras]]."""
@@ -173,8 +178,8 @@ def _flux_extras(g: torch.Generator, positive: bool) -> dict:
 FAMILIES = {f.name: f for f in (
     Family("SD15", _sd15, UNET_PREFIX, (2, 4, 8, 8), 768, _no_extras, sliced=True),
     Family("SDXL", _sdxl, UNET_PREFIX, (2, 4, 8, 8), 2048, _sdxl_extras, sliced=True),
-    Family("SVD_img2vid", _svd, UNET_PREFIX, (2, 4, 8, 8), 1024, _svd_extras, sliced=False, cfg=2.5),
-    Family("WAN21_T2V", _wan21_t2v, "", (1, 16, 2, 4, 4), 4096, _no_extras, sliced=False),
+    Family("SVD_img2vid", _svd, UNET_PREFIX, (2, 4, 8, 8), 1024, _svd_extras, sliced=True, cfg=2.5),
+    Family("WAN21_T2V", _wan21_t2v, "", (1, 16, 2, 4, 4), 4096, _no_extras, sliced=True, rehash_split=True),
     Family("LTXV", _ltxv, "", (1, 128, 2, 2, 2), 4096, _ltxv_extras, sliced=False),
     Family("Flux", _flux, "", (1, 16, 4, 4), 4096, _flux_extras, sliced=False, cfg=1.0),
 )}

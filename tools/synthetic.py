@@ -201,3 +201,94 @@ def with_streamline(transformer_options: dict, config=None, state=None) -> dict:
     wrappers = transformer_options.setdefault("wrappers", {}).setdefault(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
     wrappers["streamline"] = [streamline_wrapper]
     return transformer_options
+
+
+def svd_vae() -> nn.Module:
+    """SVD's video VAE (an image Encoder and a temporal VideoDecoder), as comfy.sd.VAE builds it for a
+    checkpoint with SVD's VAE keys; weights not initialised."""
+    import logging
+
+    import comfy.sd
+
+    # the key comfy.sd.VAE recognises SVD's VAE by; everything else comes from its own configuration. Its
+    # warning that all other weights are missing is expected (they are drawn afterwards): kept out of the log.
+    disabled = logging.root.manager.disable
+    logging.disable(max(disabled, logging.WARNING))
+    try:
+        vae = comfy.sd.VAE(sd={"decoder.mid.block_1.mix_factor": torch.zeros(1)})
+    finally:
+        logging.disable(disabled)
+    return vae.first_stage_model.float()
+
+
+def clip_vision_h() -> nn.Module:
+    """The CLIP ViT-H/14 image encoder SVD conditions on, ComfyUI's class at its own clip_vision_config_h.json
+    (32 layers at width 1280: what detection by key names asks for); weights not initialised."""
+    from pathlib import Path
+
+    import comfy.clip_vision
+
+    config = Path(comfy.clip_vision.__file__).with_name("clip_vision_config_h.json")
+    return comfy.clip_vision.ClipVisionModel(str(config)).model
+
+
+_OPEN_CLIP_NAMES = {  # ComfyUI's (transformers) CLIP vision key -> open_clip's, as SVD checkpoints store them
+    "vision_model.embeddings.class_embedding": "class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "positional_embedding",
+    "vision_model.pre_layrnorm.weight": "ln_pre.weight", "vision_model.pre_layrnorm.bias": "ln_pre.bias",
+    "vision_model.post_layernorm.weight": "ln_post.weight", "vision_model.post_layernorm.bias": "ln_post.bias",
+}
+_OPEN_CLIP_LAYER_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                          "self_attn.out_proj": "attn.out_proj"}
+
+
+def to_open_clip_visual(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP vision state dict in ComfyUI's layout, in open_clip's `visual.` layout (unprefixed): the
+    inverse of what comfy.clip_vision.convert_to_transformers does on loading (q/k/v joined into in_proj,
+    the projection transposed)."""
+    out, qkv = {}, {}
+    for key, value in sd.items():
+        if key in _OPEN_CLIP_NAMES:
+            out[_OPEN_CLIP_NAMES[key]] = value
+        elif key == "visual_projection.weight":
+            out["proj"] = value.t().contiguous()  # (width, projection_dim)
+        else:
+            layer, name = key.removeprefix("vision_model.encoder.layers.").split(".", 1)
+            stem, kind = name.rsplit(".", 1)  # e.g. ("self_attn.q_proj", "weight")
+            if stem in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((layer, kind), {})[stem.removeprefix("self_attn.")[0]] = value  # q, k or v
+            else:
+                out[f"transformer.resblocks.{layer}.{_OPEN_CLIP_LAYER_NAMES[stem]}.{kind}"] = value
+    for (layer, kind), parts in qkv.items():
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def write_svd_checkpoint(path, seed: int = 0, dtype=torch.float16, unet=None) -> dict[str, int]:
+    """Write a complete single-file SVD img2vid checkpoint with random weights to `path` (safetensors, fp16),
+    as ImageOnlyCheckpointLoader reads it: the UNet at SVD's layout with 320 channels on every level
+    (model_families.svd_reduced, detected as SVD_img2vid) under model.diffusion_model., the CLIP ViT-H
+    image encoder in open_clip's layout under SVD's CLIP vision prefix, SVD's video VAE under
+    first_stage_model.. Weights are drawn with fan-in scaling, so every part's output stays finite.
+    unet: the UNet builder (default svd_reduced; model_families.svd_layout for SVD's own widths, ~1.5G
+    parameters). Returns the parameter count of each part."""
+    import comfy.supported_models
+    from safetensors.torch import save_file
+
+    from .model_families import UNET_PREFIX, svd_reduced
+
+    parts = (
+        (UNET_PREFIX, unet or svd_reduced, lambda sd: sd),
+        ("first_stage_model.", svd_vae, lambda sd: sd),
+        (comfy.supported_models.SVD_img2vid.clip_vision_prefix, clip_vision_h, to_open_clip_visual),
+    )
+    sd, counts = {}, {}
+    for i, (prefix, build, layout) in enumerate(parts):
+        module = randomize_(build(), seed + i)
+        part = {k: v.to(dtype).contiguous() for k, v in module.state_dict().items()}
+        del module  # one part in full precision at a time
+        counts[prefix] = sum(v.numel() for v in part.values())
+        sd.update({prefix + k: v for k, v in layout(part).items()})
+    save_file(sd, str(path))
+    return counts

@@ -8,7 +8,8 @@ Two pieces, both on the clone's model_options:
   under CALL_KEY and hands every argument on unchanged;
 - a "dit" / ("double_block", i) replacement for each block (model.set_model_patch_replace), which runs
   block i sliced when its class forward is exactly WanAttentionBlock.forward and the run asks for
-  slices, else calls the host's own block (`original_block`), saying why once per run.
+  slices, else calls the host's own block (`original_block`), saying why once per run. With Step Rehash
+  on the call (a WanRehashCall, rehash.py), the same replacement runs, skips or stores the deep blocks.
 
 A replacement another pack set for a block first is kept (one log line at install); one set later
 replaces this pack's (ComfyUI keeps one replacement per block).
@@ -30,6 +31,7 @@ from .. import host_fingerprints
 from ..log import logger
 from ..streamlined_unet import LogOnce
 from .block import sliced_block_forward
+from .rehash import WAN_REHASH_KEY, WanRehashCall
 
 WRAPPER_KEY = "streamline_wan"
 CALL_KEY = "streamline_wan_call"  # transformer_options key of the per-call WanCall
@@ -126,21 +128,27 @@ class SlicedWanBlock:
     log: LogOnce = field(default_factory=LogOnce)
 
     def __call__(self, args: dict, extra: dict) -> dict:
+        rehash: WanRehashCall | None = args["transformer_options"].get(WAN_REHASH_KEY)
+        if rehash is None:
+            return {"img": self.forward(args, extra)}
+        return {"img": rehash.run(self.index, args["img"], lambda x: self.forward({**args, "img": x}, extra))}
+
+    def forward(self, args: dict, extra: dict) -> Tensor:
+        """Block `index` on args["img"]: sliced when the run asks for slices and it can be, else ComfyUI's."""
         to = args["transformer_options"]
         log = _log_of(to, self.log)
         x, e, freqs = args["img"], args["vec"], args["pe"]
         call: WanCall | None = to.get(CALL_KEY)
         reason = self.unsliced_reason(call, to, x, freqs)
-        chunk = None if reason else self.token_chunk_for(to, x, call.tokens_per_frame)
+        chunk = None if call is None else self.token_chunk_for(to, x, call.tokens_per_frame)
         if reason or chunk is None or chunk >= x.shape[1]:
-            if reason:
+            if reason and (call is None or chunk is not None):  # said only where slices were asked for
                 log.warn(f"wan-unsliced-{reason}", f"Streamline: Wan block {self.index}: {reason}; it runs unsliced "
                          "(ComfyUI's own block).")
-            return extra["original_block"](args)
+            return extra["original_block"](args)["img"]
         warn_on_drift(log)
         block = call.blocks[self.index]
-        out = sliced_block_forward(block, x, e, freqs, args["txt"], call.context_img_len, to, chunk)
-        return {"img": out}
+        return sliced_block_forward(block, x, e, freqs, args["txt"], call.context_img_len, to, chunk)
 
     def unsliced_reason(self, call: WanCall | None, to: dict, x: Tensor, freqs: Tensor) -> str | None:
         if call is None:

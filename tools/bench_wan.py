@@ -1,0 +1,139 @@
+"""Benchmark: Wan 2.1's diffusion model, ComfyUI's own blocks vs the pack's token-sliced ones (nodes/wan/),
+side by side in one run, per forward.
+
+Random weights at Wan 2.1 1.3B shapes (dim 1536, FFN 8960, 12 heads) at 480x832x81 and 14B shapes (dim
+5120, FFN 13824, 40 heads) at 720x1280x81, built with ComfyUI's WanModel class on the device in bf16 (fp32
+on the CPU), cond and uncond batched, a 512-token prompt. Only --layers of the model's blocks are built
+(default 2 of 30 / 40): every block has the same shapes, so the peak activation of a forward is that of
+these, and its time grows by the block count (the rows say both). The sliced run reaches the blocks through
+the same block-replace hook the node installs. Each row is printed, and appended to --markdown (flushed),
+as soon as it is measured: peak activation (CUDA max_memory_allocated above what was held before; the
+live-tensor counter on the CPU), seconds per forward, the largest difference, and the planner's prediction
+(core/dit_budget.py).
+
+    python tools/bench_wan.py --device cuda --markdown wan.md
+    python tools/bench_wan.py --device cpu --quick       # tiny shapes: the plumbing (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hostenv  # noqa: E402
+
+# name: (dim, ffn_dim, heads, width, height, frames, token_chunk)
+CASES = {"1.3B 480x832x81": (1536, 8960, 12, 832, 480, 81, 4096),
+         "14B 720x1280x81": (5120, 13824, 40, 1280, 720, 81, 2048)}
+QUICK = {"tiny 128x128x5": (256, 1024, 2, 128, 128, 5, 16)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--comfy", help="ComfyUI folder (default: $COMFYUI_PATH, ../.. of this pack, ~/comfy/ComfyUI)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--quick", action="store_true", help="tiny shapes (the plumbing; used by the tests)")
+    p.add_argument("--layers", type=int, default=2, help="blocks built (all Wan blocks have the same shapes)")
+    p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (after one warm-up)")
+    p.add_argument("--markdown", help="append each row to this markdown file as it is measured")
+    return p.parse_args(argv)
+
+
+def emit(line: str, markdown: str | None) -> None:
+    print(line, flush=True)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(line + "\n")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    hostenv.enter_for_tool(args.comfy, cpu=args.device == "cpu", tool="bench_wan")
+
+    import comfy.ops
+    import torch
+    from comfy.ldm.wan.model import WanModel
+
+    from comfyui_streamline.core.budget import format_bytes
+    from comfyui_streamline.core.dit_budget import SDPA, SUB_QUADRATIC, WanShape, WanWork, forward_peak_bytes
+    from comfyui_streamline.core.memtrace import LiveTensorMeter
+    from comfyui_streamline.nodes.wan.patch import CALL_KEY, SlicedWanBlock, WanCall
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    kernel = SDPA if args.device == "cuda" else SUB_QUADRATIC
+    emit("| case | blocks | variant | peak activation | predicted | s / forward | memory ratio | time ratio | max diff |",
+         args.markdown)
+    emit("|---|---|---|---|---|---|---|---|---|", args.markdown)
+    for name, (dim, ffn, heads, width, height, frames, chunk) in (QUICK if args.quick else CASES).items():
+        torch.manual_seed(0)
+        model = WanModel(model_type="t2v", dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=args.layers, in_dim=16,
+                         out_dim=16, cross_attn_norm=True, dtype=dtype, device=device,
+                         operations=comfy.ops.manual_cast if args.device == "cuda" else comfy.ops.disable_weight_init)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        latent_frames, lh, lw = 1 + (frames - 1) // 4, height // 8, width // 8
+        x = torch.randn(2, 16, latent_frames, lh, lw, device=device, dtype=dtype)
+        t = torch.full((2,), 500.0, device=device)
+        context = torch.randn(2, 512, 4096, device=device, dtype=dtype)
+        per_frame = (lh // 2) * (lw // 2)
+        tokens = latent_frames * per_frame
+        shape = WanShape(dim, ffn, heads, args.layers)
+        work = WanWork(2, tokens, 512, dtype_bytes=x.element_size())
+
+        def options(token_chunk):
+            if token_chunk is None:
+                return {}
+            blocks = {("double_block", i): SlicedWanBlock(i, lambda to, h, tpf: token_chunk)
+                      for i in range(args.layers)}
+            return {"patches_replace": {"dit": blocks}, CALL_KEY: WanCall(model.blocks, None, per_frame)}
+
+        def measure(token_chunk):
+            with torch.no_grad():
+                model(x, t, context, transformer_options=options(token_chunk))  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    held = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    out = model(x, t, context, transformer_options=options(token_chunk))
+                    torch.cuda.synchronize()
+                    peak = torch.cuda.max_memory_allocated() - held
+                else:
+                    with LiveTensorMeter() as meter:
+                        out = model(x, t, context, transformer_options=options(token_chunk))
+                    peak = meter.peak_bytes
+                seconds = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    model(x, t, context, transformer_options=options(token_chunk))
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    seconds.append(time.perf_counter() - start)
+            return out, peak, min(seconds)
+
+        try:
+            base, base_peak, base_s = measure(None)
+        except torch.OutOfMemoryError:
+            emit(f"| {name} | {args.layers} | ComfyUI | OOM | | | | | |", args.markdown)
+            base = None
+        if base is not None:
+            predicted = forward_peak_bytes(shape, work, None, kernel)
+            emit(f"| {name} ({tokens} tokens) | {args.layers} | ComfyUI | {format_bytes(base_peak)} | "
+                 f"{format_bytes(predicted)} ({predicted / base_peak - 1:+.1%}) | {base_s:.3f} | | | |", args.markdown)
+        out, peak, seconds = measure(chunk)
+        predicted = forward_peak_bytes(shape, work, chunk, kernel)
+        ratios = ("| | |" if base is None else
+                  f"| {base_peak / peak:.2f}x less | {seconds / base_s:.2f}x | "
+                  f"{((out - base).abs().max() / base.abs().max()).item():.1e} |")
+        emit(f"| {name} ({tokens} tokens) | {args.layers} | Streamline, token_chunk {chunk} | {format_bytes(peak)} | "
+             f"{format_bytes(predicted)} ({predicted / peak - 1:+.1%}) | {seconds:.3f} " + ratios, args.markdown)
+        model = base = out = None  # free the weights before the next case
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
