@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,18 @@ FRAMES, SIZE = 4, 64  # the latent: (FRAMES, 4, SIZE / 8, SIZE / 8)
 def svd_checkpoint(tmp_path_factory) -> Path:
     """The random-weight SVD checkpoint, built once per test session (and removed after it: pytest keeps
     the temporary directories of its last runs, and the file is 1.9 GB)."""
-    from comfyui_streamline.tools.synthetic import write_svd_checkpoint
+    import subprocess
+    import sys
 
     path = tmp_path_factory.mktemp("svd-checkpoint") / CKPT
-    write_svd_checkpoint(path, seed=0)
+    # built in a process of its own: the 3 GB it takes while drawing the weights go back to the system
+    # before the server loads the file, and this process does not keep them
+    build = ("import sys; tools, out = sys.argv[1:3]; sys.path.insert(0, tools); import hostenv; "
+             "hostenv.enter_for_tool(None, cpu=True, tool='svd checkpoint'); "
+             "from comfyui_streamline.tools.synthetic import write_svd_checkpoint; "
+             "write_svd_checkpoint(out, seed=0)")
+    subprocess.run([sys.executable, "-c", build, str(REPO_ROOT / "tools"), str(path)], check=True, timeout=600,
+                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     yield path
     path.unlink()
 
