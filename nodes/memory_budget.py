@@ -304,7 +304,8 @@ class MemoryBudget(io.ComfyNode):
             category="Streamline",
             description="Streamline Model Patch with slices chosen to fit a memory budget: the largest (fastest) "
             "slices whose predicted peak activation fits, planned at run time for the actual latent. Models it "
-            "cannot plan for (DiT video models, SVD) run unchanged, with ComfyUI's own memory estimate.",
+            "cannot plan for (families other than SD/SDXL UNets with AnimateDiff, SVD and Wan) run unchanged, with "
+            "ComfyUI's own memory estimate.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch, e.g. the output of AnimateDiff-Evolved's nodes."),
                 io.Float.Input("budget_gb", display_name="budget (GiB)", default=0.0, min=0.0, max=1024.0, step=0.05,

@@ -6,7 +6,7 @@ motion modules, which ADE injects only when sampling starts. An OUTER_SAMPLE wra
 sampling run its own copy of the state (as ComfyUI's EasyCache does): what a run learns (an
 out-of-memory retry's finer slices, the Memory Budget's plans) lasts that run only.
 
-Models the pack cannot slice (other architectures, video UNets such as SVD's) run exactly as ComfyUI
+Models the pack cannot slice (families other than those in nodes/families.py) run exactly as ComfyUI
 runs them: the wrappers hand their arguments on untouched, the memory estimate is ComfyUI's own, and
 each run logs that once.
 """
@@ -192,7 +192,7 @@ class StreamlineModelPatch(io.ComfyNode):
             category="Streamline",
             description="Exact Feature Slicer + Operator Grouping (Streamlined Inference): the UNet and the "
             "AnimateDiff motion modules run in slices, so peak memory drops while the output stays the same. "
-            "Models it cannot slice (DiT video models, SVD) run unchanged.",
+            "SVD's video UNet and Wan's DiT blocks are sliced too; other model families run unchanged.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch, e.g. the output of AnimateDiff-Evolved's nodes."),
                 io.Int.Input("frame_chunk", default=0, min=0, max=4096, step=1,
