@@ -5,11 +5,13 @@
 - SVD: ComfyUI's UNetModel with VideoResBlock / SpatialVideoTransformer layers (nodes/svd_unet.py; laws in
   core/svd_budget.py, structure in nodes/svd_structure.py);
 - Wan: WanModel's plain WanAttentionBlocks, sliced over tokens through ComfyUI's block-replace hook
-  (nodes/wan/; laws in core/dit_budget.py).
+  (nodes/wan/; laws in core/dit_budget.py); of its subclasses, VaceWanModel, CameraWanModel and
+  AnimateWanModel too; WanModel_S2V and HumoWanModel run unchanged (`wan_reason`).
 
 What each family supports (`unsupported_reason` in nodes/layer_roles.py asks this module):
 slicing, memory planning and Step Rehash's shallow/deep split for all three (Wan's: first and last blocks
-shallow, the residual of the blocks between deep; nodes/wan/rehash.py).
+shallow, the residual of the blocks between deep; nodes/wan/rehash.py), except Step Rehash on the Wan
+subclasses that add to x between blocks (VACE, Animate), which it runs in full.
 
 The Memory Budget and the run report call `plan_for` / `peaks_for`, which pick the family's laws; the
 UNet's own planning stays in nodes/memory_budget.py, where it was first.
@@ -44,6 +46,34 @@ def family_of(diffusion_model: nn.Module) -> str | None:
 
 def splits_for_rehash(family: str | None) -> bool:
     return family in (UNET, SVD, WAN)
+
+
+def wan_reason(diffusion_model: nn.Module, purpose: str) -> str | None:
+    """Why the pack leaves a Wan model (WanModel or a subclass of it) to ComfyUI for `purpose` ("slice",
+    "plan" or "rehash"; nodes/wan/patch.py unsupported_wan_reason); None for a Wan model it handles, or a
+    model that is not Wan. VACE, S2V and Animate add to x between blocks: Step Rehash runs them in full;
+    S2V's block hook passes no transformer_options and HuMo's blocks are not plain: both run unchanged."""
+    from comfy.ldm.wan.model import WanModel
+
+    from .wan import unsupported_wan_reason
+
+    if not isinstance(diffusion_model, WanModel):
+        return None
+    reason = unsupported_wan_reason(diffusion_model, "rehash" if purpose == "rehash" else "slice")
+    if reason is None and purpose == "plan":
+        return WAN_UNPLANNED.get(type(diffusion_model).__name__)
+    return reason
+
+
+# Wan subclasses the pack slices but does not plan: work outside the sliced blocks that core/dit_budget.py's
+# laws do not count, so a budget could not be kept. Memory Budget leaves them to ComfyUI (Streamline Model
+# Patch still slices them).
+WAN_UNPLANNED = {
+    "VaceWanModel": "VaceWanModel runs its VACE blocks unsliced beside the sliced ones, and the Wan laws do not "
+                    "count them, so Memory Budget cannot plan it (Streamline Model Patch slices it)",
+    "AnimateWanModel": "AnimateWanModel runs its face encoder and adapter outside the blocks, and the Wan laws do "
+                       "not count them, so Memory Budget cannot plan it (Streamline Model Patch slices it)",
+}
 
 
 # -- SVD ---------------------------------------------------------------------------------------------
@@ -91,6 +121,13 @@ def wan_work(diffusion_model, latent_shape, dtype_bytes: int, text_tokens: int =
     tokens, _ = wan_tokens(diffusion_model, latent_shape)
     return WanWork(latent_shape[0], tokens, text_tokens, WAN_IMAGE_TOKENS if shape.i2v else 0,
                    dtype_bytes=dtype_bytes)
+
+
+def wan_rehash_split_bytes(diffusion_model, latent_shape, dtype_bytes: int) -> int:
+    """What Step Rehash's split adds to a Wan call besides its caches: the deep blocks' input, one (batch,
+    tokens, dim) tensor kept from the first deep block to the last (nodes/wan/rehash.py), on full calls."""
+    tokens, _ = wan_tokens(diffusion_model, latent_shape)
+    return latent_shape[0] * tokens * wan_shape(diffusion_model).dim * dtype_bytes
 
 
 def wan_kernel():

@@ -58,6 +58,9 @@ def unsupported_reason(diffusion_model: nn.Module, purpose: str = "slice") -> st
     from . import families
 
     family = families.family_of(diffusion_model)
+    wan = families.wan_reason(diffusion_model, purpose)  # a Wan subclass left to ComfyUI for this purpose
+    if wan is not None:
+        return wan
     if family is None:
         if isinstance(diffusion_model, UNetModel):
             blocks = [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]

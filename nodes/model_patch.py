@@ -36,7 +36,8 @@ UNCHANGED_LOG_KEY = "model-unchanged"  # the one notice a run logs for a model t
 
 def leaves_unchanged(state: "StreamlineState", diffusion_model: nn.Module) -> bool:
     """Whether the pack leaves this model to ComfyUI; says so once per run (in the run's log)."""
-    reason = unsupported_reason(diffusion_model)
+    # Memory Budget needs the model's laws as well as its sliced forward
+    reason = unsupported_reason(diffusion_model, "plan" if state.planner is not None else "slice")
     if reason is not None:
         state.report.unchanged = f"{reason}; it ran unchanged (ComfyUI's own forward and memory estimate)."
         state.log.warn(UNCHANGED_LOG_KEY, f"Streamline: {reason}; running it unchanged (ComfyUI's own forward "

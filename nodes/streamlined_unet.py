@@ -571,7 +571,11 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
         options = next((v for v in (kwargs.get("transformer_options"), *args) if isinstance(v, dict)
                         and get_state(v) is state), None)
         context = args[2] if len(args) > 2 else kwargs.get("context")
-        config = state.config_for(model, x, context, held_across_calls(options or {}), False)
+        held = held_across_calls(options or {})
+        if getattr((options or {}).get(REHASH_STATE_KEY), "run", None) is not None:
+            # Step Rehash's split keeps the deep blocks' input during a full call: planned as held memory
+            held += families.wan_rehash_split_bytes(model, tuple(x.shape), x.element_size())
+        config = state.config_for(model, x, context, held, False)
         call_options = {**(options or {}), CALL_CONFIG_KEY: config}
         args = tuple(call_options if a is options else a for a in args)
         kwargs = {k: call_options if v is options else v for k, v in kwargs.items()}

@@ -32,6 +32,9 @@ WORKFLOWS = REPO_ROOT / "workflows"
 UI_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
 ANIMATEDIFF = json.loads((WORKFLOWS / "streamline_animatediff_api.json").read_text())
 SVD = json.loads((WORKFLOWS / "svd_img2vid_streamline_api.json").read_text())
+WAN = json.loads((WORKFLOWS / "wan21_t2v_streamline_api.json").read_text())
+# Loader input -> the models/ folder its file is listed from (the Wan 2.1 workflow's three files).
+WAN_MODEL_FOLDERS = {"unet_name": "diffusion_models", "clip_name": "text_encoders", "vae_name": "vae"}
 RUN_WORKFLOW = "tinyvideo_budget_rehash.json"
 PACK_WEB_PATH = "/extensions/ComfyUI-Streamline/"  # where ComfyUI serves the pack's web/ folder
 CHROMIUM = os.environ.get("STREAMLINE_CHROMIUM", "/usr/bin/chromium")
@@ -163,6 +166,12 @@ def server(tmp_path_factory):
     # The SVD workflow is only loaded here, never run: its checkpoint needs to be listed, not read (a
     # loadable random-weight SVD checkpoint is gigabytes).
     (base / "models/checkpoints" / SVD["1"]["inputs"]["ckpt_name"]).write_bytes(b"")
+    # The same for the Wan 2.1 workflow's diffusion model, text encoder and VAE (gigabytes when real).
+    for node in WAN.values():
+        for input_name, folder in WAN_MODEL_FOLDERS.items():
+            if input_name in node["inputs"]:
+                (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+                (base / "models" / folder / node["inputs"][input_name]).write_bytes(b"")
     (base / "input").mkdir(exist_ok=True)
     from PIL import Image
 

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.host, pytest.mark.server]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO_ROOT / "workflows" / "streamline_animatediff_api.json"
 TINYVIDEO_WORKFLOW = REPO_ROOT / "workflows" / "tinyvideo_streamline_api.json"
+TINYWAN_WORKFLOW = REPO_ROOT / "workflows" / "tinywan_rehash_api.json"
 CKPT = "streamline-random-sd15.safetensors"
 MOTION = "streamline-random-mm_sd_v15_v2.safetensors"
 
@@ -90,6 +91,31 @@ def test_tinyvideo_workflow_runs_as_shipped_and_makes_a_clip_of_the_prompt(serve
     rgb = ((latent[:, :3] + 1) / 2).clamp(0, 1)
     colour = prompt["3"]["inputs"]["text"].split()[0]
     assert stats.frame_problems(stats.clip_stats(rgb), stats.data_ranges(frames, 32), colour) == []
+
+
+def test_tinywan_workflow_runs_as_shipped_and_slicing_changes_nothing(server):
+    """The TinyWan workflow (Memory Budget + Step Rehash Sampler) needs no downloaded weights: it runs as
+    shipped, its Wan latent is one video of 8 frames (EmptyHunyuanLatentVideo's length 29) that shows the
+    prompt, and the same graph without Memory Budget gives the same latent (its slicing is exact)."""
+    from comfyui_streamline.tinyvideo import stats
+
+    prompt = json.loads(TINYWAN_WORKFLOW.read_text())
+    prompt["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "e2e/tinywan"}}
+    entry = server.run(prompt)
+    assert len(entry["outputs"]["8"]["images"]) == 1  # the animated WEBP
+    latent = load_latent(server.base, entry, node="9")
+    assert latent.shape == (1, 4, 8, 32, 32)
+    frames = latent[0].movedim(1, 0)  # (frames, 4, h, w)
+    rgb = ((frames[:, :3] + 1) / 2).clamp(0, 1)
+    colour = prompt["3"]["inputs"]["text"].split()[0]
+    assert stats.frame_problems(stats.clip_stats(rgb), stats.data_ranges(8, 32), colour) == []
+
+    unsliced = copy.deepcopy(prompt)
+    del unsliced["2"]
+    unsliced["6"]["inputs"]["model"] = ["1", 0]
+    unsliced["9"]["inputs"]["filename_prefix"] = "e2e/tinywan-unsliced"
+    reference = load_latent(server.base, server.run(unsliced), node="9")
+    assert (latent - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
 def sized_prompt(workflow: dict, patched: bool) -> dict:

@@ -317,3 +317,24 @@ def test_a_deep_block_another_node_replaces_keeps_every_step_full(caplog):
     assert report_of(model).rehashed == 0
     assert any("Wan blocks [1] run through another node's block replacement" in w
                for w in streamline_warnings(caplog))
+
+
+def test_memory_budget_counts_the_deep_blocks_input_step_rehash_keeps(caplog):
+    """Under Step Rehash a full Wan call keeps the deep blocks' input, one (batch, tokens, dim) tensor:
+    Memory Budget plans with it held, from the first call on (before any cache exists)."""
+    from comfyui_streamline.nodes import families
+    from comfyui_streamline.nodes.memory_budget import MemoryBudget
+
+    caplog.set_level(logging.INFO, logger=STREAMLINE_LOGGER)
+    budget_gb = 0.25
+    budgeted = MemoryBudget.execute(wan_model(), budget_gb, 64, 64, 3).result[0]
+    sample(patch(budgeted), steps=2)
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Streamline Memory Budget (") and " for (" in r.getMessage()]
+    assert plans and all("held by Step Rehash's cache" in m for m in plans), plans
+    batch = 2  # cond and uncond batched
+    split = families.wan_rehash_split_bytes(wan_model().model.diffusion_model, (batch, *LATENT[1:]), 4)
+    assert split == batch * 3 * 2 * 2 * wan_model().model.diffusion_model.dim * 4  # 3 frames of 2x2 tokens, fp32
+    caplog.clear()
+    sample(budgeted, steps=2)  # without Step Rehash nothing is held
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Streamline Memory Budget (") and " for (" in r.getMessage()]
+    assert plans and not any("held" in m for m in plans), plans

@@ -2,8 +2,8 @@
 newcomer must download is named with its URL where ComfyUI's frontend looks for it.
 
 (That every node and input exists on a real server, that the frontend loads each UI graph without
-missing nodes or overlapping nodes and turns it into its API twin, and that the TinyVideo graphs run, is
-checked in test_browser.py and test_server_e2e.py.)
+missing nodes or overlapping nodes and turns it into its API twin, and that the TinyVideo and TinyWan
+graphs run, is checked in test_browser.py and test_server_e2e.py.)
 """
 import json
 from pathlib import Path
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-NAMES = ("streamline_animatediff", "tinyvideo_streamline", "tinyvideo_budget_rehash", "svd_img2vid_streamline")
+NAMES = ("streamline_animatediff", "tinyvideo_streamline", "tinyvideo_budget_rehash", "svd_img2vid_streamline",
+         "tinywan_rehash", "wan21_t2v_streamline")
 PAIRS = {name: (json.loads((WORKFLOWS / f"{name}.json").read_text()),
                 json.loads((WORKFLOWS / f"{name}_api.json").read_text()))
          for name in NAMES}
@@ -22,7 +23,10 @@ MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 # Where each loader's file goes (ComfyUI's models/ folder), for the files the shipped workflows need.
 MODEL_DIRECTORIES = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
                      ("ImageOnlyCheckpointLoader", "ckpt_name"): "checkpoints",
-                     ("ADE_AnimateDiffLoaderGen1", "model_name"): "animatediff_models"}
+                     ("ADE_AnimateDiffLoaderGen1", "model_name"): "animatediff_models",
+                     ("UNETLoader", "unet_name"): "diffusion_models",
+                     ("CLIPLoader", "clip_name"): "text_encoders",
+                     ("VAELoader", "vae_name"): "vae"}
 
 
 def graph_nodes(ui: dict) -> list[dict]:
@@ -134,7 +138,7 @@ def test_every_downloaded_model_names_its_url(name):
 
 
 def test_tinyvideo_graphs_need_no_download():
-    for name in ("tinyvideo_streamline", "tinyvideo_budget_rehash"):
+    for name in ("tinyvideo_streamline", "tinyvideo_budget_rehash", "tinywan_rehash"):
         assert model_files(PAIRS[name][1]) == {}
 
 
@@ -142,6 +146,17 @@ def test_animatediff_workflow_uses_the_files_a_newcomer_downloads():
     api = PAIRS["streamline_animatediff"][1]
     assert api["1"]["inputs"]["ckpt_name"] == "v1-5-pruned-emaonly-fp16.safetensors"
     assert api["2"]["inputs"]["model_name"] == "mm_sd15_v2.safetensors"
+
+
+def test_wan_workflow_uses_the_comfy_org_repackaged_files():
+    api = PAIRS["wan21_t2v_streamline"][1]
+    assert api["1"]["inputs"]["unet_name"] == "wan2.1_t2v_1.3B_fp16.safetensors"
+    assert api["2"]["inputs"]["clip_name"] == "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    assert api["2"]["inputs"]["type"] == "wan"
+    assert api["3"]["inputs"]["vae_name"] == "wan_2.1_vae.safetensors"
+    urls = {m["name"]: m["url"] for m in PAIRS["wan21_t2v_streamline"][0]["models"]}
+    assert all(url.startswith("https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/")
+               for url in urls.values())
 
 
 def model_chain(api: dict, last: str) -> list[str]:
@@ -182,6 +197,35 @@ def test_budget_rehash_pipeline():
     assert 0 < budget["budget_gb"] <= 0.05
     assert (budget["width"], budget["height"]) == (latent["width"], latent["height"])
     assert budget["frames"] == latent["batch_size"]
+    assert sampler["rehash_mode"] == "fixed" and sampler["interval"] > 1
+    assert sampler["positive"] == ["3", 0] and sampler["negative"] == ["4", 0] and sampler["latent_image"] == ["5", 0]
+    for node in api.values():
+        if node["class_type"] == "StreamlineTinyVideoPrompt":
+            assert node["inputs"]["model"] == ["1", 0]
+
+
+def test_wan_pipeline_order():
+    """diffusion model -> ModelSamplingSD3 -> Streamline Model Patch -> KSampler -> VAE decode -> save."""
+    api = PAIRS["wan21_t2v_streamline"][1]
+    assert model_chain(api, "11") == ["SaveAnimatedWEBP", "VAEDecode", "KSampler", "StreamlineModelPatch",
+                                      "ModelSamplingSD3", "UNETLoader"]
+    assert api["10"]["inputs"]["vae"] == ["3", 0]
+    assert api["6"]["inputs"]["clip"] == api["7"]["inputs"]["clip"] == ["2", 0]
+
+
+def test_tinywan_budget_rehash_pipeline():
+    """Load TinyWan -> Memory Budget -> Step Rehash Sampler (fixed) -> TinyVideo Decode -> save, the budget small
+    enough that the clip is sliced (0.01 GiB: TinyWan unsliced needs 21.4 MiB at this size), its preview the
+    clip's size (for Wan the budget's frames are video frames, as the empty latent's length: 29 -> 8 latent
+    frames)."""
+    api = PAIRS["tinywan_rehash"][1]
+    assert model_chain(api, "8") == ["SaveAnimatedWEBP", "StreamlineTinyVideoDecode", "StreamlineStepRehashSampler",
+                                     "StreamlineMemoryBudget", "StreamlineTinyWanLoader"]
+    budget, sampler, latent = api["2"]["inputs"], api["6"]["inputs"], api["5"]["inputs"]
+    assert api["5"]["class_type"] == "EmptyHunyuanLatentVideo"
+    assert 0 < budget["budget_gb"] <= 0.02
+    assert (budget["width"], budget["height"]) == (latent["width"], latent["height"])
+    assert budget["frames"] == latent["length"] and latent["batch_size"] == 1
     assert sampler["rehash_mode"] == "fixed" and sampler["interval"] > 1
     assert sampler["positive"] == ["3", 0] and sampler["negative"] == ["4", 0] and sampler["latent_image"] == ["5", 0]
     for node in api.values():

@@ -5,13 +5,16 @@ Prints wall time, speedup over full sampling (measured side by side in this run)
 full sampling: PSNR and SSIM of the final latents and, for TinyVideo, of the decoded frames, plus how
 many clips still pass the TinyVideo frame check (one shape of the asked colour, tinyvideo/stats.py).
 
-Two models:
+Three models:
 - tinyvideo (default on cpu): the pack's trained model (tinyvideo/), so fidelity means something; the
   numbers are averaged over several prompts.
+- tinywan: the pack's trained Wan-architecture model (tinywan/: ComfyUI's WanModel, rectified flow), the
+  same prompts and checks; Step Rehash splits it at its first and last blocks.
 - sd15-random (default on cuda): SD1.5 UNet + mm_sd_v15_v2 shapes with random weights, for speed at real
   sizes; its fidelity numbers say little about a trained model and are printed with that caveat.
 
     python tools/bench_rehash.py --device cpu                          # TinyVideo 32x32x8, 4 prompts
+    python tools/bench_rehash.py --device cpu --model tinywan          # TinyWan 32x32x8, 4 prompts
     python tools/bench_rehash.py --device cuda                         # SD1.5 shapes 512x512x16, 25 steps
 """
 from __future__ import annotations
@@ -30,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--comfy", help="ComfyUI folder (default: $COMFYUI_PATH, ../.. of this pack, ~/comfy/ComfyUI)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--model", choices=["tinyvideo", "sd15-random"],
+    p.add_argument("--model", choices=["tinyvideo", "tinywan", "sd15-random"],
                    help="default: tinyvideo on cpu, sd15-random on cuda")
     p.add_argument("--size", help="WIDTHxHEIGHTxFRAMES in pixels (default: 32x32x8 for tinyvideo, whose latent is "
                    "the clip; 512x512x16 for sd15-random on cuda, 64x64x8 on cpu)")
@@ -41,8 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-steps", type=int, default=13, help="key-step search: steps computed in full (paper: 13)")
     p.add_argument("--threshold", type=float, default=0.15, help="adaptive Step Rehash threshold (also run at twice this)")
     p.add_argument("--easycache-threshold", type=float, default=0.2)
+    p.add_argument("--easycache-sweep", type=float, nargs="*", default=[],
+                   help="more EasyCache and LazyCache thresholds to run (to compare at equal speed)")
+    p.add_argument("--fixed-intervals", type=int, nargs="*", default=[],
+                   help="more fixed Step Rehash intervals to run (warm-up 2, tail 1, extrapolate)")
     p.add_argument("--sampler", default="euler")
-    p.add_argument("--scheduler", default="normal")
+    p.add_argument("--scheduler", help="default: normal (simple, Wan's, for tinywan)")
     p.add_argument("--cfg", type=float, help="default: 5 for tinyvideo, 7.5 for sd15-random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-block", type=int, default=-1,
@@ -56,12 +63,13 @@ def build_model_and_cases(args, work: Path):
     import torch
 
     width, height, frames = (int(v) for v in args.size.split("x"))
-    if args.model == "tinyvideo":
-        from comfyui_streamline.nodes.tinyvideo import TinyVideoLoader, TinyVideoPrompt
+    if args.model in ("tinyvideo", "tinywan"):
+        from comfyui_streamline.nodes.tinyvideo import TinyVideoLoader, TinyVideoPrompt, TinyWanLoader
 
-        model = TinyVideoLoader.execute().result[0]
+        model = (TinyWanLoader if args.model == "tinywan" else TinyVideoLoader).execute().result[0]
         negative = TinyVideoPrompt.execute(model, "").result[0]
-        latent = {"samples": torch.zeros(frames, 4, height, width)}
+        latent = {"samples": torch.zeros(1, 4, frames, height, width) if args.model == "tinywan" else
+                  torch.zeros(frames, 4, height, width)}
         return model, [(p, TinyVideoPrompt.execute(model, p).result[0], negative, latent) for p in args.prompts]
 
     from comfyui_streamline.tools import synthetic
@@ -71,12 +79,51 @@ def build_model_and_cases(args, work: Path):
     return model, [("random prompt", positive, negative, {"samples": torch.zeros(frames, 4, height // 8, width // 8)})]
 
 
+class CacheStepCounter:
+    """The steps ComfyUI's EasyCache and LazyCache computed in full, from the line each logs at the end of a
+    run ("EasyCache - skipped 12/25 steps"); with several prompts, the mean."""
+
+    PATTERN = r"(EasyCache|LazyCache) - skipped (\d+)/(\d+) steps"
+
+    def __init__(self):
+        self.runs: list[tuple[int, int]] = []
+
+    @classmethod
+    def install(cls) -> "CacheStepCounter":
+        import logging
+        import re
+
+        counter = cls()
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                found = re.search(cls.PATTERN, record.getMessage())
+                if found:
+                    counter.runs.append((int(found[3]) - int(found[2]), int(found[3])))
+
+        logging.getLogger().addHandler(Handler(logging.INFO))
+        if logging.getLogger().level > logging.INFO:
+            logging.getLogger().setLevel(logging.INFO)
+        return counter
+
+    def clear(self) -> None:
+        self.runs.clear()
+
+    @property
+    def last(self) -> str | None:
+        if not self.runs:
+            return None
+        full = sum(f for f, _ in self.runs) / len(self.runs)
+        return f"{full:g}/{self.runs[0][1]}" + (" (mean)" if len({f for f, _ in self.runs}) > 1 else "")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.model = args.model or ("tinyvideo" if args.device == "cpu" else "sd15-random")
-    args.size = args.size or ("32x32x8" if args.model == "tinyvideo" else
+    args.scheduler = args.scheduler or ("simple" if args.model == "tinywan" else "normal")
+    args.size = args.size or ("32x32x8" if args.model in ("tinyvideo", "tinywan") else
                               "512x512x16" if args.device == "cuda" else "64x64x8")
-    args.cfg = args.cfg if args.cfg is not None else (5.0 if args.model == "tinyvideo" else 7.5)
+    args.cfg = args.cfg if args.cfg is not None else (5.0 if args.model in ("tinyvideo", "tinywan") else 7.5)
     hostenv.enter_for_tool(args.comfy, cpu=args.device == "cpu", tool="bench_rehash")
 
     import nodes
@@ -95,7 +142,7 @@ def main(argv=None) -> None:
     model, cases = build_model_and_cases(args, work)
     if args.streamline:
         model = apply_streamline(model, SliceConfig())
-    tinyvideo = args.model == "tinyvideo"
+    tinyvideo = args.model in ("tinyvideo", "tinywan")  # both make TinyVideo clips: decoded and checked
     frames = int(args.size.split("x")[2])
     ranges = stats.data_ranges(frames, int(args.size.split("x")[0])) if tinyvideo else None
 
@@ -118,9 +165,13 @@ def main(argv=None) -> None:
         state = m.model_options["transformer_options"].get(STATE_KEY)
         return state.last.report if state is not None else None
 
+    cache_counts = CacheStepCounter.install()
+
     def full_count(m) -> str:
         report = last_report(m)
-        return f"{report.full}/{report.steps}" if report else "-"
+        if report:
+            return f"{report.full}/{report.steps}"
+        return cache_counts.last or "-"
 
     def call_ms(m) -> str:
         """Mean UNet call time of full and of rehash steps, as Step Rehash measured them."""
@@ -168,6 +219,10 @@ def main(argv=None) -> None:
         ("DeepCache-style (every 3rd step full)", rehash(mode="fixed", interval=3, warmup=0, tail=0, reuse="hold")),
         (f"EasyCache (threshold {args.easycache_threshold})", EasyCacheNode.execute(model, args.easycache_threshold, 0.15, 0.95, False).result[0]),
         (f"LazyCache (threshold {args.easycache_threshold})", LazyCacheNode.execute(model, args.easycache_threshold, 0.15, 0.95, False).result[0]),
+        *((f"Step Rehash fixed (interval {i}, warm-up 2, tail 1: {full_of(i, 2, 1)} full), extrapolate",
+           rehash(mode="fixed", interval=i, warmup=2, tail=1)) for i in args.fixed_intervals),
+        *((f"{node.__name__[:-4]} (threshold {t})", node.execute(model, t, 0.15, 0.95, False).result[0])
+          for t in args.easycache_sweep for node in (EasyCacheNode, LazyCacheNode)),
         ("full sampling, cond/uncond unbatched", unbatched(model)),
         (f"EasyCache (threshold {args.easycache_threshold}), cond/uncond unbatched",
          unbatched(EasyCacheNode.execute(model, args.easycache_threshold, 0.15, 0.95, False).result[0])),
@@ -192,6 +247,7 @@ def main(argv=None) -> None:
     references, reference_s, unbatched_s = None, None, None
     for name, m in methods:
         try:
+            cache_counts.clear()
             outs, times = zip(*(sample(m, case) for case in cases))
         except Exception as e:  # a method that cannot run this case is reported, not fatal
             print(f"{name:>72} | failed: {type(e).__name__}: {str(e).splitlines()[0][:90]}", flush=True)

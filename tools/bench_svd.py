@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hostenv  # noqa: E402
+from markdown_rows import Rows  # noqa: E402
 
 REAL = dict(model_channels=320, height=72, width=128, frames=(14, 25), chunks=(4, 1024))
 QUICK = dict(model_channels=64, height=8, width=8, frames=(5,), chunks=(2, 16))
@@ -41,20 +42,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (after one warm-up)")
     p.add_argument("--markdown", help="append each row to this markdown file as it is measured")
     return p.parse_args(argv)
-
-
-class Rows:
-    """A markdown table printed (and appended to a file) row by row, flushed."""
-
-    def __init__(self, path: str | None):
-        self.path = Path(path) if path else None
-
-    def line(self, text: str) -> None:
-        print(text, flush=True)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(text + "\n")
-                f.flush()
 
 
 def build(model_channels: int, dtype, device):

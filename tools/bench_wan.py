@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hostenv  # noqa: E402
+from markdown_rows import Rows  # noqa: E402
 
 # name: (dim, ffn_dim, heads, width, height, frames, token_chunk)
 CASES = {"1.3B 480x832x81": (1536, 8960, 12, 832, 480, 81, 4096),
@@ -41,13 +42,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def emit(line: str, markdown: str | None) -> None:
-    print(line, flush=True)
-    if markdown:
-        with open(markdown, "a") as f:
-            f.write(line + "\n")
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     hostenv.enter_for_tool(args.comfy, cpu=args.device == "cpu", tool="bench_wan")
@@ -64,9 +58,9 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     kernel = SDPA if args.device == "cuda" else SUB_QUADRATIC
-    emit("| case | blocks | variant | peak activation | predicted | s / forward | memory ratio | time ratio | max diff |",
-         args.markdown)
-    emit("|---|---|---|---|---|---|---|---|---|", args.markdown)
+    rows = Rows(args.markdown)
+    rows.line("| case | blocks | variant | peak activation | predicted | s / forward | memory ratio | time ratio | max diff |")
+    rows.line("|---|---|---|---|---|---|---|---|---|")
     for name, (dim, ffn, heads, width, height, frames, chunk) in (QUICK if args.quick else CASES).items():
         torch.manual_seed(0)
         model = WanModel(model_type="t2v", dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=args.layers, in_dim=16,
@@ -117,19 +111,19 @@ def main(argv=None) -> None:
         try:
             base, base_peak, base_s = measure(None)
         except torch.OutOfMemoryError:
-            emit(f"| {name} | {args.layers} | ComfyUI | OOM | | | | | |", args.markdown)
+            rows.line(f"| {name} | {args.layers} | ComfyUI | OOM | | | | | |")
             base = None
         if base is not None:
             predicted = forward_peak_bytes(shape, work, None, kernel)
-            emit(f"| {name} ({tokens} tokens) | {args.layers} | ComfyUI | {format_bytes(base_peak)} | "
-                 f"{format_bytes(predicted)} ({predicted / base_peak - 1:+.1%}) | {base_s:.3f} | | | |", args.markdown)
+            rows.line(f"| {name} ({tokens} tokens) | {args.layers} | ComfyUI | {format_bytes(base_peak)} | "
+                      f"{format_bytes(predicted)} ({predicted / base_peak - 1:+.1%}) | {base_s:.3f} | | | |")
         out, peak, seconds = measure(chunk)
         predicted = forward_peak_bytes(shape, work, chunk, kernel)
         ratios = ("| | |" if base is None else
                   f"| {base_peak / peak:.2f}x less | {seconds / base_s:.2f}x | "
                   f"{((out - base).abs().max() / base.abs().max()).item():.1e} |")
-        emit(f"| {name} ({tokens} tokens) | {args.layers} | Streamline, token_chunk {chunk} | {format_bytes(peak)} | "
-             f"{format_bytes(predicted)} ({predicted / peak - 1:+.1%}) | {seconds:.3f} " + ratios, args.markdown)
+        rows.line(f"| {name} ({tokens} tokens) | {args.layers} | Streamline, token_chunk {chunk} | {format_bytes(peak)} | "
+                  f"{format_bytes(predicted)} ({predicted / peak - 1:+.1%}) | {seconds:.3f} " + ratios)
         model = base = out = None  # free the weights before the next case
         if device.type == "cuda":
             torch.cuda.empty_cache()

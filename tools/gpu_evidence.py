@@ -23,6 +23,7 @@ from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
+from markdown_rows import append  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--comfy", help="ComfyUI folder (default: $COMFYUI_PATH, ../.. of this pack, ~/comfy/ComfyUI)")
     p.add_argument("--offload-bench", action="store_true", help=argparse.SUPPRESS)  # the "offload" benchmark itself
     return p.parse_args(argv)
-
-
-def append(out: Path, text: str) -> None:
-    """Append and flush: what is written survives an interrupted run."""
-    with open(out, "a") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def run_benchmark(bench: Benchmark, args: argparse.Namespace, out: Path) -> str:

@@ -233,3 +233,103 @@ WAN_VARIANTS = {f.name: f for f in (
     Family("WAN22_T2V", lambda: wan("t2v", in_dim=48, out_dim=48), "", (1, 48, 2, 4, 4), 4096, _no_extras,
            sliced=False),
 )}
+
+
+# -- Wan subclasses with their own forward_orig (comfy/ldm/wan/model.py, model_animate.py) ------------------
+# Built from the real classes at dim 128 (one head: detection reads heads = dim // 128); everything the
+# detection does not read from the weights stays at the class default, as ComfyUI rebuilds it so.
+
+def _wan_kwargs(dim: int = 128, ffn_dim: int = 256, num_layers: int = 4, in_dim: int = 16, out_dim: int = 16) -> dict:
+    return dict(dim=dim, ffn_dim=ffn_dim, num_heads=dim // 128, num_layers=num_layers, in_dim=in_dim, out_dim=out_dim,
+                cross_attn_norm=True, dtype=torch.float32, device="cpu", operations=_ops())
+
+
+def wan_vace(num_layers: int = 4, vace_layers: int = 2, **sizes) -> torch.nn.Module:
+    """VaceWanModel (WAN21_Vace): VACE hints added to x after blocks 0, n/v, 2n/v, ...; its vace_context
+    has 96 channels (32 of VACE frames + 64 of mask, as WAN21_Vace.extra_conds builds them)."""
+    from comfy.ldm.wan.model import VaceWanModel
+
+    return VaceWanModel(vace_layers=vace_layers, vace_in_dim=96, **_wan_kwargs(num_layers=num_layers, **sizes))
+
+
+def wan_camera(num_layers: int = 4, **sizes) -> torch.nn.Module:
+    """CameraWanModel (WAN21_Camera: i2v blocks, 32 input channels, a camera adapter on the patch embedding)."""
+    from comfy.ldm.wan.model import CameraWanModel
+
+    return CameraWanModel(model_type="camera", **_wan_kwargs(num_layers=num_layers, in_dim=32, **sizes))
+
+
+def wan_s2v(num_layers: int = 4, **sizes) -> torch.nn.Module:
+    """WanModel_S2V (WAN22_S2V): audio injected into x after blocks 0, 4, 8, ...; its block hook passes no
+    transformer_options."""
+    from comfy.ldm.wan.model import WanModel_S2V
+
+    return WanModel_S2V(**_wan_kwargs(num_layers=num_layers, **sizes))
+
+
+def wan_humo(num_layers: int = 4, **sizes) -> torch.nn.Module:
+    """HumoWanModel (WAN21_HuMo, the 1.7B layout: 16 input channels): WanAttentionBlockAudio blocks."""
+    from comfy.ldm.wan.model import HumoWanModel
+
+    return HumoWanModel(**_wan_kwargs(num_layers=num_layers, **sizes))
+
+
+def wan_animate(num_layers: int = 5, **sizes) -> torch.nn.Module:
+    """AnimateWanModel (WAN22_Animate: i2v blocks, 36 input channels): pose latents added to the patch
+    embedding, the face adapter's output added to x after blocks 0, 5, 10, ... (num_layers // 5 of them)."""
+    from comfy.ldm.wan.model_animate import AnimateWanModel
+
+    return AnimateWanModel(**_wan_kwargs(num_layers=num_layers, in_dim=36, **sizes))
+
+
+S2V_AUDIO_LAYERS, S2V_AUDIO_DIM = 25, 1024  # wav2vec hidden states, as WanSoundImageToVideo hands them
+HUMO_AUDIO = (8, 5, 1280)  # per latent frame: window x whisper layers x channels (AudioProjModel's input)
+ANIMATE_FACE_SIZE = 512  # the face crops the motion encoder reads (its last 4x4 conv needs 512x512)
+
+
+
+
+def _vace_extras(g: torch.Generator, positive: bool) -> dict:
+    """As WanVaceToVideo gives them: VACE frames (32 channels: inactive + reactive latents), mask, strength."""
+    return {"vace_frames": [torch.randn(1, 32, 2, 4, 4, generator=g)], "vace_mask": [torch.ones(1, 64, 2, 4, 4)],
+            "vace_strength": [0.8]}
+
+
+def _camera_extras(g: torch.Generator, positive: bool) -> dict:
+    """As WanCameraImageToVideo gives them: the start image's latent, camera conditions (24 channels at 8x
+    the latent's size) and the CLIP vision output."""
+    return {"concat_latent_image": torch.randn(1, 16, 2, 4, 4, generator=g),
+            "camera_conditions": torch.randn(1, 24, 2, 32, 32, generator=g),
+            "clip_vision_output": _ClipVisionOutput(torch.randn(1, CLIP_IMAGE_TOKENS, 1280, generator=g))}
+
+
+def _s2v_extras(g: torch.Generator, positive: bool) -> dict:
+    """As WanSoundImageToVideo gives them: audio features, 4 per latent frame (zero on the negative)."""
+    audio = torch.randn(1, S2V_AUDIO_LAYERS, S2V_AUDIO_DIM, 4 * 2, generator=g)
+    return {"audio_embed": audio if positive else torch.zeros_like(audio)}
+
+
+def _humo_extras(g: torch.Generator, positive: bool) -> dict:
+    """As WanHuMoImageToVideo gives them: audio features per latent frame (zero on the negative)."""
+    audio = torch.randn(1, 2, *HUMO_AUDIO, generator=g)
+    return {"audio_embed": audio if positive else torch.zeros_like(audio)}
+
+
+def _animate_extras(g: torch.Generator, positive: bool) -> dict:
+    """As WanAnimateToVideo gives them: pose latents, face crops (pixels in [-1, 1]) and the CLIP vision output."""
+    return {"pose_video_latent": torch.randn(1, 16, 1, 4, 4, generator=g),
+            "face_video_pixels": torch.rand(1, 3, 1, ANIMATE_FACE_SIZE, ANIMATE_FACE_SIZE, generator=g) * 2 - 1,
+            "clip_vision_output": _ClipVisionOutput(torch.randn(1, CLIP_IMAGE_TOKENS, 1280, generator=g))}
+
+
+# The Wan subclasses ComfyUI builds with their own forward_orig (tests/test_wan_variants.py): what the pack
+# does with each is nodes/wan/patch.py WAN_SUBCLASSES.
+WAN_SUBCLASS_VARIANTS = {f.name: f for f in (
+    Family("WAN21_Vace", wan_vace, "", (1, 16, 2, 4, 4), 4096, _vace_extras, sliced=True, rehash_split=False),
+    Family("WAN21_Camera", wan_camera, "", (1, 16, 2, 4, 4), 4096, _camera_extras, sliced=True, rehash_split=True),
+    Family("WAN22_S2V", wan_s2v, "", (1, 16, 2, 4, 4), 4096, _s2v_extras, sliced=False, rehash_split=False),
+    Family("WAN21_HuMo", wan_humo, "", (1, 16, 2, 4, 4), 4096, _humo_extras, sliced=False, rehash_split=False),
+    Family("WAN22_Animate", wan_animate, "", (1, 16, 2, 4, 4), 4096, _animate_extras, sliced=True,
+           rehash_split=False),
+)}
+WAN_VARIANTS.update(WAN_SUBCLASS_VARIANTS)

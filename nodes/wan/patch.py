@@ -11,11 +11,15 @@ Two pieces, both on the clone's model_options:
   slices, else calls the host's own block (`original_block`), saying why once per run. With Step Rehash
   on the call (a WanRehashCall, rehash.py), the same replacement runs, skips or stores the deep blocks.
 
+WanModel's subclasses with their own forward_orig (VACE, Camera, S2V, HuMo, Animate) are handled as
+WAN_SUBCLASSES records what their forward_orig does around the blocks; an unknown one is left to ComfyUI.
+
 A replacement another pack set for a block first is kept (one log line at install); one set later
 replaces this pack's (ComfyUI keeps one replacement per block).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -66,14 +70,92 @@ def is_plain_wan_block(block: nn.Module) -> bool:
     return isinstance(block, WanAttentionBlock) and type(block).forward is WanAttentionBlock.forward
 
 
-def unsupported_wan_reason(diffusion_model: nn.Module) -> str | None:
-    """Why the pack leaves this diffusion model's blocks to ComfyUI (None: it slices them)."""
+@dataclass(frozen=True)
+class WanSubclass:
+    """A WanModel subclass with its own forward_orig, as the pack checked it (ComfyUI 0.3.64)."""
+
+    fingerprint: str  # host_fingerprints.fingerprint of its forward_orig
+    hook_args: bool  # its block hook hands replacements {"img", "txt", "vec", "pe", "transformer_options"}
+    between_blocks: str | None = None  # what forward_orig adds to x after some blocks, outside them
+    keeps_first_input: bool = False  # forward_orig reads block 0's input after block 0 ran (VACE's x_orig)
+
+
+# What each subclass's forward_orig does around the blocks decides what the pack may do with it:
+# - slicing needs the hook's arguments (WanModel_S2V passes no transformer_options) and plain blocks
+#   (HumoWanModel's are WanAttentionBlockAudio: left to ComfyUI by is_plain_wan_block);
+# - Step Rehash reuses the residual of the deep blocks, so nothing may be added to x between them outside
+#   the blocks: VACE's hints, S2V's audio and Animate's face adapter are (after block 0, and every few
+#   blocks after it, whatever cache_block is), so Step Rehash runs those models in full.
+# A subclass not listed here, or whose forward_orig differs from the one checked, is left to ComfyUI.
+WAN_SUBCLASSES = {
+    "VaceWanModel": WanSubclass("408db2421efda0e1", True, "its VACE hints", keeps_first_input=True),
+    "CameraWanModel": WanSubclass("e33720dd3ebd16be", True),  # camera adapter: on the patch embedding only
+    "WanModel_S2V": WanSubclass("9bbd910877338989", False, "its audio injection"),
+    "HumoWanModel": WanSubclass("5964154364782f39", True),  # audio inside its (non-plain) blocks
+    "AnimateWanModel": WanSubclass("be081796c4d77dae", True, "its face adapter's output"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _checked_forward_orig(cls: type) -> bool:
+    known = WAN_SUBCLASSES.get(cls.__name__)
+    if known is None or not cls.__module__.startswith("comfy.ldm.wan."):
+        return False
+    try:
+        return host_fingerprints.fingerprint(cls.forward_orig) == known.fingerprint
+    except (OSError, TypeError):  # no source to read
+        return False
+
+
+def wan_subclass(diffusion_model: nn.Module) -> WanSubclass | None:
+    """The checked subclass entry of a WanModel with its own forward_orig (None: WanModel's own, or unknown)."""
+    cls = type(diffusion_model)
+    if cls.forward_orig is WanModel.forward_orig or not _checked_forward_orig(cls):
+        return None
+    return WAN_SUBCLASSES[cls.__name__]
+
+
+def blocks_followed_by_additions(diffusion_model: nn.Module) -> list[int]:
+    """The blocks after which a subclass's forward_orig adds to x (VACE hints, S2V audio, Animate's face)."""
+    blocks = len(diffusion_model.blocks)
+    if hasattr(diffusion_model, "vace_layers_mapping"):
+        return sorted(i for i in diffusion_model.vace_layers_mapping if i < blocks)
+    injector = getattr(diffusion_model, "audio_injector", None)
+    if injector is not None:
+        return sorted(i for i in injector.injected_block_id if i < blocks)
+    adapter = getattr(diffusion_model, "face_adapter", None)
+    if adapter is not None:
+        return [i for i in range(blocks) if i % 5 == 0 and i // 5 < len(adapter.fuser_blocks)]
+    return []
+
+
+def unsupported_wan_reason(diffusion_model: nn.Module, purpose: str = "slice") -> str | None:
+    """Why the pack leaves this diffusion model to ComfyUI for `purpose` (None: it handles it).
+    purpose: "slice" / "plan" (its blocks sliced, the memory estimate) or "rehash" (Step Rehash's split)."""
     if not isinstance(diffusion_model, WanModel):
         return f"{type(diffusion_model).__name__} is not a Wan model"
-    if not any(is_plain_wan_block(block) for block in diffusion_model.blocks):
+    name = type(diffusion_model).__name__
+    own_forward = type(diffusion_model).forward_orig is not WanModel.forward_orig
+    variant = wan_subclass(diffusion_model)
+    if own_forward and variant is None:
+        changed = " (not the one the pack checked, ComfyUI 0.3.64's)" if name in WAN_SUBCLASSES else ""
+        return f"{name} runs its own forward_orig{changed}, which the pack has not checked"
+    rehash_reason = None
+    if variant is not None and variant.between_blocks:
+        after = blocks_followed_by_additions(diffusion_model)
+        where = f" (after blocks {after})" if after else ""
+        rehash_reason = (f"{name} adds {variant.between_blocks} to x between its blocks{where}, outside the blocks "
+                         "Step Rehash skips, so a reused deep residual would count it twice")
+    if variant is not None and not variant.hook_args:
+        slice_reason = f"{name} calls block replacements without transformer_options"
+    elif not any(is_plain_wan_block(block) for block in diffusion_model.blocks):
         kinds = sorted({type(block).__name__ for block in diffusion_model.blocks})
-        return f"{type(diffusion_model).__name__} has no plain WanAttentionBlock ({', '.join(kinds)})"
-    return None
+        slice_reason = f"{name} has no plain WanAttentionBlock ({', '.join(kinds)})"
+    else:
+        slice_reason = None
+    if purpose == "rehash":
+        return rehash_reason or slice_reason
+    return slice_reason
 
 
 @dataclass(frozen=True)
@@ -83,6 +165,7 @@ class WanCall:
     blocks: nn.ModuleList
     context_img_len: int | None  # as forward_orig derives it: clip_fea.shape[-2], None without clip_fea
     tokens_per_frame: int  # patch tokens of one latent frame
+    copy_first_input: bool = False  # forward_orig reads block 0's input later (VACE): block 0 slices a copy
 
 
 # (transformer_options, x (B, L, C), tokens_per_frame) -> tokens per slice, or None: run the block unsliced
@@ -107,7 +190,9 @@ def add_call_info(executor, x, timestep, context, clip_fea=None, time_dim_concat
     model = executor.class_obj
     patch = getattr(model, "patch_size", (1, 2, 2))
     tokens_per_frame = -(-x.shape[-2] // patch[1]) * -(-x.shape[-1] // patch[2])
-    call = WanCall(model.blocks, clip_fea.shape[-2] if clip_fea is not None else None, tokens_per_frame)
+    variant = wan_subclass(model)
+    call = WanCall(model.blocks, clip_fea.shape[-2] if clip_fea is not None else None, tokens_per_frame,
+                   copy_first_input=variant is not None and variant.keeps_first_input)
     transformer_options = {**transformer_options, CALL_KEY: call}
     return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
 
@@ -128,6 +213,8 @@ class SlicedWanBlock:
     log: LogOnce = field(default_factory=LogOnce)
 
     def __call__(self, args: dict, extra: dict) -> dict:
+        if "transformer_options" not in args:  # a hook that passes none (WanModel_S2V): the host's own block
+            return extra["original_block"](args)
         rehash: WanRehashCall | None = args["transformer_options"].get(WAN_REHASH_KEY)
         if rehash is None:
             return {"img": self.forward(args, extra)}
@@ -148,6 +235,8 @@ class SlicedWanBlock:
             return extra["original_block"](args)["img"]
         warn_on_drift(log)
         block = call.blocks[self.index]
+        if self.index == 0 and call.copy_first_input:  # the sliced block writes x in place
+            x = x.clone()
         return sliced_block_forward(block, x, e, freqs, args["txt"], call.context_img_len, to, chunk)
 
     def unsliced_reason(self, call: WanCall | None, to: dict, x: Tensor, freqs: Tensor) -> str | None:

@@ -6,6 +6,10 @@ first one. On a full call the deep blocks run and the residual is stored; on a r
 block adds the reused residual (held or extrapolated: the RehashCall decides, nodes/step_rehash.py) and
 the deep blocks return their input without computing anything. The adaptive mode's shallow feature is x
 entering the first deep block.
+
+The split is exact only where forward_orig adds nothing to x between the blocks outside them: WanModel
+and CameraWanModel. VaceWanModel (VACE hints), WanModel_S2V (audio) and AnimateWanModel (face adapter)
+add to x after some blocks, so Step Rehash runs them in full (patch.py unsupported_wan_reason, "rehash").
 """
 from __future__ import annotations
 
@@ -68,8 +72,10 @@ def install_for_rehash(model) -> None:
     """The block replacements Step Rehash runs through, on `model` (a clone the caller owns), unless the
     pack's own are there already (Streamline Model Patch, Memory Budget). Without their run state they
     slice nothing: each block is ComfyUI's own."""
-    from .patch import SlicedWanBlock, install_wan_slicing
+    from .patch import SlicedWanBlock, install_wan_slicing, unsupported_wan_reason
 
+    if unsupported_wan_reason(model.model.diffusion_model, "rehash") is not None:
+        return  # Step Rehash runs this model in full (nodes/step_rehash.py says why): nothing to split
     dit = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     if not any(isinstance(v, SlicedWanBlock) for v in dit.values()):
         install_wan_slicing(model)
