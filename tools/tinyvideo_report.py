@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     card = tinyvideo.WEIGHTS_PATH.parent / "card"
     trained = spec["loader"].execute().result[0]
     untrained = tinyvideo.load_model_patcher(state_dict=tinyvideo.untrained_state_dict())
-    from train_tinyvideo import stages_of
+    from training import stages_of
 
     command = "python tools/tinyvideo_report.py" + (" --model tinywan" if args.model == "tinywan" else "")
     lines = [f"# {spec['title']} quality report", "", f"Made by `{command}` for "

@@ -11,36 +11,19 @@ loss curve as CSV. The file is written every --save-every steps, so a stopped ru
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hostenv  # noqa: E402
-from train_tinyvideo import learning_rate, read_loss_curve, stages_of  # noqa: E402
+import training  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--comfy", help="ComfyUI folder (default: $COMFYUI_PATH, ../.. of this pack, ~/comfy/ComfyUI)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch", type=int, default=4, help="videos per step")
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema", type=float, default=0.998)
-    p.add_argument("--drop-word", type=float, default=0.1, help="chance that a word slot is left empty")
-    p.add_argument("--drop-prompt", type=float, default=0.1, help="chance that the whole prompt is empty")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init", type=Path, help="start from these TinyWan weights (a second stage; give it another --seed)")
-    p.add_argument("--save-every", type=int, default=250)
-    p.add_argument("--out", type=Path, default=hostenv.REPO_ROOT / "tinywan" / "tinywan-v1.safetensors")
-    p.add_argument("--loss-csv", type=Path, default=hostenv.REPO_ROOT / "tinywan" / "card" / "loss.csv")
+    training.add_common_options(p, steps=6000, lr=4e-4, warmup=200, ema=0.998, save_every=250, model="TinyWan",
+                                out=hostenv.REPO_ROOT / "tinywan" / "tinywan-v1.safetensors",
+                                loss_csv=hostenv.REPO_ROOT / "tinywan" / "card" / "loss.csv")
     return p.parse_args(argv)
 
 
@@ -69,9 +52,6 @@ def main(argv=None) -> None:
         wan_sd, prompt_sd = split_state_dict(load_file(str(args.init)))
         wan.load_state_dict({k: v.float() for k, v in wan_sd.items()})
         prompt.load_state_dict({k: v.float() for k, v in prompt_sd.items()})
-    ema_wan, ema_prompt = copy.deepcopy(wan).eval(), copy.deepcopy(prompt).eval()
-    params = list(wan.parameters()) + list(prompt.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     sampling = tinywan.model_sampling()
     data_gen = torch.Generator().manual_seed(args.seed + 1)
     noise_gen = torch.Generator().manual_seed(args.seed + 2)
@@ -79,15 +59,7 @@ def main(argv=None) -> None:
     print(f"TinyWan: {parameters / 1e6:.2f} M WanModel parameters, {args.batch} videos x {args.frames} frames x "
           f"{args.size}^2 per step, {args.steps} steps on {device}", flush=True)
 
-    args.loss_csv.parent.mkdir(parents=True, exist_ok=True)
-    earlier = stages_of(args.init) if args.init else []
-    step_offset = sum(stage["steps"] for stage in earlier)
-    rows = read_loss_curve(args.loss_csv) if earlier else []
-    if rows and rows[-1][0] != step_offset:
-        print(f"{args.loss_csv} does not end where {args.init} stopped (step {step_offset}): starting a new curve")
-        rows = []
-    seconds_offset = rows[-1][2] if rows else 0.0
-    window, start = [], time.time()
+    run = training.TrainingRun(args, [wan, prompt])
     for step in range(args.steps):
         batch = data.sample_batch(args.batch, args.frames, args.size, data_gen)
         words = batch.words.clone()
@@ -100,34 +72,10 @@ def main(argv=None) -> None:
         predicted = wan(noisy, sampling.timestep(sigma).float(), prompt(words.to(device)))
         loss = torch.nn.functional.mse_loss(predicted.float(), tinywan.flow_target(x0, noise))
 
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
-            for model, ema in ((wan, ema_wan), (prompt, ema_prompt)):
-                for p, e in zip(model.parameters(), ema.parameters()):
-                    e.lerp_(p, 1 - decay)
-
-        window.append(loss.item())
-        if (step + 1) % 25 == 0:
-            seconds = round(seconds_offset + time.time() - start, 1)
-            rows.append((step_offset + step + 1, sum(window) / len(window), seconds))
-            window = []
-            print(f"step {rows[-1][0]:5d}  loss {rows[-1][1]:.4f}  {rows[-1][2]:.0f} s", flush=True)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            stage = {"steps": step + 1, "planned_steps": args.steps, "batch": args.batch, "frames": args.frames,
-                     "size": args.size, "seed": args.seed, "lr": args.lr, "warmup": args.warmup, "ema": args.ema,
-                     "drop_word": args.drop_word, "drop_prompt": args.drop_prompt, "device": args.device,
-                     "threads": torch.get_num_threads(), "final_loss": rows[-1][1] if rows else None,
-                     "seconds": round(time.time() - start, 1)}
-            metadata = {"steps": step_offset + step + 1, "final_loss": stage["final_loss"], "stages": [*earlier, stage]}
-            tinywan.save_checkpoint(args.out, ema_wan, ema_prompt, metadata)
-            with args.loss_csv.open("w", newline="") as f:
-                csv.writer(f).writerows([("step", "loss", "seconds"), *rows])
+        run.optimise(step, loss)
+        if run.saves_after(step):
+            tinywan.save_checkpoint(args.out, *run.emas, run.metadata(step))
+            run.write_curve()
     print(f"saved {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB), loss curve {args.loss_csv}")
 
 
