@@ -21,7 +21,6 @@ from typing import Callable, Protocol
 import torch
 import torch.nn as nn
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, apply_control, forward_timestep_embed
-from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from torch import Tensor
 
 from ..core import offload
@@ -31,6 +30,7 @@ from .layer_roles import Role, role_of
 from . import host_fingerprints, video_norm
 from .log import logger
 from .motion_module import run_motion_module_sliced, unsliceable_reason
+from .unet_prologue import REHASH_CALL_KEY, time_embedding
 
 # transformer_options patch keys that act between blocks on whole tensors; any other patch may look
 # inside attention at batch-dependent data, so spatial transformers then run unsliced.
@@ -307,9 +307,6 @@ class StreamlinedForward:
         return out
 
 
-REHASH_CALL_KEY = "streamline_rehash_call"
-
-
 class RehashCall(Protocol):
     """Step Rehash's side of one UNet call (see nodes/step_rehash.py)."""
 
@@ -370,14 +367,7 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
         "num_video_frames": kwargs.get("num_video_frames", unet.default_num_video_frames),
         "image_only_indicator": kwargs.get("image_only_indicator", None),
     }
-    assert (y is not None) == (unet.num_classes is not None), "must specify y if and only if the model is class-conditional"
-    t_emb = timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype)
-    emb = unet.time_embed(t_emb)
-    for p in patches.get("emb_patch", []):
-        emb = p(emb, unet.model_channels, to)
-    if unet.num_classes is not None:
-        assert y.shape[0] == x.shape[0]
-        emb = emb + unet.label_emb(y)
+    emb = time_embedding(unet, x, timesteps, y, to)
 
     run = StreamlinedForward(unet, config, log, x, emb, context, to, video_kwargs, frames)
     # With Step Rehash, only the input blocks whose skips the output blocks after the cache point

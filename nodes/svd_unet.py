@@ -39,11 +39,9 @@ from ..core.groupnorm import channel_moments, video_group_stats
 from ..core.slicing import SliceConfig, chunk_ranges, frame_chunk_size, spatial_chunk_size
 from . import host_fingerprints
 from .layer_roles import Role, role_of
+from .unet_prologue import REHASH_CALL_KEY, time_embedding
 from .video_norm import normalize
 
-# transformer_options key of Step Rehash's per-call state (streamlined_unet.REHASH_CALL_KEY; not imported from
-# there: streamlined_unet dispatches to this module)
-REHASH_CALL_KEY = "streamline_rehash_call"
 
 if TYPE_CHECKING:
     from .streamlined_unet import LogOnce  # not imported at run time: streamlined_unet dispatches to this module
@@ -459,14 +457,7 @@ def svd_forward(unet: UNetModel, config: SliceConfig, log: "LogOnce", x: Tensor,
     frames = kwargs.get("num_video_frames", unet.default_num_video_frames)
     indicator = kwargs.get("image_only_indicator", None)
     time_context = kwargs.get("time_context", None)
-    assert (y is not None) == (unet.num_classes is not None), "must specify y if and only if the model is class-conditional"
-    t_emb = timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype)
-    emb = unet.time_embed(t_emb)
-    for p in patches.get("emb_patch", []):
-        emb = p(emb, unet.model_channels, to)
-    if unet.num_classes is not None:
-        assert y.shape[0] == x.shape[0]
-        emb = emb + unet.label_emb(y)
+    emb = time_embedding(unet, x, timesteps, y, to)
 
     run = SVDForward(unet, config, log, x, emb, context, to, frames, indicator, time_context)
     if run.temporal_reason is not None:

@@ -455,9 +455,3 @@ def test_rehash_call_skips_the_deep_blocks_and_continues_from_the_cache(layout, 
     if reuse == "extrapolate":  # guard: the two features differ, so extrapolating is not holding
         first, last = run.deep[("cond", ())]
         assert (first[1] - last[1]).abs().max() > 1e-3 * last[1].abs().max()
-
-
-def test_rehash_call_key_is_streamlined_unets():
-    from comfyui_streamline.nodes import streamlined_unet, svd_unet
-
-    assert svd_unet.REHASH_CALL_KEY == streamlined_unet.REHASH_CALL_KEY

@@ -1,0 +1,22 @@
+"""What ComfyUI's UNetModel._forward does before its first block, shared by the pack's two UNet forwards
+(streamlined_unet.py for SD UNets with ADE, svd_unet.py for SVD), and the key under which Step Rehash hands
+a UNet call its shallow/deep split. Its own module: streamlined_unet dispatches to svd_unet, so neither can
+import the other for these."""
+from __future__ import annotations
+
+from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+from torch import Tensor
+
+REHASH_CALL_KEY = "streamline_rehash_call"  # transformer_options key of Step Rehash's per-call RehashCall
+
+
+def time_embedding(unet, x: Tensor, timesteps: Tensor, y: Tensor | None, transformer_options: dict) -> Tensor:
+    """UNetModel._forward's `emb`: the timestep embedding, ComfyUI's emb patches, and the class (ADM) label."""
+    assert (y is not None) == (unet.num_classes is not None), "must specify y if and only if the model is class-conditional"
+    emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype))
+    for p in transformer_options.get("patches", {}).get("emb_patch", []):
+        emb = p(emb, unet.model_channels, transformer_options)
+    if unet.num_classes is not None:
+        assert y.shape[0] == x.shape[0]
+        emb = emb + unet.label_emb(y)
+    return emb
