@@ -11,6 +11,10 @@ as soon as it is measured: peak activation (CUDA max_memory_allocated above what
 live-tensor counter on the CPU), seconds per forward, the largest difference, and the planner's prediction
 (core/dit_budget.py).
 
+First, what a Step Rehash step costs at these shapes with all the model's blocks (30 / 40): its FLOPs
+against a full call's (torch's FlopCounterMode over ComfyUI's WanModel on the meta device: shapes only,
+no memory, instant), and the speedup that bounds for K full steps of 25, N / (K + (N - K) * share).
+
     python tools/bench_wan.py --device cuda --markdown wan.md
     python tools/bench_wan.py --device cpu --quick       # tiny shapes: the plumbing (tests)
 """
@@ -29,6 +33,40 @@ from markdown_rows import Rows  # noqa: E402
 CASES = {"1.3B 480x832x81": (1536, 8960, 12, 832, 480, 81, 4096),
          "14B 720x1280x81": (5120, 13824, 40, 1280, 720, 81, 2048)}
 QUICK = {"tiny 128x128x5": (256, 1024, 2, 128, 128, 5, 16)}
+FULL_DEPTH = {"1.3B 480x832x81": 30, "14B 720x1280x81": 40, "tiny 128x128x5": 4}
+TEXT_TOKENS = 512
+
+
+def rehash_share_rows(rows: Rows, cases: dict, steps: int = 25, full_steps: tuple[int, ...] = (13, 10, 9)) -> None:
+    """FLOPs of a Step Rehash call (the patch and time embeddings, the first and last blocks, the head: the
+    deep blocks skipped; nodes/wan/rehash.py with cache_block -1) against a full call, CFG batched."""
+    import comfy.ops
+    import torch
+    from comfy.ldm.modules.attention import attention_pytorch
+    from comfy.ldm.wan.model import WanModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows.line("| case | blocks | full call TFLOP | rehash call TFLOP | share | " +
+              " | ".join(f"bound at {k}/{steps} full" for k in full_steps) + " |")
+    rows.line("|---|---|---|---|---|" + "---|" * len(full_steps))
+    for name, (dim, ffn, heads, width, height, frames, _) in cases.items():
+        layers = FULL_DEPTH[name]
+        model = WanModel(model_type="t2v", dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=layers, device="meta",
+                         dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
+        x = torch.zeros(2, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device="meta", dtype=torch.bfloat16)
+        context = torch.zeros(2, TEXT_TOKENS, 4096, device="meta", dtype=torch.bfloat16)
+        # SDPA for the count whatever this process's attention (the CPU's sub-quadratic kernel asks the device
+        # for free memory, which a meta tensor has none of); its FLOPs are attention's, kernel aside
+        options = {"optimized_attention_override": lambda func, *a, **kw: attention_pytorch(*a, **kw)}
+        with FlopCounterMode(display=False) as counter:
+            model(x, torch.zeros(2, device="meta"), context, transformer_options=options)
+        total = counter.get_total_flops()
+        block = sum(counter.get_flop_counts()["WanModel.blocks.0"].values())
+        rehash = total - (layers - 2) * block  # every block has the same shapes
+        share = rehash / total
+        bounds = " | ".join(f"{steps / (k + (steps - k) * share):.2f}x" for k in full_steps)
+        rows.line(f"| {name} | {layers} | {total / 1e12:.1f} | {rehash / 1e12:.2f} | {share:.1%} | {bounds} |")
+    rows.line("")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +97,7 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     kernel = SDPA if args.device == "cuda" else SUB_QUADRATIC
     rows = Rows(args.markdown)
+    rehash_share_rows(rows, QUICK if args.quick else CASES)
     rows.line("| case | blocks | variant | peak activation | predicted | s / forward | memory ratio | time ratio | max diff |")
     rows.line("|---|---|---|---|---|---|---|---|---|")
     for name, (dim, ffn, heads, width, height, frames, chunk) in (QUICK if args.quick else CASES).items():
