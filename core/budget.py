@@ -97,6 +97,32 @@ SUB_QUADRATIC = WorkingSets()
 SDPA = WorkingSets(self_attention=6.0, cross_attention=6.0, cross_context=2.0, scores=0.0, motion_attention=6.0)
 
 
+# -- laws of the layers both UNets share (SD's here, SVD's in core/svd_budget.py), values per sample -------
+
+
+def res_block_values(ci: int, co: int, p: int) -> float:
+    """A ResBlock on p positions: GroupNorm + SiLU on the input, GroupNorm + SiLU + conv on h, skip conv, sum."""
+    return p * max(2 * ci, ci + co, 3 * co)
+
+
+def transformer_block_values(laws: WorkingSets, c: int, heads: int, p: int, context_tokens: int) -> float:
+    """A BasicTransformerBlock on p tokens of c channels: the largest of its feed-forward, self-attention
+    and cross-attention phases (scores as the attention kernel holds them)."""
+    return max(laws.feed_forward * p * c, laws.self_attention * p * c + laws.scores * heads * p * p,
+               laws.cross_attention * p * c + laws.cross_context * context_tokens * c + laws.scores * heads * p * context_tokens)
+
+
+def conv_layer_values(kind: str, ci: int, co: int, p: int, p_below: int) -> float:
+    """The UNet's other per-frame layers on p positions (p_below: the positions one level down)."""
+    if kind == "up":  # nearest x2, then a conv: both at 4x the positions
+        return 4 * p * (ci + co)
+    if kind == "down":
+        return p_below * co
+    if kind == "out":  # GroupNorm, SiLU, conv
+        return p * max(2 * ci, ci + co)
+    return p * co
+
+
 @dataclass
 class _Walk:
     shape: UNetShape
@@ -130,21 +156,12 @@ class _Walk:
 
     def layer_values(self, layer: Layer, level: int) -> float:
         """Values one sample holds inside a per-frame layer whose input is at `level` (output included)."""
-        p, k, ci, co = self.positions(level), self.laws, layer.channels_in, layer.channels_out
-        if layer.kind == "res":  # GroupNorm + SiLU on the input, GroupNorm + SiLU + conv on h, skip conv, sum
-            return p * max(2 * ci, ci + co, 3 * co)
+        p, ci, co = self.positions(level), layer.channels_in, layer.channels_out
+        if layer.kind == "res":
+            return res_block_values(ci, co, p)
         if layer.kind == "attn":
-            t, h = self.work.context_tokens, layer.heads
-            return max(k.feed_forward * p * ci,
-                       k.self_attention * p * ci + k.scores * h * p * p,
-                       k.cross_attention * p * ci + k.cross_context * t * ci + k.scores * h * p * t)
-        if layer.kind == "up":  # nearest x2, then a conv: both at 4x the positions
-            return 4 * p * (ci + co)
-        if layer.kind == "down":
-            return self.positions(level + 1) * co
-        if layer.kind == "out":  # GroupNorm, SiLU, conv
-            return p * max(2 * ci, ci + co)
-        return p * co
+            return transformer_block_values(self.laws, ci, layer.heads, p, self.work.context_tokens)
+        return conv_layer_values(layer.kind, ci, co, p, self.positions(level + 1))
 
     def motion_values(self, layer: Layer, level: int, positions: int) -> float:
         """Values a motion module holds over `positions` positions of every sample: all of them

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .budget import ALLOCATOR_HEADROOM, SDPA, SUB_QUADRATIC, BudgetError, Plan, WorkingSets, format_bytes
+from .budget import (ALLOCATOR_HEADROOM, SDPA, SUB_QUADRATIC, BudgetError, Plan, WorkingSets, conv_layer_values,
+                     format_bytes, res_block_values, transformer_block_values)
 from .slicing import SliceConfig, frame_chunk_size, spatial_chunk_size
 
 __all__ = ["SVDLayer", "SVDStructure", "SVDWork", "predict_svd_peak_bytes", "plan_svd", "SUB_QUADRATIC", "SDPA"]
@@ -120,27 +121,16 @@ class _SVDWalk:
 
     # -- laws, per sample ---------------------------------------------------------------------------
 
-    def res_values(self, ci: int, co: int, p: int) -> float:
-        return p * max(2 * ci, ci + co, 3 * co)  # core/budget.py's ResBlock
-
     def frame_values(self, layer: SVDLayer, level: int) -> float:
         """A per-frame layer (or a VideoResBlock's spatial part) at `level`, output included, input not."""
         p, ci, co = self.positions(level), layer.channels_in, layer.channels_out
         if layer.kind == "video_res":
-            return self.res_values(ci, co, p)
-        if layer.kind == "up":  # nearest x2, then a conv: both at 4x the positions
-            return 4 * p * (ci + co)
-        if layer.kind == "down":
-            return self.positions(level + 1) * co
-        if layer.kind == "out":  # GroupNorm, SiLU, conv
-            return p * max(2 * ci, ci + co)
-        return p * co
+            return res_block_values(ci, co, p)
+        return conv_layer_values(layer.kind, ci, co, p, self.positions(level + 1))
 
     def spatial_block_values(self, layer: SVDLayer, p: int) -> float:
         """One BasicTransformerBlock on a sample's p tokens (output included), as core/budget.py's laws."""
-        k, c, h, t = self.laws, layer.channels_in, layer.heads, self.work.context_tokens
-        return max(k.feed_forward * p * c, k.self_attention * p * c + k.scores * h * p * p,
-                   k.cross_attention * p * c + k.cross_context * t * c + k.scores * h * p * t)
+        return transformer_block_values(self.laws, layer.channels_in, layer.heads, p, self.work.context_tokens)
 
     def time_context_values(self, p: int) -> float:
         """The time_context repeated for p positions of each video, per sample (einops makes the repeat
@@ -153,7 +143,7 @@ class _SVDWalk:
         """ComfyUI's forward of one layer, per sample (output included, input not)."""
         p, co = self.positions(level), layer.channels_out
         if layer.kind == "video_res":
-            return max(self.res_values(layer.channels_in, co, p), VIDEO_RES_WHOLE * p * co)
+            return max(res_block_values(layer.channels_in, co, p), VIDEO_RES_WHOLE * p * co)
         if layer.kind == "video_transformer":
             return (TRANSFORMER_BASE * p * co + self.time_context_values(p)
                     + max(self.spatial_block_values(layer, p), TEMPORAL_BLOCK * p * co))
