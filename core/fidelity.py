@@ -18,8 +18,11 @@ def psnr(x: Tensor, reference: Tensor) -> float:
 
 def ssim(x: Tensor, reference: Tensor, window: int = 7, sigma: float = 1.5) -> float:
     """Mean structural similarity over (N, C, H, W) images, each channel on its own, with a Gaussian
-    window and constants relative to the reference's value range (Wang et al. 2004)."""
+    window and constants relative to the reference's value range (Wang et al. 2004). Videos in Wan's layout
+    (N, C, T, H, W) are scored as their N x T frames."""
     x, reference = x.float(), reference.float()
+    if x.ndim == 5:
+        x, reference = (t.movedim(2, 1).flatten(0, 1) for t in (x, reference))
     channels = x.shape[1]
     window = min(window, x.shape[-1], x.shape[-2])
     coords = torch.arange(window, dtype=torch.float32) - (window - 1) / 2

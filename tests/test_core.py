@@ -169,3 +169,14 @@ def test_fidelity_metrics():
     slightly, badly = ref + 0.01 * torch.randn(ref.shape, generator=g), torch.randn(ref.shape, generator=g)
     assert psnr(slightly, ref) > 40 > psnr(badly, ref)
     assert ssim(slightly, ref) > 0.99 and ssim(badly, ref) < 0.1
+
+
+def test_ssim_scores_a_wan_layout_video_as_its_frames():
+    from comfyui_streamline.core.fidelity import ssim
+
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(2, 4, 3, 16, 16, generator=g)  # (videos, channels, frames, h, w)
+    noisy = ref + 0.3 * torch.randn(ref.shape, generator=g)
+    frames = lambda v: v.movedim(2, 1).flatten(0, 1)  # noqa: E731
+    assert ssim(noisy, ref) == pytest.approx(ssim(frames(noisy), frames(ref)))
+    assert 0.2 < ssim(noisy, ref) < 0.99

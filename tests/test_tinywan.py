@@ -13,6 +13,7 @@ pytestmark = pytest.mark.host
 
 PROMPTS = ("red circle slide", "blue square bounce", "green triangle pulse", "yellow circle pan")
 FRAMES, SIZE = 8, 32
+CFG = 3.0  # TinyWan's guidance scale (tinywan/MODEL_CARD.md: at 5 its shapes come out too large)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def untrained_model():
 def _sample(model, prompt: str, steps: int = 20, seed: int = 3) -> torch.Tensor:
     from comfyui_streamline.nodes.tinyvideo import sample_clip
 
-    return sample_clip(model, prompt, frames=FRAMES, size=SIZE, steps=steps, cfg=5.0, seed=seed, scheduler="simple")
+    return sample_clip(model, prompt, frames=FRAMES, size=SIZE, steps=steps, cfg=CFG, seed=seed, scheduler="simple")
 
 
 def _clip_problems(latent: torch.Tensor, prompt: str) -> list[str]:
@@ -82,7 +83,7 @@ def test_wans_own_empty_latent_node_feeds_it_and_the_decoder_reads_wans_layout(t
     assert latent["samples"].shape == (1, 16, FRAMES, SIZE, SIZE)
     positive = TinyVideoPrompt.execute(tinywan_model, PROMPTS[0]).result[0]
     negative = TinyVideoPrompt.execute(tinywan_model, "").result[0]
-    (out,) = nodes.common_ksampler(tinywan_model, 0, 2, 5.0, "euler", "simple", positive, negative, latent)
+    (out,) = nodes.common_ksampler(tinywan_model, 0, 2, CFG, "euler", "simple", positive, negative, latent)
     assert out["samples"].shape == (1, 4, FRAMES, SIZE, SIZE)
     frames = TinyVideoDecode.execute(out, 2).result[0]
     assert frames.shape == (FRAMES, 2 * SIZE, 2 * SIZE, 3)
@@ -123,7 +124,7 @@ def test_streamline_model_patch_and_memory_budget_are_exact_on_tinywan(tinywan_m
 
     plain = _sample(tinywan_model, PROMPTS[1], steps=4, seed=5)
     sliced_model = apply_streamline(tinywan_model, SliceConfig(token_chunk=100))
-    budget_model, plan_text = MemoryBudget.execute(tinywan_model, 0.002, 8 * SIZE, 8 * SIZE, FRAMES).result
+    budget_model, plan_text = MemoryBudget.execute(tinywan_model, 0.004, 8 * SIZE, 8 * SIZE, 4 * (FRAMES - 1) + 1).result
     assert "token" in plan_text, plan_text
     caplog.set_level(logging.INFO, logger="ComfyUI-Streamline")
     for model in (sliced_model, budget_model):
@@ -142,15 +143,16 @@ def test_step_rehash_on_tinywan_stays_close_to_full_sampling(tinywan_model):
     from comfyui_streamline.core.rehash import RehashConfig, fixed_full_steps
     from comfyui_streamline.nodes.step_rehash import STATE_KEY, apply_rehash
 
-    full = _sample(tinywan_model, PROMPTS[1], steps=16, seed=5)
+    full = _sample(tinywan_model, PROMPTS[1], steps=25, seed=5)
     scores = {}
     for reuse in ("hold", "extrapolate"):
-        model = apply_rehash(tinywan_model, RehashConfig(mode="fixed", interval=3, warmup=2, tail=1, reuse=reuse))
-        rehashed = _sample(model, PROMPTS[1], steps=16, seed=5)
+        model = apply_rehash(tinywan_model, RehashConfig(mode="fixed", interval=2, warmup=2, tail=1, reuse=reuse))
+        rehashed = _sample(model, PROMPTS[1], steps=25, seed=5)
         report = model.model_options["transformer_options"][STATE_KEY].last.report
-        assert report.full == len(fixed_full_steps(16, 3, 2, 1)) and report.rehashed == 16 - report.full
+        assert report.full == len(fixed_full_steps(25, 2, 2, 1)) and report.rehashed == 25 - report.full
         assert not torch.equal(rehashed, full)
         scores[reuse] = psnr(rehashed, full)
         if reuse == "extrapolate":
             assert _clip_problems(rehashed, PROMPTS[1]) == _clip_problems(full, PROMPTS[1]) == []
-    assert scores["extrapolate"] > 25 and scores["extrapolate"] > scores["hold"], scores
+    # tools/bench_rehash.py --model tinywan, 4 prompts: 50.8 dB extrapolated, 39.5 dB held at these steps
+    assert scores["extrapolate"] > 35 and scores["extrapolate"] > scores["hold"] + 3, scores

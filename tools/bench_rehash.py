@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="more fixed Step Rehash intervals to run (warm-up 2, tail 1, extrapolate)")
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", help="default: normal (simple, Wan's, for tinywan)")
-    p.add_argument("--cfg", type=float, help="default: 5 for tinyvideo, 7.5 for sd15-random")
+    p.add_argument("--cfg", type=float, help="default: 5 for tinyvideo, 3 for tinywan (its model card), 7.5 for sd15-random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-block", type=int, default=-1,
                    help="Step Rehash cache point: output block whose output is cached (-1 = default, the second-to-last)")
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     args.scheduler = args.scheduler or ("simple" if args.model == "tinywan" else "normal")
     args.size = args.size or ("32x32x8" if args.model in ("tinyvideo", "tinywan") else
                               "512x512x16" if args.device == "cuda" else "64x64x8")
-    args.cfg = args.cfg if args.cfg is not None else (5.0 if args.model in ("tinyvideo", "tinywan") else 7.5)
+    args.cfg = args.cfg if args.cfg is not None else {"tinyvideo": 5.0, "tinywan": 3.0}.get(args.model, 7.5)
     hostenv.enter_for_tool(args.comfy, cpu=args.device == "cpu", tool="bench_rehash")
 
     import nodes
@@ -196,6 +196,25 @@ def main(argv=None) -> None:
         m.add_object_patch("memory_required", lambda *a, **kw: 1 << 60)
         return m
 
+    def input_copied(m):
+        """ComfyUI's EasyCache (0.3.64) adds its cached difference to the diffusion model's input in place; on
+        a flow (CONST) model whose input ComfyUI does not cast (fp32, as on this CPU), that input is the
+        sampler's own x, so the in-place add corrupts the denoised result. A Wan in bf16 or fp16 gets a cast
+        copy and does not see this. Here an outer wrapper hands EasyCache a copy: EasyCache as it runs there."""
+        import comfy.patcher_extension
+
+        def copy_input(executor, x, *args, **kwargs):
+            return executor(x.clone(), *args, **kwargs)
+
+        m = m.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_copy_input", copy_input)
+        return m
+
+    def easycache_as_on_gpu(t):
+        """EasyCache with its input copied, cond and uncond unbatched (ComfyUI 0.3.64's EasyCache adds every
+        cond's cached difference to the whole batch when they run batched)."""
+        return unbatched(EasyCacheNode.execute(input_copied(model), t, 0.15, 0.95, False).result[0])
+
     def full_of(interval, warmup, tail) -> int:
         return len(fixed_full_steps(args.steps, interval, warmup, tail))
 
@@ -226,6 +245,8 @@ def main(argv=None) -> None:
         ("full sampling, cond/uncond unbatched", unbatched(model)),
         (f"EasyCache (threshold {args.easycache_threshold}), cond/uncond unbatched",
          unbatched(EasyCacheNode.execute(model, args.easycache_threshold, 0.15, 0.95, False).result[0])),
+        *((f"EasyCache (threshold {t}), input copied, cond/uncond unbatched", easycache_as_on_gpu(t))
+          for t in sorted({args.easycache_threshold, *args.easycache_sweep})),
     ]
     print(f"device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, model {args.model}, "
           f"{args.size}, {args.steps} steps {args.sampler}/{args.scheduler}, cfg {args.cfg}, seed {args.seed}, "

@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--cfg", type=float, help="default: 5 for tinyvideo, 3 for tinywan (its model card)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", help="default: normal for tinyvideo, simple (Wan's) for tinywan")
     return p.parse_args(argv)
@@ -45,10 +45,10 @@ def model_spec(name: str) -> dict:
     from comfyui_streamline.tinywan import model as tinywan
 
     if name == "tinywan":
-        return {"title": "TinyWan", "module": tinywan, "loader": TinyWanLoader, "scheduler": "simple",
+        return {"title": "TinyWan", "module": tinywan, "loader": TinyWanLoader, "scheduler": "simple", "cfg": 3.0,
                 "sigmas": (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95),
                 "loss_label": "TinyWan training loss (rectified-flow MSE, mean of 25 steps)"}
-    return {"title": "TinyVideo", "module": tinyvideo, "loader": TinyVideoLoader, "scheduler": "normal",
+    return {"title": "TinyVideo", "module": tinyvideo, "loader": TinyVideoLoader, "scheduler": "normal", "cfg": 5.0,
             "sigmas": (0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 14.6),
             "loss_label": "TinyVideo training loss (v-prediction MSE, mean of 25 steps)"}
 
@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     spec = model_spec(args.model)
     tinyvideo = spec["module"]
     scheduler = args.scheduler or spec["scheduler"]
+    args.cfg = args.cfg if args.cfg is not None else spec["cfg"]
     card = tinyvideo.WEIGHTS_PATH.parent / "card"
     trained = spec["loader"].execute().result[0]
     untrained = tinyvideo.load_model_patcher(state_dict=tinyvideo.untrained_state_dict())
