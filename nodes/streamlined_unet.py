@@ -325,10 +325,15 @@ CALL_CONFIG_KEY = "streamline_call_config"
 REHASH_STATE_KEY = "streamline_rehash"  # Step Rehash's state in transformer_options (nodes/step_rehash.py)
 
 
+def rehash_run(transformer_options: dict):
+    """Step Rehash's state of this run, if it is on this model (read from its per-run holder, so it does not
+    matter which of the two wrappers runs outside)."""
+    return getattr(transformer_options.get(REHASH_STATE_KEY), "run", None)
+
+
 def held_across_calls(transformer_options: dict) -> int:
-    """Device memory Step Rehash keeps alive between UNet calls (its caches), if it is on this model.
-    Read from its per-run state, so it does not matter which of the two wrappers runs outside."""
-    run = getattr(transformer_options.get(REHASH_STATE_KEY), "run", None)
+    """Device memory Step Rehash keeps alive between UNet calls (its caches), if it is on this model."""
+    run = rehash_run(transformer_options)
     return run.held_bytes() if run is not None else 0
 
 
@@ -562,7 +567,7 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
                         and get_state(v) is state), None)
         context = args[2] if len(args) > 2 else kwargs.get("context")
         held = held_across_calls(options or {})
-        if getattr((options or {}).get(REHASH_STATE_KEY), "run", None) is not None:
+        if rehash_run(options or {}) is not None:
             # Step Rehash's split keeps the deep blocks' input during a full call: planned as held memory
             held += families.wan_rehash_split_bytes(model, tuple(x.shape), x.element_size())
         config = state.config_for(model, x, context, held, False)

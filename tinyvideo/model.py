@@ -197,13 +197,38 @@ def split_state_dict(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], 
     return unet, prompt
 
 
-def save_checkpoint(path: Path, unet: nn.Module, prompt: PromptEncoder, metadata: dict) -> None:
+def join_state_dict(network: nn.Module, prompt: PromptEncoder) -> dict[str, Tensor]:
+    """A checkpoint's tensors (TinyVideo's and TinyWan's layout): the network under diffusion_model.*, the
+    prompt encoder under prompt.* (split_state_dict's inverse)."""
+    state = {f"diffusion_model.{k}": v for k, v in network.state_dict().items()}
+    state.update({f"prompt.{k}": v for k, v in prompt.state_dict().items()})
+    return state
+
+
+def save_file_fp16(path: Path, network: nn.Module, prompt: PromptEncoder, metadata: dict) -> None:
+    """The checkpoint as the pack ships it: fp16 tensors, each metadata value as JSON."""
     from safetensors.torch import save_file
 
-    tensors = {f"diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-    tensors.update({f"prompt.{k}": v for k, v in prompt.state_dict().items()})
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in join_state_dict(network, prompt).items()}
     save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
+
+
+def choose_dtypes(model_config, parameters: int):
+    """ComfyUI's model management picks the load device and the weight / compute dtypes for a model of
+    `parameters` parameters, and sets them on `model_config`; returns the (load device, weight dtype, manual
+    cast dtype)."""
+    import comfy.model_management as mm
+
+    load_device = mm.get_torch_device()
+    dtypes = model_config.supported_inference_dtypes
+    unet_dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=dtypes)
+    manual_cast_dtype = mm.unet_manual_cast(unet_dtype, load_device, dtypes)
+    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
+    return load_device, unet_dtype, manual_cast_dtype
+
+
+def save_checkpoint(path: Path, unet: nn.Module, prompt: PromptEncoder, metadata: dict) -> None:
+    save_file_fp16(path, unet, prompt, metadata)
 
 
 PROMPT_ATTACHMENT = "streamline_tinyvideo_prompt"
@@ -237,11 +262,7 @@ def load_model_patcher(path: Path = WEIGHTS_PATH, state_dict: dict[str, Tensor] 
         state_dict = load_file(str(path))
     unet_sd, prompt_sd = split_state_dict(state_dict)
     config = _model_config_class()(dict(UNET_CONFIG))
-    load_device = mm.get_torch_device()
-    parameters = sum(v.numel() for v in unet_sd.values())
-    unet_dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=config.supported_inference_dtypes)
-    manual_cast_dtype = mm.unet_manual_cast(unet_dtype, load_device, config.supported_inference_dtypes)
-    config.set_inference_dtype(unet_dtype, manual_cast_dtype)
+    load_device, unet_dtype, manual_cast_dtype = choose_dtypes(config, sum(v.numel() for v in unet_sd.values()))
     base = config.get_model({}, "")
     ops = comfy.ops.pick_operations(unet_dtype, manual_cast_dtype)
     inject_motion_modules(base.diffusion_model, ops, dtype=unet_dtype)
@@ -279,10 +300,7 @@ def count_parameters(module: nn.Module) -> int:
 def untrained_state_dict(seed: int = 0) -> dict[str, Tensor]:
     """The checkpoint training starts from (same architecture, fresh initialisation): the yardstick the
     trained weights are compared with."""
-    unet, prompt = build_training_unet(seed), PromptEncoder()
-    state = {f"diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-    state.update({f"prompt.{k}": v for k, v in prompt.state_dict().items()})
-    return state
+    return join_state_dict(build_training_unet(seed), PromptEncoder())
 
 
 def v_target(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..tinyvideo.model import PromptEncoder, split_state_dict, training_ops, PROMPT_ATTACHMENT, _prompt_encoder
-from ..tinyvideo.model import CONTEXT_DIM, TinyVideoError
+from ..tinyvideo.model import (CONTEXT_DIM, PROMPT_ATTACHMENT, PromptEncoder, TinyVideoError, _prompt_encoder,
+                               choose_dtypes, join_state_dict, save_file_fp16, split_state_dict, training_ops)
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "tinywan-v1.safetensors"
 FORMAT = "tinywan-v1"
@@ -77,7 +77,7 @@ def model_sampling(shift: float = SHIFT):
     """Wan's rectified-flow sampling (ModelSamplingDiscreteFlow, CONST) with TinyWan's shift."""
     import comfy.model_base
 
-    config = _model_config_class(wan_config())(dict(wan_config()))
+    config = _model_config_class(WAN_CONFIG)(dict(WAN_CONFIG))
     config.sampling_settings = {"shift": shift}
     return comfy.model_base.model_sampling(config, comfy.model_base.ModelType.FLOW)
 
@@ -120,14 +120,9 @@ def build_training_model(seed: int, config: dict | None = None):
 
 
 def save_checkpoint(path: Path, wan: nn.Module, prompt: PromptEncoder, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"diffusion_model.{k}": v for k, v in wan.state_dict().items()}
-    tensors.update({f"prompt.{k}": v for k, v in prompt.state_dict().items()})
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "wan_config": {**WAN_CONFIG, "patch_size": list(WAN_CONFIG["patch_size"])},
                 "shift": SHIFT, **metadata}
-    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
+    save_file_fp16(path, wan, prompt, metadata)
 
 
 def read_metadata(path: Path) -> dict:
@@ -156,11 +151,7 @@ def load_model_patcher(path: Path = WEIGHTS_PATH, state_dict: dict[str, Tensor] 
     config = wan_config(metadata)
     model_config = _model_config_class(config)(dict(config))
     model_config.sampling_settings = {"shift": float(metadata.get("shift", SHIFT))}
-    load_device = mm.get_torch_device()
-    parameters = sum(v.numel() for v in wan_sd.values())
-    unet_dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=model_config.supported_inference_dtypes)
-    manual_cast_dtype = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
+    load_device, _, _ = choose_dtypes(model_config, sum(v.numel() for v in wan_sd.values()))
     base = model_config.get_model({}, "")
     base.load_model_weights({f"diffusion_model.{k}": v for k, v in wan_sd.items()}, "diffusion_model.")
     missing = set(base.diffusion_model.state_dict()) - set(wan_sd)
@@ -174,10 +165,7 @@ def load_model_patcher(path: Path = WEIGHTS_PATH, state_dict: dict[str, Tensor] 
 
 def untrained_state_dict(seed: int = 0) -> dict[str, Tensor]:
     """The checkpoint training starts from (same architecture, fresh initialisation)."""
-    wan, prompt = build_training_model(seed), PromptEncoder()
-    state = {f"diffusion_model.{k}": v for k, v in wan.state_dict().items()}
-    state.update({f"prompt.{k}": v for k, v in prompt.state_dict().items()})
-    return state
+    return join_state_dict(build_training_model(seed), PromptEncoder())
 
 
 def shifted_sigmas(u: Tensor, shift: float = SHIFT) -> Tensor:
