@@ -53,6 +53,9 @@ class WanWork:
     image_tokens: int = 0  # CLIP-image tokens at the front of the context (i2v: 257)
     modulation_rows: int = 1  # E: 1, or one row per latent frame (Wan 2.2 5B with a denoise mask)
     dtype_bytes: int = 4
+    # the host's block makes its (transposed, non-contiguous) first input contiguous while forward_orig still
+    # holds it (ComfyUI 0.33): one more (rows, dim) in ComfyUI's forward during the first block
+    input_copy: bool = False
 
     @property
     def rows(self) -> int:
@@ -269,6 +272,8 @@ def forward_peak_bytes(shape: WanShape, work: WanWork, token_chunk: int | None,
     """Peak activation bytes of one diffusion-model call (its inputs not counted)."""
     held = held_values(shape, work)
     blocks = held + block_peak_values(shape, work, token_chunk, kernel)
+    if token_chunk is None and work.input_copy:
+        blocks += work.rows * shape.dim
     return max(blocks, held + head_values(shape, work), rope_values(shape, work)) * work.dtype_bytes
 
 

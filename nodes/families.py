@@ -117,10 +117,12 @@ def wan_tokens(diffusion_model, latent_shape) -> tuple[int, int]:
 def wan_work(diffusion_model, latent_shape, dtype_bytes: int, text_tokens: int = WAN_TEXT_TOKENS):
     from ..core.dit_budget import WanWork
 
+    from .wan.block import host_copies_block_input
+
     shape = wan_shape(diffusion_model)
     tokens, _ = wan_tokens(diffusion_model, latent_shape)
     return WanWork(latent_shape[0], tokens, text_tokens, WAN_IMAGE_TOKENS if shape.i2v else 0,
-                   dtype_bytes=dtype_bytes)
+                   dtype_bytes=dtype_bytes, input_copy=host_copies_block_input())
 
 
 def wan_rehash_split_bytes(diffusion_model, latent_shape, dtype_bytes: int) -> int:

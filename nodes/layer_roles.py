@@ -36,6 +36,12 @@ def is_ade_motion_module(layer: nn.Module) -> bool:
 def role_of(layer: nn.Module, patched_types: tuple[type, ...]) -> Role:
     if isinstance(layer, (VideoResBlock, SpatialVideoTransformer)):
         return Role.UNSUPPORTED
+    if patched_types and isinstance(layer, patched_types):
+        # forward_timestep_embed hands these to their patch (ComfyUI 0.33 before its built-in types, 0.3.64
+        # after them): a layer that is also a built-in type runs through the host's own dispatch
+        if is_ade_motion_module(layer):
+            return Role.MOTION_MODULE
+        return Role.WHOLE
     if isinstance(layer, ResBlock):
         return Role.RES_BLOCK
     if isinstance(layer, TimestepBlock):
@@ -44,8 +50,6 @@ def role_of(layer: nn.Module, patched_types: tuple[type, ...]) -> Role:
         return Role.SPATIAL_TRANSFORMER
     if isinstance(layer, Upsample):
         return Role.UPSAMPLE
-    if isinstance(layer, patched_types):
-        return Role.MOTION_MODULE if is_ade_motion_module(layer) else Role.WHOLE
     if isinstance(layer, _PER_FRAME_TYPES):
         return Role.PER_FRAME
     return Role.WHOLE

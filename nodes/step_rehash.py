@@ -437,9 +437,13 @@ def _rehash_wan_call(executor, state: RehashState, shallow: int, transformer_opt
     first_deep, last_deep = shallow, len(model.blocks) - 1 - shallow
     rehash_call = RehashCallState(run, shallow, step, sigma, _cache_keys(transformer_options, x.shape[0]))
     foreign = foreign_deep_blocks(transformer_options, first_deep, last_deep)
-    if foreign:  # a block the pack does not run cannot be skipped: this call runs in full, as received
-        why = f"Wan blocks {foreign} run through another node's block replacement"
-        state.log.warn("wan-foreign-blocks", f"Step Rehash: {why}; every step runs in full.")
+    # ComfyUI 0.33's forward_orig calls double_block patches after every block, outside the block replacements:
+    # on a rehash step they would act on the deep blocks' skipped output, their effect already in the residual
+    between = bool(transformer_options.get("patches", {}).get("double_block"))
+    if foreign or between:  # this call runs in full, as received
+        why = (f"Wan blocks {foreign} run through another node's block replacement" if foreign else
+               "double_block patches act on x after every block, outside the blocks a rehash step skips")
+        state.log.warn(f"wan-full-{why}", f"Step Rehash: {why}; every step runs in full.")
         run.note(f"{why}: every step ran in full.")
     else:
         options = {**transformer_options, WAN_REHASH_KEY: WanRehashCall(rehash_call, first_deep, last_deep)}

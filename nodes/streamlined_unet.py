@@ -15,6 +15,7 @@ residuals and transformer_index bookkeeping, but:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -27,10 +28,10 @@ from ..core import offload
 from ..core.grouping import run_frame_chunked
 from ..core.slicing import UNSLICED, SliceConfig, finer, frame_chunk_size, spatial_chunk_size
 from .layer_roles import Role, role_of
-from . import host_fingerprints, video_norm
+from . import host_fingerprints, tiny_models, video_norm
 from .log import logger
 from .motion_module import run_motion_module_sliced, unsliceable_reason
-from .unet_prologue import REHASH_CALL_KEY, time_embedding
+from .unet_prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
 
 # transformer_options patch keys that act between blocks on whole tensors; any other patch may look
 # inside attention at batch-dependent data, so spatial transformers then run unsliced.
@@ -40,8 +41,17 @@ _BLOCK_LEVEL_PATCHES = {
     "input_block_patch",
     "input_block_patch_after_skip",
     "output_block_patch",
+    "middle_block_after_patch",
 }
 _PER_FRAME_ROLES = {Role.RES_BLOCK, Role.SPATIAL_TRANSFORMER, Role.UPSAMPLE, Role.PER_FRAME}
+# What the sliced UNet forwards (this one and svd_unet.py) know. Patch keys: the block-level ones they call as
+# UNetModel._forward does, and those ComfyUI's transformer blocks read (the spatial transformers then run
+# unsliced); patches_replace: attention replacements (likewise). Model kwargs (conds): those _forward reads.
+# Anything else makes the call run ComfyUI's own forward, with one log line naming it.
+_TRANSFORMER_PATCHES = {"attn1_patch", "attn1_output_patch", "attn2_patch", "attn2_output_patch", "middle_patch"}
+KNOWN_PATCHES = _BLOCK_LEVEL_PATCHES | _TRANSFORMER_PATCHES
+KNOWN_REPLACES = {"attn1", "attn2"}
+KNOWN_CONDS = {"time_context", "num_video_frames", "image_only_indicator"}
 
 
 class UnsupportedModel(Exception):
@@ -117,8 +127,9 @@ class StreamlinedForward:
 
     def __init__(self, unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, emb: Tensor,
                  context: Tensor | None, transformer_options: dict, video_kwargs: dict,
-                 video_frames: int | None = None):
+                 video_frames: int | None = None, ade_sliced: bool = True):
         self.unet = unet
+        self.ade_sliced = ade_sliced  # the host verdict on ADE's motion-module functions
         self.video_frames = video_frames  # ADE's GroupNorm-over-videos mode: frames per video
         self.config = config
         self.log = log
@@ -243,7 +254,7 @@ class StreamlinedForward:
         return run_frame_chunked(group, self.batch, chunk)
 
     def run_motion(self, layer: nn.Module, h: Tensor, owned: bool) -> Tensor:
-        reason = unsliceable_reason(layer)
+        reason = unsliceable_reason(layer) if self.ade_sliced else "the host verdict on AnimateDiff-Evolved"
         batch, channels, height, width = h.shape
         chunk = spatial_chunk_size(self.config, batch, height * width, channels, self.top_channels)
         if reason is not None:
@@ -344,7 +355,6 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
     transformer_options[REHASH_CALL_KEY], the deep path may be replaced by a cached feature. With
     config.offload_skips the skips wait in host memory; `transfers` counts what moved (made here if None)."""
     to = transformer_options
-    host_fingerprints.warn_on_drift(log, to)
     rehash: RehashCall | None = to.get(REHASH_CALL_KEY)
     patches = to.get("patches", {})
     patched_types = tuple(cls for cls, _ in patches.get("forward_timestep_embed_patch", []))
@@ -354,6 +364,9 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
         # Every group whole: the layers run as in ComfyUI's forward, under ADE's own GroupNorm.
         log.warn("video-norm-unknown", f"Streamline: AnimateDiff-Evolved normalises over whole videos, but {e}; "
                  "this UNet call runs unsliced.")
+        frames, config = None, UNSLICED
+    ade_sliced = ade_verdict(to).sliced
+    if frames is not None and not ade_sliced:  # the whole-video GroupNorm is ADE's (groupnorm_mm_factory)
         frames, config = None, UNSLICED
     if frames is not None:
         log.info("video-norm", f"Streamline: AnimateDiff-Evolved runs this motion model with GroupNorm statistics "
@@ -374,7 +387,7 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
     }
     emb = time_embedding(unet, x, timesteps, y, to)
 
-    run = StreamlinedForward(unet, config, log, x, emb, context, to, video_kwargs, frames)
+    run = StreamlinedForward(unet, config, log, x, emb, context, to, video_kwargs, frames, ade_sliced)
     # With Step Rehash, only the input blocks whose skips the output blocks after the cache point
     # read are shallow; the rest (and the middle, and the output blocks up to the cache point) is deep.
     shallow_inputs = len(input_segments) if rehash is None else len(input_segments) - 1 - rehash.cache_block
@@ -437,6 +450,7 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
         if middle_segments is not None:
             h, _ = run.run_block(middle_segments, h, None)
         h = apply_control(h, control, "middle")
+        h = middle_block_after(patches, h, x, emb, context, y, timesteps, to)
         if output_leaves(0) and middle_segments is not None:  # else h is the deepest skip, on the stack
             h = offload.HostTensor(transfers, h)
 
@@ -484,6 +498,69 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
     return unet.out(h.type(x.dtype))
 
 
+def unknown_inputs(transformer_options: dict, kwargs: dict, known_patches: set[str], known_replaces: set[str],
+                   known_conds: set[str]) -> list[str]:
+    """What a call hands the diffusion model that the sliced path does not know (patch keys, replacements,
+    conds), named for the log; empty: it knows everything."""
+    found = [f"patch {k!r}" for k, v in transformer_options.get("patches", {}).items() if v and k not in known_patches]
+    found += [f"replacement {k!r}" for k, v in transformer_options.get("patches_replace", {}).items()
+              if v and k not in known_replaces]
+    found += [f"cond {k!r}" for k, v in kwargs.items() if v is not None and k not in known_conds]
+    return found
+
+
+def unet_self_check(video: bool = False) -> float:
+    """The pack's sliced UNet forward against UNetModel._forward on a tiny float64 UNet (SVD's with `video`),
+    with ControlNet residuals and input, middle and output block patches; the relative difference."""
+    from .svd_unet import svd_forward
+
+    unet = tiny_models.unet(video=video)
+    frames = 3
+    batch = 2 * frames
+    x = tiny_models.inputs((batch, 4, 8, 8), 1)
+    timesteps = torch.linspace(10.0, 900.0, batch, dtype=x.dtype)
+    context = tiny_models.inputs((batch, 5, 8), 2)
+    kwargs = {"y": tiny_models.inputs((batch, 12), 3), "num_video_frames": frames,
+              "image_only_indicator": torch.zeros(2, frames, dtype=x.dtype)} if video else {}
+    shapes: list[tuple] = []  # the input blocks' outputs: the skips ControlNet residuals are added to
+    with torch.no_grad():
+        unet._forward(x, timesteps, context, transformer_options={"patches": {"input_block_patch": [
+            lambda h, to: shapes.append(tuple(h.shape)) or h]}}, **kwargs)
+    residuals = [tiny_models.inputs(shape, 10 + i) * 0.1 for i, shape in enumerate(shapes)]
+    patches = {"input_block_patch": [lambda h, to: h * 1.01],
+               "output_block_patch": [lambda h, hsp, to: (h, hsp * 0.9)],
+               "middle_block_after_patch": [lambda args: {"h": args["h"] * 1.1}]}
+
+    def run(forward) -> Tensor:
+        # apply_control pops from the end: the input list in reverse, the output one as the skips leave
+        control = {"input": residuals[::-1], "middle": [residuals[-1]], "output": list(residuals)}
+        to = {"patches": {k: list(v) for k, v in patches.items()}}
+        with torch.no_grad():
+            return forward(x, timesteps, context, control=control, transformer_options=to, **kwargs)
+
+    config = SliceConfig(frame_chunk=2, spatial_chunk=5, scale_with_level=False)
+    ours = functools.partial(svd_forward if video else streamlined_unet_forward, unet, config, LogOnce())
+    return host_fingerprints.relative_difference(run(ours), run(unet._forward))
+
+
+def unet_verdict(video: bool = False) -> "host_fingerprints.Verdict":
+    """The host verdict on ComfyUI's UNet functions the sliced forward mirrors (SVD's video layers too)."""
+    from .svd_unet import svd_functions
+
+    functions = host_fingerprints.comfy_functions()
+    if video:
+        functions.update(svd_functions())
+    return host_fingerprints.verdict("SVD UNet" if video else "UNet", functions,
+                                     functools.partial(unet_self_check, video))
+
+
+def ade_verdict(transformer_options: dict) -> "host_fingerprints.Verdict":
+    """The host verdict on ADE's motion-module functions (found through this call's options). The pack has
+    no self-check for them: on an ADE it has not recorded, motion modules run through ADE's own forward."""
+    functions = host_fingerprints.ade_functions(transformer_options)
+    return host_fingerprints.verdict("AnimateDiff-Evolved motion modules", functions, None)
+
+
 def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
                             leaves_unchanged: Callable[["object", nn.Module], bool]):
     """A DIFFUSION_MODEL wrapper that swaps UNetModel._forward for the streamlined forward, keeping
@@ -492,8 +569,6 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
     run) that the pack does not slice this model. Whatever it does not handle, it hands on with the
     arguments exactly as it received them: every model family has its own forward signature. On an
     out-of-memory error the forward is retried with finer slices, which the (run's) state keeps."""
-    import functools
-
     import comfy.model_management
     import comfy.patcher_extension
 
@@ -519,7 +594,15 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
         family = families.family_of(unet)
         if family == families.WAN:
             return wan_call(executor, state, args, kwargs)
-        x, timesteps, context, y, control, transformer_options, kwargs = unet_arguments(*args, **kwargs)
+        x, timesteps, context, y, control, transformer_options, call_kwargs = unet_arguments(*args, **kwargs)
+        if not unet_verdict(video=family == families.SVD).sliced:  # its one line is the verdict's
+            return executor(*args, **kwargs)
+        unknown = unknown_inputs(transformer_options, call_kwargs, KNOWN_PATCHES, KNOWN_REPLACES, KNOWN_CONDS)
+        if unknown:
+            state.log.warn(f"unknown-{unknown}", f"Streamline: this UNet call has {', '.join(unknown)}, which the "
+                           "sliced forward does not know; it runs ComfyUI's own forward, unsliced.")
+            return executor(*args, **kwargs)
+        kwargs = call_kwargs
         held = held_across_calls(transformer_options)
         frames = None
         if family == families.SVD:  # SVD's video UNet: its own sliced forward (nodes/svd_unet.py)

@@ -16,8 +16,8 @@ parts run on the axis they do not mix:
 A layer it does not know (a subclass, an unknown module, a VideoResBlock with another structure) or
 cannot honour exactly (attention patches, a context or indicator not per sample) runs whole through
 ComfyUI's forward_timestep_embed, logged once. The layer forwards mirror ComfyUI's VideoResBlock.forward
-(with ResBlock._forward for the time_stack) and SpatialVideoTransformer.forward: fingerprints in
-SVD_RECORDED, checked on every call.
+(with ResBlock._forward for the time_stack) and SpatialVideoTransformer.forward: their fingerprints are in
+host_fingerprints.RECORDED, and the wrapper runs this forward only where the host verdict allows it.
 """
 from __future__ import annotations
 
@@ -37,9 +37,8 @@ from torch import Tensor
 from ..core.grouping import run_frame_chunked
 from ..core.groupnorm import channel_moments, video_group_stats
 from ..core.slicing import SliceConfig, chunk_ranges, frame_chunk_size, spatial_chunk_size
-from . import host_fingerprints
 from .layer_roles import Role, role_of
-from .unet_prologue import REHASH_CALL_KEY, time_embedding
+from .unet_prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
 from .video_norm import normalize
 
 
@@ -54,16 +53,10 @@ _BLOCK_LEVEL_PATCHES = {
     "input_block_patch",
     "input_block_patch_after_skip",
     "output_block_patch",
+    "middle_block_after_patch",
 }
 
 FrameOp = Callable[[Tensor, int, int], Tensor]  # samples [start, end) of a feature -> their output
-
-# function -> fingerprint of its source on host_fingerprints.TESTED_HOSTS (ComfyUI 0.3.64)
-SVD_RECORDED = {
-    "comfy VideoResBlock.forward": "8313c12ad5e530af",
-    "comfy SpatialVideoTransformer.forward": "65abe8dd9c86cda1",
-}
-
 
 def svd_functions() -> dict[str, Callable]:
     return {"comfy VideoResBlock.forward": VideoResBlock.forward,
@@ -425,15 +418,6 @@ def video_resblock_temporal(layer: VideoResBlock, x: Tensor, emb: Tensor, frames
     return x
 
 
-def warn_on_drift(log: "LogOnce", transformer_options: dict) -> None:
-    host_fingerprints.warn_on_drift(log, transformer_options)
-    for name in host_fingerprints.changed(svd_functions(), SVD_RECORDED):
-        log.warn(f"host-drift-{name}", f"Streamline: {name} differs from the one the pack's SVD exactness tests "
-                 f"passed on ({host_fingerprints.TESTED_HOSTS}); the sliced forward mirrors it, so its output may "
-                 "differ from ComfyUI's. Check this install with: COMFYUI_PATH=<your ComfyUI> python -m pytest "
-                 "tests/test_svd_exact.py (in the pack's folder)")
-
-
 def deep_transformers(unet: UNetModel, cache_block: int, shallow_inputs: int) -> int:
     """SpatialTransformers (SpatialVideoTransformer included) a Step Rehash call skips: those of the deep
     input blocks, the middle block and the output blocks up to the cache point. forward_timestep_embed
@@ -449,7 +433,6 @@ def svd_forward(unet: UNetModel, config: SliceConfig, log: "LogOnce", x: Tensor,
     input blocks run, then the call decides: the deep path (input blocks, middle, output blocks up to
     the cache point, whose output it stores) or the cached deep feature in its place."""
     to = transformer_options
-    warn_on_drift(log, to)
     rehash = to.get(REHASH_CALL_KEY)
     patches = to.get("patches", {})
     to["original_shape"] = list(x.shape)
@@ -498,6 +481,7 @@ def svd_forward(unet: UNetModel, config: SliceConfig, log: "LogOnce", x: Tensor,
         if unet.middle_block is not None:
             h = run.run_block(unet.middle_block, h)
         out = apply_control(h.take(), control, "middle")
+        out = middle_block_after(patches, out, x, emb, context, y, timesteps, to)
         h = Feature.of(out, owned=False)
         del out
 

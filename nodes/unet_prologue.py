@@ -20,3 +20,12 @@ def time_embedding(unet, x: Tensor, timesteps: Tensor, y: Tensor | None, transfo
         assert y.shape[0] == x.shape[0]
         emb = emb + unet.label_emb(y)
     return emb
+
+
+def middle_block_after(patches: dict, h: Tensor, x: Tensor, emb: Tensor, context, y, timesteps, to: dict) -> Tensor:
+    """UNetModel._forward's middle_block_after_patch (ComfyUI 0.33): each patch gets the middle block's output
+    (after its ControlNet residual) and returns the h the output blocks read."""
+    for p in patches.get("middle_block_after_patch", []):
+        h = p({"h": h, "x": x, "emb": emb, "context": context, "y": y, "timesteps": timesteps,
+               "transformer_options": to})["h"]
+    return h

@@ -1,9 +1,12 @@
 """A newcomer's first hour, in a real browser: ComfyUI's own frontend, served by a real ComfyUI server with
 AnimateDiff-Evolved and this pack, driven by headless Chromium through Playwright.
 
-- every shipped UI workflow loads with no missing-nodes or missing-models dialog, no node over another
-  (the sizes the frontend gives them), no error from the pack in the browser console, and turns into its
-  API twin (`app.graphToPrompt`); with its model files absent, the SD1.5 workflow's dialog offers their downloads;
+- every shipped UI workflow loads with no dialog and no load error (frontend 1.49 reports missing nodes and
+  models in its error overlay), no node over another (the sizes the frontend gives them), no error from the pack
+  in the browser console, and turns into its API twin (`app.graphToPrompt`); with its model files absent, the
+  SD1.5 workflow's missing models are offered for download (the overlay's details, in the properties panel);
+- the Templates dialog (Comfy.BrowseTemplates) lists, under the pack's name, exactly the UI graphs (not the
+  API twins in workflows/api/), each with its thumbnail, and a card opens its graph;
 - the TinyVideo Memory Budget + Step Rehash graph, queued with the Run button, shows its clip on the Save
   node and the pack's reports on its nodes (web/streamline.js), none of them clipped.
 
@@ -28,15 +31,20 @@ from comfy_server import make_base_directory, running_server
 pytestmark = [pytest.mark.host, pytest.mark.server]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO_ROOT / "workflows"
-UI_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
-ANIMATEDIFF = json.loads((WORKFLOWS / "streamline_animatediff_api.json").read_text())
-SVD = json.loads((WORKFLOWS / "svd_img2vid_streamline_api.json").read_text())
-WAN = json.loads((WORKFLOWS / "wan21_t2v_streamline_api.json").read_text())
+WORKFLOWS = REPO_ROOT / "workflows"  # the UI graphs: what the frontend's Templates browser lists for the pack
+API_WORKFLOWS = WORKFLOWS / "api"  # their API-format twins (`name_api.json`), kept out of the Templates browser
+UI_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*.json"))
+ANIMATEDIFF = json.loads((API_WORKFLOWS / "streamline_animatediff_api.json").read_text())
+SVD = json.loads((API_WORKFLOWS / "svd_img2vid_streamline_api.json").read_text())
+WAN = json.loads((API_WORKFLOWS / "wan21_t2v_streamline_api.json").read_text())
 # Loader input -> the models/ folder its file is listed from (the Wan 2.1 workflow's three files).
 WAN_MODEL_FOLDERS = {"unet_name": "diffusion_models", "clip_name": "text_encoders", "vae_name": "vae"}
 RUN_WORKFLOW = "tinyvideo_budget_rehash.json"
 PACK_WEB_PATH = "/extensions/ComfyUI-Streamline/"  # where ComfyUI serves the pack's web/ folder
+# ComfyUI lists the templates of a custom node under its folder name (tests/comfy_server.py links the pack so), and
+# frontend 1.49 asks for a template's picture at /api/workflow_templates/<folder>/<name>.jpg.
+TEMPLATES_PACK = "ComfyUI-Streamline"
+TEMPLATE_CARD = '[data-testid^="template-workflow-"]'  # one card per template: template-workflow-<name>
 CHROMIUM = os.environ.get("STREAMLINE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -83,6 +91,12 @@ class Browser:
 
     def dialogs(self) -> list[str]:
         return self.page.evaluate("""() => [...document.querySelectorAll('[role="dialog"]')]
+            .filter((d) => d.offsetParent !== null || d.getClientRects().length).map((d) => d.innerText)""")
+
+    def load_errors(self) -> list[str]:
+        """The error overlay's text, where shown: frontend 1.49 reports a loaded workflow's missing nodes and models
+        there ("N errors found"; the details in the properties panel's Errors tab), not in a dialog."""
+        return self.page.evaluate("""() => [...document.querySelectorAll('[data-testid="error-overlay"]')]
             .filter((d) => d.offsetParent !== null || d.getClientRects().length).map((d) => d.innerText)""")
 
     def close_dialogs(self) -> None:
@@ -211,7 +225,7 @@ def test_shipped_api_workflows_only_use_what_the_server_knows(server):
     """Every node of every shipped API workflow exists on a server with ADE and this pack; every input is one of
     the node's, every required input is given, choices are among the options, numbers within their range."""
     info = server.get("/object_info")
-    for path in sorted(WORKFLOWS.glob("*_api.json")):
+    for path in sorted(API_WORKFLOWS.glob("*_api.json")):
         for node_id, node in json.loads(path.read_text()).items():
             where = f"{path.name} node {node_id} ({node['class_type']})"
             assert node["class_type"] in info, f"{where}: not installed"
@@ -238,9 +252,10 @@ def test_ui_workflow_loads_in_the_frontend(browser, name):
     browser.close_dialogs()
     since = len(browser.console)
     browser.load(workflow, name)
-    dialogs = browser.dialogs()
+    dialogs, load_errors = browser.dialogs(), browser.load_errors()
     browser.close_dialogs()
     assert not dialogs, f"{name}: the frontend opened a dialog on load:\n" + "\n---\n".join(dialogs)
+    assert not load_errors, f"{name}: the frontend reported errors on load: {load_errors}"
     missing = browser.page.evaluate("(types) => types.filter((t) => !(t in window.LiteGraph.registered_node_types))",
                                     [n["type"] for n in workflow["nodes"]])
     assert not missing, f"{name}: node types the frontend does not know: {missing}"
@@ -250,13 +265,72 @@ def test_ui_workflow_loads_in_the_frontend(browser, name):
     browser.screenshot(Path(name).stem)
     assert not overlaps(boxes), f"{name}: nodes overlap:\n" + "\n".join(overlaps(boxes))
     prompt = browser.page.evaluate("async () => (await window.app.graphToPrompt()).output")
-    api = json.loads((WORKFLOWS / name.replace(".json", "_api.json")).read_text())
+    api = json.loads((API_WORKFLOWS / name.replace(".json", "_api.json")).read_text())
     assert {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()} == \
            {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
 
 
-def test_missing_models_dialog_offers_the_downloads(browser):
-    """With the SD1.5 workflow's files absent (renamed here), the frontend's dialog lists both with their URLs."""
+def test_templates_dialog_lists_the_ui_graphs_with_their_thumbnails(browser, server):
+    """ComfyUI's Templates dialog, the pack's entry under Extensions: a card for each UI graph of workflows/ (no
+    API twin), each card's thumbnail loaded (HTTP 200, image/jpeg, a decoded picture), and a card opens its graph."""
+    expected = sorted(Path(name).stem for name in UI_WORKFLOWS)
+    assert sorted(server.get("/workflow_templates")[TEMPLATES_PACK]) == expected  # the server's list, unfiltered
+    responses = {}
+
+    def on_response(response):
+        if "/workflow_templates/" in response.url:
+            responses[response.url] = (response.status, response.headers.get("content-type", ""))
+
+    browser.close_dialogs()
+    since = len(browser.console)
+    page = browser.page
+    page.on("response", on_response)
+    try:
+        page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        page.get_by_role("dialog").get_by_role("button", name=TEMPLATES_PACK, exact=True).click(timeout=30_000)
+        page.wait_for_function(
+            """([selector, names]) => {
+                const cards = [...document.querySelectorAll(selector)];
+                const shown = cards.map((c) => c.dataset.testid.slice("template-workflow-".length)).sort();
+                return JSON.stringify(shown) === JSON.stringify(names) &&
+                    cards.every((c) => [...c.querySelectorAll("img")].some((i) => i.complete && i.naturalWidth > 0));
+            }""", arg=[TEMPLATE_CARD, expected], timeout=60_000)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(Path(tempfile.gettempdir()) / "streamline_browser_templates.png"))
+        cards = page.evaluate("""(selector) => [...document.querySelectorAll(selector)].map((c) => ({
+            name: c.dataset.testid.slice("template-workflow-".length), text: c.innerText,
+            images: [...c.querySelectorAll("img")].map((i) => [i.naturalWidth, i.naturalHeight])}))""", TEMPLATE_CARD)
+        shown = [card["name"] for card in cards]
+        assert sorted(shown) == expected, shown
+        assert not any(name.endswith("_api") for name in shown), shown
+        for card in cards:
+            assert card["name"] in card["text"], card
+            assert (512, 512) in [tuple(size) for size in card["images"]], card  # workflows/<name>.jpg, square
+        pictures = {f"{server.url}/api/workflow_templates/{TEMPLATES_PACK}/{name}.jpg": name for name in expected}
+        for url in pictures:
+            assert responses.get(url, (None,))[0] == 200, f"{url}: {responses.get(url)} (asked: {sorted(responses)})"
+            assert responses[url][1].startswith("image/jpeg"), responses[url]
+        assert not [url for url in responses if "_api" in url], responses
+
+        # A card opens its UI graph on the canvas (an API-format file opened an empty one).
+        opened = "tinyvideo_streamline"
+        page.locator(f'[data-testid="template-workflow-{opened}"]').click()
+        nodes = len(json.loads((WORKFLOWS / f"{opened}.json").read_text())["nodes"])
+        page.wait_for_function("(n) => window.app.graph.nodes.length === n", arg=nodes, timeout=30_000)
+        page.wait_for_timeout(1000)
+        assert not browser.dialogs(), browser.dialogs()
+        assert not browser.load_errors(), browser.load_errors()
+        assert responses.get(f"{server.url}/api/workflow_templates/{TEMPLATES_PACK}/{opened}.json", (None,))[0] == 200
+    finally:
+        page.remove_listener("response", on_response)
+        browser.close_dialogs()
+    assert not browser.errors(since)[0], browser.errors(since)[0]
+
+
+def test_missing_models_are_offered_for_download(browser):
+    """With the SD1.5 workflow's files absent (renamed here), the frontend reports them (frontend 1.49: the error
+    overlay, whose details in the properties panel list each missing model with its Download and Copy URL
+    buttons: the workflow names their URLs)."""
     workflow = json.loads((WORKFLOWS / "streamline_animatediff.json").read_text())
     expected = {}
     for node in workflow["nodes"]:
@@ -269,21 +343,35 @@ def test_missing_models_dialog_offers_the_downloads(browser):
     assert len(expected) == 2
     browser.close_dialogs()
     browser.load(workflow, "absent-models.json")
-    dialogs = browser.dialogs()
-    browser.close_dialogs()
-    assert len(dialogs) == 1, dialogs
-    print(f"\nmissing-models dialog: {dialogs[0]!r}")
-    for name in expected:
-        assert name in dialogs[0], dialogs[0]
-    assert dialogs[0].count("Download") == 2, dialogs[0]  # a download button each, no "not allowed" error
-    assert "not allowed" not in dialogs[0].lower() and "only allowed" not in dialogs[0].lower(), dialogs[0]
+    page = browser.page
+    try:
+        assert not browser.dialogs(), browser.dialogs()
+        overlay = browser.load_errors()
+        assert len(overlay) == 1 and "2 errors" in overlay[0], overlay
+        page.get_by_test_id("error-overlay-see-errors").click()
+        group = page.get_by_test_id("error-group-missing-model")
+        group.wait_for(timeout=30_000)
+        text = group.inner_text()
+        print(f"\nmissing models: {text!r}")
+        for name in expected:
+            assert name in text, text
+            assert group.get_by_role("button", name=f"Download {name}", exact=True).count() == 1, text
+        assert group.get_by_test_id("missing-model-download").count() == 2, text  # no "not allowed" instead
+        assert group.get_by_role("button", name="Copy URL", exact=True).count() == 2, text
+        assert "not allowed" not in text.lower() and "only allowed" not in text.lower(), text
+    finally:
+        if page.get_by_test_id("properties-panel").is_visible():
+            page.get_by_role("button", name="Toggle properties panel", exact=True).click()
+        if page.get_by_test_id("error-overlay-dismiss").is_visible():
+            page.get_by_test_id("error-overlay-dismiss").click()
+        browser.close_dialogs()
 
 
 def test_budget_rehash_graph_runs_from_the_run_button(browser, server):
     """Run button -> the clip on the Save node, Step Rehash's summary and Memory Budget's run report on their
     nodes, no report clipped, no pack error in the console, still no overlapping nodes."""
     workflow = json.loads((WORKFLOWS / RUN_WORKFLOW).read_text())
-    api = json.loads((WORKFLOWS / RUN_WORKFLOW.replace(".json", "_api.json")).read_text())
+    api = json.loads((API_WORKFLOWS / RUN_WORKFLOW.replace(".json", "_api.json")).read_text())
     ids = {v["class_type"]: int(k) for k, v in api.items()}
     budget, sampler, save = ids["StreamlineMemoryBudget"], ids["StreamlineStepRehashSampler"], ids["SaveAnimatedWEBP"]
     browser.close_dialogs()
@@ -293,7 +381,7 @@ def test_budget_rehash_graph_runs_from_the_run_button(browser, server):
     history_before = set(server.get("/history"))
 
     started = time.time()
-    browser.page.get_by_role("button", name="Run", exact=True).click()  # frontend 1.27's queue button
+    browser.page.get_by_test_id("queue-button").click()  # the Run button (frontend 1.49)
     browser.page.wait_for_function(
         """([save, sampler, widget]) => {
             const node = window.app.graph.getNodeById(save), rehash = window.app.graph.getNodeById(sampler);

@@ -20,9 +20,9 @@ from comfy_server import make_base_directory, running_server
 pytestmark = [pytest.mark.host, pytest.mark.server]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = REPO_ROOT / "workflows" / "streamline_animatediff_api.json"
-TINYVIDEO_WORKFLOW = REPO_ROOT / "workflows" / "tinyvideo_streamline_api.json"
-TINYWAN_WORKFLOW = REPO_ROOT / "workflows" / "tinywan_rehash_api.json"
+WORKFLOW = REPO_ROOT / "workflows" / "api" / "streamline_animatediff_api.json"
+TINYVIDEO_WORKFLOW = REPO_ROOT / "workflows" / "api" / "tinyvideo_streamline_api.json"
+TINYWAN_WORKFLOW = REPO_ROOT / "workflows" / "api" / "tinywan_rehash_api.json"
 CKPT = "streamline-random-sd15.safetensors"
 MOTION = "streamline-random-mm_sd_v15_v2.safetensors"
 

@@ -266,7 +266,7 @@ def test_recorded_svd_fingerprints_are_this_hosts():
     from comfyui_streamline.nodes import host_fingerprints as hf
     from comfyui_streamline.nodes import svd_unet
 
-    assert hf.changed(svd_unet.svd_functions(), svd_unet.SVD_RECORDED) == []
+    assert hf.unrecorded(svd_unet.svd_functions()) == []
 
 
 def test_is_svd_unet(loaded, layout):

@@ -24,7 +24,7 @@ from conftest import ADE_ROOT
 
 pytestmark = [pytest.mark.host, pytest.mark.server]
 
-WORKFLOW = REPO_ROOT / "workflows" / "svd_img2vid_streamline_api.json"
+WORKFLOW = REPO_ROOT / "workflows" / "api" / "svd_img2vid_streamline_api.json"
 CKPT = "streamline-random-svd.safetensors"
 IMAGE = "streamline-svd-test.png"
 FRAMES, SIZE = 4, 64  # the latent: (FRAMES, 4, SIZE / 8, SIZE / 8)

@@ -212,10 +212,10 @@ def test_unsupported_wan_reason():
 
 
 def test_recorded_host_fingerprints_are_this_hosts():
-    from comfyui_streamline.nodes.host_fingerprints import changed
-    from comfyui_streamline.nodes.wan.patch import RECORDED_WAN, wan_functions
+    from comfyui_streamline.nodes.host_fingerprints import unrecorded
+    from comfyui_streamline.nodes.wan.patch import wan_functions
 
-    assert changed(wan_functions(), RECORDED_WAN) == []
+    assert unrecorded(wan_functions()) == []
 
 
 # --- memory: the live-tensor counter on the CPU against core/dit_budget.py ------------------------------
@@ -246,8 +246,10 @@ def predicted_peak(name: str, batch: int, token_chunk: int | None) -> float:
     shape = WanShape(MEMORY_SIZES["dim"], MEMORY_SIZES["ffn_dim"], MEMORY_SIZES["dim"] // 128, layers=2,
                      in_dim={"WAN21_I2V": 36, "WAN22_T2V": 48}.get(name, 16), out_dim=48 if name == "WAN22_T2V" else 16,
                      i2v=name == "WAN21_I2V")
+    from comfyui_streamline.nodes.wan.block import host_copies_block_input
+
     work = WanWork(batch, frames * (h // 2) * (w // 2), text_tokens=8, image_tokens=257 if name == "WAN21_I2V" else 0,
-                   modulation_rows=frames if name == "WAN22_T2V" else 1)
+                   modulation_rows=frames if name == "WAN22_T2V" else 1, input_copy=host_copies_block_input())
     return forward_peak_bytes(shape, work, token_chunk, SUB_QUADRATIC)
 
 

@@ -1,20 +1,31 @@
-"""The Wan subclasses ComfyUI builds with their own forward_orig, through the pack's nodes.
+"""The Wan variants ComfyUI builds beyond plain t2v / i2v, through the pack's nodes.
 
-VaceWanModel, CameraWanModel, WanModel_S2V, HumoWanModel (comfy/ldm/wan/model.py) and AnimateWanModel
-(comfy/ldm/wan/model_animate.py), each a tiny random-weight model built from the real class and loaded
-through ComfyUI's loader (tools/model_families.py WAN_SUBCLASS_VARIANTS: detection picks the variant from
-the keys), sampled with nodes.common_ksampler with the conds each variant reads (VACE frames and
-strength, camera conditions, S2V and HuMo audio, Animate's pose latents and face crops); plain WanModel
-(Wan 2.1 t2v) is the control. What the pack does with each (nodes/wan/patch.py WAN_SUBCLASSES):
+Each is a tiny random-weight model built from the real class and loaded through ComfyUI's loader
+(tools/model_families.py WAN_SUBCLASS_VARIANTS: detection picks the variant from the keys, or for CausalAR,
+FlowRVS and Animate2 from the file's config metadata), sampled with nodes.common_ksampler with the conds
+each variant reads; plain WanModel (Wan 2.1 t2v) is the control:
 
-- Streamline Model Patch: VACE, Camera and Animate are sliced (their blocks are plain WanAttentionBlocks
-  and their hook hands the replacement what it reads): within 1e-5 of the plain output, slicing ran, no
-  warning. S2V (its hook passes no transformer_options) and HuMo (WanAttentionBlockAudio blocks) run
-  unchanged: bit-identical, one warning naming the model.
-- Step Rehash: Camera adds nothing to x between its blocks, so its split is exact (the mechanics:
-  the rehashed step runs only the shallow blocks). VACE (hints), S2V (audio) and Animate (face adapter)
-  add to x after some blocks, outside the blocks a rehash step skips: every step runs in full,
-  bit-identical to the plain output, with one warning saying why. HuMo is left to ComfyUI likewise.
+- the WanModel subclasses with their own forward_orig: VaceWanModel, CameraWanModel, WanModel_S2V,
+  HumoWanModel (comfy/ldm/wan/model.py), AnimateWanModel (model_animate.py), and ComfyUI 0.33.0's
+  SCAILWanModel, SCAIL2WanModel (model.py), WanDancerModel (model_wandancer.py), WanAnimate2Model
+  (model_animate2.py);
+- ComfyUI 0.33.0's CausalWanModel (ar_model.py): WanModel's forward_orig, its own blocks
+  (CausalWanAttentionBlock, KV-cached self-attention; through KSampler, without an ar_state, it runs
+  WanModel's forward);
+- model_base variants over a class already covered, each through its own detection path: FunControl2V
+  (WanModel, i2v, 48 input channels), FlowRVS (WanModel under ModelType.IMG_TO_IMG_FLOW), Camera 2.2
+  (CameraWanModel with t2v blocks and 36 input channels).
+
+What the pack does with each (nodes/wan/patch.py WAN_SUBCLASSES) is the table EXPECTED below, one of:
+- SLICED (Streamline Model Patch, Memory Budget): within 1e-5 of the plain output, slicing ran, no warning;
+- UNCHANGED: bit-identical to the plain output (torch.equal), no slicing, exactly one warning naming the
+  model class;
+- SPLIT (Step Rehash): the rehashed step runs the shallow blocks only; with nothing reused the split is
+  ComfyUI's forward bit for bit;
+- FULL (Step Rehash): every step in full, bit-identical to the plain output, one warning naming the class.
+A subclass with its own forward_orig that WAN_SUBCLASSES does not list is left to ComfyUI: UNCHANGED / FULL.
+Variants the host does not have (ComfyUI 0.3.64 has none of 0.33.0's but FunControl2V and Camera 2.2) are
+skipped, the reason naming the host.
 """
 from __future__ import annotations
 
@@ -33,11 +44,41 @@ REHASHED_STEPS = [2]
 SEED, CFG, TOL = 7, 5.0, 1e-5
 STREAMLINE_LOGGER = "ComfyUI-Streamline"
 CONTROL = "WAN21_T2V"
-VARIANTS = [CONTROL, "WAN21_Vace", "WAN21_Camera", "WAN22_S2V", "WAN21_HuMo", "WAN22_Animate"]
-MODEL_CLASS = {CONTROL: "WanModel", "WAN21_Vace": "VaceWanModel", "WAN21_Camera": "CameraWanModel",
-               "WAN22_S2V": "WanModel_S2V", "WAN21_HuMo": "HumoWanModel", "WAN22_Animate": "AnimateWanModel"}
-# sliced, but not planned: work outside the sliced blocks the Wan laws do not count (nodes/families.py)
-UNPLANNED = ("WAN21_Vace", "WAN22_Animate")
+SLICED, UNCHANGED = "sliced", "unchanged"  # Streamline Model Patch, Memory Budget
+SPLIT, FULL = "split", "full"  # Step Rehash
+
+
+@dataclasses.dataclass(frozen=True)
+class Expect:
+    model_base: str  # type(patcher.model).__name__
+    model_class: str  # type(patcher.model.diffusion_model).__name__
+    patch: str  # Streamline Model Patch: SLICED or UNCHANGED
+    budget: str  # Memory Budget: SLICED or UNCHANGED
+    rehash: str  # Step Rehash: SPLIT or FULL
+
+
+# What the pack does with each variant. Flip a row when nodes/wan/patch.py WAN_SUBCLASSES learns a variant.
+# Memory Budget UNCHANGED where the Model Patch slices: work outside the sliced blocks the Wan laws do not
+# count (nodes/families.py WAN_UNPLANNED).
+EXPECTED = {
+    # variant (model config)  model_base        diffusion model        Model Patch Memory Budget Step Rehash
+    CONTROL:              Expect("WAN21",         "WanModel",          SLICED,     SLICED,     SPLIT),
+    "WAN21_Vace":         Expect("WAN21_Vace",    "VaceWanModel",      SLICED,     UNCHANGED,  FULL),
+    "WAN21_Camera":       Expect("WAN21_Camera",  "CameraWanModel",    SLICED,     SLICED,     SPLIT),
+    "WAN22_S2V":          Expect("WAN22_S2V",     "WanModel_S2V",      UNCHANGED,  UNCHANGED,  FULL),
+    "WAN21_HuMo":         Expect("WAN21_HuMo",    "HumoWanModel",      UNCHANGED,  UNCHANGED,  FULL),
+    "WAN22_Animate":      Expect("WAN22_Animate", "AnimateWanModel",   SLICED,     UNCHANGED,  FULL),
+    # ComfyUI 0.33.0's (FunControl2V and Camera 2.2 load on 0.3.64 too)
+    "WAN21_CausalAR_T2V": Expect("WAN21_CausalAR", "CausalWanModel",   UNCHANGED,  UNCHANGED,  FULL),
+    "WAN21_FunControl2V": Expect("WAN21",         "WanModel",          SLICED,     SLICED,     SPLIT),
+    "WAN22_Camera":       Expect("WAN21_Camera",  "CameraWanModel",    SLICED,     SLICED,     SPLIT),
+    "WAN21_FlowRVS":      Expect("WAN21_FlowRVS", "WanModel",          SLICED,     SLICED,     SPLIT),
+    "WAN21_SCAIL":        Expect("WAN21_SCAIL",   "SCAILWanModel",     UNCHANGED,  UNCHANGED,  FULL),
+    "WAN21_SCAIL2":       Expect("WAN21_SCAIL2",  "SCAIL2WanModel",    UNCHANGED,  UNCHANGED,  FULL),
+    "WAN22_WanDancer":    Expect("WAN22_WanDancer", "WanDancerModel",  UNCHANGED,  UNCHANGED,  FULL),
+    "WAN_Animate2":       Expect("WAN_Animate2",  "WanAnimate2Model",  UNCHANGED,  UNCHANGED,  FULL),
+}
+VARIANTS = list(EXPECTED)
 REHASH_SETTINGS = dict(rehash_mode="fixed", interval=2, warmup_steps=1, tail_steps=1, threshold=0.15, full_steps=3,
                        cache_block=-1, start_percent=0.0, end_percent=1.0, reuse="extrapolate")
 
@@ -50,10 +91,13 @@ def spec_of(name: str):
     return WAN_SUBCLASS_VARIANTS[name]
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)  # the module-scoped `variant` fixture runs one variant's tests together
 def loaded(name: str):
-    from comfyui_streamline.tools.model_families import load
+    from comfyui_streamline.tools.model_families import host_lacks, load
 
+    lacking = host_lacks(spec_of(name))
+    if lacking is not None:
+        pytest.skip(lacking)
     return load(spec_of(name))
 
 
@@ -74,11 +118,16 @@ def plain(name: str) -> torch.Tensor:
     return out
 
 
-@pytest.fixture(params=VARIANTS)
+@pytest.fixture(params=VARIANTS, scope="module")
 def variant(request):
-    """(name, Family, MODEL, plain output), one variant at a time."""
+    """(name, Family, MODEL, plain output), one variant at a time (module scope: pytest runs all of one
+    variant's tests before loading the next)."""
     name = request.param
     return name, spec_of(name), loaded(name), plain(name)
+
+
+def expect(name: str) -> Expect:
+    return EXPECTED[name]
 
 
 def relative(a, b) -> float:
@@ -105,17 +154,26 @@ def sliced_calls():
 
 @contextmanager
 def block_steps(model):
-    """[(step, block index)] of every block call the forward runs."""
-    calls, handles = [], []
+    """[block index] of every block call the forward runs. WanAnimate2Model's forward_orig never calls its
+    blocks: it runs their forward_gen (the generation branch; forward_pose is the pose branch's)."""
+    calls, handles, wrapped = [], [], []
     for index, block in enumerate(model.model.diffusion_model.blocks):
         def hook(module, args, kwargs, out, index=index):
             calls.append(index)
         handles.append(block.register_forward_hook(hook, with_kwargs=True))
+        if hasattr(block, "forward_gen"):
+            def forward_gen(*args, real=block.forward_gen, index=index, **kwargs):
+                calls.append(index)
+                return real(*args, **kwargs)
+            block.forward_gen = forward_gen
+            wrapped.append(block)
     try:
         yield calls
     finally:
         for h in handles:
             h.remove()
+        for block in wrapped:
+            del block.forward_gen
 
 
 def warnings(caplog) -> list[str]:
@@ -143,27 +201,45 @@ def report_of(model):
 def test_the_variant_is_what_comfyui_detects(variant):
     name, spec, model, _ = variant
     assert type(model.model.model_config).__name__ == spec.name
-    assert type(model.model.diffusion_model).__name__ == MODEL_CLASS[name]
+    assert type(model.model).__name__ == expect(name).model_base
+    assert type(model.model.diffusion_model).__name__ == expect(name).model_class
 
 
 def test_what_the_pack_does_with_each_variant(variant):
+    from comfy.ldm.wan.model import WanModel
+
     from comfyui_streamline.nodes import families
     from comfyui_streamline.nodes.layer_roles import unsupported_reason
-    from comfyui_streamline.nodes.wan.patch import wan_subclass
+    from comfyui_streamline.nodes.wan.patch import WAN_SUBCLASSES, wan_subclass
 
     name, spec, model, _ = variant
-    dm = model.model.diffusion_model
-    assert (wan_subclass(dm) is None) == (name == CONTROL), "the recorded forward_orig is this host's"
-    assert (families.family_of(dm) == families.WAN) == spec.sliced
-    assert (unsupported_reason(dm, "slice") is None) == spec.sliced
-    plan_reason = unsupported_reason(dm, "plan")
-    assert (plan_reason is None) == (spec.sliced and name not in UNPLANNED), plan_reason
-    if name in UNPLANNED:
-        assert MODEL_CLASS[name] in plan_reason and "Memory Budget" in plan_reason
-    reason = unsupported_reason(dm, "rehash")
-    assert (reason is None) == spec.rehashes, reason
+    want, dm = expect(name), model.model.diffusion_model
+    own_forward = type(dm).forward_orig is not WanModel.forward_orig
+    if own_forward and (want.patch == SLICED or want.rehash == SPLIT):
+        assert wan_subclass(dm) is not None, "the recorded forward_orig is this host's"
+    if own_forward and want.model_class not in WAN_SUBCLASSES:  # one the pack has never seen: ComfyUI's
+        assert wan_subclass(dm) is None
+        assert "own forward_orig" in unsupported_reason(dm, "slice")
+    if not own_forward:
+        assert wan_subclass(dm) is None
+    assert (families.family_of(dm) == families.WAN) == (want.patch == SLICED)
+    reason = unsupported_reason(dm, "slice")
+    assert (reason is None) == (want.patch == SLICED), reason
     if reason is not None:
-        assert MODEL_CLASS[name] in reason
+        assert want.model_class in reason
+    plan_reason = unsupported_reason(dm, "plan")
+    assert (plan_reason is None) == (want.budget == SLICED), plan_reason
+    if want.patch == SLICED and want.budget == UNCHANGED:
+        assert want.model_class in plan_reason and "Memory Budget" in plan_reason
+    reason = unsupported_reason(dm, "rehash")
+    assert (reason is None) == (want.rehash == SPLIT), reason
+    if reason is not None:
+        assert want.model_class in reason
+
+
+def said_unchanged_once(caplog, name: str) -> None:
+    said = warnings(caplog)
+    assert len(said) == 1 and expect(name).model_class in said[0] and "unchanged" in said[0], said
 
 
 def test_streamline_model_patch_matches_plain(variant, caplog):
@@ -171,34 +247,54 @@ def test_streamline_model_patch_matches_plain(variant, caplog):
     caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)
     with sliced_calls() as slices:
         out = sample(streamline(model), name)
-    if spec.sliced:
+    if expect(name).patch == SLICED:
         assert relative(out, reference) <= TOL, name
         assert slices and all(chunk < tokens for tokens, chunk in slices), slices
         assert not warnings(caplog)
     else:
         assert torch.equal(out, reference), "a model the pack leaves unchanged must sample bit for bit as plain"
         assert not slices
-        said = warnings(caplog)
-        assert len(said) == 1 and MODEL_CLASS[name] in said[0] and "unchanged" in said[0], said
+        said_unchanged_once(caplog, name)
+
+
+def budget_gb(model, name: str) -> float:
+    """Memory Budget's budget for `name`. For a variant it plans: halfway between the predicted peaks of the
+    finest token slicing and of ComfyUI's forward, by the pack's Wan laws for the call the test samples
+    (CFG-batched latent with its concat channels, TOKENS text tokens), so the plan slices. Any other: 2 MiB."""
+    if expect(name).budget != SLICED:
+        return 0.002
+    from comfyui_streamline.core.budget import ALLOCATOR_HEADROOM
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.nodes import families
+    from comfyui_streamline.nodes.memory_budget import attention_laws
+    from comfyui_streamline.tools.model_families import TOKENS
+
+    dm = model.model.diffusion_model
+    x = torch.empty(2, dm.patch_embedding.weight.shape[1], *spec_of(name).latent_shape[2:], device="meta")
+    context = torch.empty(2, TOKENS, 4096, device="meta")
+    finest, whole = families.peaks_for(families.WAN, dm, x, context, SliceConfig(token_chunk=1), attention_laws())
+    assert finest < whole, f"{name}: no token slicing lowers the predicted peak at this size (more tokens needed)"
+    return (finest + whole) / 2 / ALLOCATOR_HEADROOM / 2**30
 
 
 def test_memory_budget_plans_only_what_the_wan_laws_count(variant, caplog):
     """Memory Budget slices a variant whose work the Wan laws count; one with work outside its blocks (VACE
-    blocks, Animate's face encoder) runs unchanged, bit-identical, with one warning saying why."""
+    blocks, Animate's face encoder) or one the pack leaves to ComfyUI runs unchanged, bit-identical, with one
+    warning saying why."""
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
 
     name, spec, model, reference = variant
     caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)
-    budgeted = MemoryBudget.execute(model, 0.002, 64, 64, 5).result[0]
+    budgeted = MemoryBudget.execute(model, budget_gb(model, name), 64, 64, 5).result[0]
     with sliced_calls() as slices:
         out = sample(budgeted, name)
-    if spec.sliced and name not in UNPLANNED:
+    if expect(name).budget == SLICED:
         assert relative(out, reference) <= TOL, name
+        assert slices and all(chunk < tokens for tokens, chunk in slices), slices
         assert not warnings(caplog)
     else:
         assert torch.equal(out, reference) and not slices
-        said = warnings(caplog)
-        assert len(said) == 1 and MODEL_CLASS[name] in said[0] and "unchanged" in said[0], said
+        said_unchanged_once(caplog, name)
 
 
 def test_vace_block_zero_input_is_not_written_in_place():
@@ -224,8 +320,11 @@ def test_vace_block_zero_input_is_not_written_in_place():
 
 
 def test_step_rehash(variant, caplog):
-    """Camera (and the control): the split runs (the rehashed step runs the shallow blocks only); VACE,
-    S2V, Animate and HuMo: every step in full, bit for bit as plain, one warning saying why."""
+    """SPLIT (Camera, the plain WanModel variants, the control): the rehashed step runs the shallow blocks
+    only; FULL (VACE, S2V, Animate, HuMo, and the variants the pack does not know): every step in full, bit
+    for bit as plain, one warning saying why."""
+    from comfyui_streamline.nodes.wan.patch import wan_subclass
+
     name, spec, model, reference = variant
     caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)
     patched = rehash(model)
@@ -234,7 +333,7 @@ def test_step_rehash(variant, caplog):
         out = sample(patched, name)
     report = report_of(patched)
     assert torch.isfinite(out).all()
-    if spec.rehashes:
+    if expect(name).rehash == SPLIT:
         assert (report.steps, report.full, report.rehashed) == (STEPS, STEPS - 1, 1)
         # every full step runs every block; the rehashed one the first and last only
         assert len(calls) == (STEPS - 1) * blocks + 2, calls
@@ -248,8 +347,9 @@ def test_step_rehash(variant, caplog):
         assert (report.full, report.rehashed) == (STEPS, 0)
         assert len(calls) == STEPS * blocks
         said = warnings(caplog)
-        assert len(said) == 1 and MODEL_CLASS[name] in said[0] and "every step runs in full" in said[0], said
-        if name in ("WAN21_Vace", "WAN22_S2V", "WAN22_Animate"):
+        assert len(said) == 1 and expect(name).model_class in said[0] and "every step runs in full" in said[0], said
+        checked = wan_subclass(model.model.diffusion_model)
+        if checked is not None and checked.between_blocks:  # VACE, S2V, Animate on the hosts they were checked on
             assert "between its blocks" in said[0], said
 
 
@@ -257,21 +357,23 @@ def test_step_rehash_with_streamline_model_patch(variant, caplog):
     """Both nodes on one model: sliced and split where each applies, never a crash, one warning per thing
     the pack does not do."""
     name, spec, model, reference = variant
+    want = expect(name)
     caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)
     patched = rehash(streamline(model))
     with sliced_calls() as slices:
         out = sample(patched, name)
     report = report_of(patched)
     assert torch.isfinite(out).all()
-    assert bool(slices) == spec.sliced
+    assert bool(slices) == (want.patch == SLICED)
     said = warnings(caplog)
-    assert len(said) == len(set(said)) == (not spec.sliced) + (not spec.rehashes), said
-    if spec.rehashes:
+    assert len(said) == len(set(said)) == (want.patch == UNCHANGED) + (want.rehash == FULL), said
+    assert all(want.model_class in line for line in said), said
+    if want.rehash == SPLIT:
         assert report.rehashed == 1
         assert relative(out, sample(rehash(model), name)) <= TOL  # the same split, sliced
     else:
         assert report.rehashed == 0
-        if spec.sliced:
+        if want.patch == SLICED:
             assert relative(out, reference) <= TOL
         else:
             assert torch.equal(out, reference)

@@ -11,10 +11,16 @@ from pathlib import Path
 import pytest
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+# ComfyUI lists every workflows/*.json of a custom node (not its subfolders) in the frontend's Templates browser,
+# under the pack's name, with the picture `<name>.jpg` beside it (frontend 1.49: mediaSubtype `jpg` for custom
+# nodes' templates): the UI graphs and their thumbnails live in workflows/, the API twins in workflows/api/.
+API_WORKFLOWS = WORKFLOWS / "api"
+THUMBNAIL_SUFFIX = ".jpg"
+THUMBNAIL_MAX_BYTES = 60_000
 NAMES = ("streamline_animatediff", "tinyvideo_streamline", "tinyvideo_budget_rehash", "svd_img2vid_streamline",
          "tinywan_rehash", "wan21_t2v_streamline")
 PAIRS = {name: (json.loads((WORKFLOWS / f"{name}.json").read_text()),
-                json.loads((WORKFLOWS / f"{name}_api.json").read_text()))
+                json.loads((API_WORKFLOWS / f"{name}_api.json").read_text()))
          for name in NAMES}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # virtual nodes: in the UI graph, never in a prompt
 SEED_INPUTS = {"seed", "noise_seed"}  # the frontend adds a control_after_generate widget value after these
@@ -50,10 +56,48 @@ def widget_inputs(ui_node: dict, api_node: dict) -> dict:
     return named
 
 
+def is_api_format(workflow) -> bool:
+    """ComfyUI's API (prompt) format: a dict of node ids to {"class_type": ..., "inputs": ...}."""
+    return isinstance(workflow, dict) and bool(workflow) and all(
+        isinstance(node, dict) and "class_type" in node for node in workflow.values())
+
+
 def test_every_workflow_has_its_api_twin():
-    ui_files = {p.stem for p in WORKFLOWS.glob("*.json") if not p.stem.endswith("_api")}
-    api_files = {p.stem[:-4] for p in WORKFLOWS.glob("*_api.json")}
+    ui_files = {p.stem for p in WORKFLOWS.glob("*.json")}
+    api_files = {p.stem.removesuffix("_api") for p in API_WORKFLOWS.glob("*.json")}
     assert ui_files == api_files == set(PAIRS)
+    assert all(p.name.endswith("_api.json") for p in API_WORKFLOWS.glob("*.json"))
+
+
+def test_templates_browser_lists_no_api_format_file():
+    """workflows/ holds only UI graphs (an API-format file opens an empty canvas from the Templates browser)."""
+    for path in WORKFLOWS.glob("*.json"):
+        workflow = json.loads(path.read_text())
+        assert not is_api_format(workflow), f"{path.name} is API format: move it to workflows/api/"
+        assert isinstance(workflow.get("nodes"), list) and workflow["nodes"], path.name
+    for path in API_WORKFLOWS.glob("*.json"):
+        assert is_api_format(json.loads(path.read_text())), path.name
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_every_workflow_has_its_thumbnail(name):
+    """The Templates browser shows `workflows/<name>.jpg` as the graph's picture: a real JPEG, small, square (the
+    frontend's card is; tools/workflow_thumbnails.py draws them)."""
+    from PIL import Image
+
+    path = WORKFLOWS / f"{name}{THUMBNAIL_SUFFIX}"
+    assert path.is_file(), f"no thumbnail {path.name} for {name}.json"
+    assert 2_000 < path.stat().st_size <= THUMBNAIL_MAX_BYTES, (path.name, path.stat().st_size)
+    with Image.open(path) as image:
+        assert image.format == "JPEG" and image.mode == "RGB", (path.name, image.format, image.mode)
+        width, height = image.size
+        assert 256 <= width <= 1024 and height == width, (path.name, image.size)
+        assert len(image.convert("L").resize((32, 32)).getcolors(1024)) > 8, f"{path.name} is a blank picture"
+
+
+def test_workflows_folder_holds_only_the_graphs_and_their_thumbnails():
+    expected = {f"{name}{ext}" for name in PAIRS for ext in (".json", THUMBNAIL_SUFFIX)} | {"api"}
+    assert {p.name for p in WORKFLOWS.iterdir()} == expected
 
 
 @pytest.mark.parametrize("name", PAIRS)

@@ -90,6 +90,7 @@ def main(argv=None) -> None:
 
     from comfyui_streamline.core.budget import format_bytes
     from comfyui_streamline.core.dit_budget import SDPA, SUB_QUADRATIC, WanShape, WanWork, forward_peak_bytes
+    from comfyui_streamline.nodes.wan.block import host_copies_block_input
     from comfyui_streamline.core.memtrace import LiveTensorMeter
     from comfyui_streamline.nodes.wan.patch import CALL_KEY, SlicedWanBlock, WanCall
 
@@ -115,7 +116,7 @@ def main(argv=None) -> None:
         per_frame = (lh // 2) * (lw // 2)
         tokens = latent_frames * per_frame
         shape = WanShape(dim, ffn, heads, args.layers)
-        work = WanWork(2, tokens, 512, dtype_bytes=x.element_size())
+        work = WanWork(2, tokens, 512, dtype_bytes=x.element_size(), input_copy=host_copies_block_input())
 
         def options(token_chunk):
             if token_chunk is None:

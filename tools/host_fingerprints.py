@@ -1,6 +1,7 @@
-"""Print the fingerprints of the host functions the pack mirrors (nodes/host_fingerprints.py), for the
-host this finds, next to the recorded ones. After the exactness tests pass on a new ComfyUI or
-AnimateDiff-Evolved, paste the printed table into RECORDED and TESTED_HOSTS.
+"""Print the fingerprints of the host functions the pack mirrors (nodes/host_fingerprints.py) for the host this
+finds, marking those no recorded host has. After the exactness tests pass on a new ComfyUI or
+AnimateDiff-Evolved, add its fingerprints to RECORDED under the host's name (and, for a Wan subclass the pack
+slices, to nodes/wan/patch.py WAN_SUBCLASSES).
 
     python tools/host_fingerprints.py [--comfyui PATH]
 """
@@ -20,14 +21,36 @@ def main() -> None:
     args = parser.parse_args()
     hostenv.enter_for_tool(args.comfyui, cpu=True, tool="host_fingerprints")
     from comfyui_streamline.nodes import host_fingerprints as hf
+    from comfyui_streamline.nodes.svd_unet import svd_functions
+    from comfyui_streamline.nodes.wan.patch import WAN_SUBCLASSES, wan_functions
     from comfyui_streamline.tools import synthetic
 
-    functions = {**hf.comfy_functions(), **hf.ade_functions(synthetic.ade_transformer_options(1))}
-    print("RECORDED = {")
+    functions = {**hf.comfy_functions(), **hf.ade_functions(synthetic.ade_transformer_options(1)),
+                 **svd_functions(), **wan_functions()}
+    print("RECORDED (this host):")
     for name, function in functions.items():
-        mark = "" if hf.RECORDED.get(name) == hf.fingerprint(function) else "  # changed"
-        print(f'    "{name}": "{hf.fingerprint(function)}",{mark}')
-    print("}")
+        fingerprint = hf.fingerprint(function)
+        recorded = hf.RECORDED.get(name, {}).get(fingerprint)
+        print(f'    "{name}": "{fingerprint}",  # {recorded or "NOT RECORDED"}')
+    import importlib
+    import pkgutil
+
+    import comfy.ldm.wan
+    import comfy.ldm.wan.model as wan_model
+
+    classes = []
+    for module_info in pkgutil.iter_modules(comfy.ldm.wan.__path__):
+        module = importlib.import_module(f"comfy.ldm.wan.{module_info.name}")
+        classes += [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, wan_model.WanModel)
+                    and c.__module__ == module.__name__]
+    print("Wan subclasses with their own forward_orig:")
+    for cls in classes:
+        if cls.forward_orig is wan_model.WanModel.forward_orig:
+            continue
+        fingerprint = hf.fingerprint(cls.forward_orig)
+        known = WAN_SUBCLASSES.get(cls.__name__)
+        mark = "recorded" if known and fingerprint in known.fingerprints else "not recorded: left to ComfyUI"
+        print(f'    "{cls.__name__}": "{fingerprint}",  # {mark}')
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ family's `extra_conds` reads (comfy/model_base.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import json
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -36,6 +38,11 @@ class Family:
     sliced: bool  # Streamline Model Patch and Memory Budget slice this family (UNets, SVD, Wan); others run unchanged
     cfg: float = 5.0
     rehash_split: bool | None = None  # Step Rehash splits its calls (None: as `sliced`)
+    # the "transformer" entry of the model file's "config" metadata, which detection merges over what it reads
+    # from the keys (comfy/model_detection.py): the one way a file names a variant its keys cannot tell apart
+    transformer_config: dict | None = field(default=None, compare=False)
+    needs: tuple[str, ...] = ()  # "module:attribute" the host must have (variants newer hosts added); see host_lacks
+    random_latent: bool = False  # latent(): random, not zeros (image-to-image flow models start from the input)
 
     @property
     def rehashes(self) -> bool:
@@ -48,6 +55,8 @@ class Family:
                 [[torch.randn(1, TOKENS, self.context_dim, generator=g), self.cond_extras(g, False)]])
 
     def latent(self) -> dict:
+        if self.random_latent:
+            return {"samples": torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(3))}
         return {"samples": torch.zeros(self.latent_shape)}
 
 
@@ -144,12 +153,16 @@ def _ltxv() -> torch.nn.Module:
 
 
 def _flux() -> torch.nn.Module:
-    from comfy.ldm.flux.model import Flux
+    import dataclasses
 
-    # detection fixes the width (3072, 24 heads) and the 4096-d T5 context; one double block, no single ones
+    from comfy.ldm.flux.model import Flux, FluxParams
+
+    # detection fixes the width (3072, 24 heads) and the 4096-d T5 context; one double block, no single ones.
+    # ComfyUI 0.33's FluxParams has txt_ids_dims (Flux.1: none), which 0.3.64's lacks.
+    newer = {"txt_ids_dims": []} if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)} else {}
     return Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
                 num_heads=24, depth=1, depth_single_blocks=0, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
-                qkv_bias=True, guidance_embed=True, dtype=torch.float32, device="cpu", operations=_ops())
+                qkv_bias=True, guidance_embed=True, dtype=torch.float32, device="cpu", operations=_ops(), **newer)
 
 
 def _no_extras(g: torch.Generator, positive: bool) -> dict:
@@ -191,11 +204,45 @@ def state_dict(family: Family, seed: int = 0) -> dict[str, torch.Tensor]:
     return {family.prefix + k: v for k, v in module.state_dict().items()}
 
 
+def host_name() -> str:
+    """The ComfyUI host as tests name it: its version and folder."""
+    from pathlib import Path
+
+    import comfy
+
+    root = Path(comfy.__file__).resolve().parents[1]
+    try:
+        version = importlib.import_module("comfyui_version").__version__
+    except (ImportError, AttributeError):
+        version = "(version unknown)"
+    return f"ComfyUI {version} at {root}"
+
+
+def host_lacks(family: Family) -> str | None:
+    """Why this host cannot load `family` (None: it can): the first of its `needs` the host does not have."""
+    for need in family.needs:
+        module, _, attribute = need.partition(":")
+        try:
+            found = hasattr(importlib.import_module(module), attribute)
+        except ImportError:
+            found = False
+        if not found:
+            return (f"{host_name()} has no {module}.{attribute}: {family.name} is a variant of a newer host "
+                    "(ComfyUI 0.33.0 loads it)")
+    return None
+
+
 def load(family: Family, seed: int = 0):
     """A MODEL (ModelPatcher) of `family` through ComfyUI's diffusion-model loader, fp32."""
     import comfy.sd
 
-    patcher = comfy.sd.load_diffusion_model_state_dict(state_dict(family, seed), model_options={"dtype": torch.float32})
+    lacking = host_lacks(family)
+    if lacking is not None:
+        raise RuntimeError(lacking)
+    options = {"model_options": {"dtype": torch.float32}}
+    if family.transformer_config is not None:
+        options["metadata"] = {"config": json.dumps({"transformer": family.transformer_config})}
+    patcher = comfy.sd.load_diffusion_model_state_dict(state_dict(family, seed), **options)
     detected = type(patcher.model.model_config).__name__ if patcher is not None else None
     if detected != family.name:
         raise RuntimeError(f"ComfyUI detected {detected} from the tiny {family.name} weights")
@@ -297,9 +344,9 @@ def _vace_extras(g: torch.Generator, positive: bool) -> dict:
 
 def _camera_extras(g: torch.Generator, positive: bool) -> dict:
     """As WanCameraImageToVideo gives them: the start image's latent, camera conditions (24 channels at 8x
-    the latent's size) and the CLIP vision output."""
-    return {"concat_latent_image": torch.randn(1, 16, 2, 4, 4, generator=g),
-            "camera_conditions": torch.randn(1, 24, 2, 32, 32, generator=g),
+    the latent's size) and the CLIP vision output. 16x16 latents, as _fun_control_extras says why."""
+    return {"concat_latent_image": torch.randn(1, 16, 2, 16, 16, generator=g),
+            "camera_conditions": torch.randn(1, 24, 2, 128, 128, generator=g),
             "clip_vision_output": _ClipVisionOutput(torch.randn(1, CLIP_IMAGE_TOKENS, 1280, generator=g))}
 
 
@@ -322,14 +369,175 @@ def _animate_extras(g: torch.Generator, positive: bool) -> dict:
             "clip_vision_output": _ClipVisionOutput(torch.randn(1, CLIP_IMAGE_TOKENS, 1280, generator=g))}
 
 
-# The Wan subclasses ComfyUI builds with their own forward_orig (tests/test_wan_variants.py): what the pack
-# does with each is nodes/wan/patch.py WAN_SUBCLASSES.
+# -- Wan variants ComfyUI 0.33.0 loads (comfy/supported_models.py, model_base.py, ldm/wan/) -------------------
+# Each through its own detection path. Three are picked from the file's "config" metadata, not from its keys
+# (CausalAR, FlowRVS, Animate2: their keys are those of a plain t2v / i2v Wan); the rest from the keys.
+# FunControl2V and Camera 2.2 load on ComfyUI 0.3.64 as well; the others need 0.33 (`needs`).
+
+def wan_causal_ar(num_layers: int = 4, **sizes) -> torch.nn.Module:
+    """CausalWanModel (WAN21_CausalAR_T2V, picked by the metadata's causal_ar): WanModel's weights and
+    WanModel's forward_orig, with CausalWanAttentionBlock blocks (their own forward: KV-cached
+    self-attention). Sampled through KSampler (no ar_state) it runs WanModel's forward."""
+    from comfy.ldm.wan.ar_model import CausalWanModel
+
+    return CausalWanModel(model_type="t2v", **_wan_kwargs(num_layers=num_layers, **sizes))
+
+
+def wan_fun_control(num_layers: int = 4, **sizes) -> torch.nn.Module:
+    """WAN21_FunControl2V: a plain i2v WanModel (CLIP-image embedding) with 48 input channels (noise + 16
+    control-video + 16 start-image channels, no mask); model_base.WAN21 without image_to_video."""
+    return wan("i2v", in_dim=48, num_layers=num_layers, **sizes)
+
+
+def wan_camera22(num_layers: int = 4, **sizes) -> torch.nn.Module:
+    """CameraWanModel as Wan 2.2 Fun Camera (WAN22_Camera, model_type camera_2.2): t2v blocks, no CLIP-image
+    embedding, 36 input channels; model_base.WAN21_Camera, as WAN21_Camera."""
+    from comfy.ldm.wan.model import CameraWanModel
+
+    return CameraWanModel(model_type="camera_2.2", **_wan_kwargs(num_layers=num_layers, in_dim=36, **sizes))
+
+
+def wan_flow_rvs(num_layers: int = 4, **sizes) -> torch.nn.Module:
+    """WAN21_FlowRVS (picked by the metadata's model_type flow_rvs): a plain t2v WanModel under
+    ModelType.IMG_TO_IMG_FLOW (sampling starts from the input video's latent, not from noise)."""
+    return wan("t2v", num_layers=num_layers, **sizes)
+
+
+def wan_scail(num_layers: int = 4, **sizes) -> torch.nn.Module:
+    """SCAILWanModel (WAN21_SCAIL): i2v blocks, 20 input channels (noise + 4 mask), pose tokens from
+    patch_embedding_pose appended to x, the reference latent as a leading frame."""
+    from comfy.ldm.wan.model import SCAILWanModel
+
+    return SCAILWanModel(**_wan_kwargs(num_layers=num_layers, in_dim=20, **sizes))
+
+
+def wan_scail2(num_layers: int = 4, **sizes) -> torch.nn.Module:
+    """SCAIL2WanModel (WAN21_SCAIL2): SCAIL plus patch_embedding_mask (28-channel identity masks added to the
+    patch embeddings of the video and of the pose tokens)."""
+    from comfy.ldm.wan.model import SCAIL2WanModel
+
+    return SCAIL2WanModel(**_wan_kwargs(num_layers=num_layers, in_dim=20, **sizes))
+
+
+def wan_dancer(num_layers: int = 4, **sizes) -> torch.nn.Module:
+    """WanDancerModel (WAN22_WanDancer): i2v blocks, 36 input channels, a music encoder whose output an
+    AudioInjector_WAN adds to x after blocks 0, 4, 8, ... (class default), patch_embedding_global and
+    head_global for fps other than 30, a second CLIP-image embedding (img_emb_refimage)."""
+    from comfy.ldm.wan.model_wandancer import WanDancerModel
+
+    return WanDancerModel(**_wan_kwargs(num_layers=num_layers, in_dim=36, **sizes))
+
+
+def wan_animate2(num_layers: int = 4, **sizes) -> torch.nn.Module:
+    """WanAnimate2Model (WAN_Animate2, picked by the metadata's model_type animate2; an i2v checkpoint, 36
+    input channels): WanAnimate2Block blocks, a pose branch run in lockstep that hands each block K/V."""
+    from comfy.ldm.wan.model_animate2 import WanAnimate2Model
+
+    return WanAnimate2Model(**_wan_kwargs(num_layers=num_layers, in_dim=36, **sizes))
+
+
+DANCER_MUSIC_FEATURES = 35  # per audio frame: onset envelope, 20 MFCC, 12 chroma, peak, beat (WanDancerEncodeAudio)
+
+
+def _clip_vision(g: torch.Generator) -> _ClipVisionOutput:
+    return _ClipVisionOutput(torch.randn(1, CLIP_IMAGE_TOKENS, 1280, generator=g))
+
+
+def _start_mask(frames: int, h: int, w: int) -> torch.Tensor:
+    """concat_mask as the image-to-video nodes give it, (1, 4, frames, h, w): 0 on the known first frame."""
+    mask = torch.ones(1, 4, frames, h, w)
+    mask[:, :, :1] = 0.0
+    return mask
+
+
+def _fun_control_extras(g: torch.Generator, positive: bool) -> dict:
+    """As WanFunControlToVideo gives them: 32 channels (control-video latent, start-image latent); the CLIP
+    vision output. 16x16 latents (128 tokens): at fewer, the 257 CLIP-image tokens' work outweighs the
+    tokens' and no token slicing lowers the Wan laws' peak, so Memory Budget would not slice."""
+    return {"concat_latent_image": torch.randn(1, 32, 2, 16, 16, generator=g), "clip_vision_output": _clip_vision(g)}
+
+
+def _camera22_extras(g: torch.Generator, positive: bool) -> dict:
+    """As WanCameraImageToVideo gives them to a 2.2 model: start-image latent and mask, camera conditions."""
+    return {"concat_latent_image": torch.randn(1, 16, 2, 4, 4, generator=g), "concat_mask": _start_mask(2, 4, 4),
+            "camera_conditions": torch.randn(1, 24, 2, 32, 32, generator=g)}
+
+
+def _scail_extras(g: torch.Generator, positive: bool) -> dict:
+    """As WanSCAILToVideo gives them: the pose video's latent at half the size, a reference latent, the CLIP
+    vision output (extra_conds adds the 4 mask channels to both latents)."""
+    return {"pose_video_latent": torch.randn(1, 16, 2, 2, 2, generator=g),
+            "reference_latents": [torch.randn(1, 16, 1, 4, 4, generator=g)], "clip_vision_output": _clip_vision(g)}
+
+
+def _scail2_extras(g: torch.Generator, positive: bool) -> dict:
+    """SCAIL's, plus the 28-channel identity masks WanSCAILToVideo gives SCAIL-2 (binary per colour, area
+    averaged): the pose video's (its latent's size) and the reference's (one frame, then zeros over the
+    video), and ref_mask_flag (animation mode)."""
+    driving = (torch.rand(1, 2, 28, 2, 2, generator=g) > 0.5).float()
+    ref_mask = torch.zeros(1, 1 + 2, 28, 4, 4)
+    ref_mask[:, :1] = (torch.rand(1, 1, 28, 4, 4, generator=g) > 0.5).float()
+    return {**_scail_extras(g, positive), "driving_mask_28ch": driving, "ref_mask_28ch": ref_mask,
+            "ref_mask_flag": True}
+
+
+def _dancer_extras(g: torch.Generator, positive: bool) -> dict:
+    """As WanDancerVideo gives them: start-image latent and mask, the CLIP vision outputs of the first frame
+    and of the reference image, and WanDancerEncodeAudio's music features (the same on both), fps and
+    injection scale; fps 15 runs the model's global (non-30 fps) embedding and head."""
+    music = torch.randn(1, 12, DANCER_MUSIC_FEATURES, generator=torch.Generator().manual_seed(5))
+    return {"concat_latent_image": torch.randn(1, 16, 2, 8, 8, generator=g), "concat_mask": _start_mask(2, 8, 8),
+            "clip_vision_output": _clip_vision(g), "clip_vision_output_ref": _clip_vision(g),
+            "audio_embed": music, "fps": 15.0, "audio_inject_scale": 1.0}
+
+
+def _animate2_extras(g: torch.Generator, positive: bool) -> dict:
+    """As WanAnimate2ToVideo gives them: the reference image's latent frame then the video's (mask: the
+    reference known), the pose video's latent (one frame less: the reference slot has none), the CLIP
+    vision outputs and the pose branch's prompt (the same on both, as the node sets them)."""
+    same = torch.Generator().manual_seed(6)
+    mask = torch.ones(1, 1, 2, 4, 4)
+    mask[:, :, :1] = 0.0
+    return {"concat_latent_image": torch.randn(1, 16, 2, 4, 4, generator=g), "concat_mask": mask,
+            "clip_vision_output": _clip_vision(g),
+            "pose_video_latent": torch.randn(1, 16, 1, 4, 4, generator=same),
+            "clip_vision_output_pose": _ClipVisionOutput(torch.randn(1, CLIP_IMAGE_TOKENS, 1280, generator=same)),
+            "cross_attn_pose": torch.randn(1, TOKENS, 4096, generator=same)}
+
+
+def _needs(model_class: str, supported: str) -> tuple[str, ...]:
+    return (model_class, f"comfy.supported_models:{supported}")
+
+
+# The Wan variants ComfyUI builds beyond plain t2v / i2v (tests/test_wan_variants.py): the WanModel subclasses
+# with their own forward_orig, and the model_base variants over a class already here (FunControl2V, FlowRVS:
+# WanModel; Camera 2.2: CameraWanModel), each through its own detection path. What the pack does with each is
+# nodes/wan/patch.py WAN_SUBCLASSES; `sliced` / `rehash_split` are what it does today (the test's table of
+# expectations is the authority).
 WAN_SUBCLASS_VARIANTS = {f.name: f for f in (
     Family("WAN21_Vace", wan_vace, "", (1, 16, 2, 4, 4), 4096, _vace_extras, sliced=True, rehash_split=False),
-    Family("WAN21_Camera", wan_camera, "", (1, 16, 2, 4, 4), 4096, _camera_extras, sliced=True, rehash_split=True),
+    Family("WAN21_Camera", wan_camera, "", (1, 16, 2, 16, 16), 4096, _camera_extras, sliced=True, rehash_split=True),
     Family("WAN22_S2V", wan_s2v, "", (1, 16, 2, 4, 4), 4096, _s2v_extras, sliced=False, rehash_split=False),
     Family("WAN21_HuMo", wan_humo, "", (1, 16, 2, 4, 4), 4096, _humo_extras, sliced=False, rehash_split=False),
     Family("WAN22_Animate", wan_animate, "", (1, 16, 2, 4, 4), 4096, _animate_extras, sliced=True,
            rehash_split=False),
+    # ComfyUI 0.33.0's
+    Family("WAN21_CausalAR_T2V", wan_causal_ar, "", (1, 16, 2, 4, 4), 4096, _no_extras, sliced=False,
+           transformer_config={"causal_ar": True},
+           needs=_needs("comfy.ldm.wan.ar_model:CausalWanModel", "WAN21_CausalAR_T2V")),
+    Family("WAN21_FunControl2V", wan_fun_control, "", (1, 16, 2, 16, 16), 4096, _fun_control_extras, sliced=True),
+    Family("WAN22_Camera", wan_camera22, "", (1, 16, 2, 4, 4), 4096, _camera22_extras, sliced=True),
+    Family("WAN21_FlowRVS", wan_flow_rvs, "", (1, 16, 2, 4, 4), 4096, _no_extras, sliced=True,
+           transformer_config={"model_type": "flow_rvs"}, random_latent=True,
+           needs=_needs("comfy.model_base:WAN21_FlowRVS", "WAN21_FlowRVS")),
+    Family("WAN21_SCAIL", wan_scail, "", (1, 16, 2, 4, 4), 4096, _scail_extras, sliced=False,
+           needs=_needs("comfy.ldm.wan.model:SCAILWanModel", "WAN21_SCAIL")),
+    Family("WAN21_SCAIL2", wan_scail2, "", (1, 16, 2, 4, 4), 4096, _scail2_extras, sliced=False,
+           needs=_needs("comfy.ldm.wan.model:SCAIL2WanModel", "WAN21_SCAIL2")),
+    Family("WAN22_WanDancer", wan_dancer, "", (1, 16, 2, 8, 8), 4096, _dancer_extras, sliced=False,
+           needs=_needs("comfy.ldm.wan.model_wandancer:WanDancerModel", "WAN22_WanDancer")),
+    Family("WAN_Animate2", wan_animate2, "", (1, 16, 2, 4, 4), 4096, _animate2_extras, sliced=False,
+           transformer_config={"model_type": "animate2"},
+           needs=_needs("comfy.ldm.wan.model_animate2:WanAnimate2Model", "WAN_Animate2")),
 )}
 WAN_VARIANTS.update(WAN_SUBCLASS_VARIANTS)

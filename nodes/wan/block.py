@@ -21,6 +21,8 @@ Per-token modulation (Wan 2.2 5B: e of shape (B, E, 6, C), E > 1) maps token j t
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -42,6 +44,26 @@ def modulation_terms(block: WanAttentionBlock, e: Tensor, x: Tensor) -> tuple[Te
     if e.ndim < 4:
         return (comfy.model_management.cast_to(block.modulation, dtype=x.dtype, device=x.device) + e).chunk(6, dim=1)
     return (comfy.model_management.cast_to(block.modulation, dtype=x.dtype, device=x.device).unsqueeze(0) + e).unbind(2)
+
+
+@functools.lru_cache(maxsize=None)
+def host_calls_attn2_patch() -> bool:
+    """Whether the host's WanAttentionBlock.forward calls attn2_patch patches (ComfyUI 0.33 does, 0.3.64 not)."""
+    try:
+        return "attn2_patch" in inspect.getsource(WanAttentionBlock.forward)
+    except (OSError, TypeError):
+        return True  # no source to read: the host verdict's self-check decides
+
+
+@functools.lru_cache(maxsize=None)
+def host_copies_block_input() -> bool:
+    """Whether the host's WanAttentionBlock.forward makes x contiguous (ComfyUI 0.33): ComfyUI's forward then
+    holds one more (B, L, C) in the first block (core/dit_budget.py WanWork.input_copy). The sliced block
+    does not copy: it updates forward_orig's x in place, slice by slice."""
+    try:
+        return "x.contiguous()" in inspect.getsource(WanAttentionBlock.forward)
+    except (OSError, TypeError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -114,8 +136,9 @@ def cross_attention(attn, x: Tensor, ctx: CrossContext, transformer_options: dic
     if ctx.image_keys is None:
         return attn.o(optimized_attention(q, ctx.keys, ctx.values, heads=attn.num_heads,
                                           transformer_options=transformer_options))
+    # ComfyUI 0.33 keeps the image attention off low-precision kernels (SageAttention); 0.3.64 ignores the flag
     img_x = optimized_attention(q, ctx.image_keys, ctx.image_values, heads=attn.num_heads,
-                                transformer_options=transformer_options)
+                                transformer_options=transformer_options, low_precision_attention=False)
     x = optimized_attention(q, ctx.keys, ctx.values, heads=attn.num_heads, transformer_options=transformer_options)
     x = x + img_x
     return attn.o(x)
@@ -124,8 +147,12 @@ def cross_attention(attn, x: Tensor, ctx: CrossContext, transformer_options: dic
 def sliced_block_forward(block: WanAttentionBlock, x: Tensor, e: Tensor, freqs: Tensor, context: Tensor,
                          context_img_len: int | None, transformer_options: dict, token_chunk: int) -> Tensor:
     """WanAttentionBlock.forward(x, e, freqs, context, context_img_len, transformer_options), computed in
-    slices of `token_chunk` tokens; x (B, L, C) is updated in place and returned."""
+    slices of `token_chunk` tokens; x (B, L, C) is updated in place and returned (not copied contiguous as
+    ComfyUI 0.33's block does: a whole copy would cost a (B, L, C) tensor per call). With attn2_patch patches (ComfyUI 0.33's MultiTalk), the per-slice group
+    stops after the cross-attention, the patches get the whole x as the host gives it to them, and the
+    feed-forward runs per slice on what they return."""
     b, tokens, channels = x.shape
+    attn2_patches = transformer_options.get("patches", {}).get("attn2_patch", []) if host_calls_attn2_patch() else []
     terms = modulation_terms(block, e, x)
     rows = ModulationRows(terms[0].shape[1], tokens)
     sa = block.self_attn
@@ -148,8 +175,8 @@ def sliced_block_forward(block: WanAttentionBlock, x: Tensor, e: Tensor, freqs: 
         del xm
 
     ctx = cross_context(block.cross_attn, context, context_img_len)
-    for start, end in chunk_ranges(tokens, token_chunk):  # group 2: the rest of the block, per slice
-        xs = x[:, start:end]  # a view: the updates below land in x
+
+    def attention(xs: Tensor, start: int, end: int) -> None:  # self- and cross-attention of one slice, in place
         q = rope_heads(sa.norm_q(sa.q(attention_input(start, end))), freqs_for(freqs, start, end),
                        sa.num_heads)
         y = sa.o(optimized_attention(q, keys, values, heads=sa.num_heads, skip_reshape=True,
@@ -158,8 +185,24 @@ def sliced_block_forward(block: WanAttentionBlock, x: Tensor, e: Tensor, freqs: 
         xs.addcmul_(y, rows.take(terms[GATE_ATTN], start, end))
         del y
         xs.add_(cross_attention(block.cross_attn, block.norm3(xs), ctx, transformer_options))
+
+    def feed_forward(xs: Tensor, start: int, end: int) -> None:  # of one slice, in place
         y = block.ffn(modulated(block.norm2, xs, rows.take(terms[SHIFT_FFN], start, end),
                                 rows.take(terms[SCALE_FFN], start, end)))
         xs.addcmul_(y, rows.take(terms[GATE_FFN], start, end))
-        del y
+
+    if not attn2_patches:
+        for start, end in chunk_ranges(tokens, token_chunk):  # group 2: the rest of the block, per slice
+            xs = x[:, start:end]  # a view: the updates below land in x
+            attention(xs, start, end)
+            feed_forward(xs, start, end)
+        return x
+    for start, end in chunk_ranges(tokens, token_chunk):  # group 2a: attention, per slice
+        attention(x[:, start:end], start, end)
+    del keys, values, ctx
+    for p in attn2_patches:  # as the host calls them: on the whole x after the cross-attention
+        x = p({"x": x, "transformer_options": transformer_options})
+    x = x.contiguous()
+    for start, end in chunk_ranges(tokens, token_chunk):  # group 2b: the feed-forward, per slice
+        feed_forward(x[:, start:end], start, end)
     return x

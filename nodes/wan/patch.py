@@ -41,19 +41,6 @@ WRAPPER_KEY = "streamline_wan"
 CALL_KEY = "streamline_wan_call"  # transformer_options key of the per-call WanCall
 STATE_KEY = "streamline"  # nodes/model_patch.py's StreamlineState
 
-# host function -> fingerprint of its source on the host the exactness tests passed on (ComfyUI 0.3.64):
-# the sliced block mirrors the first five; forward_orig is where the replacement hook and its arguments are
-RECORDED_WAN = {
-    "comfy WanAttentionBlock.forward": "d7832c9c3c9bee7d",
-    "comfy WanSelfAttention.forward": "1874b02fb0fc0c7f",
-    "comfy WanT2VCrossAttention.forward": "7bb1fba222c7a7ca",
-    "comfy WanI2VCrossAttention.forward": "bf7a551d05eeb8f6",
-    "comfy repeat_e": "8fe20fbbb055f096",
-    "comfy WanModel.forward_orig": "32cee57e700e7875",
-}
-CHECK_COMMAND = "COMFYUI_PATH=<your ComfyUI> python -m pytest tests/test_wan_exact.py (in the pack's folder)"
-
-
 def wan_functions() -> dict[str, Callable]:
     return {
         "comfy WanAttentionBlock.forward": wan_model.WanAttentionBlock.forward,
@@ -74,7 +61,7 @@ def is_plain_wan_block(block: nn.Module) -> bool:
 class WanSubclass:
     """A WanModel subclass with its own forward_orig, as the pack checked it (ComfyUI 0.3.64)."""
 
-    fingerprint: str  # host_fingerprints.fingerprint of its forward_orig
+    fingerprints: frozenset[str]  # host_fingerprints.fingerprint of its forward_orig on the hosts checked
     hook_args: bool  # its block hook hands replacements {"img", "txt", "vec", "pe", "transformer_options"}
     between_blocks: str | None = None  # what forward_orig adds to x after some blocks, outside them
     keeps_first_input: bool = False  # forward_orig reads block 0's input after block 0 ran (VACE's x_orig)
@@ -87,12 +74,18 @@ class WanSubclass:
 #   the blocks: VACE's hints, S2V's audio and Animate's face adapter are (after block 0, and every few
 #   blocks after it, whatever cache_block is), so Step Rehash runs those models in full.
 # A subclass not listed here, or whose forward_orig differs from the one checked, is left to ComfyUI.
+# Fingerprints: ComfyUI 0.3.64's, then 0.33.0's (which adds the double_block patches after each block and the
+# block_index / total_blocks / grid_sizes bookkeeping; both outside the blocks). S2V and HuMo are recorded
+# for 0.3.64 only: they run unchanged either way.
 WAN_SUBCLASSES = {
-    "VaceWanModel": WanSubclass("408db2421efda0e1", True, "its VACE hints", keeps_first_input=True),
-    "CameraWanModel": WanSubclass("e33720dd3ebd16be", True),  # camera adapter: on the patch embedding only
-    "WanModel_S2V": WanSubclass("9bbd910877338989", False, "its audio injection"),
-    "HumoWanModel": WanSubclass("5964154364782f39", True),  # audio inside its (non-plain) blocks
-    "AnimateWanModel": WanSubclass("be081796c4d77dae", True, "its face adapter's output"),
+    "VaceWanModel": WanSubclass(frozenset({"408db2421efda0e1", "8c10d6751cf3c4cf"}), True, "its VACE hints",
+                                keeps_first_input=True),
+    # camera adapter: on the patch embedding only
+    "CameraWanModel": WanSubclass(frozenset({"e33720dd3ebd16be", "7f8bcdf583d751a0"}), True),
+    "WanModel_S2V": WanSubclass(frozenset({"9bbd910877338989"}), False, "its audio injection"),
+    "HumoWanModel": WanSubclass(frozenset({"5964154364782f39"}), True),  # audio inside its (non-plain) blocks
+    "AnimateWanModel": WanSubclass(frozenset({"be081796c4d77dae", "41f7750279225f3b"}), True,
+                                   "its face adapter's output"),
 }
 
 
@@ -101,10 +94,7 @@ def _checked_forward_orig(cls: type) -> bool:
     known = WAN_SUBCLASSES.get(cls.__name__)
     if known is None or not cls.__module__.startswith("comfy.ldm.wan."):
         return False
-    try:
-        return host_fingerprints.fingerprint(cls.forward_orig) == known.fingerprint
-    except (OSError, TypeError):  # no source to read
-        return False
+    return host_fingerprints.fingerprint(cls.forward_orig) in known.fingerprints
 
 
 def wan_subclass(diffusion_model: nn.Module) -> WanSubclass | None:
@@ -138,7 +128,7 @@ def unsupported_wan_reason(diffusion_model: nn.Module, purpose: str = "slice") -
     own_forward = type(diffusion_model).forward_orig is not WanModel.forward_orig
     variant = wan_subclass(diffusion_model)
     if own_forward and variant is None:
-        changed = " (not the one the pack checked, ComfyUI 0.3.64's)" if name in WAN_SUBCLASSES else ""
+        changed = " (not one the pack checked)" if name in WAN_SUBCLASSES else ""
         return f"{name} runs its own forward_orig{changed}, which the pack has not checked"
     rehash_reason = None
     if variant is not None and variant.between_blocks:
@@ -166,6 +156,7 @@ class WanCall:
     context_img_len: int | None  # as forward_orig derives it: clip_fea.shape[-2], None without clip_fea
     tokens_per_frame: int  # patch tokens of one latent frame
     copy_first_input: bool = False  # forward_orig reads block 0's input later (VACE): block 0 slices a copy
+    unknown_conds: tuple[str, ...] = ()  # conds the call hands the model that the pack does not know
 
 
 # (transformer_options, x (B, L, C), tokens_per_frame) -> tokens per slice, or None: run the block unsliced
@@ -184,16 +175,39 @@ def token_chunk_from_state(transformer_options: dict, x: Tensor, tokens_per_fram
                             dim=x.shape[2])
 
 
-def add_call_info(executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={},
+# What the sliced blocks know of a call. Patch keys: attn2_patch (run on the whole x between the attention and
+# the feed-forward, block.py) and double_block (forward_orig calls those after each block, outside it); an
+# attn1_patch needs the whole self-attention output: that block runs unsliced. patches_replace: "dit" (the
+# block replacements). Conds: those WanModel's _forward / forward_orig read (context_latents: Bernini's
+# in-context reference tokens, appended to x and RoPE'd by the host; reference_latent), and those a checked
+# subclass's forward_orig names. Anything else: ComfyUI's own blocks for that call, with one log line.
+KNOWN_PATCHES = {"attn2_patch", "double_block"}
+KNOWN_REPLACES = {"dit"}
+_WAN_CONDS = frozenset({"context_latents", "reference_latent"})
+
+
+@functools.lru_cache(maxsize=None)
+def known_conds(cls: type) -> frozenset[str]:
+    import inspect
+
+    names = set(_WAN_CONDS)
+    if cls.forward_orig is not WanModel.forward_orig:
+        names |= set(inspect.signature(cls.forward_orig).parameters) - {"self", "kwargs"}
+        names |= set(inspect.signature(cls._forward).parameters) - {"self", "kwargs"}
+    return frozenset(names)
+
+
+def add_call_info(executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options=None,
                   **kwargs):
     """DIFFUSION_MODEL wrapper: a per-call copy of transformer_options with the WanCall; the rest unchanged."""
     model = executor.class_obj
     patch = getattr(model, "patch_size", (1, 2, 2))
     tokens_per_frame = -(-x.shape[-2] // patch[1]) * -(-x.shape[-1] // patch[2])
     variant = wan_subclass(model)
+    unknown = tuple(sorted(k for k, v in kwargs.items() if v is not None and k not in known_conds(type(model))))
     call = WanCall(model.blocks, clip_fea.shape[-2] if clip_fea is not None else None, tokens_per_frame,
-                   copy_first_input=variant is not None and variant.keeps_first_input)
-    transformer_options = {**transformer_options, CALL_KEY: call}
+                   copy_first_input=variant is not None and variant.keeps_first_input, unknown_conds=unknown)
+    transformer_options = {**(transformer_options or {}), CALL_KEY: call}
     return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
 
 
@@ -233,7 +247,8 @@ class SlicedWanBlock:
                 log.warn(f"wan-unsliced-{reason}", f"Streamline: Wan block {self.index}: {reason}; it runs unsliced "
                          "(ComfyUI's own block).")
             return extra["original_block"](args)["img"]
-        warn_on_drift(log)
+        if not wan_verdict().sliced:  # its one line is the verdict's
+            return extra["original_block"](args)["img"]
         block = call.blocks[self.index]
         if self.index == 0 and call.copy_first_input:  # the sliced block writes x in place
             x = x.clone()
@@ -244,8 +259,17 @@ class SlicedWanBlock:
             return "the diffusion-model wrapper did not run (no context_img_len)"
         if not is_plain_wan_block(call.blocks[self.index]):
             return f"{type(call.blocks[self.index]).__name__} is not a plain WanAttentionBlock"
+        if call.unknown_conds:
+            return f"the call has conds the pack does not know ({', '.join(call.unknown_conds)})"
         if "optimized_attention_override" in to:
             return "an attention override is set (it may need whole query sequences)"
+        patches = to.get("patches", {})
+        if patches.get("attn1_patch"):
+            return "an attn1_patch is set (it reads the whole self-attention output)"
+        unknown = sorted(k for k, v in patches.items() if v and k not in KNOWN_PATCHES)
+        unknown += sorted(k for k, v in to.get("patches_replace", {}).items() if v and k not in KNOWN_REPLACES)
+        if unknown:
+            return f"patches the pack does not know are set ({', '.join(unknown)})"
         if torch.is_grad_enabled() and x.requires_grad:
             return "gradients are on"
         if freqs is None or freqs.shape[1] not in (1, x.shape[1]):
@@ -253,11 +277,40 @@ class SlicedWanBlock:
         return None
 
 
-def warn_on_drift(log: LogOnce) -> None:
-    for name in host_fingerprints.changed(wan_functions(), RECORDED_WAN):
-        log.warn(f"host-drift-{name}", f"Streamline: {name} differs from the one the pack's Wan exactness tests "
-                 f"passed on (ComfyUI 0.3.64); the sliced Wan block mirrors it, so its output may differ from "
-                 f"ComfyUI's. Check this install with: {CHECK_COMMAND}")
+def wan_self_check() -> float:
+    """The pack's sliced blocks against ComfyUI's on tiny float32 WanModels (t2v, and i2v with CLIP-image
+    tokens), whole forwards through forward_orig's block hook, slices that do not divide the tokens; with an
+    attn2_patch and a double_block patch set. The largest relative difference."""
+    from .. import tiny_models
+
+    patches = {"attn2_patch": [lambda a: a["x"] * 1.05],
+               "double_block": [lambda a: {"img": a["img"] * 0.98}]}
+    worst = 0.0
+    for i2v in (False, True):
+        model = tiny_models.wan(i2v=i2v)
+        x = tiny_models.inputs((2, 4, 3, 6, 6), 1, torch.float32)
+        t = torch.tensor([300.0, 700.0])
+        context = tiny_models.inputs((2, 8, 8), 2, torch.float32)
+        clip = tiny_models.inputs((2, 5, 1280), 3, torch.float32) if i2v else None
+
+        def run(sliced: bool) -> Tensor:
+            to = {"patches": {k: list(v) for k, v in patches.items()}}
+            if sliced:
+                tokens_per_frame = 9
+                to[CALL_KEY] = WanCall(model.blocks, None if clip is None else clip.shape[-2], tokens_per_frame)
+                to["patches_replace"] = {"dit": {("double_block", i): SlicedWanBlock(i, lambda *_: 5)
+                                                 for i in range(len(model.blocks))}}
+            with torch.no_grad():
+                return model(x, t, context, clip_fea=clip, transformer_options=to)
+
+        worst = max(worst, host_fingerprints.relative_difference(run(True), run(False)))
+    return worst
+
+
+def wan_verdict() -> "host_fingerprints.Verdict":
+    """The host verdict on ComfyUI's Wan functions the sliced block mirrors."""
+    # float32 (the host's RoPE kernel takes no float64): the exactness tests' bound
+    return host_fingerprints.verdict("Wan", wan_functions(), wan_self_check, tolerance=1e-5)
 
 
 def install_wan_slicing(model: ModelPatcher, token_chunk_for: TokenChunkFor = token_chunk_from_state) -> list[int]:
