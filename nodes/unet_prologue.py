@@ -4,6 +4,9 @@ a UNet call its shallow/deep split. Its own module: streamlined_unet dispatches 
 import the other for these."""
 from __future__ import annotations
 
+import functools
+import inspect
+
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from torch import Tensor
 
@@ -22,9 +25,22 @@ def time_embedding(unet, x: Tensor, timesteps: Tensor, y: Tensor | None, transfo
     return emb
 
 
+@functools.lru_cache(maxsize=None)
+def host_calls_middle_block_after_patch() -> bool:
+    """Whether the host's UNetModel._forward calls middle_block_after_patch patches (0.33 does, 0.3.64 not)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    try:
+        return "middle_block_after_patch" in inspect.getsource(UNetModel._forward)
+    except (OSError, TypeError):
+        return True  # no source to read: the host verdict's self-check decides
+
+
 def middle_block_after(patches: dict, h: Tensor, x: Tensor, emb: Tensor, context, y, timesteps, to: dict) -> Tensor:
     """UNetModel._forward's middle_block_after_patch (ComfyUI 0.33): each patch gets the middle block's output
-    (after its ControlNet residual) and returns the h the output blocks read."""
+    (after its ControlNet residual) and returns the h the output blocks read. Not on a host that has none."""
+    if not host_calls_middle_block_after_patch():
+        return h
     for p in patches.get("middle_block_after_patch", []):
         h = p({"h": h, "x": x, "emb": emb, "context": context, "y": y, "timesteps": timesteps,
                "transformer_options": to})["h"]
