@@ -10,6 +10,7 @@ SVD-layout UNetModel, and a stand-in with Flux's forward signature.
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import weakref
 
@@ -79,8 +80,11 @@ def core_context_windows(model, length=4, overlap=2):
     from comfy.context_windows import ContextFuseMethods, ContextSchedules
     from comfy_extras.nodes_context_windows import ContextWindowsManualNode
 
+    import inspect
+
+    newer = {"freenoise": False} if "freenoise" in inspect.signature(ContextWindowsManualNode.execute).parameters else {}
     return ContextWindowsManualNode.execute(model, length, overlap, ContextSchedules.STATIC_STANDARD, 1, False,
-                                            ContextFuseMethods.PYRAMID, 0).result[0]
+                                            ContextFuseMethods.PYRAMID, 0, **newer).result[0]
 
 
 # ComfyUI's IndexListContextHandler.set_step (this host) compares the call's timestep, one per latent in the
@@ -146,7 +150,9 @@ def test_wan_context_windows_key_by_window():
 
     keys = set()
     for index_list in ([0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7]):
-        window = comfy.context_windows.IndexListContextWindow(index_list, dim=2)
+        newer = {"total_frames": 8} if "total_frames" in inspect.signature(
+            comfy.context_windows.IndexListContextWindow).parameters else {}  # ComfyUI 0.33 needs it
+        window = comfy.context_windows.IndexListContextWindow(index_list, dim=2, **newer)
         keys.update(_cache_keys({"uuids": ["c", "u"], "context_window": window}, 2))
     assert len(keys) == 6
 

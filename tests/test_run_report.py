@@ -48,9 +48,14 @@ def tinyvideo():
 
 def as_node(node_class, unique_id: str):
     """The node class as ComfyUI's executor calls it for node `unique_id`."""
+    import inspect
+
     from comfy_api.latest import io
 
-    return node_class.PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
+    hidden = {io.Hidden.unique_id: unique_id}
+    if "v3_data" in inspect.signature(node_class.PREPARE_CLASS_CLONE).parameters:  # ComfyUI 0.33
+        return node_class.PREPARE_CLASS_CLONE({"hidden_inputs": hidden})
+    return node_class.PREPARE_CLASS_CLONE(hidden)  # 0.3.64: the hidden inputs themselves
 
 
 def sample(model, steps: int = STEPS, cfg: float = 5.0) -> torch.Tensor:

@@ -208,9 +208,9 @@ def host_name() -> str:
     """The ComfyUI host as tests name it: its version and folder."""
     from pathlib import Path
 
-    import comfy
+    import comfy.model_patcher  # `comfy` itself is a namespace package: no __file__
 
-    root = Path(comfy.__file__).resolve().parents[1]
+    root = Path(comfy.model_patcher.__file__).resolve().parents[1]
     try:
         version = importlib.import_module("comfyui_version").__version__
     except (ImportError, AttributeError):
