@@ -11,6 +11,7 @@ memory estimate, and the node says it cannot plan for them.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -64,17 +65,24 @@ def compute_dtype(base_model) -> torch.dtype:
     return base_model.manual_cast_dtype or base_model.get_dtype()
 
 
-def free_activation_bytes(device: torch.device) -> int:
+def free_memory(device: torch.device, patcher=None) -> int:
+    """Free memory on `device` as ComfyUI's sampler counts it when it decides whether cond and uncond fit in
+    one call: the patcher's view where it has one (ComfyUI 0.33: torch's free memory plus the weight memory
+    DynamicVRAM can evict for activations), else model management's."""
     import comfy.model_management
 
-    free = comfy.model_management.get_free_memory(device)
-    return max(0, int(free) - SAFETY_BYTES)
+    get = getattr(patcher, "get_free_memory", None)
+    return int(get(device) if get is not None else comfy.model_management.get_free_memory(device))
 
 
-def auto_budget(device: torch.device) -> int:
+def free_activation_bytes(device: torch.device, patcher=None) -> int:
+    return max(0, free_memory(device, patcher) - SAFETY_BYTES)
+
+
+def auto_budget(device: torch.device, patcher=None) -> int:
     """The budget "auto" plans with: free memory less the margin, rounded down to a step (one plan per
     step: a run replans when free memory moves to another step, not at every call)."""
-    return free_step(free_activation_bytes(device))
+    return free_step(free_activation_bytes(device, patcher))
 
 
 def free_step(free_bytes: int) -> int:
@@ -116,15 +124,17 @@ class BudgetPlanner:
     budget_bytes: int
     plans: dict = field(default_factory=dict)
     last_key: tuple | None = None  # the plan the latest forward ran with (an out-of-memory retry refines it)
+    patcher: object | None = None  # the run's ModelPatcher (set at OUTER_SAMPLE): whose free memory "auto" reads
 
-    def for_run(self) -> "BudgetPlanner":
-        return BudgetPlanner(self.budget_bytes)
+    def for_run(self, patcher=None) -> "BudgetPlanner":
+        return BudgetPlanner(self.budget_bytes, patcher=patcher)
 
-    def budget(self, device: torch.device, held_bytes: int) -> tuple[int, int]:
+    def budget(self, device: torch.device, held_bytes: int, patcher=None) -> tuple[int, int]:
         """(the activation budget to plan with, the held memory it leaves out). A set budget leaves the
-        held memory out, rounded up to a step; "auto" reads free memory, which has it counted already."""
+        held memory out, rounded up to a step; "auto" reads free memory (the patcher's view: `patcher`, else
+        the run's), which has it counted already."""
         if not self.budget_bytes:
-            return auto_budget(device), 0
+            return auto_budget(device, patcher if patcher is not None else self.patcher), 0
         step = held_step(self.budget_bytes)
         held = -(-held_bytes // step) * step
         return self.budget_bytes - held, held
@@ -243,9 +253,19 @@ class MemoryEstimate:
     base model's method)."""
 
     def __init__(self, base_model, model_options: dict, earlier_patch: Callable | None = None,
-                 motion_models: list = ()):
+                 motion_models: list = (), load_device: torch.device | None = None, patcher=None):
         self.base_model, self.model_options, self.earlier_patch = base_model, model_options, earlier_patch
         self.motion_models = list(motion_models)  # ADE's, attached to the patched MODEL (ade_motion_models)
+        # the device the run computes on: the weights' device is the CPU before loading, under lowvram and
+        # under ComfyUI 0.33's DynamicVRAM, which keeps them in host memory
+        self.load_device = load_device
+        # whose free memory "auto" reads (a weak reference: the patcher holds this estimate in its object patches)
+        self.patcher = weakref.ref(patcher) if patcher is not None else (lambda: None)
+
+    def device(self) -> torch.device:
+        if self.load_device is not None:
+            return torch.device(self.load_device)
+        return next(self.base_model.diffusion_model.parameters()).device
 
     def family_estimate(self, family: str, unet, input_shape, state, device) -> int:
         """SVD or Wan: the peak of one call with the node's slicing, or with the plan the run will make.
@@ -258,7 +278,8 @@ class MemoryEstimate:
         if state.planner is not None:
             try:
                 return families.plan_for(family, unet, tuple(input_shape), dtype_bytes,
-                                         state.planner.budget(device, 0)[0], laws, None, frames).predicted_peak_bytes
+                                         state.planner.budget(device, 0, self.patcher())[0], laws, None,
+                                         frames).predicted_peak_bytes
             except ValueError:
                 config = SliceConfig(1, 1, token_chunk=1)
         shaped = families._shaped(input_shape, dtype_bytes)
@@ -266,17 +287,19 @@ class MemoryEstimate:
                                    dtype_bytes)
         return families.peaks_for(family, unet, shaped, context, config, laws, frames)[0]
 
-    def comfy_estimate(self, input_shape, cond_shapes={}) -> int:
+    def comfy_estimate(self, input_shape, cond_shapes=None, **kwargs) -> int:
+        cond_shapes = {} if cond_shapes is None else cond_shapes
         if self.earlier_patch is not None:
-            return self.earlier_patch(input_shape, cond_shapes=cond_shapes)
-        return type(self.base_model).memory_required(self.base_model, input_shape, cond_shapes=cond_shapes)
+            return self.earlier_patch(input_shape, cond_shapes=cond_shapes, **kwargs)
+        return type(self.base_model).memory_required(self.base_model, input_shape, cond_shapes=cond_shapes, **kwargs)
 
-    def __call__(self, input_shape, cond_shapes={}) -> int:
+    def __call__(self, input_shape, cond_shapes=None, **kwargs) -> int:
+        """kwargs: what a newer host hands memory_required besides (passed on to ComfyUI's own estimate)."""
         unet = self.base_model.diffusion_model
         state = self.model_options["transformer_options"].get(STATE_KEY)
         if state is None or unsupported_reason(unet, "plan") is not None:  # the run's log says so, once
-            return self.comfy_estimate(input_shape, cond_shapes)
-        device = next(unet.parameters()).device
+            return self.comfy_estimate(input_shape, cond_shapes, **kwargs)
+        device = self.device()
         family = families.family_of(unet)
         if family in (families.SVD, families.WAN):
             return int(self.family_estimate(family, unet, input_shape, state, device) * ESTIMATE_MARGIN)
@@ -287,7 +310,7 @@ class MemoryEstimate:
         config = state.config
         if state.planner is not None:  # the plan the run will make, offload included where it pays
             try:
-                config = plan(shape, work, state.planner.budget(device, 0)[0], attention_laws(),
+                config = plan(shape, work, state.planner.budget(device, 0, self.patcher())[0], attention_laws(),
                               offload=offload_available(device)).config
             except ValueError:
                 config = SliceConfig(1, 1, offload_skips=offload_available(device),
@@ -340,7 +363,7 @@ def preview_plan(model, budget: int, width: int, height: int, frames: int) -> st
     if reason is not None:
         return (f"Streamline Memory Budget cannot plan for this model: {reason}. It runs unchanged, with "
                 "ComfyUI's own memory estimate.")
-    planner = BudgetPlanner(budget)
+    planner = BudgetPlanner(budget, patcher=model)
     planned, _ = planner.budget(model.load_device, 0)
     budget_text = format_bytes(budget) if budget else \
         f"auto ({format_bytes(planned)} free now; planned again with what is free at run time)"
@@ -371,15 +394,14 @@ def preview_plan(model, budget: int, width: int, height: int, frames: int) -> st
         return f"budget {budget_text}: {e}"
     windows = f" in context windows of {per_call} frames" if per_call < frames else ""
     return (f"budget {budget_text}, {width}x{height}x{frames}{windows} with CFG: {chosen.text()}; "
-            f"{cond_batching(model.load_device, chosen, plan_for)}")
+            f"{cond_batching(model.load_device, chosen, plan_for, model)}")
 
 
-def cond_batching(device: torch.device, batched: Plan, plan_for: Callable[[int], Plan]) -> str:
+def cond_batching(device: torch.device, batched: Plan, plan_for: Callable[[int], Plan], patcher=None) -> str:
     """Whether ComfyUI will run cond and uncond in one call, judged as it judges it (its estimate, ours
-    under the patch, times COMFY_BATCH_FACTOR against free memory now: weights not loaded yet count as free)."""
-    import comfy.model_management
-
-    free = comfy.model_management.get_free_memory(device)
+    under the patch, times COMFY_BATCH_FACTOR against free memory now, the patcher's view: weights not loaded
+    yet count as free)."""
+    free = free_memory(device, patcher)
     need = batched.predicted_peak_bytes * ESTIMATE_MARGIN * COMFY_BATCH_FACTOR
     if need < free:
         return (f"cond and uncond batched (ComfyUI batches them while {COMFY_BATCH_FACTOR:g} x the estimate, "

@@ -57,10 +57,11 @@ class StreamlineState:
     node_id: str | None = None  # where the browser shows the run's report (the node's UNIQUE_ID)
     report: RunReport = field(default_factory=RunReport)  # what this run did (filled on the run's copy)
 
-    def for_run(self) -> "StreamlineState":
+    def for_run(self, patcher=None) -> "StreamlineState":
         """The state one sampling run works on: the node's config, no plans yet, its own log (each run
-        says its notices once) and its own report."""
-        planner = self.planner.for_run() if hasattr(self.planner, "for_run") else self.planner
+        says its notices once) and its own report; `patcher` (the run's ModelPatcher): whose free memory an
+        "auto" budget reads."""
+        planner = self.planner.for_run(patcher) if hasattr(self.planner, "for_run") else self.planner
         return StreamlineState(self.config, LogOnce(), planner, self.source, self.node_id)
 
     def config_for(self, unet, x: Tensor, context: Tensor | None, held_bytes: int = 0,
@@ -97,7 +98,7 @@ def run_with_own_state(executor, *args, **kwargs):
     state = original_options.get("transformer_options", {}).get(STATE_KEY)
     if state is None:
         return executor(*args, **kwargs)
-    run_state = state.for_run()
+    run_state = state.for_run(guider.model_patcher)
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     guider.model_options["transformer_options"][STATE_KEY] = run_state
     try:
@@ -133,7 +134,8 @@ def apply_streamline(model: ModelPatcher, config: SliceConfig, planner: Callable
     earlier = patched.object_patches.get("memory_required")  # another pack's, or this pack's from an earlier patch
     earlier = earlier.earlier_patch if isinstance(earlier, MemoryEstimate) else earlier
     patched.add_object_patch("memory_required", MemoryEstimate(patched.model, patched.model_options, earlier,
-                                                               ade_motion_models(patched)))
+                                                               ade_motion_models(patched), patched.load_device,
+                                                               patched))
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY,
                                  load_with_streamline_estimate)

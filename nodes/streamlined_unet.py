@@ -615,6 +615,7 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
         config = state.config_for(unet, x, context, held, video_norm_mode, frames=frames)
         report = getattr(state, "report", None)  # the run's (nodes/run_report.py)
         while True:
+            oom = None
             if family == families.SVD:
                 transfers = None  # skip offload is the UNet forward's (SVD's forward keeps its skips)
                 forward = functools.partial(svd_forward, unet, config, state.log)
@@ -631,15 +632,19 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
                 if report is not None:
                     report.record(unet, x, context, config, video_norm_mode, peak, transfers, frames=frames)
                 return out
-            except torch.OutOfMemoryError:
+            except Exception as e:  # noqa: BLE001 — only what ComfyUI counts as out of memory is retried
+                if not is_oom(e):
+                    raise
                 smaller = _finer_after_oom(unet, config, x, context)
                 if smaller is None:
                     raise
-                logger.warning(f"Streamline: out of memory with {config}; retrying with {smaller} and keeping it "
-                               "for the rest of this run.")
-                state.settle(smaller, unet, x, context, held, video_norm_mode, frames=frames)
-                config = smaller
-                comfy.model_management.soft_empty_cache()
+                oom = f"{type(e).__name__}"
+            # out of the except block: its traceback no longer holds the failed attempt's tensors
+            logger.warning(f"Streamline: out of memory ({oom}) with {config}; retrying with {smaller} and keeping "
+                           "it for the rest of this run.")
+            state.settle(smaller, unet, x, context, held, video_norm_mode, frames=frames)
+            config = smaller
+            comfy.model_management.soft_empty_cache()
 
     def wan_call(executor, state, args: tuple, kwargs: dict):
         """A Wan call: its blocks are sliced by the block replacements (nodes/wan/); here the call's
@@ -654,17 +659,55 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
             # Step Rehash's split keeps the deep blocks' input during a full call: planned as held memory
             held += families.wan_rehash_split_bytes(model, tuple(x.shape), x.element_size())
         config = state.config_for(model, x, context, held, False)
-        call_options = {**(options or {}), CALL_CONFIG_KEY: config}
-        args = tuple(call_options if a is options else a for a in args)
-        kwargs = {k: call_options if v is options else v for k, v in kwargs.items()}
         report = getattr(state, "report", None)
-        peak = report.measure(x, False) if report is not None else None
-        out = executor(*args, **kwargs)
-        if report is not None:
-            report.record(model, x, context, config, False, peak)
-        return out
+        while True:
+            call_options = {**(options or {}), CALL_CONFIG_KEY: config}
+            call_args = tuple(call_options if a is options else a for a in args)
+            call_kwargs = {k: call_options if v is options else v for k, v in kwargs.items()}
+            try:
+                peak = report.measure(x, False) if report is not None else None
+                out = executor(*call_args, **call_kwargs)
+                if report is not None:
+                    report.record(model, x, context, config, False, peak)
+                return out
+            except Exception as e:  # noqa: BLE001 — only what ComfyUI counts as out of memory is retried
+                if not is_oom(e):
+                    raise
+                smaller = _finer_tokens_after_oom(model, config, x)
+                if smaller is None:
+                    raise
+                oom = type(e).__name__
+            logger.warning(f"Streamline: out of memory ({oom}) with {config}; retrying with {smaller} and keeping "
+                           "it for the rest of this run.")
+            state.settle(smaller, model, x, context, held, False)
+            config = smaller
+            comfy.model_management.soft_empty_cache()
 
     return wrapper
+
+
+def is_oom(e: BaseException) -> bool:
+    """What ComfyUI counts as out of memory (0.33's model_management.is_oom: torch's OutOfMemoryError, and
+    accelerator errors that say so), else torch's OutOfMemoryError alone (0.3.64)."""
+    import comfy.model_management
+
+    check = getattr(comfy.model_management, "is_oom", None)
+    return bool(check(e)) if check is not None else isinstance(e, torch.OutOfMemoryError)
+
+
+def _finer_tokens_after_oom(model: nn.Module, config: SliceConfig, x: Tensor) -> SliceConfig | None:
+    """Half the tokens per slice of a DiT call (None: one token per slice already)."""
+    import dataclasses
+
+    from ..core.dit_budget import token_chunk_size
+    from .families import wan_shape, wan_tokens
+
+    tokens, per_frame = wan_tokens(model, tuple(x.shape))
+    chunk = token_chunk_size(config, batch=x.shape[0], tokens=tokens, tokens_per_frame=per_frame,
+                             dim=wan_shape(model).dim)
+    if chunk <= 1:
+        return None
+    return dataclasses.replace(config, token_chunk=chunk // 2)
 
 
 def _finer_after_oom(unet: UNetModel, config: SliceConfig, x: Tensor, context: Tensor | None) -> SliceConfig | None:

@@ -515,10 +515,10 @@ def test_auto_plans_are_made_per_run_and_per_free_memory(sd15_image, forward_con
     roomy, tight = int(unsliced / ALLOCATOR_HEADROOM * 1.5), int(unsliced / ALLOCATOR_HEADROOM * 0.6)
     free = {"first": roomy, "later": roomy}  # free memory before a run's first forward, and after it
     monkeypatch.setattr(memory_budget, "free_activation_bytes",
-                        lambda device: free["later" if forward_configs else "first"])
+                        lambda device, patcher=None: free["later" if forward_configs else "first"])
     runs: list[StreamlineState] = []
     for_run = StreamlineState.for_run
-    monkeypatch.setattr(StreamlineState, "for_run", lambda self: runs.append(for_run(self)) or runs[-1])
+    monkeypatch.setattr(StreamlineState, "for_run", lambda self, patcher=None: runs.append(for_run(self, patcher)) or runs[-1])
     patched = MemoryBudget.execute(model, budget_gb=0.0, width=64, height=64, frames=family.latent_shape[0]).result[0]
     planner = patched.model_options["transformer_options"][STATE_KEY].planner
 
@@ -593,7 +593,7 @@ def test_the_node_shows_the_plan_the_run_uses_with_animatediff(ade_model, monkey
     from comfyui_streamline.nodes import memory_budget
     from comfyui_streamline.tools.synthetic import random_conds
 
-    monkeypatch.setattr(memory_budget, "free_activation_bytes", lambda device: int(0.012 * 2**30))  # "auto"
+    monkeypatch.setattr(memory_budget, "free_activation_bytes", lambda device, patcher=None: int(0.012 * 2**30))  # "auto"
     patched, text = memory_budget.MemoryBudget.execute(ade_model, budget_gb=budget_gib, width=64, height=64,
                                                        frames=frames).result
     assert ("context windows of 4 frames" in text) == (frames > CONTEXT_LENGTH), text

@@ -199,7 +199,7 @@ def test_memory_budget(family, caplog, monkeypatch, auto):
     caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)
     budget = slicing_budget(model, spec) if spec.sliced else 2**30
     if auto:  # "auto" plans with what the pack finds free: make that a budget that needs slicing
-        monkeypatch.setattr(memory_budget, "free_activation_bytes", lambda device: budget)
+        monkeypatch.setattr(memory_budget, "free_activation_bytes", lambda device, patcher=None: budget)
     patched, text = memory_budget.MemoryBudget.execute(model, budget_gb=0.0 if auto else budget / 2**30,
                                                        width=64, height=64, frames=2).result
     check_comfy_estimate(spec, model, patched)

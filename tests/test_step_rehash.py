@@ -204,8 +204,8 @@ def test_composes_with_the_memory_budget_which_leaves_the_cache_its_memory(ade_m
     runs = []
     for_run = StreamlineState.for_run
 
-    def recording_for_run(self):
-        runs.append(for_run(self))
+    def recording_for_run(self, patcher=None):
+        runs.append(for_run(self, patcher))
         return runs[-1]
 
     monkeypatch.setattr(StreamlineState, "for_run", recording_for_run)

@@ -1,0 +1,191 @@
+"""The pack under ComfyUI 0.33's model management, as far as a CPU can show it:
+
+- the memory estimate plans for the device the run computes on (the patcher's load_device), not the device
+  the weights sit on (the CPU before loading, under lowvram, and always under DynamicVRAM);
+- "auto" reads free memory as ComfyUI's sampler does (the patcher's get_free_memory: under DynamicVRAM it
+  counts the weight memory it can evict), in the estimate, in the run and in the node's preview;
+- an out-of-memory error is retried as wide as ComfyUI's is_oom (an accelerator error that says "out of
+  memory" too), out of the except block; any other error goes through untouched; Wan calls are retried with
+  half the tokens per slice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.host
+
+LOGGER = "ComfyUI-Streamline"
+GiB = 2**30
+
+
+@functools.lru_cache(maxsize=1)
+def sd15():
+    from comfyui_streamline.tools.model_families import FAMILIES, load
+
+    return load(FAMILIES["SD15"])
+
+
+@pytest.fixture
+def free_memory_seen(monkeypatch):
+    """Every (device, patcher) the pack asks free memory of; 6 GiB each time."""
+    from comfyui_streamline.nodes import memory_budget
+
+    seen = []
+
+    def free(device, patcher=None):
+        seen.append((torch.device(device), patcher))
+        return 6 * GiB
+
+    monkeypatch.setattr(memory_budget, "free_memory", free)
+    return seen
+
+
+def test_the_estimate_plans_for_the_load_device_not_the_weights(free_memory_seen):
+    from comfyui_streamline.nodes.memory_budget import MemoryBudget
+
+    model = sd15().clone()
+    model.load_device = torch.device("cuda", 3)  # the weights stay on the CPU, as under DynamicVRAM
+    assert next(model.model.diffusion_model.parameters()).device.type == "cpu"
+    patched = MemoryBudget.execute(model, budget_gb=0.0, width=64, height=64, frames=4).result[0]
+    free_memory_seen.clear()
+    estimate = patched.object_patches["memory_required"]
+    assert estimate([4, 4, 8, 8]) > 0
+    assert [device for device, _ in free_memory_seen] == [torch.device("cuda", 3)]
+    assert free_memory_seen[0][1] is patched  # the patcher's view of free memory
+
+
+def test_auto_reads_the_patchers_free_memory():
+    from comfyui_streamline.nodes.memory_budget import SAFETY_BYTES, BudgetPlanner, free_step
+
+    class Patcher:  # ComfyUI 0.33: torch's free memory plus the weights DynamicVRAM can evict
+        def get_free_memory(self, device):
+            return 10 * GiB
+
+    planner = BudgetPlanner(0).for_run(Patcher())
+    assert planner.budget(torch.device("cpu"), 0) == (free_step(10 * GiB - SAFETY_BYTES), 0)
+    assert BudgetPlanner(0).budget(torch.device("cpu"), 0, Patcher())[0] == free_step(10 * GiB - SAFETY_BYTES)
+
+
+def test_a_run_plans_with_its_patchers_free_memory(free_memory_seen):
+    import nodes
+
+    from comfyui_streamline.nodes.memory_budget import MemoryBudget
+    from comfyui_streamline.tools.model_families import FAMILIES
+
+    patched = MemoryBudget.execute(sd15(), budget_gb=0.0, width=64, height=64, frames=2).result[0]
+    positive, negative = FAMILIES["SD15"].conds()
+    free_memory_seen.clear()
+    nodes.common_ksampler(patched, 1, 1, 5.0, "euler", "normal", positive, negative,
+                          {"samples": torch.zeros(2, 4, 8, 8)})
+    patchers = {id(p) for _, p in free_memory_seen if p is not None}
+    assert free_memory_seen and patchers, "the run's planner asked no patcher"
+    assert all(p is not None for _, p in free_memory_seen)
+
+
+def accelerator_oom() -> BaseException:
+    """An out-of-memory error that is not torch.OutOfMemoryError (a failed cuBLAS workspace, say)."""
+    error = getattr(torch, "AcceleratorError", RuntimeError)
+    try:
+        return error("CUDA error: out of memory")
+    except TypeError:  # its constructor wants more
+        return RuntimeError("CUDA error: out of memory")
+
+
+def unet_inputs(batch: int = 4):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 4, 8, 8, generator=g), torch.full((batch,), 500.0),
+            torch.randn(batch, 77, 768, generator=g))
+
+
+def run_unet(transformer_options: dict):
+    import comfy.patcher_extension
+
+    from comfyui_streamline.nodes.model_patch import streamline_wrapper
+
+    unet = sd15().model.diffusion_model
+    x, t, c = unet_inputs()
+    executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(
+        unet._forward, unet, [streamline_wrapper])
+    with torch.no_grad():
+        return executor.execute(x, t, c, None, None, transformer_options)
+
+
+def test_an_accelerator_out_of_memory_is_retried_with_finer_slices(monkeypatch, caplog):
+    import comfy.model_management
+
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.nodes import streamlined_unet
+    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState
+
+    if not hasattr(comfy.model_management, "is_oom"):
+        pytest.skip("this ComfyUI has no is_oom (0.3.64 counts torch's OutOfMemoryError alone)")
+    real, seen = streamlined_unet.run_frame_chunked, []
+
+    def oom_above_two(group, total, chunk):
+        seen.append(chunk)
+        if chunk > 2:
+            raise accelerator_oom()
+        return real(group, total, chunk)
+
+    reference = run_unet({})
+    monkeypatch.setattr(streamlined_unet, "run_frame_chunked", oom_above_two)
+    state = StreamlineState(SliceConfig(4, 64, scale_with_level=False))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        out = run_unet({STATE_KEY: state})
+    assert ((out - reference).abs().max() / reference.abs().max()).item() <= 1e-5
+    assert state.config.frame_chunk == 2
+    assert sum("out of memory" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_any_other_error_goes_through_untouched(monkeypatch):
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.nodes import streamlined_unet
+    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState
+
+    def broken(group, total, chunk):
+        raise ValueError("not a memory problem")
+
+    monkeypatch.setattr(streamlined_unet, "run_frame_chunked", broken)
+    state = StreamlineState(SliceConfig(4, 64, scale_with_level=False))
+    with pytest.raises(ValueError, match="not a memory problem"):
+        run_unet({STATE_KEY: state})
+    assert state.config.frame_chunk == 4
+
+
+def test_wan_calls_are_retried_with_half_the_tokens_per_slice(monkeypatch, caplog):
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.nodes.model_patch import apply_streamline
+    from comfyui_streamline.nodes.wan import patch
+    from comfyui_streamline.tools.model_families import WAN_VARIANTS, load, wan
+
+    model = load(dataclasses.replace(WAN_VARIANTS["WAN21_T2V"], build=functools.partial(wan, num_layers=2)))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 3, 10, 12, generator=g)  # 90 tokens
+    sigma, context = torch.tensor([0.7, 0.7]), torch.randn(2, 8, 4096, generator=g)
+
+    def call(m):
+        to = {**m.model_options["transformer_options"], "wrappers": m.wrappers}
+        with torch.no_grad():
+            return m.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to)
+
+    reference = call(model)
+    real, seen = patch.sliced_block_forward, []
+
+    def oom_above_twenty(block, h, *args):
+        seen.append(args[-1])
+        if args[-1] > 20:
+            raise torch.OutOfMemoryError("injected")
+        return real(block, h, *args)
+
+    monkeypatch.setattr(patch, "sliced_block_forward", oom_above_twenty)
+    patched = apply_streamline(model, SliceConfig(token_chunk=64))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        out = call(patched)
+    assert torch.equal(out, reference)
+    assert seen == [64, 32, 16, 16]  # block 0 fails twice, then both blocks run at 16
+    assert sum("out of memory" in r.getMessage() for r in caplog.records) == 2
