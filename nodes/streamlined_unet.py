@@ -365,8 +365,8 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
         log.warn("video-norm-unknown", f"Streamline: AnimateDiff-Evolved normalises over whole videos, but {e}; "
                  "this UNet call runs unsliced.")
         frames, config = None, UNSLICED
-    ade_sliced = ade_verdict(to).sliced
-    if frames is not None and not ade_sliced:  # the whole-video GroupNorm is ADE's (groupnorm_mm_factory)
+    ade_sliced, ade_video_norm_sliced = ade_verdict(to)
+    if frames is not None and not (ade_sliced and ade_video_norm_sliced):  # whole-video GroupNorm: ADE's own
         frames, config = None, UNSLICED
     if frames is not None:
         log.info("video-norm", f"Streamline: AnimateDiff-Evolved runs this motion model with GroupNorm statistics "
@@ -554,11 +554,44 @@ def unet_verdict(video: bool = False) -> "host_fingerprints.Verdict":
                                      functools.partial(unet_self_check, video))
 
 
-def ade_verdict(transformer_options: dict) -> "host_fingerprints.Verdict":
-    """The host verdict on ADE's motion-module functions (found through this call's options). The pack has
-    no self-check for them: on an ADE it has not recorded, motion modules run through ADE's own forward."""
+_ADE_GROUPNORM = "ADE groupnorm_mm_factory"
+
+
+def ade_self_check(module_class: type, handler: Callable) -> float:
+    """ADE's motion module through the pack's sliced path against ADE's own dispatch (`handler`, its
+    forward_timestep_embed patch), on a tiny float64 VanillaTemporalModule of ADE's class (two videos of 4
+    frames, 4x4 positions, slices that do not divide them, with and without a motion scale)."""
+    module = module_class(in_channels=32, block_type="down", block_idx=0, module_idx=0, num_attention_heads=2,
+                          temporal_pe_max_len=8, zero_initialize=False)
+    module = tiny_models.randomize(module, 4).double()
+    frames = 4
+    module.set_video_length(frames, frames)
+    x = tiny_models.inputs((2 * frames, 32, 4, 4), 5)
+    worst = 0.0
+    for effect in (None, 0.7):
+        if effect is not None:
+            module.set_effect(effect)
+        with torch.no_grad():
+            theirs = handler(module, x.clone(), None, None, {}, None, None, None, None)
+            ours = run_motion_module_sliced(module, x.clone(), None, {}, spatial_chunk=5, in_place=False)
+        worst = max(worst, host_fingerprints.relative_difference(ours, theirs))
+    return worst
+
+
+def ade_verdict(transformer_options: dict) -> tuple[bool, bool]:
+    """The host verdicts on ADE's functions (found through this call's options): (motion modules sliced,
+    ADE's whole-video GroupNorm mode sliced). The motion modules have a self-check; the whole-video GroupNorm
+    has none: on an ADE whose groupnorm_mm_factory the pack has not recorded, that mode runs unsliced."""
     functions = host_fingerprints.ade_functions(transformer_options)
-    return host_fingerprints.verdict("AnimateDiff-Evolved motion modules", functions, None)
+    groupnorm = {k: functions.pop(k) for k in [_ADE_GROUPNORM] if k in functions}
+    module_class = handler = None
+    for cls, patch in transformer_options.get("patches", {}).get("forward_timestep_embed_patch", []):
+        if cls.__name__ == "VanillaTemporalModule":
+            module_class, handler = cls, patch
+    check = functools.partial(ade_self_check, module_class, handler) if module_class is not None else None
+    modules = host_fingerprints.verdict("AnimateDiff-Evolved motion modules", functions, check).sliced
+    whole_video = host_fingerprints.verdict("AnimateDiff-Evolved whole-video GroupNorm", groupnorm, None).sliced
+    return modules, whole_video
 
 
 def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],

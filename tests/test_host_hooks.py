@@ -382,3 +382,69 @@ def test_wan_unrecorded_host_that_checks_different_runs_comfyuis_blocks(unrecord
     assert torch.equal(out, reference)
     messages = streamline_records(caplog)
     assert len(messages) == 1 and "Wan runs ComfyUI's own code" in messages[0]
+
+
+# --- AnimateDiff-Evolved ----------------------------------------------------------------------------------
+
+def ade_options():
+    from comfyui_streamline.tools import synthetic
+
+    return synthetic.ade_transformer_options(1)
+
+
+def test_ade_self_check_equal_here_and_catches_a_dropped_motion_scale(monkeypatch):
+    from comfyui_streamline.nodes import streamlined_unet
+
+    (module_class, handler), = ade_options()["patches"]["forward_timestep_embed_patch"]
+    assert streamlined_unet.ade_self_check(module_class, handler) <= 1e-12
+    real = streamlined_unet.run_motion_module_sliced
+
+    def drops_the_scale(module, *args, **kwargs):
+        effect, module.effect = module.effect, None
+        try:
+            return real(module, *args, **kwargs)
+        finally:
+            module.effect = effect
+
+    monkeypatch.setattr(streamlined_unet, "run_motion_module_sliced", drops_the_scale)
+    assert streamlined_unet.ade_self_check(module_class, handler) > 1e-3
+
+
+def test_unrecorded_ade_motion_modules_check_themselves_whole_video_groupnorm_runs_ades(unrecorded_host, caplog):
+    from comfyui_streamline.nodes.streamlined_unet import ade_verdict
+
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        verdicts = [ade_verdict(ade_options()) for _ in range(3)]
+    assert verdicts == [(True, False)] * 3
+    messages = streamline_records(caplog)
+    assert len(messages) == 2
+    assert "motion modules runs sliced" in messages[0]
+    assert "whole-video GroupNorm runs ComfyUI's own code" in messages[1] and "no self-check" in messages[1]
+
+
+def test_ade_motion_modules_that_check_different_run_through_ades_forward(unrecorded_host, monkeypatch):
+    """A motion module under a "not equal" verdict runs through ADE's own dispatch (ComfyUI's
+    forward_timestep_embed and ADE's patch), not the pack's sliced path, and gives ADE's output."""
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.nodes import streamlined_unet, tiny_models
+
+    monkeypatch.setattr(streamlined_unet, "ade_self_check", lambda *a: 0.3)
+    sliced = []
+    real = streamlined_unet.run_motion_module_sliced
+    monkeypatch.setattr(streamlined_unet, "run_motion_module_sliced", lambda *a, **k: sliced.append(1) or real(*a, **k))
+    options = ade_options()
+    (module_class, handler), = options["patches"]["forward_timestep_embed_patch"]
+    module = tiny_models.randomize(module_class(in_channels=32, block_type="down", block_idx=0, module_idx=0,
+                                                num_attention_heads=2, temporal_pe_max_len=8,
+                                                zero_initialize=False), 4).double()
+    module.set_video_length(4, 4)
+    x = tiny_models.inputs((8, 32, 4, 4), 5)
+    modules_sliced, _ = streamlined_unet.ade_verdict(options)
+    run = streamlined_unet.StreamlinedForward(tiny_models.unet(), SliceConfig(2, 5, scale_with_level=False),
+                                              streamlined_unet.LogOnce(), x, torch.zeros(8, 128, dtype=x.dtype),
+                                              None, options, {}, None, modules_sliced)
+    with torch.no_grad():
+        out = run.run_motion(module, x.clone(), owned=False)
+        reference = handler(module, x.clone(), None, None, options, None, None, None, None)
+    assert not modules_sliced and sliced == []
+    assert torch.equal(out, reference)
