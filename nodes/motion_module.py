@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import torch.nn as nn
 from torch import Tensor
 
 from ..core.temporal import TemporalTransformerParts, temporal_transformer_sliced
@@ -111,6 +112,21 @@ def unsliceable_reason(module) -> str | None:
     return None
 
 
+def norm_parameters(norm: nn.Module, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The GroupNorm's weight and bias as its own forward uses them, read once per call: through ComfyUI's cast
+    path where the layer casts (manual cast, lowvram, weight patches: comfy.ops' forward_comfy_cast_weights),
+    else its parameters, moved to x's device once (not once per spatial slice)."""
+    if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) \
+            or getattr(norm, "bias_function", None):
+        import comfy.ops
+
+        weight, bias = comfy.ops.cast_bias_weight(norm, x)[:2]
+        return weight, bias
+    weight, bias = norm.weight, norm.bias
+    return (weight.to(x.device) if weight is not None else None,
+            bias.to(x.device) if bias is not None else None)
+
+
 def run_motion_module_sliced(
     module, x: Tensor, context: Tensor | None, transformer_options: dict, spatial_chunk: int, in_place: bool,
     video_frames: int = 1,
@@ -140,9 +156,10 @@ def run_motion_module_sliced(
             )
         return h
 
+    norm_weight, norm_bias = norm_parameters(tt.norm, x)
     parts = TemporalTransformerParts(
-        norm_weight=tt.norm.weight,
-        norm_bias=tt.norm.bias,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
         num_groups=tt.norm.num_groups,
         eps=tt.norm.eps,
         proj_in=lambda h: tt.proj_in(h).to(h.dtype),

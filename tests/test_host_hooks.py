@@ -448,3 +448,50 @@ def test_ade_motion_modules_that_check_different_run_through_ades_forward(unreco
         reference = handler(module, x.clone(), None, None, options, None, None, None, None)
     assert not modules_sliced and sliced == []
     assert torch.equal(out, reference)
+
+
+def test_motion_module_norm_reads_comfyuis_cast_path():
+    """A motion module's GroupNorm with a weight patch (what lowvram or a LoRA on the norm installs:
+    weight_function): the sliced path reads the norm through ComfyUI's cast path, once per call, as the
+    layer's own forward does."""
+    from comfyui_streamline.nodes import tiny_models
+    from comfyui_streamline.nodes.motion_module import norm_parameters, run_motion_module_sliced
+
+    (module_class, handler), = ade_options()["patches"]["forward_timestep_embed_patch"]
+    module = tiny_models.randomize(module_class(in_channels=32, block_type="down", block_idx=0, module_idx=0,
+                                                num_attention_heads=2, temporal_pe_max_len=8,
+                                                zero_initialize=False), 4).double()
+    module.set_video_length(4, 4)
+    norm = module.temporal_transformer.norm
+    norm.weight_function = [lambda w: w * 1.5]
+    x = tiny_models.inputs((8, 32, 4, 4), 5)
+    weight, _ = norm_parameters(norm, x)
+    assert torch.allclose(weight, norm.weight * 1.5)
+    with torch.no_grad():
+        theirs = handler(module, x.clone(), None, None, {}, None, None, None, None)
+        ours = run_motion_module_sliced(module, x.clone(), None, {}, spatial_chunk=5, in_place=False)
+        norm.weight_function = []
+        unpatched = handler(module, x.clone(), None, None, {}, None, None, None, None)
+    assert relative_error(theirs, unpatched) > 1e-3  # the patch matters
+    assert relative_error(ours, theirs) <= 1e-12
+
+
+def test_block_quantised_attention_keeps_query_blocks_whole(monkeypatch, caplog, wan_slices):
+    """Under SageAttention or ComfyUI's int8 attention (queries quantised in blocks of 128 rows) token slices
+    are multiples of 128, or the block runs unsliced with one line. (The kernel is stood in for by the one
+    this host runs: what is tested is the pack's choice of slices.)"""
+    import comfy.ldm.modules.attention as attention
+
+    from comfyui_streamline.nodes.wan import block
+
+    monkeypatch.setattr(attention, "attention_sage", block.optimized_attention, raising=False)
+    assert block.block_quantised_attention() == "attention_sage"
+    plain = wan_call(wan_clone(None))
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        out = wan_call(wan_clone(7))  # 90 tokens: no multiple of 128 fits in a slice of 7
+    assert wan_slices == [] and torch.equal(out, plain)
+    messages = streamline_records(caplog, logging.WARNING)
+    assert len(messages) == 1 and "quantises queries in blocks of 128" in messages[0]
+    assert block.exact_token_chunk(300) == 256 and block.exact_token_chunk(127) == 0
+    monkeypatch.undo()
+    assert block.block_quantised_attention() is None and block.exact_token_chunk(300) == 300

@@ -55,6 +55,29 @@ def host_calls_attn2_patch() -> bool:
         return True  # no source to read: the host verdict's self-check decides
 
 
+# SageAttention and ComfyUI's int8 attention (comfy-kitchen) quantise queries in blocks of up to this many
+# rows, counted from the start of the sequence: a slice that starts inside a block changes the result
+QUERY_BLOCK = 128
+_BLOCK_QUANTISED = ("attention_sage", "attention3_sage", "attention_comfy_kitchen_int8")
+
+
+def block_quantised_attention() -> str | None:
+    """The name of ComfyUI's attention kernel when it quantises queries by blocks (None: it does not)."""
+    import comfy.ldm.modules.attention as attention
+
+    for name in _BLOCK_QUANTISED:
+        function = getattr(attention, name, None)
+        if function is not None and optimized_attention is function:
+            return name
+    return None
+
+
+def exact_token_chunk(chunk: int) -> int:
+    """The largest token slice <= chunk whose boundaries keep the attention kernel's query blocks whole: a
+    multiple of QUERY_BLOCK under a block-quantised kernel (0: none fits), else chunk itself."""
+    return chunk // QUERY_BLOCK * QUERY_BLOCK if block_quantised_attention() is not None else chunk
+
+
 @functools.lru_cache(maxsize=None)
 def host_copies_block_input() -> bool:
     """Whether the host's WanAttentionBlock.forward makes x contiguous (ComfyUI 0.33): ComfyUI's forward then

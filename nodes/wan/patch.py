@@ -34,7 +34,7 @@ from torch import Tensor
 from .. import host_fingerprints
 from ..log import logger
 from ..streamlined_unet import LogOnce
-from .block import sliced_block_forward
+from .block import QUERY_BLOCK, block_quantised_attention, exact_token_chunk, sliced_block_forward
 from .rehash import WAN_REHASH_KEY, WanRehashCall
 
 WRAPPER_KEY = "streamline_wan"
@@ -242,6 +242,12 @@ class SlicedWanBlock:
         call: WanCall | None = to.get(CALL_KEY)
         reason = self.unsliced_reason(call, to, x, freqs)
         chunk = None if call is None else self.token_chunk_for(to, x, call.tokens_per_frame)
+        if reason is None and chunk is not None and chunk < x.shape[1]:
+            exact = exact_token_chunk(chunk)
+            if exact == 0:
+                reason = (f"the attention kernel ({block_quantised_attention()}) quantises queries in blocks of "
+                          f"{QUERY_BLOCK} tokens, more than a slice of {chunk}")
+            chunk = exact or chunk
         if reason or chunk is None or chunk >= x.shape[1]:
             if reason and (call is None or chunk is not None):  # said only where slices were asked for
                 log.warn(f"wan-unsliced-{reason}", f"Streamline: Wan block {self.index}: {reason}; it runs unsliced "
