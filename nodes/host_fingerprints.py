@@ -76,6 +76,15 @@ def fingerprint(function: Callable) -> str:
         return "unknown"
 
 
+def source_mentions(function: Callable, text: str, default: bool) -> bool:
+    """Whether a host function's source contains `text` (what a host version calls there, e.g. a patch key);
+    `default` where it has no source to read (the host verdict's self-check then decides)."""
+    try:
+        return text in inspect.getsource(function)
+    except (OSError, TypeError):
+        return default
+
+
 def comfy_functions() -> dict[str, Callable]:
     """What the UNet forward (nodes/streamlined_unet.py, nodes/svd_unet.py) mirrors of ComfyUI."""
     from comfy.ldm.modules.attention import SpatialTransformer

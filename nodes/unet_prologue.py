@@ -5,10 +5,11 @@ import the other for these."""
 from __future__ import annotations
 
 import functools
-import inspect
 
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from torch import Tensor
+
+from . import host_fingerprints
 
 REHASH_CALL_KEY = "streamline_rehash_call"  # transformer_options key of Step Rehash's per-call RehashCall
 
@@ -30,10 +31,7 @@ def host_calls_middle_block_after_patch() -> bool:
     """Whether the host's UNetModel._forward calls middle_block_after_patch patches (0.33 does, 0.3.64 not)."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    try:
-        return "middle_block_after_patch" in inspect.getsource(UNetModel._forward)
-    except (OSError, TypeError):
-        return True  # no source to read: the host verdict's self-check decides
+    return host_fingerprints.source_mentions(UNetModel._forward, "middle_block_after_patch", True)
 
 
 def middle_block_after(patches: dict, h: Tensor, x: Tensor, emb: Tensor, context, y, timesteps, to: dict) -> Tensor:

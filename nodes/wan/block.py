@@ -22,7 +22,6 @@ Per-token modulation (Wan 2.2 5B: e of shape (B, E, 6, C), E > 1) maps token j t
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -33,6 +32,7 @@ from comfy.ldm.wan.model import WanAttentionBlock, WanI2VCrossAttention
 from torch import Tensor
 
 from ...core.slicing import chunk_ranges
+from .. import host_fingerprints
 
 # the modulation terms in the order the host unbinds them
 SHIFT_ATTN, SCALE_ATTN, GATE_ATTN, SHIFT_FFN, SCALE_FFN, GATE_FFN = range(6)
@@ -49,10 +49,7 @@ def modulation_terms(block: WanAttentionBlock, e: Tensor, x: Tensor) -> tuple[Te
 @functools.lru_cache(maxsize=None)
 def host_calls_attn2_patch() -> bool:
     """Whether the host's WanAttentionBlock.forward calls attn2_patch patches (ComfyUI 0.33 does, 0.3.64 not)."""
-    try:
-        return "attn2_patch" in inspect.getsource(WanAttentionBlock.forward)
-    except (OSError, TypeError):
-        return True  # no source to read: the host verdict's self-check decides
+    return host_fingerprints.source_mentions(WanAttentionBlock.forward, "attn2_patch", True)
 
 
 # SageAttention and ComfyUI's int8 attention (comfy-kitchen) quantise queries in blocks of up to this many
@@ -83,10 +80,7 @@ def host_copies_block_input() -> bool:
     """Whether the host's WanAttentionBlock.forward makes x contiguous (ComfyUI 0.33): ComfyUI's forward then
     holds one more (B, L, C) in the first block (core/dit_budget.py WanWork.input_copy). The sliced block
     does not copy: it updates forward_orig's x in place, slice by slice."""
-    try:
-        return "x.contiguous()" in inspect.getsource(WanAttentionBlock.forward)
-    except (OSError, TypeError):
-        return False
+    return host_fingerprints.source_mentions(WanAttentionBlock.forward, "x.contiguous()", False)
 
 
 @dataclass(frozen=True)
