@@ -8,11 +8,21 @@ comes back either whole, one block ahead of its use (ControlNet residuals and ou
 as FreeU need it whole), or in the rows (samples) of each frame chunk that joins it, the next chunk's rows
 on their way while the current chunk runs.
 
-CUDA: copies run on a side stream, ordered with events: a device-to-host copy waits for the event
-recorded where the skip was made and the skip's memory is marked used by the side stream
-(`record_stream`), so the allocator does not reuse it before the copy is done; host buffers are pinned
-(PyTorch's caching host allocator keeps them until their copies finish); a copy back goes into memory
-allocated on the compute stream, which waits for the copy's event before it reads it.
+CUDA: copies run on the device's side stream (`side_stream`: one per device, made once and used by every
+forward; from PyTorch's high-priority stream pool, so never one of the priority-0 streams ComfyUI's async
+weight offload draws), ordered with events: a device-to-host copy waits for the event recorded where the
+skip was made and the skip's memory is marked used by the side stream (`record_stream`), so the allocator
+does not reuse it before the copy is done; a copy back goes into memory allocated on the compute stream,
+which waits for the copy's event before it reads it.
+Host buffers come from `HOST_POOL` (`HostPool`), by byte size and device: a buffer a skip or feature leaves
+is used again by the next one of its size, in the same forward or a later one of the run (every copy into
+or out of it runs on the one side stream, in order). They are pinned through ComfyUI's own pinned-memory
+API (`comfy.model_management.pin_memory`: registered, counted in ComfyUI's TOTAL_PINNED_MEMORY), page by
+page, so exactly their bytes are pinned; with `--disable-pinned-memory`, or past ComfyUI's pinned-memory
+limit (MAX_PINNED_MEMORY: offload never evicts ComfyUI's own pins for its buffers), they are plain pageable
+memory and their copies are blocking (the same bytes; the log says so once per run). `end_run()` (the
+OUTER_SAMPLE wrapper's finally, nodes/model_patch.py) waits for the side streams, unpins and drops every
+buffer: nothing stays pinned between runs.
 No CUDA: the copies are plain copies into new storages, made under memtrace.counted_as_host(), so the
 live-tensor counter sees the skips leave the device count; the device-side tensors are released.
 Copies are exact: the forward's output is bit-identical with and without offload.
@@ -26,13 +36,244 @@ again for the output block that joins it. A feature that the next op needs whole
 """
 from __future__ import annotations
 
+import logging
+import math
+import mmap
+import threading
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .memtrace import counted_as_host
+
+logger = logging.getLogger("ComfyUI-Streamline")  # the pack's logger (nodes/log.py)
+
+PAGE = mmap.PAGESIZE  # pinned buffers take whole pages: two registrations never share one
+
+
+def _comfy_model_management():
+    """ComfyUI's model management where ComfyUI is loaded (None for core used on its own)."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return None
+    return mm
+
+
+def pinning_disabled() -> bool:
+    """ComfyUI's `--disable-pinned-memory`."""
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        return False
+    return bool(getattr(args, "disable_pinned_memory", False))
+
+
+# -- the side stream ---------------------------------------------------------------------------------------
+
+
+def device_key(device) -> torch.device:
+    """`device` with its index (a CUDA device without one: the current device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def new_side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """A stream for offload's copies on `device`: from PyTorch's high-priority pool (torch.cuda.Stream always
+    takes one of PyTorch's pooled streams; ComfyUI's async weight offload takes its streams from the
+    priority-0 pool), and never the compute stream or one ComfyUI already uses."""
+    mm = _comfy_model_management()
+    taken = {torch.cuda.current_stream(device).cuda_stream}
+    for streams in (getattr(mm, "STREAMS", None) or {}).values():
+        taken.update(getattr(s, "cuda_stream", None) for s in streams)
+    for _ in range(64):  # the pool is a ring of 32 per priority
+        stream = torch.cuda.Stream(device, priority=-1)
+        if stream.cuda_stream not in taken:
+            break
+    return stream
+
+
+class SideStreams:
+    """One side stream per device, made once by `factory` (device -> stream) and then used by every forward
+    on that device."""
+
+    def __init__(self, factory: Callable = new_side_stream):
+        self.factory = factory
+        self._streams: dict[torch.device, object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, device):
+        key = device_key(device)
+        with self._lock:
+            stream = self._streams.get(key)
+            if stream is None:
+                stream = self._streams[key] = self.factory(key)
+        return stream
+
+    def streams(self) -> list:
+        with self._lock:
+            return list(self._streams.values())
+
+
+SIDE_STREAMS = SideStreams()
+
+
+def side_stream(device) -> "torch.cuda.Stream":
+    return SIDE_STREAMS.get(device)
+
+
+# -- host buffers ------------------------------------------------------------------------------------------
+
+
+def pin(buffer: Tensor) -> bool:
+    """Pin `buffer` (whole pages) through ComfyUI's API (it registers it and counts it in its
+    TOTAL_PINNED_MEMORY); without ComfyUI, register it with the CUDA runtime."""
+    mm = _comfy_model_management()
+    if mm is not None and hasattr(mm, "pin_memory"):
+        return bool(mm.pin_memory(buffer))
+    return torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.nbytes, 0) == 0
+
+
+def unpin(buffer: Tensor) -> None:
+    mm = _comfy_model_management()
+    if mm is not None and hasattr(mm, "unpin_memory"):
+        mm.unpin_memory(buffer)
+    else:
+        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
+DISABLED = "--disable-pinned-memory"
+
+
+def pinning_refused(nbytes: int) -> str | None:
+    """Why `nbytes` more may not be pinned now (None: they may): `--disable-pinned-memory`, or ComfyUI's
+    pinned-memory limit (MAX_PINNED_MEMORY against TOTAL_PINNED_MEMORY, which counts the pool's own pins)."""
+    if pinning_disabled():
+        return DISABLED
+    mm = _comfy_model_management()
+    limit = getattr(mm, "MAX_PINNED_MEMORY", None)
+    if limit is None:
+        return None
+    if limit <= 0:
+        return "ComfyUI pins no memory on this host"
+    total = getattr(mm, "TOTAL_PINNED_MEMORY", 0)
+    if total + nbytes > limit:
+        return (f"ComfyUI's pinned-memory limit: {total / 2**20:.0f} of {limit / 2**20:.0f} MiB pinned, "
+                f"{nbytes / 2**20:.1f} MiB more asked")
+    return None
+
+
+class HostPool:
+    """Host buffers for offload's copies, by device and byte size: a buffer given back (its skip or feature
+    gone) is handed out again for the next tensor of its size, in the same forward or a later one of the run;
+    `release()` (the end of the run) unpins and drops them all.
+
+    A new buffer is pinned (`pin`, whole pages) unless `refused(nbytes)` says why not, or pinning fails: then
+    it is pageable memory, and the log says so once per run. Accounting: `held_bytes` (every buffer the pool
+    holds, handed out or idle), `pinned_bytes` (of them, pinned), `lent_bytes` (handed out now)."""
+
+    def __init__(self, pin: Callable[[Tensor], bool] = pin, unpin: Callable[[Tensor], None] = unpin,
+                 refused: Callable[[int], "str | None"] = pinning_refused):
+        self.pin, self.unpin, self.refused = pin, unpin, refused
+        self._idle: dict[tuple[str, int], list[Tensor]] = {}
+        self._lent: dict[int, tuple[tuple[str, int], Tensor]] = {}  # data_ptr -> (key, buffer)
+        self._pinned: dict[int, Tensor] = {}  # storage address -> pinned buffer
+        self.held_bytes = self.pinned_bytes = self.lent_bytes = 0
+        self.pageable_reason: str | None = None  # this run's (logged once)
+        self._lock = threading.Lock()
+
+    def take(self, device, shape, dtype: torch.dtype) -> Tensor:
+        """An uninitialised host tensor of `shape` and `dtype` for a copy from `device`."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        key = (str(device_key(device)), nbytes)
+        with self._lock:
+            idle = self._idle.get(key)
+            buffer = idle.pop() if idle else None
+        if buffer is None:
+            buffer = self._new(nbytes)
+        with self._lock:
+            self._lent[buffer.data_ptr()] = (key, buffer)
+            self.lent_bytes += buffer.nbytes
+        return buffer[:nbytes].view(dtype).view(shape)
+
+    def give_back(self, host: Tensor) -> None:
+        """`host` (from `take`) is no longer read: its buffer is idle (ignored if the pool was released)."""
+        with self._lock:
+            lent = self._lent.pop(host.data_ptr(), None)
+            if lent is not None:
+                key, buffer = lent
+                self.lent_bytes -= buffer.nbytes
+                self._idle.setdefault(key, []).append(buffer)
+
+    def _new(self, nbytes: int) -> Tensor:
+        size = -(-nbytes // PAGE) * PAGE
+        reason = self.refused(size)
+        if reason is None:
+            # an anonymous mapping: whole pages of its own, the storage starting where the pinned range does
+            buffer = torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
+            if self.pin(buffer):
+                with self._lock:
+                    self._pinned[buffer.untyped_storage().data_ptr()] = buffer
+                    self.pinned_bytes += size
+                    self.held_bytes += size
+                return buffer
+            reason = "pinning failed"
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        with self._lock:
+            self.held_bytes += nbytes
+            said, self.pageable_reason = self.pageable_reason, self.pageable_reason or reason
+        if said is None:  # once per run; a chosen --disable-pinned-memory is no warning
+            say = logger.info if reason == DISABLED else logger.warning
+            say(f"Streamline: offload falls back to pageable host memory this run ({reason}): those copies wait "
+                "for the host (slower; the output is the same).")
+        return buffer
+
+    def is_pinned(self, host: Tensor) -> bool:
+        """Whether `host` (from `take`, or rows of it) lies in a buffer this pool pinned."""
+        with self._lock:
+            return host.untyped_storage().data_ptr() in self._pinned
+
+    def release(self) -> None:
+        """The end of a run: unpin and drop every buffer (the caller has waited for the copies in flight).
+        Buffers still handed out stay valid as pageable memory, and are not taken back."""
+        with self._lock:
+            pinned, self._pinned = list(self._pinned.values()), {}
+            self._idle, self._lent = {}, {}
+            self.held_bytes = self.pinned_bytes = self.lent_bytes = 0
+            self.pageable_reason = None
+        for buffer in pinned:
+            self.unpin(buffer)
+
+
+HOST_POOL = HostPool()
+
+
+def pool_for(device: torch.device) -> HostPool | None:
+    """The pool a forward's host buffers come from: CUDA's pinned pool; none without CUDA (the plain
+    copies of the CPU path)."""
+    return HOST_POOL if device.type == "cuda" else None
+
+
+def end_run() -> None:
+    """A sampling run is over (the OUTER_SAMPLE wrapper's finally): the copies still in flight on the side
+    streams finish, then the pool unpins and drops its buffers."""
+    if torch.cuda.is_initialized():
+        for stream in SIDE_STREAMS.streams():
+            try:
+                stream.synchronize()
+            except RuntimeError as e:  # a failed CUDA run: it is already being reported
+                logger.debug(f"Streamline: offload's side stream at the end of the run: {e}")
+    HOST_POOL.release()
+
+
+# -- one forward's copies ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -45,22 +286,31 @@ class Incoming:
 
 @dataclass
 class Transfers:
-    """The copies of one UNet forward, and what they moved (for the run's report)."""
+    """The copies of one UNet forward, and what they moved (for the run's report). `pool`: where the host
+    buffers come from (default `pool_for(device)`); none: a new storage for each."""
 
     device: torch.device
     moved_bytes: int = 0  # out and back
     host_bytes: int = 0  # held in host memory now
     peak_host_bytes: int = 0
-    _stream: "torch.cuda.Stream | None" = field(default=None, repr=False)
+    pool: HostPool | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.device = torch.device(self.device)
+        if self.pool is None:
+            self.pool = pool_for(self.device)
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
     def side_stream(self) -> "torch.cuda.Stream":
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        return self._stream
+        return side_stream(self.device)
+
+    def host_buffer(self, t: Tensor) -> Tensor:
+        if self.pool is not None:
+            return self.pool.take(t.device, t.shape, t.dtype)
+        return torch.empty(t.shape, dtype=t.dtype, device="cpu" if self.cuda else t.device)
 
     def to_host(self, t: Tensor) -> Tensor:
         """A host copy of `t`; the caller drops `t` afterwards (CUDA: its memory is reused only once the
@@ -68,15 +318,17 @@ class Transfers:
         if self.cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host = self.host_buffer(t)
+            pinned = host.is_pinned()  # else pageable (--disable-pinned-memory, the pinned limit): a blocking copy
             side = self.side_stream()
             with torch.cuda.stream(side):
                 side.wait_event(ready)
-                host.copy_(t, non_blocking=True)
-            t.record_stream(side)
+                host.copy_(t, non_blocking=pinned)
+            if pinned:
+                t.record_stream(side)
         else:
             with counted_as_host():
-                host = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                host = self.host_buffer(t)
             host.copy_(t)
         nbytes = host.numel() * host.element_size()
         self.moved_bytes += nbytes
@@ -84,8 +336,11 @@ class Transfers:
         self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
         return host
 
-    def released(self, nbytes: int) -> None:
-        self.host_bytes -= nbytes
+    def released(self, host: Tensor) -> None:
+        """`host` (from `to_host`) is no longer read: its buffer goes back to the pool."""
+        self.host_bytes -= host.numel() * host.element_size()
+        if self.pool is not None:
+            self.pool.give_back(host)
 
     def to_device(self, host: Tensor) -> Incoming:
         """Start copying `host` (a host tensor or rows of one) to the device."""
@@ -100,7 +355,7 @@ class Transfers:
         allocated.record(compute)
         with torch.cuda.stream(side):
             side.wait_event(allocated)
-            out.copy_(host, non_blocking=True)
+            out.copy_(host, non_blocking=host.is_pinned())  # pageable: blocking
             arrived = torch.cuda.Event()
             arrived.record(side)
         out.record_stream(side)  # a prefetch dropped unread must not have its memory reused mid-copy
@@ -122,7 +377,7 @@ class HostTensor:
         self.host = transfers.to_host(t)
         self.fetched: Incoming | None = None
         self.next_rows: tuple[int, int, Incoming] | None = None
-        weakref.finalize(self, transfers.released, self.host.numel() * self.host.element_size())
+        weakref.finalize(self, transfers.released, self.host)
 
     def prefetch(self) -> None:
         """Start bringing the whole skip back (one block ahead of its use)."""

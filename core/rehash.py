@@ -111,8 +111,13 @@ def fixed_full_steps(steps: int, interval: int, warmup: int, tail: int) -> list[
 
 def relative_l1(a: Tensor, b: Tensor) -> float:
     """mean|a - b| / mean|b|, in float32."""
+    return relative_l1_on_device(a, b).item()
+
+
+def relative_l1_on_device(a: Tensor, b: Tensor) -> Tensor:
+    """relative_l1 as a 0-d float32 tensor on the inputs' device (nothing read on the host)."""
     a, b = a.float(), b.float()
-    return ((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12)).item()
+    return (a - b).abs().mean() / b.abs().mean().clamp_min(1e-12)
 
 
 # How far past the last full step's feature extrapolation may go, in units of the distance between the
@@ -148,18 +153,37 @@ def change_rate(deep: Tensor, earlier_deep: Tensor, shallow: Tensor, earlier_sha
     return relative_l1(deep, earlier_deep) / max(relative_l1(shallow, earlier_shallow), 1e-8)
 
 
-def predicted_deep_change(rate: float, shallow: Tensor, reference_shallow: Tensor) -> float:
+def change_rate_on_device(deep: Tensor, earlier_deep: Tensor, shallow: Tensor, earlier_shallow: Tensor) -> Tensor:
+    """change_rate as a 0-d float32 tensor on the features' device: a full call stores it without a read."""
+    return relative_l1_on_device(deep, earlier_deep) / relative_l1_on_device(shallow, earlier_shallow).clamp_min(1e-8)
+
+
+def predicted_deep_change(rate: float | Tensor, shallow: Tensor, reference_shallow: Tensor) -> float:
     """The relative change of the deep feature since the call that computed `reference_shallow`,
-    predicted from the shallow feature's change and the last measured change rate."""
+    predicted from the shallow feature's change and the last measured change rate (a float, or
+    change_rate_on_device's tensor: then the prediction is read from the device once)."""
+    if isinstance(rate, Tensor):
+        return (rate * relative_l1_on_device(shallow, reference_shallow)).item()
     return rate * relative_l1(shallow, reference_shallow)
 
 
-def feature_sketch(feature: Tensor, max_values: int = 1 << 14) -> Tensor:
+def feature_sketch(feature: Tensor, max_values: int = 1 << 14, to_cpu: bool = True) -> Tensor:
     """A fixed, evenly strided subsample of `feature` (float32, CPU): enough to measure relative
-    error between steps without keeping every step's full deep feature alive."""
+    error between steps without keeping every step's full deep feature alive. to_cpu=False: a copy of
+    its own on the feature's device (no host-device sync; sketches_to_cpu moves a run's at once)."""
     flat = feature.detach().flatten()
     stride = max(1, flat.numel() // max_values)
-    return flat[::stride][:max_values].float().cpu()
+    sketch = flat[::stride][:max_values].float()
+    return sketch.cpu() if to_cpu else sketch.clone()
+
+
+def sketches_to_cpu(sketches: Sequence[Tensor]) -> list[Tensor]:
+    """The sketches on the CPU, read from the device in one copy where they share one."""
+    if not sketches:
+        return []
+    if len({s.device for s in sketches}) > 1:
+        return [s.cpu() for s in sketches]
+    return list(torch.cat([s.flatten() for s in sketches]).cpu().split([s.numel() for s in sketches]))
 
 
 def reuse_costs(sketches: Sequence[Tensor], sigmas: Sequence[float], reuse: str) -> Tensor:
@@ -267,14 +291,85 @@ def tensor_fingerprint(t: Tensor) -> str:
     return hashlib.sha1(sample).hexdigest()[:12]
 
 
-def step_index(sample_sigmas: Tensor | None, sigma: float) -> int:
+def step_index(sample_sigmas: Tensor | Sequence[float] | None, sigma: float) -> int:
     """The sampling step a model call belongs to: the last schedule sigma >= the call's sigma (samplers
-    that evaluate the model more than once per step map their extra calls onto that step)."""
+    that evaluate the model more than once per step map their extra calls onto that step). The schedule
+    as host floats (StepClock's) reads nothing from the device."""
     if sample_sigmas is None:
         return 0
-    sigmas = sample_sigmas.detach().float().cpu()
-    at_or_above = (sigmas >= sigma * (1 - 1e-6)).nonzero()
-    return int(at_or_above[-1]) if len(at_or_above) else 0
+    if isinstance(sample_sigmas, Tensor):
+        sample_sigmas = sample_sigmas.detach().float().cpu().tolist()
+    bound = sigma * (1 - 1e-6)
+    return next((i for i in range(len(sample_sigmas) - 1, -1, -1) if sample_sigmas[i] >= bound), 0)
+
+
+_NO_EVALUATION = object()
+
+
+class StepClock:
+    """Which sampling step, and at which sigma, each model evaluation of a run is, found on the host.
+
+    The run's schedule is read once (`sigmas`, host floats). The sampler reports every finished step i
+    through its callback (`step_done`); `begin` marks each model evaluation (one sampler call of the model,
+    all its UNet calls: cond and uncond, context windows). The first evaluation after step i's report is step
+    i + 1 at sigmas[i + 1] for samplers that evaluate the model once per step (euler, dpmpp_2m, lms, uni_pc,
+    ...) and for the heun family (their second evaluation, after the report, is at sigmas[i + 1]). The clock
+    takes it from the host once the first evaluations after steps 0 and 1 were read at exactly sigmas[1] and
+    sigmas[2] (CONFIRMATIONS); one read elsewhere (sa_solver_pece re-evaluates the reported step) and it never
+    does for the run. Every other evaluation (before that, the extra ones of samplers with several per step)
+    reads its sigma once, `read()`, and maps it with step_index.
+    """
+
+    CONFIRMATIONS = 2
+
+    def __init__(self, sigmas: Sequence[float] | None = None):
+        self.sigmas = None if sigmas is None else list(sigmas)
+        self.done = 0  # steps the sampler reported finished
+        self.since_done = 0  # evaluations begun since the last report
+        self.confirmed = 0  # first evaluations after a report read at the sigma the count gives
+        self.refuted = False  # one was not: every evaluation of the run reads its sigma
+        self.marker: object = _NO_EVALUATION  # the current evaluation (its sigma tensor, kept alive: `is` holds)
+        self.first_after_done = False
+        self.current: tuple[int, float] | None = None
+        self.reads = 0  # sigmas read from the device (one per evaluation at most)
+
+    @property
+    def trusted(self) -> bool:
+        return self.confirmed >= self.CONFIRMATIONS and not self.refuted
+
+    def step_done(self, step: int) -> None:
+        self.done, self.since_done = step + 1, 0
+
+    def begin(self, marker) -> None:
+        """A model evaluation begins, known by `marker` (the same object for all its calls)."""
+        if marker is self.marker:
+            return
+        self.marker, self.current = marker, None
+        self.first_after_done = self.since_done == 0
+        self.since_done += 1
+
+    def locate(self, read) -> tuple[int, float]:
+        """The current evaluation's (step, sigma); read() -> its sigma, called at most once per evaluation."""
+        if self.current is None:
+            self.current = self._locate(read)
+        return self.current
+
+    def _locate(self, read) -> tuple[int, float]:
+        sigmas = self.sigmas or []
+        if self.trusted and self.first_after_done and self.done < len(sigmas) - 1:
+            return self.done, sigmas[self.done]
+        sigma = read()
+        self.reads += 1
+        step = step_index(sigmas, sigma) if sigmas else 0
+        if self.first_after_done and 1 <= self.done < len(sigmas) - 1 and not self.trusted:
+            if step == self.done and math.isclose(sigma, sigmas[self.done], rel_tol=1e-6):
+                self.confirmed += 1
+            else:
+                self.refuted = True
+        return step, sigma
+
+    def release(self) -> None:
+        self.marker, self.current = _NO_EVALUATION, None
 
 
 def schedule_steps(sample_sigmas: Tensor | None) -> int:

@@ -22,6 +22,7 @@ from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 from torch import Tensor
 
+from ..core import offload
 from ..core.slicing import SliceConfig
 from .layer_roles import unsupported_reason
 from .run_report import RunReport, publish
@@ -106,6 +107,7 @@ def run_with_own_state(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options
+        offload.end_run()  # the run's pinned host buffers are unpinned and dropped
         report = run_state.report
         # a model left unchanged was logged at the start of the run: the node alone gets the report
         publish(report.text(run_state.source), run_state.node_id, log=report.unchanged is None)

@@ -4,8 +4,9 @@ and on the node that patched the model.
 Per latent shape the UNet saw (cond and uncond batched or not, context windows): how many calls, the
 slicing they ran with (the automatic sizes resolved), the peak activation memory the planner predicts
 with that slicing and for ComfyUI's own forward, and on CUDA the peak measured around the first call of
-that shape. The measurement resets PyTorch's peak-memory statistic once per shape per run (ComfyUI does
-not read it); tools that measure a whole process read their peak before sampling starts or use NVML.
+that shape: core/meter.py's window in the allocator's active bytes, read and never reset (ComfyUI's and
+every tool's whole-process peaks stay whole). A first call that stays under an earlier peak of the
+process cannot be seen in those counters: the report then says "at most" and gives that bound.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..core.budget import format_bytes
+from ..core.meter import Peak, PeakWindow, measure_peak
 from ..core.slicing import SliceConfig, frame_chunk_size, spatial_chunk_size
 from .log import logger
 
@@ -33,7 +35,7 @@ class ShapeRecord:
     unpatched: int | None  # bytes, ComfyUI's own forward
     video_norm: bool
     calls: int = 0
-    measured: int | None = None  # bytes above what was allocated before the call (CUDA only)
+    measured: Peak | None = None  # the first call's window (CUDA only): bytes above what was held before it
     moved: int | None = None  # skip offload: bytes copied out and back in the latest call
     host: int | None = None  # skip offload: peak bytes held in host memory in that call
 
@@ -44,7 +46,10 @@ class ShapeRecord:
             line += (f"; predicted peak activation {format_bytes(self.predicted)}, ComfyUI's forward "
                      f"{format_bytes(self.unpatched)} ({self.unpatched / max(self.predicted, 1):.1f}x less)")
         if self.measured is not None:
-            line += f"; measured {format_bytes(self.measured)} (CUDA, first call)"
+            m = self.measured
+            line += (f"; measured {format_bytes(m.bytes)} (CUDA active bytes, first call)" if m.exact else
+                     f"; measured at most {format_bytes(m.upper or 0)} (CUDA active bytes, first call: it stayed "
+                     f"under an earlier peak of the process, which the meter does not reset)")
         if self.moved is not None:
             line += (f"; skips offloaded to host memory: {format_bytes(self.moved)} moved per call, "
                      f"{format_bytes(self.host or 0)} held in host memory at most")
@@ -96,19 +101,6 @@ def predicted_peaks(unet, x: Tensor, context: Tensor | None, config: SliceConfig
         return None, None
 
 
-class CudaPeak:
-    """The peak allocated above the start of one call (CUDA only)."""
-
-    def __init__(self, device: torch.device):
-        torch.cuda.synchronize(device)
-        self.device, self.start = device, torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def bytes(self) -> int:
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device) - self.start
-
-
 @dataclass
 class RunReport:
     """Collects one run's calls (a fresh one per run: StreamlineState.for_run)."""
@@ -120,14 +112,15 @@ class RunReport:
     def _key(x: Tensor, video_norm: bool) -> tuple:
         return tuple(x.shape), x.dtype, video_norm
 
-    def measure(self, x: Tensor, video_norm: bool) -> CudaPeak | None:
-        """A measurement for this call: on CUDA, for the first call of its shape this run."""
+    def measure(self, x: Tensor, video_norm: bool) -> PeakWindow | None:
+        """A measurement window for this call: on CUDA, for the first call of its shape this run (the
+        allocator's counters only: a call that raises drops its window, nothing is left open)."""
         if x.device.type != "cuda" or self._key(x, video_norm) in self.records:
             return None
-        return CudaPeak(x.device)
+        return measure_peak(x.device)
 
     def record(self, unet, x: Tensor, context: Tensor | None, config: SliceConfig, video_norm: bool,
-               peak: CudaPeak | None = None, transfers=None, frames: int | None = None) -> None:
+               peak: PeakWindow | None = None, transfers=None, frames: int | None = None) -> None:
         """transfers: the call's core.offload.Transfers when it offloaded its skips; frames: SVD's frames
         per video."""
         key = self._key(x, video_norm)
@@ -139,7 +132,7 @@ class RunReport:
                                                     video_norm, calls)
         entry.calls += 1
         if peak is not None:
-            entry.measured = peak.bytes()
+            entry.measured = peak.stop()
         if transfers is not None:
             entry.moved, entry.host = transfers.moved_bytes, transfers.peak_host_bytes
 

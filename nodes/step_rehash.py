@@ -4,7 +4,14 @@
   and drops it in `finally:` (an interrupted run leaves nothing behind);
 - a DIFFUSION_MODEL wrapper hands each UNet call a RehashCall (nodes/streamlined_unet.py runs the
   shallow path, asks it whether to reuse, and gives it the deep feature to store on full calls).
-  With Streamline Model Patch on the same model, both paths run sliced; without it, unsliced.
+  With Streamline Model Patch on the same model, both paths run sliced; without it, unsliced;
+- a PREDICT_NOISE wrapper marks each model evaluation, and the sampler's callback each finished step, so
+  that the calls find their step on the host (core.rehash.StepClock).
+
+No host-device sync per call: the run's sigmas are read once, at its start; a call's step comes from the
+sampler's step count (its sigma read at most once per model evaluation, only where the count cannot tell);
+calls are timed with CUDA events read once, when the run's report is made (CallTimer). With rehash_mode
+off a call goes straight to the model.
 
 Caches are kept per cond/uncond entry (ComfyUI's uuids) and per context window (ADE's, and ComfyUI's own
 Context Windows nodes), so batched and unbatched CFG, and every window, reuse their own feature.
@@ -31,9 +38,9 @@ from comfy_api.latest import io, ui
 from torch import Tensor
 
 from ..core.rehash import (
-    MODES, REUSE_MODES, KeystepRecord, KeystepStore, RehashConfig, RehashConfigError, change_rate, feature_sketch,
-    fingerprint, fixed_full_steps, keystep_search, predicted_deep_change, resolve_cache_block, reuse_costs,
-    reused_feature, schedule_steps, step_index, tensor_fingerprint,
+    MODES, REUSE_MODES, KeystepRecord, KeystepStore, RehashConfig, RehashConfigError, StepClock,
+    change_rate_on_device, feature_sketch, fingerprint, fixed_full_steps, keystep_search, predicted_deep_change,
+    resolve_cache_block, reuse_costs, reused_feature, schedule_steps, sketches_to_cpu, tensor_fingerprint,
 )
 from ..core.slicing import UNSLICED
 from . import families
@@ -85,10 +92,47 @@ class RehashReport:
         return (per_full * (self.calls_full + self.calls_rehashed)) / spent if spent > 0 else 1.0
 
     def text(self) -> str:
-        line = (f"Step Rehash: {self.full}/{self.steps} steps computed in full, {self.rehashed} rehashed; "
-                f"UNet time {self.full_call_seconds + self.rehash_call_seconds:.2f} s, "
-                f"{self.estimated_speedup:.2f}x vs computing every step in full")
+        line = f"Step Rehash: {self.full}/{self.steps} steps computed in full, {self.rehashed} rehashed"
+        if self.calls_full + self.calls_rehashed:  # not with rehash_mode off: its calls are not timed
+            line += (f"; UNet time {self.full_call_seconds + self.rehash_call_seconds:.2f} s, "
+                     f"{self.estimated_speedup:.2f}x vs computing every step in full")
         return f"{line}. {self.note}" if self.note else line
+
+
+class CallTimer:
+    """Model time of a run's full and rehash calls. A CUDA call: an event pair recorded on its device's current
+    stream around it, read once, by seconds(), when the run's report is made (one synchronize per device and
+    run); a CPU call: perf_counter, as it runs in step with the host."""
+
+    def __init__(self):
+        self.totals = {False: 0.0, True: 0.0}
+        self.pending: list[tuple] = []  # (rehashed, device, start event, end event)
+
+    def start(self, x):
+        device = getattr(x, "device", None)
+        if isinstance(device, torch.device) and device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(device))
+            return device, event
+        return time.perf_counter()
+
+    def stop(self, started, rehashed: bool) -> None:
+        if isinstance(started, tuple):
+            device, start = started
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(torch.cuda.current_stream(device))
+            self.pending.append((rehashed, device, start, end))
+        else:
+            self.totals[rehashed] += time.perf_counter() - started
+
+    def seconds(self) -> dict[bool, float]:
+        if self.pending:
+            for device in {device for _, device, _, _ in self.pending}:
+                torch.cuda.synchronize(device)
+            for rehashed, _, start, end in self.pending:
+                self.totals[rehashed] += start.elapsed_time(end) / 1000.0
+            self.pending.clear()
+        return dict(self.totals)
 
 
 @dataclass
@@ -102,24 +146,29 @@ class RehashRun:
     calibrating: KeystepRecord | None = None  # the record a calibration run will save
     deep: dict[CacheKey, History] = field(default_factory=dict)
     shallow: dict[CacheKey, Tensor] = field(default_factory=dict)  # adaptive: at the last full call
-    rates: dict[CacheKey, float] = field(default_factory=dict)  # adaptive: change_rate of the last two full calls
+    rates: dict[CacheKey, Tensor] = field(default_factory=dict)  # adaptive: change rate of the last two full calls
+    # (on the device: read once per step, with the prediction it makes)
     decisions: dict[int, bool] = field(default_factory=dict)  # step -> rehash?
     calibration_key: CacheKey | None = None
     sketches: dict[int, tuple[float, Tensor]] = field(default_factory=dict)  # keystep calibration: step -> (sigma, sketch)
-    all_full: bool = False  # every call runs as ComfyUI runs it (rehash off, nothing left to rehash)
+    all_full: bool = False  # every call goes straight to the model, untimed (rehash off, nothing left to rehash)
     notes: list[str] = field(default_factory=list)  # for the report: why steps ran in full, calibration
     plans: dict[int, RehashPlan] = field(default_factory=dict)  # id(model) -> how its calls run
     full_seen: set[int] = field(default_factory=set)
     rehash_seen: set[int] = field(default_factory=set)
-    seconds: dict[bool, float] = field(default_factory=lambda: {False: 0.0, True: 0.0})
     calls: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})
     progress: object | None = None
+    clock: StepClock = field(default_factory=StepClock)  # each call's step, found on the host
+    evaluations_marked: bool = False  # the PREDICT_NOISE wrapper marks model evaluations (else: each call's sigmas)
+    timer: CallTimer = field(default_factory=CallTimer)
+    completed: bool = False
 
     def clear(self) -> None:
         self.deep.clear()
         self.shallow.clear()
         self.rates.clear()
         self.sketches.clear()
+        self.clock.release()
         if self.progress is not None:
             self.progress.close()
             self.progress = None
@@ -152,8 +201,9 @@ class RehashRun:
         if text not in self.notes:
             self.notes.append(text)
 
-    def account(self, step: int, rehashed: bool, seconds: float) -> None:
-        self.seconds[rehashed] += seconds
+    def account(self, step: int, rehashed: bool, started) -> None:
+        """A call ran: `started` is what self.timer.start returned before it."""
+        self.timer.stop(started, rehashed)
         self.calls[rehashed] += 1
         self.record_step(step, rehashed)
 
@@ -166,8 +216,13 @@ class RehashRun:
             self.progress.set_postfix(full=len(self.full_seen), rehash=len(self.rehash_seen - self.full_seen))
 
     def report(self) -> RehashReport:
-        return RehashReport(self.steps, len(self.full_seen), len(self.rehash_seen - self.full_seen),
-                            self.seconds[False], self.seconds[True], self.calls[False], self.calls[True],
+        """The run's report; on CUDA it reads the calls' timing events (once)."""
+        seconds = self.timer.seconds()
+        full = len(self.full_seen)
+        if self.all_full and not self.full_seen:  # calls went straight to the model: the sampler's steps
+            full = self.steps if self.completed else min(self.clock.done, self.steps)
+        return RehashReport(self.steps, full, len(self.rehash_seen - self.full_seen),
+                            seconds[False], seconds[True], self.calls[False], self.calls[True],
                             " ".join(self.notes))
 
 
@@ -212,7 +267,7 @@ class RehashCallState:
             for key, part, shallow in zip(self.keys, parts, self.shallow_parts):
                 earlier_deep, earlier_shallow = run.deep.get(key), run.shallow.get(key)
                 if earlier_deep and earlier_shallow is not None and earlier_deep[-1][0] != self.sigma:
-                    run.rates[key] = change_rate(part, earlier_deep[-1][1], shallow, earlier_shallow)
+                    run.rates[key] = change_rate_on_device(part, earlier_deep[-1][1], shallow, earlier_shallow)
                 run.shallow[key] = shallow
         for key, part in zip(self.keys, parts):
             history = [entry for entry in run.deep.get(key, []) if entry[0] != self.sigma]
@@ -221,7 +276,8 @@ class RehashCallState:
             if run.calibration_key is None:
                 run.calibration_key = self.keys[0]
             if self.keys[0] == run.calibration_key and self.step not in run.sketches:
-                run.sketches[self.step] = (self.sigma, feature_sketch(parts[0]))
+                # on the device until the run ends (_finish_run reads them at once)
+                run.sketches[self.step] = (self.sigma, feature_sketch(parts[0], to_cpu=False))
 
 
 @dataclass
@@ -269,13 +325,16 @@ def _sampler_name(sampler) -> str:
 def _start_run(state: RehashState, guider, sigmas: Tensor, sampler, disable_pbar: bool) -> RehashRun:
     config = state.config
     steps = schedule_steps(sigmas)
+    if config.mode == "off":  # nothing to read, count or time: every call goes straight to the model
+        run = RehashRun(config, steps, None, (0.0, 0.0), all_full=True)
+        run.note("rehash_mode off: every step computed in full.")
+        return run
+    host_sigmas = sigmas.tolist()  # the run's one read of its schedule; calls find their step on the host
     sampling = guider.model_patcher.model.model_sampling
     high = float(sampling.percent_to_sigma(config.start_percent))
     low = float(sampling.percent_to_sigma(config.end_percent))
     full_steps, calibrating, in_full = None, None, None
-    if config.mode == "off":
-        in_full = "rehash_mode off: every step computed in full."
-    elif config.mode == "fixed":
+    if config.mode == "fixed":
         full_steps = set(fixed_full_steps(steps, config.interval, config.warmup, config.tail))
     elif config.mode == "keystep" and config.full_steps >= steps:
         in_full = (f"keystep: full_steps {config.full_steps} >= the run's {steps} steps, so every step is "
@@ -283,16 +342,17 @@ def _start_run(state: RehashState, guider, sigmas: Tensor, sampler, disable_pbar
         state.log.warn(f"keystep-all-full-{steps}", f"Step Rehash: {in_full}")
     elif config.mode == "keystep":
         key = fingerprint(KEYSTEP_SEARCH_VERSION, _model_fingerprint(guider.model_patcher), _sampler_name(sampler),
-                          [round(float(s), 5) for s in sigmas], config.cache_block, config.full_steps, config.reuse)
+                          [round(s, 5) for s in host_sigmas], config.cache_block, config.full_steps, config.reuse)
         record = KeystepStore(state.keystep_store).get(key) if state.keystep_store else None
         if record is not None and record.steps == steps:
             full_steps = set(record.full_steps)
         else:
             calibrating = KeystepRecord(key, steps, [], [])
-    run = RehashRun(config, steps, full_steps, (low, high), calibrating, all_full=in_full is not None)
+    run = RehashRun(config, steps, full_steps, (low, high), calibrating, all_full=in_full is not None,
+                    clock=StepClock(host_sigmas))
     if in_full:
         run.note(in_full)
-    if not disable_pbar and steps:
+    if not disable_pbar and steps and not run.all_full:
         from tqdm.auto import tqdm
 
         run.progress = tqdm(total=steps, desc="Step Rehash", unit="step", leave=False)
@@ -301,7 +361,10 @@ def _start_run(state: RehashState, guider, sigmas: Tensor, sampler, disable_pbar
 
 def _finish_run(state: RehashState, run: RehashRun, completed: bool) -> None:
     note = ""
+    run.completed = completed
     if run.calibrating is not None and completed and run.sketches:
+        on_cpu = sketches_to_cpu([sketch for _, sketch in run.sketches.values()])
+        run.sketches = {step: (sigma, sketch) for (step, (sigma, _)), sketch in zip(run.sketches.items(), on_cpu)}
         sigmas, sketches = zip(*_sketch_per_step(run.sketches, run.steps))
         costs = reuse_costs(sketches, sigmas, state.config.reuse)
         changes = [0.0] + [float(costs[0, t - 1, t]) for t in range(1, run.steps)]
@@ -339,9 +402,15 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
     run = _start_run(state, guider, sigmas, sampler, disable_pbar)
     run_state = RehashState(state.config, state.keystep_store, state.log, state.last, run, state.node_id)
     guider.model_options["transformer_options"][STATE_KEY] = run_state
+
+    def step_done(step, x0, x, total_steps):  # the sampler's count of finished steps, on the host
+        run.clock.step_done(step)
+        if callback is not None:
+            return callback(step, x0, x, total_steps)
+
     completed = False
     try:
-        out = executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
+        out = executor(noise, latent_image, sampler, sigmas, denoise_mask, step_done, disable_pbar, seed, **kwargs)
         completed = True
         return out
     finally:
@@ -394,33 +463,58 @@ def _plan(model, config: RehashConfig) -> RehashPlan:
 
 
 def _step_and_sigma(transformer_options: dict) -> tuple[int, float]:
-    sigma = float(transformer_options["sigmas"].max()) if "sigmas" in transformer_options else 0.0
-    return step_index(transformer_options.get("sample_sigmas"), sigma), sigma
+    """The call's step and sigma, from the run's StepClock: on the host where the sampler's step count tells,
+    else from the call's sigma, read once per model evaluation."""
+    run: RehashRun = transformer_options[STATE_KEY].run
+    clock = run.clock
+    if clock.sigmas is None:  # a run not started by outer_sample_wrapper: the schedule the call carries
+        sample_sigmas = transformer_options.get("sample_sigmas")
+        clock.sigmas = sample_sigmas.tolist() if isinstance(sample_sigmas, Tensor) else []
+    if not run.evaluations_marked:
+        clock.begin(transformer_options.get("sigmas"))
+    return clock.locate(lambda: _sigma_of(transformer_options))
 
 
-def _synchronize(x) -> None:
-    if isinstance(x, Tensor) and x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
+def _sigma_of(transformer_options: dict) -> float:
+    sigmas = transformer_options.get("sigmas")
+    return float(sigmas.max()) if sigmas is not None else 0.0
+
+
+def _input_of(args: tuple, kwargs: dict):
+    return args[0] if args else kwargs.get("x")
+
+
+def predict_noise_wrapper(executor, *args, **kwargs):
+    """Marks a model evaluation (all the UNet calls of one sampler call: cond and uncond, context windows) for
+    the run's StepClock: its calls share one step and sigma."""
+    timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+    model_options = (args[2] if len(args) > 2 else kwargs.get("model_options")) or {}
+    state = (model_options.get("transformer_options") or {}).get(STATE_KEY)
+    run = getattr(state, "run", None)
+    if run is not None and not run.all_full:
+        run.evaluations_marked = True
+        run.clock.begin(timestep)
+    return executor(*args, **kwargs)
 
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
     """Runs a UNet call with Step Rehash. A call it cannot split runs as received, `executor(*args,
-    **kwargs)` (other models' forwards take other arguments), and counts as a full step."""
+    **kwargs)` (other models' forwards take other arguments), and counts as a full step. With rehash_mode
+    off (or nothing to rehash) the call goes straight to the model: nothing is read, counted or timed."""
     transformer_options = _transformer_options_in(args, kwargs)
     state: RehashState | None = transformer_options.get(STATE_KEY)
     run = state.run if state is not None else None
-    if run is None:
+    if run is None or run.all_full:
         return executor(*args, **kwargs)
-    plan = RehashPlan() if run.all_full else _rehash_plan(run, executor.class_obj)
+    plan = _rehash_plan(run, executor.class_obj)
     if plan.cache_block is None:
         if plan.why_not:
             state.log.warn(plan.log_key, f"Step Rehash: {plan.why_not}; every step runs in full.")
             run.note(f"{plan.why_not}: every step ran in full.")
         step, _ = _step_and_sigma(transformer_options)
-        started = time.perf_counter()
+        started = run.timer.start(_input_of(args, kwargs))
         out = executor(*args, **kwargs)
-        _synchronize(args[0] if args else None)
-        run.account(step, False, time.perf_counter() - started)
+        run.account(step, False, started)
         return out
     if plan.wan:
         return _rehash_wan_call(executor, state, plan.cache_block, transformer_options, args, kwargs)
@@ -449,10 +543,9 @@ def _rehash_wan_call(executor, state: RehashState, shallow: int, transformer_opt
         options = {**transformer_options, WAN_REHASH_KEY: WanRehashCall(rehash_call, first_deep, last_deep)}
         args = tuple(options if a is transformer_options else a for a in args)
         kwargs = {k: options if v is transformer_options else v for k, v in kwargs.items()}
-    started = time.perf_counter()
+    started = run.timer.start(x)
     out = executor(*args, **kwargs)
-    _synchronize(x)
-    run.account(step, rehash_call.rehashed, time.perf_counter() - started)
+    run.account(step, rehash_call.rehashed, started)
     return out
 
 
@@ -466,7 +559,7 @@ def _rehash_unet_call(executor, state: RehashState, cache_block: int, x, timeste
     rehash_call = RehashCallState(run, cache_block, step, sigma, _cache_keys(transformer_options, x.shape[0]),
                                   patched_h)
     transformer_options[REHASH_CALL_KEY] = rehash_call
-    started = time.perf_counter()
+    started = run.timer.start(x)
     try:
         if SLICING_STATE_KEY in transformer_options:  # Streamline Model Patch runs the forward
             out = executor(x, timesteps, context, y, control, transformer_options, **kwargs)
@@ -482,8 +575,7 @@ def _rehash_unet_call(executor, state: RehashState, cache_block: int, x, timeste
             ).execute(x, timesteps, context, y, control, transformer_options, **kwargs)
     finally:
         transformer_options.pop(REHASH_CALL_KEY, None)
-    _synchronize(x)
-    run.account(step, rehash_call.rehashed, time.perf_counter() - started)
+    run.account(step, rehash_call.rehashed, started)
     return out
 
 
@@ -503,6 +595,7 @@ def apply_rehash(model, config: RehashConfig, keystep_store: Path | None = None,
     store = keystep_store if keystep_store is not None else default_keystep_store()
     patched.model_options["transformer_options"][STATE_KEY] = RehashState(config, store, node_id=node_id)
     for kind, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
+                          (comfy.patcher_extension.WrappersMP.PREDICT_NOISE, predict_noise_wrapper),
                           (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper)):
         patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
         patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
@@ -514,7 +607,8 @@ def apply_rehash(model, config: RehashConfig, keystep_store: Path | None = None,
 def remove_rehash(model):
     plain = model.clone()
     plain.model_options["transformer_options"].pop(STATE_KEY, None)
-    for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL):
+    for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE,
+                 comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL):
         plain.remove_wrappers_with_key(kind, WRAPPER_KEY)
     return plain
 

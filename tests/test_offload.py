@@ -505,3 +505,233 @@ def test_gpu_evidence_command_appends_rows_and_skips_what_is_missing(tmp_path):
     gpu_evidence.run_benchmark(gpu_evidence.Benchmark("missing", "no_such_tool.py", (), (), 5), args, missing)
     assert "skipped: tools/no_such_tool.py does not exist yet" in missing.read_text()
     assert "offload: ok" in text and "all done" in text
+
+
+# -- the side stream and the host buffers: owned by the pack, given back at the end of a run ---------------
+
+
+class FakePins:
+    """Pinning without CUDA: `pin` says yes (or no past `limit` bytes, as a failed registration) and keeps
+    ComfyUI's accounting the way comfy.model_management.pin_memory / unpin_memory do."""
+
+    def __init__(self, mm=None, limit: int | None = None):
+        self.mm, self.limit = mm, limit
+        self.pinned: dict[int, int] = {}  # data_ptr -> bytes
+        self.unpinned: list[int] = []
+
+    def pin(self, buffer) -> bool:
+        if self.limit is not None and sum(self.pinned.values()) + buffer.nbytes > self.limit:
+            return False
+        self.pinned[buffer.data_ptr()] = buffer.nbytes
+        if self.mm is not None:
+            self.mm.PINNED_MEMORY[buffer.data_ptr()] = buffer.nbytes
+            self.mm.TOTAL_PINNED_MEMORY += buffer.nbytes
+        return True
+
+    def unpin(self, buffer) -> bool:
+        size = self.pinned.pop(buffer.data_ptr())
+        self.unpinned.append(buffer.data_ptr())
+        if self.mm is not None:
+            assert self.mm.PINNED_MEMORY.pop(buffer.data_ptr()) == size
+            self.mm.TOTAL_PINNED_MEMORY -= size
+        return True
+
+
+@pytest.fixture
+def comfy_pins(monkeypatch):
+    """ComfyUI's pinned-memory API and limit as on a CUDA host with 1 MiB allowed, pinning faked."""
+    import comfy.cli_args
+    import comfy.model_management as mm
+
+    pins = FakePins(mm)
+    monkeypatch.setattr(mm, "pin_memory", pins.pin)
+    monkeypatch.setattr(mm, "unpin_memory", pins.unpin)
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 2**20)
+    monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 0)
+    monkeypatch.setattr(mm, "PINNED_MEMORY", {})
+    monkeypatch.setattr(comfy.cli_args.args, "disable_pinned_memory", False)
+    return pins
+
+
+def test_side_stream_is_made_once_per_device():
+    """One stream per device, from the factory once; every forward's Transfers on a device uses it."""
+    from comfyui_streamline.core import offload
+
+    made = []
+    streams = offload.SideStreams(lambda device: made.append(device) or object())
+    first = streams.get("cuda:0")
+    assert streams.get(torch.device("cuda", 0)) is first and streams.get("cuda:0") is first
+    second = streams.get("cuda:1")
+    assert second is not first and streams.get("cuda:1") is second
+    assert made == [torch.device("cuda", 0), torch.device("cuda", 1)] and streams.streams() == [first, second]
+
+
+def test_every_forward_on_a_device_gets_the_same_side_stream(monkeypatch):
+    from comfyui_streamline.core import offload
+
+    monkeypatch.setattr(offload, "SIDE_STREAMS", offload.SideStreams(lambda device: object()))
+    a, b = offload.Transfers(torch.device("cuda", 0)), offload.Transfers(torch.device("cuda", 0))
+    assert a.side_stream() is b.side_stream() is offload.side_stream("cuda:0")
+    assert offload.Transfers(torch.device("cuda", 1)).side_stream() is not a.side_stream()
+    assert a.pool is offload.HOST_POOL and offload.Transfers(torch.device("cpu")).pool is None
+
+
+def test_pool_hands_back_the_same_buffer_and_holds_nothing_after_the_run():
+    """Same byte size (shape and dtype, or another shape of as many bytes) on the same device: the same
+    buffer again; pinned by whole pages; after release() the pool holds nothing and every pin is undone."""
+    from comfyui_streamline.core import offload
+
+    pins = FakePins()
+    pool = offload.HostPool(pins.pin, pins.unpin, refused=lambda nbytes: None)
+    a = pool.take("cpu", (2, 3, 5), torch.float16)
+    assert a.shape == (2, 3, 5) and a.dtype == torch.float16 and pool.is_pinned(a) and pool.is_pinned(a[1:])
+    assert a.data_ptr() % offload.PAGE == 0 and pool.pinned_bytes == pool.held_bytes == offload.PAGE
+    b = pool.take("cpu", (2, 3, 5), torch.float16)  # a is still handed out
+    assert b.data_ptr() != a.data_ptr() and pool.lent_bytes == 2 * offload.PAGE
+    ptr = a.data_ptr()
+    pool.give_back(a)
+    assert pool.lent_bytes == offload.PAGE
+    again = pool.take("cpu", (2, 3, 5), torch.float16)
+    assert again.data_ptr() == ptr and pool.held_bytes == 2 * offload.PAGE
+    pool.give_back(again)
+    assert pool.take("cpu", (15, 2), torch.float16).data_ptr() == ptr  # as many bytes, another shape
+    assert pool.take("cuda:0", (2, 3, 5), torch.float16).data_ptr() not in (ptr, b.data_ptr())  # another device
+    assert pool.take("cpu", (4, 3, 5), torch.float16).data_ptr() not in (ptr, b.data_ptr())  # another size
+    assert len(pins.pinned) == 4 and pool.held_bytes == pool.pinned_bytes == 4 * offload.PAGE
+    pool.release()
+    assert pool.held_bytes == pool.pinned_bytes == pool.lent_bytes == 0
+    assert not pins.pinned and len(pins.unpinned) == 4
+    pool.give_back(b)  # a buffer of the ended run: not taken back
+    assert pool.held_bytes == pool.lent_bytes == 0
+    assert pool.take("cpu", (2, 3, 5), torch.float16).data_ptr() != b.data_ptr()  # a new run's buffer
+    assert pool.held_bytes == pool.pinned_bytes == offload.PAGE and len(pins.pinned) == 1
+
+
+@pytest.mark.host
+def test_pool_counts_its_pins_in_comfyuis_total_and_gives_them_back(comfy_pins):
+    """Through ComfyUI's own API (pin_memory / unpin_memory): TOTAL_PINNED_MEMORY holds the pool's pins during
+    the run and is back where it was after it."""
+    import comfy.model_management as mm
+
+    from comfyui_streamline.core import offload
+
+    pool = offload.HostPool()  # ComfyUI's API, ComfyUI's limit
+    hosts = [pool.take("cpu", (1000 + i,), torch.float32) for i in range(3)]
+    assert all(pool.is_pinned(h) for h in hosts)
+    assert mm.TOTAL_PINNED_MEMORY == pool.pinned_bytes == sum(comfy_pins.pinned.values()) > 0
+    assert all(size % offload.PAGE == 0 for size in comfy_pins.pinned.values())
+    pool.release()
+    assert mm.TOTAL_PINNED_MEMORY == 0 and not mm.PINNED_MEMORY and pool.held_bytes == 0
+
+
+@pytest.mark.host
+def test_disable_pinned_memory_gives_pageable_buffers(comfy_pins, monkeypatch, caplog):
+    import comfy.cli_args
+    import comfy.model_management as mm
+
+    from comfyui_streamline.core import offload
+
+    monkeypatch.setattr(comfy.cli_args.args, "disable_pinned_memory", True)
+    pool = offload.HostPool()
+    with caplog.at_level(logging.INFO, logger=STREAMLINE_LOGGER):
+        hosts = [pool.take("cpu", (1000,), torch.float32) for _ in range(3)]
+    assert not comfy_pins.pinned and mm.TOTAL_PINNED_MEMORY == 0 and pool.pinned_bytes == 0
+    assert not any(pool.is_pinned(h) or h.is_pinned() for h in hosts) and pool.held_bytes == 3 * 4000
+    lines = [r.getMessage() for r in caplog.records if "pageable" in r.getMessage()]
+    assert len(lines) == 1 and "--disable-pinned-memory" in lines[0], lines  # once per run
+    pool.give_back(hosts[0])
+    assert pool.take("cpu", (1000,), torch.float32).data_ptr() == hosts[0].data_ptr()  # reused all the same
+    pool.release()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=STREAMLINE_LOGGER):
+        pool.take("cpu", (1000,), torch.float32)
+    assert sum("pageable" in r.getMessage() for r in caplog.records) == 1  # the next run says it again
+
+
+@pytest.mark.host
+def test_past_comfyuis_pinned_limit_buffers_are_pageable(comfy_pins, monkeypatch, caplog):
+    """ComfyUI's limit counts what is pinned already (ComfyUI's own pins and the pool's): a buffer that would
+    pass it is pageable, said once; ComfyUI's pins are not evicted for it; a failed registration too."""
+    import comfy.model_management as mm
+
+    from comfyui_streamline.core import offload
+
+    page = offload.PAGE
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 5 * page)
+    monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", page)  # ComfyUI's own pins
+    pool = offload.HostPool()
+    with caplog.at_level(logging.INFO, logger=STREAMLINE_LOGGER):
+        first = pool.take("cpu", (2 * page,), torch.uint8)
+        second = pool.take("cpu", (2 * page,), torch.uint8)  # 1 + 2 + 2 pages: at the limit
+        third = pool.take("cpu", (page,), torch.uint8)  # past it
+        fourth = pool.take("cpu", (page // 2,), torch.float16)
+    assert pool.is_pinned(first) and pool.is_pinned(second) and not pool.is_pinned(third)
+    assert not pool.is_pinned(fourth) and mm.TOTAL_PINNED_MEMORY == 5 * page and pool.pinned_bytes == 4 * page
+    lines = [r for r in caplog.records if "pageable" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING and "pinned-memory limit" in lines[0].getMessage()
+    pool.release()
+    assert mm.TOTAL_PINNED_MEMORY == page and pool.held_bytes == 0
+
+    failing = FakePins(mm, limit=0)  # the registration itself fails
+    monkeypatch.setattr(mm, "pin_memory", failing.pin)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=STREAMLINE_LOGGER):
+        assert not pool.is_pinned(pool.take("cpu", (page,), torch.uint8))
+    assert any("pinning failed" in r.getMessage() for r in caplog.records)
+    pool.release()
+
+
+@pytest.fixture
+def cpu_pool(monkeypatch):
+    """The CPU path's forwards take their host buffers from a pool that pins (pretended), as on CUDA."""
+    from comfyui_streamline.core import offload
+
+    pins = FakePins()
+    pool = offload.HostPool(pins.pin, pins.unpin, refused=lambda nbytes: None)
+    made = []
+    new = pool._new
+    monkeypatch.setattr(pool, "_new", lambda nbytes: made.append(nbytes) or new(nbytes))
+    monkeypatch.setattr(offload, "pool_for", lambda device: pool)
+    monkeypatch.setattr(offload, "HOST_POOL", pool)  # what end_run() releases
+    pool.made, pool.pins = made, pins
+    return pool
+
+
+@pytest.mark.host
+@KINDS
+def test_forwards_reuse_the_pools_buffers_bit_identically(sd15, cpu_pool, features):
+    """A second forward of the run takes no new buffer (every one of the first came back); the output is
+    bit-identical to no offload in both; end_run() leaves nothing held or pinned."""
+    import gc
+
+    from comfyui_streamline.core import offload
+
+    config = SliceConfig(3, 7, False)
+    ref = forward(sd15, config)
+    assert torch.equal(forward(sd15, offloaded(config, features)), ref)
+    gc.collect()
+    made, held = len(cpu_pool.made), cpu_pool.held_bytes
+    assert made > 0 and cpu_pool.lent_bytes == 0 and cpu_pool.pinned_bytes == held
+    assert torch.equal(forward(sd15, offloaded(config, features)), ref)
+    gc.collect()
+    assert len(cpu_pool.made) == made and cpu_pool.held_bytes == held and cpu_pool.lent_bytes == 0
+    offload.end_run()
+    assert cpu_pool.held_bytes == cpu_pool.pinned_bytes == 0 and not cpu_pool.pins.pinned
+
+
+@pytest.mark.host
+def test_a_sampling_run_gives_its_host_buffers_back(tinyvideo, cpu_pool):
+    """Through ComfyUI's KSampler path: the run's forwards share the pool's buffers, the output is the same
+    as without offload, and the OUTER_SAMPLE wrapper's end of run leaves the pool empty."""
+    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
+
+    held = []
+    take = cpu_pool.take
+    cpu_pool.take = lambda *a: held.append(cpu_pool.held_bytes) or take(*a)
+    ref = tv_sample(StreamlineModelPatch.execute(tinyvideo, frame_chunk=2, spatial_chunk=32).result[0])
+    patched = StreamlineModelPatch.execute(tinyvideo, frame_chunk=2, spatial_chunk=32, offload_skips=True).result[0]
+    out = tv_sample(patched)
+    assert torch.equal(out, ref) and max(held) > 0
+    assert len(held) > 2 * len(cpu_pool.made)  # more tensors left than buffers were made: reused across forwards
+    assert cpu_pool.held_bytes == cpu_pool.pinned_bytes == cpu_pool.lent_bytes == 0
+    assert not cpu_pool.pins.pinned and len(cpu_pool.pins.unpinned) == len(cpu_pool.made)

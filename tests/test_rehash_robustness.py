@@ -162,11 +162,13 @@ def test_wan_context_windows_key_by_window():
 
 def freeu(model, node: str):
     """ComfyUI's real FreeU / FreeU_V2 node (comfy_extras/nodes_freelunch.py), default settings."""
-    from comfy_extras.nodes_freelunch import NODE_CLASS_MAPPINGS
+    import comfy_extras.nodes_freelunch as freelunch
 
-    cls = NODE_CLASS_MAPPINGS[node]
+    cls = getattr(freelunch, "NODE_CLASS_MAPPINGS", {}).get(node) or getattr(freelunch, node)
     defaults = {k: v[1]["default"] for k, v in cls.INPUT_TYPES()["required"].items() if k != "model"}
-    return cls().patch(model, **defaults)[0]
+    if hasattr(cls, "execute"):  # ComfyUI 0.33: a V3 node
+        return cls.execute(model, **defaults).result[0]
+    return cls().patch(model, **defaults)[0]  # 0.3.64
 
 
 def on_copies(model):

@@ -92,7 +92,8 @@ def test_streamline_slices_svd_instead_of_running_it_unchanged(runs):
     assert not unchanged, unchanged
     # the patched run's report: the UNet calls of its one shape (cond and uncond of every frame, the
     # latent and the image's latent side by side) ran sliced
-    report = lines.index("Streamline Model Patch, this run:")
+    # ComfyUI 0.33's log prefixes each record with its level ("[INFO] ", coloured); 0.3.64's does not
+    report = next(i for i, line in enumerate(lines) if line.endswith("Streamline Model Patch, this run:"))
     assert lines[report + 1].startswith(f"- {2 * FRAMES}x8x{SIZE // 8}x{SIZE // 8} "), lines[report:report + 3]
 
 

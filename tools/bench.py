@@ -4,8 +4,9 @@ Random weights at SD1.5 + mm_sd_v15_v2 shapes, built through ComfyUI's and Anima
 classes; ADE's motion modules injected as ADE does at sampling start; CFG batched (batch = 2 x frames).
 Prints, per case: peak activation (GiB) and seconds per forward for both, and their ratios.
 
-Peak activation is measured with torch.cuda.max_memory_allocated above the memory held before the
-forward on CUDA, and with the live-tensor counter (core/memtrace.py) on CPU. Next to each measurement:
+Peak activation is core/meter.py's window: on CUDA the caching allocator's active bytes above the memory
+held before the forward (counters read, never reset; exact: a ballast block lifts this process's earlier
+peak out of the way), on CPU the live-tensor counter (core/memtrace.py). Next to each measurement:
 the Memory Budget's prediction (core/budget.py) for the same forward, and its error.
 
 With --budget-gb the Streamline run plans its slices with the Memory Budget (as the node does); with
@@ -70,21 +71,22 @@ class Variant:
         return to if self.state is None else synthetic.with_streamline(to, state=self.state)
 
 
-def measure(unet, variant: Variant, synthetic, inputs, device: str, repeats: int) -> dict | None:
-    """Peak activation, seconds per forward and output; None if the forward ran out of memory."""
+def measure(unet, variant: Variant, synthetic, inputs, device: str, repeats: int, capped: bool = False) -> dict | None:
+    """Peak activation, seconds per forward and output; None if the forward ran out of memory. `capped`:
+    the process is held to a memory cap (--cap-memory), where the meter's ballast would eat the budget."""
     import torch
 
     x, t, c = inputs
     try:
-        return _measure(unet, variant, synthetic, x, t, c, device, repeats)
+        return _measure(unet, variant, synthetic, x, t, c, device, repeats, capped)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None
 
 
-def _measure(unet, variant: Variant, synthetic, x, t, c, device: str, repeats: int) -> dict:
+def _measure(unet, variant: Variant, synthetic, x, t, c, device: str, repeats: int, capped: bool = False) -> dict:
     import torch
-    from comfyui_streamline.core.memtrace import LiveTensorMeter
+    from comfyui_streamline.core.meter import measure_peak
 
     def forward():
         return unet(x, t, c, transformer_options=variant.options(synthetic))
@@ -94,18 +96,12 @@ def _measure(unet, variant: Variant, synthetic, x, t, c, device: str, repeats: i
             torch.cuda.synchronize()
 
     with torch.inference_mode():
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            sync()
-            held = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+        # CUDA: the allocator's active bytes above what is held before the forward, never reset; the ballast
+        # (this process is the bench's own) makes the window exact under an earlier, higher peak; under
+        # --cap-memory it would eat the cap: op-boundary samples instead (a lower bound, "~" in the table)
+        with measure_peak(device, ballast=not capped, sample=capped) as window:
             out = forward()
-            sync()
-            peak = torch.cuda.max_memory_allocated() - held
-        else:
-            with LiveTensorMeter() as meter:
-                out = forward()
-            peak = meter.peak_bytes
+        peak = window.peak.bytes
         times = []
         for _ in range(repeats):
             sync()
@@ -113,7 +109,8 @@ def _measure(unet, variant: Variant, synthetic, x, t, c, device: str, repeats: i
             forward()
             sync()
             times.append(time.perf_counter() - start)
-    return {"peak_bytes": peak, "s_per_forward": statistics.median(times), "out": out.float().cpu()}
+    return {"peak_bytes": peak, "exact": window.peak.exact, "s_per_forward": statistics.median(times),
+            "out": out.float().cpu()}
 
 
 def cap_cuda_memory(activation_bytes: int) -> int:
@@ -126,8 +123,8 @@ def cap_cuda_memory(activation_bytes: int) -> int:
     return cap
 
 
-def gib(value) -> str:
-    return "OOM" if value is None else f"{value / 2**30:.3f}"
+def gib(value, exact: bool = True) -> str:
+    return "OOM" if value is None else f"{'' if exact else '~'}{value / 2**30:.3f}"
 
 
 def main(argv=None) -> None:
@@ -194,11 +191,11 @@ def main(argv=None) -> None:
         )
         work = Workload(batch, frames, height // 8, width // 8, dtype_bytes=inputs[0].element_size())
         predicted_base = predict_peak_bytes(shape, work, None, laws)
-        base = measure(unet, baseline, synthetic, inputs, args.device, args.repeats)
+        base = measure(unet, baseline, synthetic, inputs, args.device, args.repeats, cap is not None)
         for variant in patched_variants:
             chosen = variant.state.config_for(unet, inputs[0], inputs[2])
             predicted_patched = predict_peak_bytes(shape, work, chosen, laws)
-            patched = measure(unet, variant, synthetic, inputs, args.device, args.repeats)
+            patched = measure(unet, variant, synthetic, inputs, args.device, args.repeats, cap is not None)
             settled = variant.state.config_for(unet, inputs[0], inputs[2])
             if settled != chosen:  # the out-of-memory fallback (nodes/model_patch.py) made the slices finer
                 print(f"  Streamline ran out of memory with {chosen} and went on with {settled}")
@@ -217,8 +214,8 @@ def main(argv=None) -> None:
                 row["max_rel_diff"] = ((patched["out"] - base["out"]).abs().max() / base["out"].abs().max()).item()
             rows.append(row)
             print(f"{row['case']:>20} {batch:>5} | {f'{chosen.frame_chunk} / {chosen.spatial_chunk}':>22} | "
-                  f"{gib(base and base['peak_bytes']):>11} {error(base, predicted_base):>9} | "
-                  f"{gib(patched and patched['peak_bytes']):>14} {error(patched, predicted_patched):>9} | "
+                  f"{gib(base and base['peak_bytes'], not base or base['exact']):>11} {error(base, predicted_base):>9} | "
+                  f"{gib(patched and patched['peak_bytes'], not patched or patched['exact']):>14} {error(patched, predicted_patched):>9} | "
                   f"{row.get('memory_ratio', 0):>8.2f}x | {seconds(base):>9} {seconds(patched):>12} "
                   f"{row.get('time_ratio', 0):>9.2f}x | {row.get('max_rel_diff', float('nan')):>12.2e}", flush=True)
             del patched

@@ -55,7 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-block", type=int, default=-1,
                    help="Step Rehash cache point: output block whose output is cached (-1 = default, the second-to-last)")
     p.add_argument("--streamline", action="store_true", help="also apply Streamline Model Patch (automatic chunks)")
+    p.add_argument("--methods", nargs="+", metavar="PREFIX",
+                   help="run only the methods whose names start with one of these (full sampling always runs, "
+                        "first; a cond/uncond unbatched row only when its prefix says unbatched): a short GPU run")
     return p.parse_args(argv)
+
+
+def selected(name: str, prefixes: list[str]) -> bool:
+    """--methods: the name starts with one of the prefixes; an unbatched row only when its prefix says so."""
+    return any(name.startswith(p) and ("unbatched" not in name or "unbatched" in p) for p in prefixes)
 
 
 def build_model_and_cases(args, work: Path):
@@ -248,11 +256,16 @@ def main(argv=None) -> None:
         *((f"EasyCache (threshold {t}), input copied, cond/uncond unbatched", easycache_as_on_gpu(t))
           for t in sorted({args.easycache_threshold, *args.easycache_sweep})),
     ]
+    if args.methods:
+        methods = [methods[0]] + [(name, m) for name, m in methods[1:] if selected(name, args.methods)]
     print(f"device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, model {args.model}, "
           f"{args.size}, {args.steps} steps {args.sampler}/{args.scheduler}, cfg {args.cfg}, seed {args.seed}, "
           f"{len(cases)} prompt(s), Streamline slicing {'on' if args.streamline else 'off'}, "
           f"Step Rehash cache block {args.cache_block if args.cache_block >= 0 else 'default'}")
-    sample(model, cases[0])  # warm-up (kernels, allocator, ADE injection caches)
+    keystep = [m for _, m in methods if getattr(m.model_options["transformer_options"].get(STATE_KEY), "config", None)
+               is not None and m.model_options["transformer_options"][STATE_KEY].config.mode == "keystep"]
+    if not keystep:  # else the first calibration run (every step in full) is the warm-up
+        sample(model, cases[0])  # warm-up (kernels, allocator, ADE injection caches)
     # key-step calibration: the first run of each key-step model computes every step and saves the key
     # steps (per model, sampler, schedule and settings, not per prompt); the timed runs below reuse them
     for name, m in methods:

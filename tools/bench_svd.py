@@ -5,9 +5,9 @@ built with ComfyUI's UNetModel class on the device, fp16 on CUDA; inputs as SVD 
 (8 channels, one CLIP-image token, cond/uncond batched: batch = 2 x frames). Rows, each printed (and
 appended to --markdown, flushed) as soon as it is measured:
 - per forward, at 576x1024 (latent 72x128) with 14 and 25 frames: ComfyUI, a chosen slicing and the
-  Memory Budget's plan (core/svd_budget.py) for --budget-gb: peak activation (CUDA: max_memory_allocated
-  above what was held before; CPU: the live-tensor counter) and seconds, the prediction and its error,
-  the ratios to ComfyUI's forward and the largest difference of the output;
+  Memory Budget's plan (core/svd_budget.py) for --budget-gb: peak activation (core/meter.py: CUDA active
+  bytes above what was held before, counters never reset; CPU: the live-tensor counter) and seconds, the
+  prediction and its error, the ratios to ComfyUI's forward and the largest difference of the output;
 - Step Rehash: the FLOPs of a rehash call (shallow path, cache at the second-to-last output block) as a
   share of a full call, counted with torch.utils.flop_counter at the real shapes on the meta device, and
   what that makes of 25 steps with 13 full (the paper's key steps) for Step Rehash and for DeepCache-style
@@ -81,21 +81,15 @@ def measure(forward, device: str, repeats: int):
     """(output, peak activation bytes, best seconds) of `forward()`."""
     import torch
 
-    from comfyui_streamline.core.memtrace import LiveTensorMeter
+    from comfyui_streamline.core.meter import measure_peak
 
     with torch.inference_mode():
         if device == "cuda":
             forward()  # warm-up
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+        # CUDA: active bytes above what is held before, counters never reset, exact (ballast); CPU: live tensors
+        with measure_peak(device, ballast=True) as window:
             out = forward()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
-        else:
-            with LiveTensorMeter() as meter:
-                out = forward()
-            peak = meter.peak_bytes
+        peak = window.peak.bytes
         seconds = []
         for _ in range(repeats):
             if device == "cuda":

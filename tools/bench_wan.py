@@ -7,9 +7,9 @@ on the CPU), cond and uncond batched, a 512-token prompt. Only --layers of the m
 (default 2 of 30 / 40): every block has the same shapes, so the peak activation of a forward is that of
 these, and its time grows by the block count (the rows say both). The sliced run reaches the blocks through
 the same block-replace hook the node installs. Each row is printed, and appended to --markdown (flushed),
-as soon as it is measured: peak activation (CUDA max_memory_allocated above what was held before; the
-live-tensor counter on the CPU), seconds per forward, the largest difference, and the planner's prediction
-(core/dit_budget.py).
+as soon as it is measured: peak activation (core/meter.py: CUDA active bytes above what was held before,
+counters never reset; the live-tensor counter on the CPU), seconds per forward, the largest difference,
+and the planner's prediction (core/dit_budget.py).
 
 First, what a Step Rehash step costs at these shapes with all the model's blocks (30 / 40): its FLOPs
 against a full call's (torch's FlopCounterMode over ComfyUI's WanModel on the meta device: shapes only,
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     from comfyui_streamline.core.budget import format_bytes
     from comfyui_streamline.core.dit_budget import SDPA, SUB_QUADRATIC, WanShape, WanWork, forward_peak_bytes
     from comfyui_streamline.nodes.wan.block import host_copies_block_input
-    from comfyui_streamline.core.memtrace import LiveTensorMeter
+    from comfyui_streamline.core.meter import measure_peak
     from comfyui_streamline.nodes.wan.patch import CALL_KEY, SlicedWanBlock, WanCall
 
     device = torch.device(args.device)
@@ -128,17 +128,9 @@ def main(argv=None) -> None:
         def measure(token_chunk):
             with torch.no_grad():
                 model(x, t, context, transformer_options=options(token_chunk))  # warm-up
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    held = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
+                with measure_peak(device, ballast=True) as window:  # core/meter.py: exact, never reset
                     out = model(x, t, context, transformer_options=options(token_chunk))
-                    torch.cuda.synchronize()
-                    peak = torch.cuda.max_memory_allocated() - held
-                else:
-                    with LiveTensorMeter() as meter:
-                        out = model(x, t, context, transformer_options=options(token_chunk))
-                    peak = meter.peak_bytes
+                peak = window.peak.bytes
                 seconds = []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
