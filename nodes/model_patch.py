@@ -141,9 +141,26 @@ def apply_streamline(model: ModelPatcher, config: SliceConfig, planner: Callable
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY,
                                  load_with_streamline_estimate)
+    multigpu = getattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU", None)  # ComfyUI 0.33
+    if multigpu is not None:
+        patched.remove_callbacks_with_key(multigpu, WRAPPER_KEY)
+        patched.add_callback_with_key(multigpu, WRAPPER_KEY, estimate_for_device_clone)
     if family_of(patched.model.diffusion_model) == WAN:  # Wan's blocks are sliced through the block-replace hook
         install_wan_slicing(patched, wan_token_chunk)
     return patched
+
+
+def estimate_for_device_clone(original: ModelPatcher, clone: ModelPatcher) -> None:
+    """ON_DEEPCLONE_MULTIGPU callback (ComfyUI 0.33's MultiGPU CFG split): the per-device clone keeps the
+    patch (its model options and wrappers are copied), and gets a memory estimate of its own, for its model and
+    its load device, so each device's slices are planned for that device's memory."""
+    from .memory_budget import MemoryEstimate, ade_motion_models
+
+    estimate = original.object_patches.get("memory_required")
+    if not isinstance(estimate, MemoryEstimate):
+        return
+    clone.add_object_patch("memory_required", MemoryEstimate(clone.model, clone.model_options, estimate.earlier_patch,
+                                                             ade_motion_models(clone), clone.load_device, clone))
 
 
 def wan_token_chunk(transformer_options: dict, x: Tensor, tokens_per_frame: int) -> int | None:
@@ -184,6 +201,9 @@ def remove_streamline(model: ModelPatcher) -> ModelPatcher:
     if earlier is not None:
         plain.add_object_patch("memory_required", earlier)
     plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY)
+    multigpu = getattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU", None)
+    if multigpu is not None:
+        plain.remove_callbacks_with_key(multigpu, WRAPPER_KEY)
     remove_wan_slicing(plain)
     return plain
 

@@ -189,3 +189,28 @@ def test_wan_calls_are_retried_with_half_the_tokens_per_slice(monkeypatch, caplo
     assert torch.equal(out, reference)
     assert seen == [64, 32, 16, 16]  # block 0 fails twice, then both blocks run at 16
     assert sum("out of memory" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_multigpu_device_clones_keep_the_patch_and_plan_for_their_device(free_memory_seen):
+    """ComfyUI 0.33's MultiGPU CFG split deep-clones the model per device (ModelPatcher.deepclone_multigpu, then
+    its ON_DEEPCLONE_MULTIGPU callbacks): the clone keeps the patch, and its estimate plans for its own device."""
+    import comfy.patcher_extension
+
+    from comfyui_streamline.nodes.memory_budget import MemoryBudget, MemoryEstimate
+    from comfyui_streamline.nodes.model_patch import STATE_KEY
+
+    multigpu = getattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU", None)
+    if multigpu is None:
+        pytest.skip("this ComfyUI has no MultiGPU deep clones (0.3.64)")
+    patched = MemoryBudget.execute(sd15(), budget_gb=0.0, width=64, height=64, frames=4).result[0]
+    clone = patched.clone()  # what deepclone_multigpu does before its callbacks, with the device's own model
+    clone.load_device = torch.device("cuda", 1)
+    for callback in patched.get_all_callbacks(multigpu):
+        callback(patched, clone)
+    estimate = clone.object_patches["memory_required"]
+    assert isinstance(estimate, MemoryEstimate) and estimate is not patched.object_patches["memory_required"]
+    assert estimate.base_model is clone.model and estimate.patcher() is clone
+    assert STATE_KEY in clone.model_options["transformer_options"]  # the patch survives the clone
+    free_memory_seen.clear()
+    estimate([4, 4, 8, 8])
+    assert [device for device, _ in free_memory_seen] == [torch.device("cuda", 1)]
