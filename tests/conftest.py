@@ -59,11 +59,15 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _release_models_after_each_module():
+def _release_models_after_each_module(request):
     """Each test file loads its own models (SD1.5, SVD, Wan, Flux at test sizes, up to a few GB): drop what
     ComfyUI's model management still holds once a file is done, so one pytest process does not grow
     through the whole suite (it once reached 12.6 GB)."""
     yield
+    # models a test file caches (functools.lru_cache'd loaders) go with the file
+    for value in list(vars(request.module).values()):
+        if callable(getattr(value, "cache_clear", None)) and hasattr(value, "cache_info"):
+            value.cache_clear()
     if HOST_MISSING_REASON is None:
         import gc
 
