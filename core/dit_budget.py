@@ -54,7 +54,8 @@ class WanWork:
     modulation_rows: int = 1  # E: 1, or one row per latent frame (Wan 2.2 5B with a denoise mask)
     dtype_bytes: int = 4
     # the host's block makes its (transposed, non-contiguous) first input contiguous while forward_orig still
-    # holds it (ComfyUI 0.33): one more (rows, dim) in ComfyUI's forward during the first block
+    # holds it (ComfyUI 0.33): one more (rows, dim) in ComfyUI's forward during the first block. The sliced
+    # block copies at its end, when its keys and values (two (rows, dim)) are freed: below its peak
     input_copy: bool = False
 
     @property

@@ -37,6 +37,7 @@ again for the output block that joins it. A feature that the next op needs whole
 from __future__ import annotations
 
 import logging
+import errno
 import math
 import mmap
 import threading
@@ -52,6 +53,21 @@ from .memtrace import counted_as_host
 logger = logging.getLogger("ComfyUI-Streamline")  # the pack's logger (nodes/log.py)
 
 PAGE = mmap.PAGESIZE  # pinned buffers take whole pages: two registrations never share one
+
+
+class HostMemoryError(MemoryError):
+    """Host memory ran out for an offload buffer. The forward that asked can run again with offload off
+    (nodes/streamlined_unet.py's retry): the output is the same, the skips stay on the device."""
+
+
+def host_allocation_failed(e: BaseException) -> bool:
+    """Whether `e` says a host allocation failed: Python's MemoryError, torch's CPU allocator ("can't
+    allocate memory"), or an mmap refused for want of memory."""
+    if isinstance(e, MemoryError):
+        return True
+    if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
 def _comfy_model_management():
@@ -308,9 +324,16 @@ class Transfers:
         return side_stream(self.device)
 
     def host_buffer(self, t: Tensor) -> Tensor:
-        if self.pool is not None:
-            return self.pool.take(t.device, t.shape, t.dtype)
-        return torch.empty(t.shape, dtype=t.dtype, device="cpu" if self.cuda else t.device)
+        """A host tensor for a copy of `t`; HostMemoryError when host memory has run out."""
+        try:
+            if self.pool is not None:
+                return self.pool.take(t.device, t.shape, t.dtype)
+            return torch.empty(t.shape, dtype=t.dtype, device="cpu" if self.cuda else t.device)
+        except Exception as e:  # noqa: BLE001 — only a failed host allocation is renamed
+            if not host_allocation_failed(e) or isinstance(e, HostMemoryError):
+                raise
+            raise HostMemoryError(f"no host memory for a {t.numel() * t.element_size() / 2**20:.1f} MiB offload "
+                                  f"buffer ({type(e).__name__}: {e})") from e
 
     def to_host(self, t: Tensor) -> Tensor:
         """A host copy of `t`; the caller drops `t` afterwards (CUDA: its memory is reused only once the

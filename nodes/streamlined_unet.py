@@ -15,6 +15,7 @@ residuals and transformer_index bookkeeping, but:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -666,12 +667,17 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
                     report.record(unet, x, context, config, video_norm_mode, peak, transfers, frames=frames)
                 return out
             except Exception as e:  # noqa: BLE001 — only what ComfyUI counts as out of memory is retried
-                if not is_oom(e):
-                    raise
-                smaller = _finer_after_oom(unet, config, x, context)
-                if smaller is None:
-                    raise
-                oom = f"{type(e).__name__}"
+                if isinstance(e, offload.HostMemoryError) and config.offload_skips:
+                    # host memory, not the device's: the same slices with the skips kept on the device
+                    smaller = dataclasses.replace(config, offload_skips=False, offload_features=False)
+                    oom = f"host memory during offload: {e}"
+                else:
+                    if not is_oom(e):
+                        raise
+                    smaller = _finer_after_oom(unet, config, x, context)
+                    if smaller is None:
+                        raise
+                    oom = f"{type(e).__name__}"
             # out of the except block: its traceback no longer holds the failed attempt's tensors
             logger.warning(f"Streamline: out of memory ({oom}) with {config}; retrying with {smaller} and keeping "
                            "it for the rest of this run.")

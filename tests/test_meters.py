@@ -197,9 +197,9 @@ EVIDENCE_TOOLS = ["gpu_evidence.py", "paper_metric.py", "bench.py", "bench_svd.p
 
 
 def test_no_meter_of_the_pack_resets_a_peak_counter():
-    """The nodes, core/ and the tools tools/gpu_evidence.py runs."""
-    files = [p for folder in ("core", "nodes") for p in sorted((ROOT / folder).rglob("*.py"))]
-    files += [ROOT / "tools" / name for name in EVIDENCE_TOOLS]
+    """The nodes, core/ and every tool (the evidence tools and the demo included)."""
+    files = [p for folder in ("core", "nodes", "tools") for p in sorted((ROOT / folder).rglob("*.py"))]
+    assert {ROOT / "tools" / name for name in EVIDENCE_TOOLS + ["demo.py"]} <= set(files)
     found = [f"{p.relative_to(ROOT)}:{i + 1}" for p in files
              for i, line in enumerate(p.read_text().splitlines())
              if re.search(r"reset_(peak_memory_stats|max_memory_allocated)\s*\(", line)]

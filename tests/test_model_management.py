@@ -6,7 +6,7 @@
   counts the weight memory it can evict), in the estimate, in the run and in the node's preview;
 - an out-of-memory error is retried as wide as ComfyUI's is_oom (an accelerator error that says "out of
   memory" too), out of the except block; any other error goes through untouched; Wan calls are retried with
-  half the tokens per slice.
+  half the tokens per slice; host memory running out during skip offload is retried with offload off.
 """
 from __future__ import annotations
 
@@ -155,6 +155,65 @@ def test_any_other_error_goes_through_untouched(monkeypatch):
     with pytest.raises(ValueError, match="not a memory problem"):
         run_unet({STATE_KEY: state})
     assert state.config.frame_chunk == 4
+
+
+class HostlessPool:
+    """An offload pool on a host whose memory has run out: every buffer fails as torch's CPU allocator does."""
+
+    def __init__(self):
+        self.asked = 0
+
+    def take(self, device, shape, dtype):
+        self.asked += 1
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1048576 bytes. Error code 12 (Cannot allocate memory)")
+
+    def give_back(self, host):
+        raise AssertionError("nothing was lent")
+
+
+def test_host_memory_running_out_during_offload_is_retried_with_offload_off(monkeypatch, caplog):
+    from comfyui_streamline.core import offload
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState
+
+    reference = run_unet({})
+    pool = HostlessPool()
+    monkeypatch.setattr(offload, "pool_for", lambda device: pool)
+    state = StreamlineState(SliceConfig(2, 64, scale_with_level=False, offload_skips=True, offload_features=True))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        out = run_unet({STATE_KEY: state})
+        again = run_unet({STATE_KEY: state})  # the rest of the run: offload stays off, no second attempt
+    assert ((out - reference).abs().max() / reference.abs().max()).item() <= 1e-5
+    assert torch.equal(out, again)
+    assert pool.asked == 1
+    assert (state.config.offload_skips, state.config.offload_features) == (False, False)
+    assert (state.config.frame_chunk, state.config.spatial_chunk) == (2, 64)  # the slices are kept
+    lines = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(lines) == 1 and "host memory during offload" in lines[0] and "DefaultCPUAllocator" in lines[0]
+
+
+def test_only_a_failed_host_allocation_counts_as_host_memory():
+    import errno
+
+    from comfyui_streamline.core import offload
+
+    assert offload.host_allocation_failed(MemoryError())
+    assert offload.host_allocation_failed(OSError(errno.ENOMEM, "Cannot allocate memory"))
+    assert offload.host_allocation_failed(RuntimeError("DefaultCPUAllocator: can't allocate memory: 8 bytes"))
+    assert not offload.host_allocation_failed(RuntimeError("CUDA error: an illegal memory access"))
+    assert not offload.host_allocation_failed(OSError(errno.EACCES, "Permission denied"))
+
+    class Broken(HostlessPool):
+        def take(self, device, shape, dtype):
+            raise RuntimeError("some other fault")
+
+    transfers = offload.Transfers(torch.device("cpu"), pool=Broken())
+    with pytest.raises(RuntimeError, match="some other fault"):
+        transfers.host_buffer(torch.zeros(4))
+    transfers = offload.Transfers(torch.device("cpu"), pool=HostlessPool())
+    with pytest.raises(offload.HostMemoryError, match="0.0 MiB offload buffer"):
+        transfers.host_buffer(torch.zeros(4))
 
 
 def test_wan_calls_are_retried_with_half_the_tokens_per_slice(monkeypatch, caplog):

@@ -103,6 +103,27 @@ def test_sliced_forward_matches_comfyui(name, batch, token_chunk, slice_spy):
     assert slice_spy == [(90, token_chunk)] * 2  # both blocks sliced
 
 
+def test_the_first_block_returns_forward_origs_transposed_x_contiguous(monkeypatch):
+    """forward_orig hands the first block a transposed x; the sliced block returns it contiguous (as ComfyUI
+    0.33's block makes it), so the later blocks read and update a contiguous x."""
+    from comfyui_streamline.nodes.wan import block, patch
+
+    seen, original = [], block.sliced_block_forward
+
+    def spy(blk, x, *args):
+        given = x.is_contiguous()
+        out = original(blk, x, *args)
+        seen.append((given, out.is_contiguous()))
+        return out
+
+    monkeypatch.setattr(patch, "sliced_block_forward", spy)
+    model = loaded("WAN21_T2V")
+    x, t, context, kwargs = inputs("WAN21_T2V", 2)
+    with torch.no_grad():
+        model.model.diffusion_model(x, t, context, transformer_options=call_options(patched_clone(model, 30)))
+    assert seen == [(False, True), (True, True)]
+
+
 @pytest.mark.parametrize("rows", [2, 4, 7])  # 90 tokens over 2 rows (45 each), 4 (23, cut), 7 (13, cut)
 def test_per_token_modulation_whatever_the_row_count(rows, slice_spy):
     """Wan 2.2 5B: token j reads the row of e that repeat_e gives it, also where rows do not divide tokens."""

@@ -10,9 +10,9 @@ and checks they are the same video (Streamline is exact: the difference is float
 
 It runs in labelled stages: a one-step warm-up of each model (first-call allocations, kernel choice),
 the two timed runs, and on the CPU one step of each under the memory counter (every step's UNet forward
-has the same peak). Peak memory: on CUDA torch.cuda.max_memory_allocated above what was allocated before the
-run (the weights are loaded first), read in the timed runs; on CPU the live-tensor counter
-(core/memtrace.py): tensors made during sampling.
+has the same peak). Peak memory: on CUDA the allocator's active bytes above what was held before the run
+(the weights are loaded first), read in the timed runs through core/meter.py's measure_peak, which resets
+no counter; on CPU the live-tensor counter (core/memtrace.py): tensors made during sampling.
 """
 from __future__ import annotations
 
@@ -68,20 +68,23 @@ class Graph:
         import comfy.model_management
         import torch
 
+        from comfyui_streamline.core.meter import measure_peak
         from comfyui_streamline.nodes.tinyvideo import TinyVideoDecode
 
         cuda = self.args.device == "cuda"
-        if cuda:
-            comfy.model_management.load_models_gpu([self.model])
+        if not cuda:
+            start = time.perf_counter()
+            samples = self.sample(self.args.steps)
+            seconds, peak = time.perf_counter() - start, None
+            return samples["samples"], TinyVideoDecode.execute(samples, 8).result[0], seconds, peak
+        comfy.model_management.load_models_gpu([self.model])
+        # ballast: this process reads no whole-process figure, and every window is then exact
+        with measure_peak(torch.device("cuda"), ballast=True) as window:
+            start = time.perf_counter()
+            samples = self.sample(self.args.steps)
             torch.cuda.synchronize()
-            held = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        samples = self.sample(self.args.steps)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() - held if cuda else None
+            seconds = time.perf_counter() - start
+        peak = window.peak.bytes
         return samples["samples"], TinyVideoDecode.execute(samples, 8).result[0], seconds, peak
 
     def counted_peak(self) -> int:

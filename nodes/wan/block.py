@@ -79,7 +79,7 @@ def exact_token_chunk(chunk: int) -> int:
 def host_copies_block_input() -> bool:
     """Whether the host's WanAttentionBlock.forward makes x contiguous (ComfyUI 0.33): ComfyUI's forward then
     holds one more (B, L, C) in the first block (core/dit_budget.py WanWork.input_copy). The sliced block
-    does not copy: it updates forward_orig's x in place, slice by slice."""
+    copies at its end instead, when keys and values are gone (sliced_block_forward)."""
     return host_fingerprints.source_mentions(WanAttentionBlock.forward, "x.contiguous()", False)
 
 
@@ -164,10 +164,13 @@ def cross_attention(attn, x: Tensor, ctx: CrossContext, transformer_options: dic
 def sliced_block_forward(block: WanAttentionBlock, x: Tensor, e: Tensor, freqs: Tensor, context: Tensor,
                          context_img_len: int | None, transformer_options: dict, token_chunk: int) -> Tensor:
     """WanAttentionBlock.forward(x, e, freqs, context, context_img_len, transformer_options), computed in
-    slices of `token_chunk` tokens; x (B, L, C) is updated in place and returned (not copied contiguous as
-    ComfyUI 0.33's block does: a whole copy would cost a (B, L, C) tensor per call). With attn2_patch patches (ComfyUI 0.33's MultiTalk), the per-slice group
-    stops after the cross-attention, the patches get the whole x as the host gives it to them, and the
-    feed-forward runs per slice on what they return."""
+    slices of `token_chunk` tokens; x (B, L, C) is updated in place and returned contiguous. ComfyUI 0.33's
+    block copies its first input (forward_orig's transposed x) contiguous at its start, while keys and values
+    are still to come; this one copies it at its end, once keys and values are freed, so the copy raises no
+    peak (x and its copy, against x, keys and values before) and every later block reads a contiguous x.
+    With attn2_patch patches (ComfyUI 0.33's MultiTalk), the per-slice group stops after the
+    cross-attention, the patches get the whole x as the host gives it to them, and the feed-forward runs per
+    slice on what they return."""
     b, tokens, channels = x.shape
     attn2_patches = transformer_options.get("patches", {}).get("attn2_patch", []) if host_calls_attn2_patch() else []
     terms = modulation_terms(block, e, x)
@@ -213,7 +216,8 @@ def sliced_block_forward(block: WanAttentionBlock, x: Tensor, e: Tensor, freqs: 
             xs = x[:, start:end]  # a view: the updates below land in x
             attention(xs, start, end)
             feed_forward(xs, start, end)
-        return x
+        del keys, values, ctx
+        return x.contiguous()  # a copy only in the first block (forward_orig's transposed x)
     for start, end in chunk_ranges(tokens, token_chunk):  # group 2a: attention, per slice
         attention(x[:, start:end], start, end)
     del keys, values, ctx
