@@ -47,7 +47,12 @@ CTX_FRAMES, CTX_LENGTH = 6, 4
 STEPS = 2
 CFG = 5.0
 SEED = 1234
-TOL = 1e-5
+# Two sampling steps of an SD1.5-wide UNet in fp32: the sliced and ComfyUI's forwards differ only by float32
+# reductions in another order, and by how much depends on the CPU's kernels: up to 9.5e-6 on the AVX-512 machine
+# these bounds were first set on, 1.01e-5 to 1.07e-5 (v2-legacy, v3, AnimateLCM, AnimateDiff-SDXL) on an AMD EPYC
+# with AVX2, the same code that passed there. In float64 the two agree to 1e-14 (tests/test_video_norm.py, the
+# ADE self-check), and a dropped or misapplied operation differs by 1e-3 and more.
+TOL = 2e-5
 SPATIAL_CHUNK = 10  # motion modules: 7 slices of 64 positions at level 0, 2 of 16 at level 1; 4 positions whole
 MODULES_SLICED = 10  # per UNet call: levels 0 and 1, 2 motion modules per down block and 3 per up block
 UP_MODULES_SLICED = 6

@@ -9,6 +9,7 @@ tests/test_motion_families.py.
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -208,8 +209,29 @@ def test_memory_predictions_hold_in_the_whole_video_mode(frames, side, chunks):
     assert abs(predicted / meter.peak_bytes - 1) <= 0.15, (predicted, meter.peak_bytes)
 
 
-@pytest.mark.host
-def test_in_float64_slicing_changes_nothing_but_rounding():
+def float64_unet(model: str):
+    """(UNet with ADE's motion modules injected in float64, its transformer_options, context (tokens, dim)).
+    TinyVideo: ADE's VanillaTemporalModule in SD1.5's layout at 32/64/128 channels (a copy; seconds);
+    SD1.5 + mm_sd_v15_v2 at full width: 10 GB of float64 weights (STREAMLINE_FULL_MATRIX=1)."""
+    import copy
+
+    from comfyui_streamline.tools import synthetic
+
+    if model == "tinyvideo":
+        from comfyui_streamline.tinyvideo import model as tinyvideo
+
+        unet = copy.deepcopy(tinyvideo.load_model_patcher().model.diffusion_model).double()
+        tinyvideo.set_video_length(unet, FRAMES)
+        return unet, lambda: tinyvideo.motion_transformer_options(2), (3, tinyvideo.CONTEXT_DIM)
+    unet, motion = synthetic.sd15_unet(seed=0), synthetic.sd15_motion_model(seed=1)
+    synthetic.inject(unet, motion)
+    motion.set_video_length(FRAMES, FRAMES)
+    return unet.double(), lambda: synthetic.ade_transformer_options(2), (77, 768)
+
+
+@pytest.mark.parametrize("model", ["tinyvideo", pytest.param("sd15", marks=pytest.mark.skipif(
+    not os.environ.get("STREAMLINE_FULL_MATRIX"), reason="TinyVideo checks the same; all: STREAMLINE_FULL_MATRIX=1"))])
+def test_in_float64_slicing_changes_nothing_but_rounding(model):
     """Where the fp32 differences come from: in float64 the sliced forward equals ComfyUI's (and ADE's
     whole-video mode) to float64 rounding, for slicings that split samples, videos and positions. The
     1e-6-level fp32 differences of the other tests are float32 reductions run in another order (kernels
@@ -218,20 +240,19 @@ def test_in_float64_slicing_changes_nothing_but_rounding():
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.tools import synthetic
 
-    unet, motion = synthetic.sd15_unet(seed=0), synthetic.sd15_motion_model(seed=1)
-    synthetic.inject(unet, motion)
-    unet = unet.double()
-    motion.set_video_length(FRAMES, FRAMES)
+    unet, ade_options, (tokens, width) = float64_unet(model)
     batch = 2 * FRAMES
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 4, SIZE, SIZE, generator=g, dtype=torch.float64)
-    context = torch.randn(batch, 77, 768, generator=g, dtype=torch.float64)
+    context = torch.randn(batch, tokens, width, generator=g, dtype=torch.float64)
     t = torch.full((batch,), 500.0, dtype=torch.float64)
-    for options in (lambda: synthetic.ade_transformer_options(2),
-                    lambda: synthetic.ade_video_norm_options(synthetic.ade_transformer_options(2), FRAMES)):
+    refs = []
+    for options in (ade_options, lambda: synthetic.ade_video_norm_options(ade_options(), FRAMES)):
         with torch.inference_mode():
             ref = unet(x, t, context, transformer_options=options())
             out = unet(x, t, context, transformer_options=synthetic.with_streamline(options(), SliceConfig(3, 7, False)))
         assert out.dtype == torch.float64
         err = ((out - ref).abs().max() / ref.abs().max()).item()
         assert err <= 1e-12, f"relative max diff {err:.3e}"
+        refs.append(ref)
+    assert (refs[0] - refs[1]).abs().max() > 1e-3 * refs[0].abs().max()  # the whole-video mode really ran
