@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .memtrace import counted_as_host
 
-logger = logging.getLogger("ComfyUI-Streamline")  # the pack's logger (nodes/log.py)
+logger = logging.getLogger("ComfyUI-Streamline")  # the pack's logger (host/log.py)
 
 PAGE = mmap.PAGESIZE  # pinned buffers take whole pages: two registrations never share one
 

@@ -25,7 +25,7 @@ from ..core.budget import (
 )
 from ..core.slicing import SliceConfig
 from .layer_roles import is_ade_motion_module
-from .log import logger
+from ..host.log import logger
 from . import families
 from .layer_roles import unsupported_reason
 from .model_patch import STATE_KEY, apply_streamline, node_id_of

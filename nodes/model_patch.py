@@ -24,14 +24,15 @@ from torch import Tensor
 
 from ..core import offload
 from ..core.slicing import SliceConfig
+from ..host.options import STREAMLINE_KEY as STATE_KEY, STREAMLINE_WRAPPER_KEY as WRAPPER_KEY
 from .layer_roles import unsupported_reason
 from .run_report import RunReport, publish
 from .families import WAN, family_of
-from .streamlined_unet import CALL_CONFIG_KEY, LogOnce, make_streamline_wrapper
+from ..host.log import LogOnce
+from ..host.options import CALL_CONFIG_KEY
+from .streamlined_unet import make_streamline_wrapper
 from .wan import install_wan_slicing, remove_wan_slicing
 
-STATE_KEY = "streamline"
-WRAPPER_KEY = "streamline"
 UNCHANGED_LOG_KEY = "model-unchanged"  # the one notice a run logs for a model the pack does not handle
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..core.budget import format_bytes
 from ..core.meter import Peak, PeakWindow, measure_peak
 from ..core.slicing import SliceConfig, frame_chunk_size, spatial_chunk_size
-from .log import logger
+from ..host.log import logger
 
 REPORT_EVENT = "streamline.report"  # websocket event web/streamline.js shows on the node: {"node", "text"}
 

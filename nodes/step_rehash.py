@@ -43,18 +43,19 @@ from ..core.rehash import (
     resolve_cache_block, reuse_costs, reused_feature, schedule_steps, sketches_to_cpu, tensor_fingerprint,
 )
 from ..core.slicing import UNSLICED
+from ..host.options import (
+    REHASH_CALL_KEY, REHASH_KEY as STATE_KEY, REHASH_WRAPPER_KEY as WRAPPER_KEY, STREAMLINE_KEY as SLICING_STATE_KEY,
+)
 from . import families
 from .layer_roles import unsupported_reason
-from .model_patch import STATE_KEY as SLICING_STATE_KEY, node_id_of
+from .model_patch import node_id_of
 from .run_report import publish
 from .svd_unet import is_svd_unet, svd_forward
 from .wan.rehash import WAN_REHASH_KEY, WanRehashCall, foreign_deep_blocks, install_for_rehash, shallow_blocks
 from .streamlined_unet import (
-    REHASH_CALL_KEY, REHASH_STATE_KEY, LogOnce, streamlined_unet_forward,
+    LogOnce, streamlined_unet_forward,
 )
 
-STATE_KEY = REHASH_STATE_KEY
-WRAPPER_KEY = "streamline_rehash"
 KEYSTEP_FILE = "streamline/keysteps.json"
 KEYSTEP_SEARCH_VERSION = "reuse-error-v2"  # part of a saved result's key: results of an older search are not reused
 

@@ -29,8 +29,11 @@ from ..core import offload
 from ..core.grouping import run_frame_chunked
 from ..core.slicing import UNSLICED, SliceConfig, finer, frame_chunk_size, spatial_chunk_size
 from .layer_roles import Role, role_of
-from . import host_fingerprints, tiny_models, video_norm
-from .log import logger
+from ..host import fingerprints as host_fingerprints, tiny_models
+from . import video_norm
+from ..host.log import LogOnce, logger
+from ..host.oom import is_oom
+from ..host.options import CALL_CONFIG_KEY, REHASH_KEY as REHASH_STATE_KEY
 from .motion_module import run_motion_module_sliced, unsliceable_reason
 from .unet_prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
 
@@ -57,23 +60,6 @@ KNOWN_CONDS = {"time_context", "num_video_frames", "image_only_indicator"}
 
 class UnsupportedModel(Exception):
     """The model needs ComfyUI's own forward; the reason is the message."""
-
-
-@dataclass
-class LogOnce:
-    """Remembers which notices were already logged for one patched model."""
-
-    seen: set[str] = field(default_factory=set)
-
-    def warn(self, key: str, message: str) -> None:
-        if key not in self.seen:
-            self.seen.add(key)
-            logger.warning(message)
-
-    def info(self, key: str, message: str) -> None:
-        if key not in self.seen:
-            self.seen.add(key)
-            logger.info(message)
 
 
 @dataclass
@@ -332,9 +318,6 @@ class RehashCall(Protocol):
         """The output of output block `cache_block` of a call computed in full."""
 
 
-# the slicing the streamline wrapper chose for one Wan call, in a per-call copy of transformer_options
-CALL_CONFIG_KEY = "streamline_call_config"
-REHASH_STATE_KEY = "streamline_rehash"  # Step Rehash's state in transformer_options (nodes/step_rehash.py)
 
 
 def rehash_run(transformer_options: dict):
@@ -723,15 +706,6 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
             comfy.model_management.soft_empty_cache()
 
     return wrapper
-
-
-def is_oom(e: BaseException) -> bool:
-    """What ComfyUI counts as out of memory (0.33's model_management.is_oom: torch's OutOfMemoryError, and
-    accelerator errors that say so), else torch's OutOfMemoryError alone (0.3.64)."""
-    import comfy.model_management
-
-    check = getattr(comfy.model_management, "is_oom", None)
-    return bool(check(e)) if check is not None else isinstance(e, torch.OutOfMemoryError)
 
 
 def _finer_tokens_after_oom(model: nn.Module, config: SliceConfig, x: Tensor) -> SliceConfig | None:

@@ -22,7 +22,7 @@ host_fingerprints.RECORDED, and the wrapper runs this forward only where the hos
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -40,10 +40,7 @@ from ..core.slicing import SliceConfig, chunk_ranges, frame_chunk_size, spatial_
 from .layer_roles import Role, role_of
 from .unet_prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
 from .video_norm import normalize
-
-
-if TYPE_CHECKING:
-    from .streamlined_unet import LogOnce  # not imported at run time: streamlined_unet dispatches to this module
+from ..host.log import LogOnce
 
 # transformer_options patch keys that act between blocks on whole tensors (as in streamlined_unet); any
 # other patch may look inside attention at what a slice cannot show, so video layers then run whole.
@@ -146,7 +143,7 @@ def _same_storage(a: Tensor, b: Tensor) -> bool:
 class SVDForward:
     """One UNet forward of an SVD UNet. Holds what every group of that forward shares."""
 
-    def __init__(self, unet: UNetModel, config: SliceConfig, log: "LogOnce", x: Tensor, emb: Tensor,
+    def __init__(self, unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, emb: Tensor,
                  context: Tensor | None, transformer_options: dict, frames: int, image_only_indicator,
                  time_context):
         self.unet, self.config, self.log = unet, config, log
@@ -426,7 +423,7 @@ def deep_transformers(unet: UNetModel, cache_block: int, shallow_inputs: int) ->
     return sum(isinstance(layer, SpatialTransformer) for block in blocks if block is not None for layer in block)
 
 
-def svd_forward(unet: UNetModel, config: SliceConfig, log: "LogOnce", x: Tensor, timesteps=None, context=None,
+def svd_forward(unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, timesteps=None, context=None,
                 y=None, control=None, transformer_options={}, **kwargs) -> Tensor:
     """Drop-in for UNetModel._forward on an SVD UNet (same arguments after the first three). With a
     RehashCall in transformer_options[REHASH_CALL_KEY] (Step Rehash, nodes/step_rehash.py) the shallow

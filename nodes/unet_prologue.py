@@ -9,9 +9,9 @@ import functools
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from torch import Tensor
 
-from . import host_fingerprints
+from ..host import fingerprints as host_fingerprints
+from ..host.options import REHASH_CALL_KEY  # noqa: F401 (svd_unet, streamlined_unet read it from here)
 
-REHASH_CALL_KEY = "streamline_rehash_call"  # transformer_options key of Step Rehash's per-call RehashCall
 
 
 def time_embedding(unet, x: Tensor, timesteps: Tensor, y: Tensor | None, transformer_options: dict) -> Tensor:

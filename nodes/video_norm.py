@@ -15,7 +15,7 @@ the mode's extra time: one GroupNorm + SiLU + convolution per sliced ResBlock). 
 whole-video statistics the same way (core.temporal, `video_frames`).
 
 The layer forwards below mirror ComfyUI's ResBlock._forward and SpatialTransformer.forward with the
-GroupNorm call replaced; nodes/host_fingerprints.py records the host source they follow.
+GroupNorm call replaced; host/fingerprints.py records the host source they follow.
 """
 from __future__ import annotations
 

@@ -171,7 +171,7 @@ def test_predictions_match_measured_peaks():
 
     from comfyui_streamline.core.memtrace import LiveTensorMeter
     from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
     synthetic.inject(unet, motion)
@@ -204,7 +204,7 @@ def test_predictions_hold_for_another_model_family(frames, chunks):
     from comfyui_streamline.core.memtrace import LiveTensorMeter
     from comfyui_streamline.nodes.structure import unet_shape
     from comfyui_streamline.tinyvideo import model as tinyvideo
-    from comfyui_streamline.tools.synthetic import with_streamline
+    from comfyui_streamline.testing.synthetic import with_streamline
 
     unet = tinyvideo.load_model_patcher().model.diffusion_model.float()
     tinyvideo.set_video_length(unet, frames)
@@ -227,7 +227,7 @@ FRAMES, BATCH = 4, 8  # CFG batched
 @pytest.fixture(scope="module")
 def injected_unet():
     """A random-weight SD1.5 UNet with mm_sd_v15_v2 motion modules injected, set to FRAMES frames."""
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
     synthetic.inject(unet, motion)
@@ -239,7 +239,7 @@ def injected_unet():
 def test_out_of_memory_retries_with_finer_slices_and_keeps_them(injected_unet, monkeypatch, caplog):
     from comfyui_streamline.nodes import streamlined_unet
     from comfyui_streamline.nodes.model_patch import StreamlineState
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, batch = injected_unet, BATCH
     g = torch.Generator().manual_seed(0)
@@ -276,7 +276,7 @@ def test_out_of_memory_under_a_budget_refines_only_that_shape(injected_unet, mon
     from comfyui_streamline.nodes import streamlined_unet
     from comfyui_streamline.nodes.memory_budget import BudgetPlanner
     from comfyui_streamline.nodes.model_patch import StreamlineState
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, batch = injected_unet, BATCH
     g = torch.Generator().manual_seed(0)
@@ -315,7 +315,7 @@ def test_a_budget_leaves_step_rehash_its_cache(injected_unet):
     from comfyui_streamline.nodes.model_patch import StreamlineState
     from comfyui_streamline.nodes.step_rehash import STATE_KEY as REHASH_STATE_KEY
     from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, batch = injected_unet, BATCH
     g = torch.Generator().manual_seed(0)
@@ -367,7 +367,7 @@ def test_patched_model_reports_its_need_to_comfyui():
 
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
-    from comfyui_streamline.tools.synthetic import sd15_unet
+    from comfyui_streamline.testing.synthetic import sd15_unet
 
     model = comfy.sd.load_diffusion_model_state_dict(sd15_unet().state_dict())
     patched = StreamlineModelPatch.execute(model, frame_chunk=2, spatial_chunk=64).result[0]
@@ -404,7 +404,7 @@ def test_comfyui_plans_the_run_with_the_streamlined_estimate(monkeypatch):
     import comfy.sd
 
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
-    from comfyui_streamline.tools.synthetic import sd15_unet
+    from comfyui_streamline.testing.synthetic import sd15_unet
 
     model = comfy.sd.load_diffusion_model_state_dict(sd15_unet().state_dict())
     patched = StreamlineModelPatch.execute(model, frame_chunk=2, spatial_chunk=64).result[0]
@@ -428,8 +428,8 @@ def test_comfyui_plans_the_run_with_the_streamlined_estimate(monkeypatch):
 
 @pytest.fixture(scope="module")
 def sd15_image():
-    """A tiny SD1.5 image model (tools/model_families.py) through ComfyUI's loader, with its conditioning."""
-    from comfyui_streamline.tools.model_families import FAMILIES, load
+    """A tiny SD1.5 image model (testing/model_families.py) through ComfyUI's loader, with its conditioning."""
+    from comfyui_streamline.testing.model_families import FAMILIES, load
 
     family = FAMILIES["SD15"]
     return load(family), family
@@ -505,7 +505,7 @@ def test_auto_plans_are_made_per_run_and_per_free_memory(sd15_image, forward_con
     from comfyui_streamline.nodes.memory_budget import BudgetPlanner, MemoryBudget, attention_laws, free_step
     from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState
     from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools.model_families import TOKENS
+    from comfyui_streamline.testing.model_families import TOKENS
 
     model, family = sd15_image
     batch = 2 * family.latent_shape[0]
@@ -578,7 +578,7 @@ CONTEXT_LENGTH = 4
 def ade_model(tmp_path_factory):
     """SD1.5 + mm_sd_v15_v2 (random weights) as AnimateDiff-Evolved's nodes output it, with context
     windows of 4 frames (a clip of up to 4 frames runs whole)."""
-    from comfyui_streamline.tools.synthetic import ade_model_patcher
+    from comfyui_streamline.testing.synthetic import ade_model_patcher
 
     return ade_model_patcher(tmp_path_factory.mktemp("animatediff_models"), context_length=CONTEXT_LENGTH,
                              context_overlap=2)
@@ -591,7 +591,7 @@ def test_the_node_shows_the_plan_the_run_uses_with_animatediff(ade_model, monkey
     will inject them, and a clip longer than ADE's context windows runs window by window, so its plan for
     64x64 x frames is the one the run makes for that latent."""
     from comfyui_streamline.nodes import memory_budget
-    from comfyui_streamline.tools.synthetic import random_conds
+    from comfyui_streamline.testing.synthetic import random_conds
 
     monkeypatch.setattr(memory_budget, "free_activation_bytes", lambda device, patcher=None: int(0.012 * 2**30))  # "auto"
     patched, text = memory_budget.MemoryBudget.execute(ade_model, budget_gb=budget_gib, width=64, height=64,

@@ -53,7 +53,7 @@ def streamline_records(caplog, level=logging.INFO) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def sd15():
-    from comfyui_streamline.tools.model_families import FAMILIES, load
+    from comfyui_streamline.testing.model_families import FAMILIES, load
 
     return load(FAMILIES["SD15"])
 
@@ -153,7 +153,7 @@ def test_a_patched_builtin_layer_type_runs_through_the_hosts_dispatch():
 @pytest.fixture
 def unrecorded_host(monkeypatch):
     """A host the pack has not recorded: no fingerprint matches; verdicts start afresh."""
-    from comfyui_streamline.nodes import host_fingerprints
+    from comfyui_streamline.host import fingerprints as host_fingerprints
 
     monkeypatch.setattr(host_fingerprints, "RECORDED", {})
     monkeypatch.setattr(host_fingerprints, "_VERDICTS", {})
@@ -234,7 +234,7 @@ DIM = 160  # MultiTalk's audio attention has 40 heads
 
 @functools.lru_cache(maxsize=None)
 def wan_model():
-    from comfyui_streamline.tools.model_families import WAN_VARIANTS, load, wan
+    from comfyui_streamline.testing.model_families import WAN_VARIANTS, load, wan
 
     spec = dataclasses.replace(WAN_VARIANTS["WAN21_T2V"], build=functools.partial(wan, dim=DIM, num_layers=2))
     return load(spec)
@@ -279,7 +279,7 @@ def multitalk_patch():
     import comfy.ops
     from comfy.ldm.wan.model_multitalk import MultiTalkCrossAttnPatch
     from comfy_extras.nodes_model_patch import MultiTalkModelPatch
-    from comfyui_streamline.nodes.tiny_models import randomize
+    from comfyui_streamline.host.tiny_models import randomize
 
     audio = MultiTalkModelPatch(audio_window=5, intermediate_dim=32, in_dim=DIM, out_dim=24, context_tokens=4,
                                 num_layers=2, dtype=torch.float32, device="cpu",
@@ -387,7 +387,7 @@ def test_wan_unrecorded_host_that_checks_different_runs_comfyuis_blocks(unrecord
 # --- AnimateDiff-Evolved ----------------------------------------------------------------------------------
 
 def ade_options():
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     return synthetic.ade_transformer_options(1)
 
@@ -426,7 +426,8 @@ def test_ade_motion_modules_that_check_different_run_through_ades_forward(unreco
     """A motion module under a "not equal" verdict runs through ADE's own dispatch (ComfyUI's
     forward_timestep_embed and ADE's patch), not the pack's sliced path, and gives ADE's output."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes import streamlined_unet, tiny_models
+    from comfyui_streamline.nodes import streamlined_unet
+    from comfyui_streamline.host import tiny_models
 
     monkeypatch.setattr(streamlined_unet, "ade_self_check", lambda *a: 0.3)
     sliced = []
@@ -454,7 +455,7 @@ def test_motion_module_norm_reads_comfyuis_cast_path():
     """A motion module's GroupNorm with a weight patch (what lowvram or a LoRA on the norm installs:
     weight_function): the sliced path reads the norm through ComfyUI's cast path, once per call, as the
     layer's own forward does."""
-    from comfyui_streamline.nodes import tiny_models
+    from comfyui_streamline.host import tiny_models
     from comfyui_streamline.nodes.motion_module import norm_parameters, run_motion_module_sliced
 
     (module_class, handler), = ade_options()["patches"]["forward_timestep_embed_patch"]

@@ -1,4 +1,4 @@
-"""Every node of the pack on every model family ComfyUI can build on a CPU (tools/model_families.py).
+"""Every node of the pack on every model family ComfyUI can build on a CPU (testing/model_families.py).
 
 Each family is a tiny random-weight model loaded through ComfyUI's own diffusion-model loader (which
 detects the family from the weights) and sampled with nodes.common_ksampler (what KSampler runs), 2
@@ -39,7 +39,7 @@ FAMILY_NAMES = ["SD15", "SDXL", "SVD_img2vid", "WAN21_T2V", "LTXV", "Flux"]
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
 def family(request):
     """(Family, MODEL, plain output): one family at a time (Flux's weights alone are 1.6 GB)."""
-    from comfyui_streamline.tools.model_families import FAMILIES, load
+    from comfyui_streamline.testing.model_families import FAMILIES, load
 
     spec = FAMILIES[request.param]
     model = load(spec)
@@ -108,7 +108,7 @@ def slicing_budget(model, spec) -> int:
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.nodes import families
     from comfyui_streamline.nodes.memory_budget import attention_laws, planned_shape
-    from comfyui_streamline.tools.model_families import TOKENS
+    from comfyui_streamline.testing.model_families import TOKENS
 
     dm, laws = model.model.diffusion_model, attention_laws()
     family = families.family_of(dm)

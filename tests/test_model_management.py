@@ -25,7 +25,7 @@ GiB = 2**30
 
 @functools.lru_cache(maxsize=1)
 def sd15():
-    from comfyui_streamline.tools.model_families import FAMILIES, load
+    from comfyui_streamline.testing.model_families import FAMILIES, load
 
     return load(FAMILIES["SD15"])
 
@@ -75,7 +75,7 @@ def test_a_run_plans_with_its_patchers_free_memory(free_memory_seen):
     import nodes
 
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
-    from comfyui_streamline.tools.model_families import FAMILIES
+    from comfyui_streamline.testing.model_families import FAMILIES
 
     patched = MemoryBudget.execute(sd15(), budget_gb=0.0, width=64, height=64, frames=2).result[0]
     positive, negative = FAMILIES["SD15"].conds()
@@ -220,7 +220,7 @@ def test_wan_calls_are_retried_with_half_the_tokens_per_slice(monkeypatch, caplo
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.nodes.model_patch import apply_streamline
     from comfyui_streamline.nodes.wan import patch
-    from comfyui_streamline.tools.model_families import WAN_VARIANTS, load, wan
+    from comfyui_streamline.testing.model_families import WAN_VARIANTS, load, wan
 
     model = load(dataclasses.replace(WAN_VARIANTS["WAN21_T2V"], build=functools.partial(wan, num_layers=2)))
     g = torch.Generator().manual_seed(0)

@@ -46,7 +46,7 @@ def features_moved(moved: dict, features: bool) -> bool:
 
 @pytest.fixture(scope="module")
 def sd15():
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(seed=0), synthetic.sd15_motion_model(seed=1)
     synthetic.inject(unet, motion)

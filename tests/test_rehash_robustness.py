@@ -288,7 +288,7 @@ def svd_unet():
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    from comfyui_streamline.tools.synthetic import randomize_
+    from comfyui_streamline.testing.synthetic import randomize_
 
     unet = UNetModel(
         image_size=None, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=[1, 1], channel_mult=(1, 2),

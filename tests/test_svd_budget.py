@@ -16,8 +16,8 @@ TOLERANCE = 0.05
 
 @pytest.fixture(scope="module")
 def unet():
-    from comfyui_streamline.tools.model_families import svd_layout
-    from comfyui_streamline.tools.synthetic import randomize_
+    from comfyui_streamline.testing.model_families import svd_layout
+    from comfyui_streamline.testing.synthetic import randomize_
 
     return randomize_(svd_layout(model_channels=64), seed=2).eval()
 
@@ -33,7 +33,7 @@ def call(videos: int, frames: int, size: int, seed: int = 0):
 
 def measured_peak(unet, config, x, t, c, y, kw) -> int:
     from comfyui_streamline.core.memtrace import LiveTensorMeter
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
+    from comfyui_streamline.host.log import LogOnce
     from comfyui_streamline.nodes.svd_unet import svd_forward
 
     with torch.inference_mode(), LiveTensorMeter() as meter:
@@ -58,7 +58,7 @@ def test_layer_laws(unet, videos):
     from comfyui_streamline.core.memtrace import LiveTensorMeter
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.core.svd_budget import SUB_QUADRATIC, SVDWork, _SVDWalk, svd_structure
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
+    from comfyui_streamline.host.log import LogOnce
     from comfyui_streamline.nodes.svd_unet import Feature, SVDForward
     from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
 

@@ -23,7 +23,7 @@ STREAMLINE_LOGGER = "ComfyUI-Streamline"
 @pytest.fixture(scope="module")
 def loaded_model():
     """The MODEL (ModelPatcher), as a loader node outputs it."""
-    from comfyui_streamline.tools.model_families import load_svd_reduced
+    from comfyui_streamline.testing.model_families import load_svd_reduced
 
     return load_svd_reduced()
 
@@ -35,8 +35,8 @@ def loaded(loaded_model):
 
 @pytest.fixture(scope="module")
 def layout():
-    from comfyui_streamline.tools.model_families import svd_layout
-    from comfyui_streamline.tools.synthetic import randomize_
+    from comfyui_streamline.testing.model_families import svd_layout
+    from comfyui_streamline.testing.synthetic import randomize_
 
     return randomize_(svd_layout(model_channels=64), seed=2).eval()
 
@@ -69,7 +69,7 @@ def relative_error(out, ref) -> float:
 
 
 def streamlined(unet, config, *args, log=None, control=None, transformer_options=None, **kwargs):
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
+    from comfyui_streamline.host.log import LogOnce
     from comfyui_streamline.nodes.svd_unet import svd_forward
 
     x, t, c, y = args
@@ -198,7 +198,7 @@ def test_controlnet_and_block_patches(layout, slicing_spy):
 def test_attention_patch_runs_video_layers_whole(layout, caplog, slicing_spy):
     """An attention patch may look at what a slice cannot show: the video layers run whole, logged once."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
+    from comfyui_streamline.host.log import LogOnce
 
     x, t, c, y, kw = inputs(1)
 
@@ -224,7 +224,7 @@ class Rescale(torch.nn.Module):
 
 def test_unknown_layer_runs_whole_with_one_log_line(layout, caplog, slicing_spy):
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
+    from comfyui_streamline.host.log import LogOnce
 
     block = layout.input_blocks[1]  # [VideoResBlock, SpatialVideoTransformer]
     block.insert(1, Rescale())
@@ -263,7 +263,7 @@ def test_peak_activation_memory_drops_at_least_3x_at_14_frames(loaded):
 
 
 def test_recorded_svd_fingerprints_are_this_hosts():
-    from comfyui_streamline.nodes import host_fingerprints as hf
+    from comfyui_streamline.host import fingerprints as hf
     from comfyui_streamline.nodes import svd_unet
 
     assert hf.unrecorded(svd_unet.svd_functions()) == []
@@ -271,7 +271,7 @@ def test_recorded_svd_fingerprints_are_this_hosts():
 
 def test_is_svd_unet(loaded, layout):
     from comfyui_streamline.nodes.svd_unet import is_svd_unet
-    from comfyui_streamline.tools.model_families import FAMILIES
+    from comfyui_streamline.testing.model_families import FAMILIES
 
     assert is_svd_unet(loaded) and is_svd_unet(layout)
     assert not is_svd_unet(FAMILIES["SD15"].build()) and not is_svd_unet(torch.nn.Linear(2, 2))
@@ -282,7 +282,7 @@ def with_svd_forward(model, config):
     Model Patch will register), and the batch of each call."""
     import comfy.patcher_extension
 
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
+    from comfyui_streamline.host.log import LogOnce
     from comfyui_streamline.nodes.svd_unet import svd_forward
 
     log, calls = LogOnce(), []

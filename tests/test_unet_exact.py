@@ -14,7 +14,7 @@ FRAMES, CONDS, SIZE = 4, 2, 16
 
 @pytest.fixture(scope="module")
 def host():
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet = synthetic.sd15_unet(seed=0)
     motion = synthetic.sd15_motion_model(seed=1)
@@ -33,7 +33,7 @@ def inputs(batch, size=SIZE, seed=0):
 def through_wrapper(unet, config, transformer_options, *args, state=None, **kwargs):
     """Call the UNet the way ComfyUI does, with the pack's DIFFUSION_MODEL wrapper registered.
     `state` stands for one patched MODEL across calls (its once-only log included)."""
-    from comfyui_streamline.tools.synthetic import with_streamline
+    from comfyui_streamline.testing.synthetic import with_streamline
 
     return unet(*args, transformer_options=with_streamline(transformer_options, config, state), **kwargs)
 

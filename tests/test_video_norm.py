@@ -2,7 +2,7 @@
 apply_v2_models_properly): exact and still sliced.
 
 The reference is ADE's own: its DIFFUSION_MODEL wrapper swaps torch's GroupNorm.forward for its
-whole-video one during the UNet call (tools/synthetic.ade_video_norm_options). CPU, fp32; exact means
+whole-video one during the UNet call (testing/synthetic.ade_video_norm_options). CPU, fp32; exact means
 max|patched - plain| <= 1e-5 * max|plain|. Whole sampling through ADE's loaders and nodes is in
 tests/test_motion_families.py.
 """
@@ -57,7 +57,7 @@ FRAMES, SIZE = 4, 8
 
 @pytest.fixture(scope="module")
 def host():
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(seed=0), synthetic.sd15_motion_model(seed=1)
     synthetic.inject(unet, motion)
@@ -190,7 +190,7 @@ def test_memory_predictions_hold_in_the_whole_video_mode(frames, side, chunks):
     from comfyui_streamline.core.memtrace import LiveTensorMeter
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
     synthetic.inject(unet, motion)
@@ -216,7 +216,7 @@ def test_in_float64_slicing_changes_nothing_but_rounding():
     pick their blocking by batch size; attention chunks by memory), which the random UNet spreads to
     every output and CFG sampling amplifies; no term of the math differs."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(seed=0), synthetic.sd15_motion_model(seed=1)
     synthetic.inject(unet, motion)

@@ -1,6 +1,6 @@
 """The sliced Wan block (nodes/wan/) against ComfyUI's own Wan forward, and its memory laws (core/dit_budget.py).
 
-Tiny random-weight Wan models through ComfyUI's loader (tools/model_families.py WAN_VARIANTS): Wan 2.1
+Tiny random-weight Wan models through ComfyUI's loader (testing/model_families.py WAN_VARIANTS): Wan 2.1
 t2v, Wan 2.1 i2v (CLIP-image tokens, WanI2VCrossAttention), Wan 2.2 5B (48 channels; per-token
 modulation from per-frame timesteps, as WAN22.process_timestep gives them with a denoise mask). The
 Wan 2.2 14B high/low-noise pair is the 2.1 architecture. The patch goes on a clone through ComfyUI's
@@ -30,7 +30,7 @@ def relative_error(out, ref) -> float:
 
 
 def variant(name: str, **sizes):
-    from comfyui_streamline.tools.model_families import WAN_VARIANTS, wan
+    from comfyui_streamline.testing.model_families import WAN_VARIANTS, wan
 
     spec = WAN_VARIANTS[name]
     kind = {"WAN21_T2V": dict(model_type="t2v"), "WAN21_I2V": dict(model_type="i2v", in_dim=36),
@@ -40,7 +40,7 @@ def variant(name: str, **sizes):
 
 @functools.lru_cache(maxsize=None)
 def loaded(name: str, **sizes):
-    from comfyui_streamline.tools.model_families import load
+    from comfyui_streamline.testing.model_families import load
 
     return load(variant(name, num_layers=2, **sizes))
 
@@ -165,7 +165,7 @@ def test_model_forward_through_apply_model():
 @pytest.mark.parametrize("name", ["WAN21_T2V", "WAN21_I2V"])
 def test_ksampler_with_the_patch_matches_without(name, slice_spy):
     import nodes
-    from comfyui_streamline.tools.model_families import WAN_VARIANTS
+    from comfyui_streamline.testing.model_families import WAN_VARIANTS
 
     model, spec = loaded(name), WAN_VARIANTS[name]
     positive, negative = spec.conds()
@@ -183,7 +183,7 @@ def test_ksampler_with_the_patch_matches_without(name, slice_spy):
 
 def test_unknown_block_type_runs_unsliced_with_one_log_line(caplog, slice_spy):
     from comfy.ldm.wan.model import WanAttentionBlock
-    from comfyui_streamline.tools.model_families import load
+    from comfyui_streamline.testing.model_families import load
 
     class OtherBlock(WanAttentionBlock):  # another pack's block: its own forward
         def forward(self, x, **kwargs):
@@ -233,7 +233,7 @@ def test_unsupported_wan_reason():
 
 
 def test_recorded_host_fingerprints_are_this_hosts():
-    from comfyui_streamline.nodes.host_fingerprints import unrecorded
+    from comfyui_streamline.host.fingerprints import unrecorded
     from comfyui_streamline.nodes.wan.patch import wan_functions
 
     assert unrecorded(wan_functions()) == []

@@ -1,6 +1,6 @@
 """Step Rehash on Wan (nodes/wan/rehash.py through nodes/step_rehash.py), through ComfyUI's real sampling path.
 
-A tiny random-weight Wan 2.1 t2v of 4 blocks (tools/model_families.py) loaded by ComfyUI's loader, CPU fp32:
+A tiny random-weight Wan 2.1 t2v of 4 blocks (testing/model_families.py) loaded by ComfyUI's loader, CPU fp32:
 with cache_block -1 blocks 0 and 3 are shallow, 1 and 2 deep. Fidelity is not judged (random weights);
 these tests check the mechanics: exactness where nothing is reused, which blocks a rehash step runs, the
 reused residual, the caches per cond and per context window, key steps, the report, Streamline slicing.
@@ -53,14 +53,14 @@ def streamline(model):
 
 @functools.lru_cache(maxsize=None)
 def wan_model():
-    from comfyui_streamline.tools.model_families import FAMILIES, load, wan
+    from comfyui_streamline.testing.model_families import FAMILIES, load, wan
 
     return load(dataclasses.replace(FAMILIES["WAN21_T2V"], build=functools.partial(wan, num_layers=BLOCKS)))
 
 
 def sample(model, latent_shape=LATENT, steps=STEPS) -> torch.Tensor:
     import nodes
-    from comfyui_streamline.tools.model_families import FAMILIES
+    from comfyui_streamline.testing.model_families import FAMILIES
 
     positive, negative = FAMILIES["WAN21_T2V"].conds()
     latent = {"samples": torch.zeros(latent_shape)}

@@ -1,7 +1,7 @@
 """The Wan variants ComfyUI builds beyond plain t2v / i2v, through the pack's nodes.
 
 Each is a tiny random-weight model built from the real class and loaded through ComfyUI's loader
-(tools/model_families.py WAN_SUBCLASS_VARIANTS: detection picks the variant from the keys, or for CausalAR,
+(testing/model_families.py WAN_SUBCLASS_VARIANTS: detection picks the variant from the keys, or for CausalAR,
 FlowRVS and Animate2 from the file's config metadata), sampled with nodes.common_ksampler with the conds
 each variant reads; plain WanModel (Wan 2.1 t2v) is the control:
 
@@ -88,7 +88,7 @@ REHASH_SETTINGS = dict(rehash_mode="fixed", interval=2, warmup_steps=1, tail_ste
 
 
 def spec_of(name: str):
-    from comfyui_streamline.tools.model_families import FAMILIES, WAN_SUBCLASS_VARIANTS, wan
+    from comfyui_streamline.testing.model_families import FAMILIES, WAN_SUBCLASS_VARIANTS, wan
 
     if name == CONTROL:
         return dataclasses.replace(FAMILIES[CONTROL], build=functools.partial(wan, num_layers=4))
@@ -97,7 +97,7 @@ def spec_of(name: str):
 
 @functools.lru_cache(maxsize=1)  # the module-scoped `variant` fixture runs one variant's tests together
 def loaded(name: str):
-    from comfyui_streamline.tools.model_families import host_lacks, load
+    from comfyui_streamline.testing.model_families import host_lacks, load
 
     lacking = host_lacks(spec_of(name))
     if lacking is not None:
@@ -271,7 +271,7 @@ def budget_gb(model, name: str) -> float:
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.nodes import families
     from comfyui_streamline.nodes.memory_budget import attention_laws
-    from comfyui_streamline.tools.model_families import TOKENS
+    from comfyui_streamline.testing.model_families import TOKENS
 
     dm = model.model.diffusion_model
     x = torch.empty(2, dm.patch_embedding.weight.shape[1], *spec_of(name).latent_shape[2:], device="meta")

@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     from comfyui_streamline.nodes.memory_budget import BudgetPlanner, attention_laws
     from comfyui_streamline.nodes.model_patch import StreamlineState
     from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but CUDA is not available (use --device cpu)")

@@ -80,7 +80,7 @@ def build_model_and_cases(args, work: Path):
                   torch.zeros(frames, 4, height, width)}
         return model, [(p, TinyVideoPrompt.execute(model, p).result[0], negative, latent) for p in args.prompts]
 
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     model = synthetic.ade_model_patcher(work / "animatediff_models", pe_len=max(32, frames))
     positive, negative = synthetic.random_conds()

@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     hostenv.enter_for_tool(args.comfy, cpu=args.device == "cpu", tool="demo")
 
-    from comfyui_streamline.nodes.log import logger
+    from comfyui_streamline.host.log import logger
 
     # the pack's notices: warnings on the console; the per-run reports kept, the timed run's printed at the end
     catcher, console = ReportCatcher(), logging.StreamHandler()

@@ -409,7 +409,7 @@ def check_forwards(args: argparse.Namespace, row) -> None:
     from comfyui_streamline.nodes.memory_budget import attention_laws
     from comfyui_streamline.nodes.model_patch import StreamlineState
     from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     device, cuda = args.device, args.device == "cuda"
     (width, height, frames), chunks = ((64, 64, 4), (2, 16)) if args.quick else ((256, 256, 16), (4, 256))
@@ -512,7 +512,7 @@ def offload_bench(args: argparse.Namespace) -> None:
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.nodes.memory_budget import attention_laws
     from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     cuda = args.device == "cuda"
     dtype = torch.float16 if cuda else torch.float32

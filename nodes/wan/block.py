@@ -32,7 +32,7 @@ from comfy.ldm.wan.model import WanAttentionBlock, WanI2VCrossAttention
 from torch import Tensor
 
 from ...core.slicing import chunk_ranges
-from .. import host_fingerprints
+from ...host import fingerprints as host_fingerprints
 
 # the modulation terms in the order the host unbinds them
 SHIFT_ATTN, SCALE_ATTN, GATE_ATTN, SHIFT_FFN, SCALE_FFN, GATE_FFN = range(6)

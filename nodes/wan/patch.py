@@ -31,15 +31,13 @@ from comfy.ldm.wan.model import WanAttentionBlock, WanModel
 from comfy.model_patcher import ModelPatcher
 from torch import Tensor
 
-from .. import host_fingerprints
-from ..log import logger
-from ..streamlined_unet import LogOnce
+from ...host import fingerprints as host_fingerprints
+from ...host.log import logger
+from ...host.options import DIT_CALL_KEY as CALL_KEY, DIT_WRAPPER_KEY as WRAPPER_KEY, STREAMLINE_KEY as STATE_KEY
+from ...host.log import LogOnce
 from .block import QUERY_BLOCK, block_quantised_attention, exact_token_chunk, sliced_block_forward
 from .rehash import WAN_REHASH_KEY, WanRehashCall
 
-WRAPPER_KEY = "streamline_wan"
-CALL_KEY = "streamline_wan_call"  # transformer_options key of the per-call WanCall
-STATE_KEY = "streamline"  # nodes/model_patch.py's StreamlineState
 
 def wan_functions() -> dict[str, Callable]:
     return {
@@ -287,7 +285,7 @@ def wan_self_check() -> float:
     """The pack's sliced blocks against ComfyUI's on tiny float32 WanModels (t2v, and i2v with CLIP-image
     tokens), whole forwards through forward_orig's block hook, slices that do not divide the tokens; with an
     attn2_patch and a double_block patch set. The largest relative difference."""
-    from .. import tiny_models
+    from ...host import tiny_models
 
     patches = {"attn2_patch": [lambda a: a["x"] * 1.05],
                "double_block": [lambda a: {"img": a["img"] * 0.98}]}

@@ -19,8 +19,8 @@ from typing import Callable
 from torch import Tensor
 
 from ...core.rehash import RehashConfigError
+from ...host.options import DIT_REHASH_CALL_KEY as WAN_REHASH_KEY
 
-WAN_REHASH_KEY = "streamline_wan_rehash"  # transformer_options key of the per-call WanRehashCall
 DEFAULT_SHALLOW = 1  # cache_block -1: one block at each end
 
 

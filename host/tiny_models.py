@@ -1,5 +1,5 @@
 """Tiny random models of each family, built from the host's own classes, for the self-checks of the
-host verdict (nodes/host_fingerprints.py): small enough that a check runs well under a second on a CPU,
+host verdict (host/fingerprints.py): small enough that a check runs well under a second on a CPU,
 with every layer kind the family's sliced forward mirrors (ResBlocks, spatial transformers, down/upsampling,
 SVD's video layers, Wan's i2v cross-attention)."""
 from __future__ import annotations

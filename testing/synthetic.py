@@ -13,27 +13,10 @@ import math
 import torch
 import torch.nn as nn
 
+from .weights import ade_module, randomize_  # noqa: F401 (the fixtures' names, as before)
+
 SD15_MOTION_CHANNELS = {"down": (320, 640, 1280, 1280), "up": (1280, 1280, 640, 320), "mid": 1280}
 _PE_KEY = "temporal_transformer.transformer_blocks.0.attention_blocks.{}.pos_encoder.pe"
-
-
-def ade_module(name: str):
-    """An AnimateDiff-Evolved module (the ADE folder must be on sys.path)."""
-    return importlib.import_module(f"animatediff.{name}")
-
-
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = math.prod(p.shape[1:])
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif name.endswith("weight"):  # norm scales
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return module
 
 
 def sd15_unet(dtype=torch.float32, device="cpu", seed: int = 0):

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .synthetic import randomize_
+from .weights import randomize_
 
 UNET_PREFIX = "model.diffusion_model."  # checkpoints of UNet models; DiT families ship bare diffusion-model files
 TOKENS = 8  # cross-attention tokens of the random prompts

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .synthetic import ade_module
+from .weights import ade_module
 
 SD15, SDXL = "SD1.5", "SDXL"
 GEN2, GEN1, LEGACY = "gen2", "gen1", "legacy"
@@ -93,7 +93,7 @@ _MAX_PE = 32  # the template's position encoding; families with fewer frames tak
 
 
 def _draw_(tensor: torch.Tensor, name: str, g: torch.Generator) -> torch.Tensor:
-    """tools.synthetic.randomize_'s law for one parameter, in place: fan-in-scaled weights, norm scales
+    """testing.synthetic.randomize_'s law for one parameter, in place: fan-in-scaled weights, norm scales
     near 1, small biases."""
     if tensor.ndim >= 2:
         return tensor.normal_(0.0, 1.0 / math.sqrt(math.prod(tensor.shape[1:])), generator=g)
@@ -101,7 +101,7 @@ def _draw_(tensor: torch.Tensor, name: str, g: torch.Generator) -> torch.Tensor:
 
 
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """tools.synthetic.randomize_, drawn in place: at SD1.5 size this halves the time every host test pays."""
+    """testing.synthetic.randomize_, drawn in place: at SD1.5 size this halves the time every host test pays."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -295,7 +295,7 @@ SD15_CONFIG = dict(
     channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
     transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=768,
     num_heads=8, num_head_channels=-1, legacy=False, use_linear_in_transformer=False,
-)  # tools.synthetic.sd15_unet's
+)  # testing.synthetic.sd15_unet's
 CONTEXT_DIM = {SD15: 768, SDXL: 2048}
 EXPECTED_CONFIG = {SD15: "SD15", SDXL: "Segmind_Vega"}  # ComfyUI's detected model config
 
