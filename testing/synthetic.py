@@ -178,7 +178,7 @@ def with_streamline(transformer_options: dict, config=None, state=None) -> dict:
     Streamline Model Patch routes them (`state`: one patched model across calls; else a new one for `config`)."""
     import comfy.patcher_extension
 
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState, streamline_wrapper
+    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState, streamline_wrapper
 
     transformer_options[STATE_KEY] = state if state is not None else StreamlineState(config)
     wrappers = transformer_options.setdefault("wrappers", {}).setdefault(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})

@@ -11,8 +11,8 @@ def test_recorded_fingerprints_are_this_hosts():
     """Fails when ComfyUI or ADE changes a function the pack mirrors: rerun the exactness tests on the
     new host, then record its table (python tools/host_fingerprints.py)."""
     from comfyui_streamline.host import fingerprints as hf
-    from comfyui_streamline.nodes.svd_unet import svd_functions
-    from comfyui_streamline.nodes.wan.patch import wan_functions
+    from comfyui_streamline.families.svd.forward import svd_functions
+    from comfyui_streamline.families.wan.patch import wan_functions
     from comfyui_streamline.testing import synthetic
 
     functions = {**hf.comfy_functions(), **hf.ade_functions(synthetic.ade_transformer_options(1)),

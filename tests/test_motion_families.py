@@ -84,8 +84,8 @@ def probe(unet):
     the UNet's last GroupNorm runs as a module, and every call into the pack's chunked runners."""
     import comfy.patcher_extension
 
-    import comfyui_streamline.nodes.motion_module as motion_module
-    import comfyui_streamline.nodes.streamlined_unet as streamlined_unet
+    import comfyui_streamline.families.unet.motion_module as motion_module
+    import comfyui_streamline.families.unet.forward as streamlined_unet
 
     record = Probe()
 

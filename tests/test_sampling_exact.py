@@ -68,8 +68,8 @@ class Probe:
 def probe(diffusion_model):
     """Record every UNet call (a forward pre-hook on the shared UNetModel, so patched and unpatched
     calls are seen alike) and every call into the pack's chunked runners."""
-    import comfyui_streamline.nodes.motion_module as motion_module
-    import comfyui_streamline.nodes.streamlined_unet as streamlined_unet
+    import comfyui_streamline.families.unet.motion_module as motion_module
+    import comfyui_streamline.families.unet.forward as streamlined_unet
 
     record = Probe()
 

@@ -70,7 +70,7 @@ def relative_error(out, ref) -> float:
 
 def streamlined(unet, config, *args, log=None, control=None, transformer_options=None, **kwargs):
     from comfyui_streamline.host.log import LogOnce
-    from comfyui_streamline.nodes.svd_unet import svd_forward
+    from comfyui_streamline.families.svd.forward import svd_forward
 
     x, t, c, y = args
     return svd_forward(unet, config, log or LogOnce(), x, t, c, y, control, transformer_options or {}, **kwargs)
@@ -79,7 +79,7 @@ def streamlined(unet, config, *args, log=None, control=None, transformer_options
 @pytest.fixture
 def slicing_spy(monkeypatch):
     """Counts sliced per-frame groups and sliced temporal passes, proving slicing really happened."""
-    from comfyui_streamline.nodes import svd_unet
+    from comfyui_streamline.families.svd import forward as svd_unet
 
     counts = {"frame_groups": 0, "position_slices": 0}
     real_group, real_ranges = svd_unet.run_frame_chunked, svd_unet.chunk_ranges
@@ -264,13 +264,13 @@ def test_peak_activation_memory_drops_at_least_3x_at_14_frames(loaded):
 
 def test_recorded_svd_fingerprints_are_this_hosts():
     from comfyui_streamline.host import fingerprints as hf
-    from comfyui_streamline.nodes import svd_unet
+    from comfyui_streamline.families.svd import forward as svd_unet
 
     assert hf.unrecorded(svd_unet.svd_functions()) == []
 
 
 def test_is_svd_unet(loaded, layout):
-    from comfyui_streamline.nodes.svd_unet import is_svd_unet
+    from comfyui_streamline.families.svd.forward import is_svd_unet
     from comfyui_streamline.testing.model_families import FAMILIES
 
     assert is_svd_unet(loaded) and is_svd_unet(layout)
@@ -283,7 +283,7 @@ def with_svd_forward(model, config):
     import comfy.patcher_extension
 
     from comfyui_streamline.host.log import LogOnce
-    from comfyui_streamline.nodes.svd_unet import svd_forward
+    from comfyui_streamline.families.svd.forward import svd_forward
 
     log, calls = LogOnce(), []
 
@@ -343,14 +343,14 @@ def test_sampling_through_ksampler_with_video_cfg(loaded_model, slicing_spy, cap
 
 def rehash_run(reuse: str = "extrapolate", full_steps=frozenset({0, 1})):
     from comfyui_streamline.core.rehash import RehashConfig
-    from comfyui_streamline.nodes.step_rehash import RehashRun
+    from comfyui_streamline.techniques.rehash import RehashRun
 
     return RehashRun(RehashConfig(mode="fixed", reuse=reuse), steps=4, full_steps=set(full_steps),
                      rehash_sigma_range=(0.0, 1e9))
 
 
 def rehash_call(run, cache_block: int, step: int, sigma: float):
-    from comfyui_streamline.nodes.step_rehash import RehashCallState
+    from comfyui_streamline.techniques.rehash import RehashCallState
 
     return RehashCallState(run, cache_block, step, sigma, keys=[("cond", ()), ("uncond", ())])
 
@@ -358,7 +358,7 @@ def rehash_call(run, cache_block: int, step: int, sigma: float):
 @pytest.fixture
 def block_spy(monkeypatch):
     """The blocks each svd_forward call runs, as transformer_options["block"] names them, "out" last."""
-    from comfyui_streamline.nodes import svd_unet
+    from comfyui_streamline.families.svd import forward as svd_unet
 
     seen = []
     real = svd_unet.SVDForward.run_block
@@ -404,7 +404,7 @@ def test_rehash_full_call_is_bit_identical_and_stores_the_deep_feature(layout, c
     feature it stores is output block cache_block's output (block 5 ends with an Upsample: stored
     after it) in ComfyUI's forward."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.svd_unet import REHASH_CALL_KEY
+    from comfyui_streamline.families.svd.forward import REHASH_CALL_KEY
 
     x, t, c, y, kw = inputs(2)
     config = SliceConfig(3, 7, False)
@@ -427,7 +427,7 @@ def test_rehash_call_skips_the_deep_blocks_and_continues_from_the_cache(layout, 
     from what Step Rehash hands out (extrapolated along the last two full calls' features, or held)."""
     from comfyui_streamline.core.rehash import reused_feature
     from comfyui_streamline.core.slicing import UNSLICED, SliceConfig
-    from comfyui_streamline.nodes.svd_unet import REHASH_CALL_KEY
+    from comfyui_streamline.families.svd.forward import REHASH_CALL_KEY
 
     config = SliceConfig(3, 7, False) if sliced else UNSLICED
     run = rehash_run(reuse)

@@ -85,7 +85,7 @@ def test_svd_workflow_with_streamline_matches_workflow_without(server, runs):
 def test_streamline_slices_svd_instead_of_running_it_unchanged(runs):
     reason = svd_unsupported_reason()
     if reason is not None:
-        pytest.skip(f"nodes/layer_roles.py's unsupported_reason still rejects SVD ({reason}): the pack runs it "
+        pytest.skip(f"families/registry.py's unsupported_reason still rejects SVD ({reason}): the pack runs it "
                     "unchanged, as its log says")
     lines = runs["log"].splitlines()
     unchanged = [line for line in lines if "running it unchanged" in line]
@@ -99,7 +99,7 @@ def test_streamline_slices_svd_instead_of_running_it_unchanged(runs):
 
 def svd_unsupported_reason() -> str | None:
     """What the pack says of SVD's UNet (the checkpoint's layout; weights not initialised)."""
-    from comfyui_streamline.nodes.layer_roles import unsupported_reason
+    from comfyui_streamline.families.registry import unsupported_reason
     from comfyui_streamline.testing.model_families import svd_reduced
 
     return unsupported_reason(svd_reduced())

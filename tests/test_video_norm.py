@@ -95,7 +95,7 @@ def test_ade_video_norm_really_differs_from_per_frame(host):
 @pytest.mark.parametrize("conds", [2, 1], ids=["cfg-batched", "single-cond"])
 def test_sliced_forward_is_exact_under_whole_video_groupnorm(host, chunks, conds, caplog, monkeypatch):
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes import motion_module, streamlined_unet
+    from comfyui_streamline.families.unet import motion_module, forward as streamlined_unet
 
     unet, synthetic = host
     sliced = {"frames": 0, "positions": 0, "video_frames": set()}
@@ -160,8 +160,8 @@ def test_a_batch_that_is_not_whole_videos_runs_unsliced_with_one_line(host, capl
 def test_mirrored_layer_forwards_equal_comfyuis_with_per_frame_statistics(host):
     """nodes/video_norm.py mirrors ResBlock._forward and SpatialTransformer.forward with the GroupNorm
     call replaced; with one frame per video they must be ComfyUI's own layers."""
-    from comfyui_streamline.nodes import video_norm
-    from comfyui_streamline.nodes.layer_roles import Role
+    from comfyui_streamline.families.unet import video_norm
+    from comfyui_streamline.families.unet_common.layer_roles import Role
 
     unet, _ = host
     res = unet.output_blocks[3][0]  # a ResBlock with a skip convolution (1920 -> 1280 channels)
@@ -189,7 +189,7 @@ def test_memory_predictions_hold_in_the_whole_video_mode(frames, side, chunks):
     from comfyui_streamline.core.budget import Workload, predict_peak_bytes
     from comfyui_streamline.core.memtrace import LiveTensorMeter
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()

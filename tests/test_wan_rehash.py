@@ -34,13 +34,14 @@ def settings(mode="fixed", interval=2, warmup_steps=1, tail_steps=1, threshold=0
 
 
 def patch(model, keystep_store=None, **kw):
-    from comfyui_streamline.nodes.step_rehash import apply_rehash, rehash_config
+    from comfyui_streamline.techniques.rehash import apply_rehash
+    from comfyui_streamline.nodes.step_rehash import rehash_config
 
     return apply_rehash(model, rehash_config(**settings(**kw)), keystep_store=keystep_store)
 
 
 def report_of(model):
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY
+    from comfyui_streamline.techniques.rehash import STATE_KEY
 
     return model.model_options["transformer_options"][STATE_KEY].last.report
 
@@ -99,7 +100,7 @@ def block_calls(model):
 @contextmanager
 def cache_spy(monkeypatch):
     """What each call stores and reuses: [(keys, sigma, deep feature)] and [(keys, sigma, reused)]."""
-    from comfyui_streamline.nodes import step_rehash
+    from comfyui_streamline.techniques import rehash as step_rehash
 
     stored, reused = [], []
     original_store, original_reuse = step_rehash.RehashCallState.store, step_rehash.RehashCallState.reuse
@@ -243,7 +244,7 @@ def test_keystep_calibrates_saves_and_then_uses_the_key_steps(tmp_path):
 
 
 def test_adaptive_measures_x_entering_the_first_deep_block(monkeypatch):
-    from comfyui_streamline.nodes import step_rehash
+    from comfyui_streamline.techniques import rehash as step_rehash
 
     shallow_seen = []
     original = step_rehash.RehashCallState.reuse
@@ -266,7 +267,7 @@ def test_adaptive_measures_x_entering_the_first_deep_block(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["fixed", "adaptive"])
 def test_streamline_slicing_and_step_rehash_compose(monkeypatch, mode):
-    from comfyui_streamline.nodes.wan import block, patch as wan_patch
+    from comfyui_streamline.families.wan import block, patch as wan_patch
 
     chunks = []
     original = block.sliced_block_forward
@@ -299,7 +300,7 @@ def test_cache_block_out_of_range_runs_in_full_and_says_so(caplog):
 
 def test_shallow_blocks():
     from comfyui_streamline.core.rehash import RehashConfigError
-    from comfyui_streamline.nodes.wan.rehash import shallow_blocks
+    from comfyui_streamline.families.wan.rehash import shallow_blocks
 
     assert [shallow_blocks(-1, n) for n in (1, 2, 3, 40)] == [0, 0, 1, 1]
     assert shallow_blocks(0, 1) == 0 and shallow_blocks(19, 40) == 19
@@ -330,7 +331,7 @@ def test_a_deep_block_another_node_replaces_keeps_every_step_full(caplog):
 def test_memory_budget_counts_the_deep_blocks_input_step_rehash_keeps(caplog):
     """Under Step Rehash a full Wan call keeps the deep blocks' input, one (batch, tokens, dim) tensor:
     Memory Budget plans with it held, from the first call on (before any cache exists)."""
-    from comfyui_streamline.nodes import families
+    from comfyui_streamline.families import registry as families
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
 
     caplog.set_level(logging.INFO, logger=STREAMLINE_LOGGER)

@@ -141,7 +141,7 @@ def relative(a, b) -> float:
 @contextmanager
 def sliced_calls():
     """(tokens, chunk) of every Wan block the pack slices."""
-    from comfyui_streamline.nodes.wan import patch as wan_patch
+    from comfyui_streamline.families.wan import patch as wan_patch
 
     seen, real = [], wan_patch.sliced_block_forward
 
@@ -197,7 +197,7 @@ def rehash(model, **settings):
 
 
 def report_of(model):
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY
+    from comfyui_streamline.techniques.rehash import STATE_KEY
 
     return model.model_options["transformer_options"][STATE_KEY].last.report
 
@@ -212,9 +212,9 @@ def test_the_variant_is_what_comfyui_detects(variant):
 def test_what_the_pack_does_with_each_variant(variant):
     from comfy.ldm.wan.model import WanModel
 
-    from comfyui_streamline.nodes import families
-    from comfyui_streamline.nodes.layer_roles import unsupported_reason
-    from comfyui_streamline.nodes.wan.patch import WAN_SUBCLASSES, wan_subclass
+    from comfyui_streamline.families import registry as families
+    from comfyui_streamline.families.registry import unsupported_reason
+    from comfyui_streamline.families.wan.patch import WAN_SUBCLASSES, wan_subclass
 
     name, spec, model, _ = variant
     want, dm = expect(name), model.model.diffusion_model
@@ -269,8 +269,8 @@ def budget_gb(model, name: str) -> float:
         return 0.002
     from comfyui_streamline.core.budget import ALLOCATOR_HEADROOM
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes import families
-    from comfyui_streamline.nodes.memory_budget import attention_laws
+    from comfyui_streamline.families import registry as families
+    from comfyui_streamline.host.attention import attention_laws
     from comfyui_streamline.testing.model_families import TOKENS
 
     dm = model.model.diffusion_model
@@ -304,7 +304,7 @@ def test_memory_budget_plans_only_what_the_wan_laws_count(variant, caplog):
 def test_vace_block_zero_input_is_not_written_in_place():
     """VaceWanModel keeps block 0's input (x_orig, the first VACE block reads it): sliced in place it would
     change under the hints; the slices of block 0 work on a copy."""
-    from comfyui_streamline.nodes.wan import install_wan_slicing
+    from comfyui_streamline.families.wan import install_wan_slicing
 
     model = loaded("WAN21_Vace")
     dm = model.model.diffusion_model
@@ -327,7 +327,7 @@ def test_step_rehash(variant, caplog):
     """SPLIT (Camera, the plain WanModel variants, the control): the rehashed step runs the shallow blocks
     only; FULL (VACE, S2V, Animate, HuMo, and the variants the pack does not know): every step in full, bit
     for bit as plain, one warning saying why."""
-    from comfyui_streamline.nodes.wan.patch import wan_subclass
+    from comfyui_streamline.families.wan.patch import wan_subclass
 
     name, spec, model, reference = variant
     caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)

@@ -134,9 +134,10 @@ def main(argv=None) -> None:
     import torch
     from comfyui_streamline.core.budget import Workload, predict_peak_bytes
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.memory_budget import BudgetPlanner, attention_laws
-    from comfyui_streamline.nodes.model_patch import StreamlineState
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.techniques.budget import BudgetPlanner
+    from comfyui_streamline.host.attention import attention_laws
+    from comfyui_streamline.techniques.slicing import StreamlineState
+    from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.testing import synthetic
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -141,8 +141,8 @@ def main(argv=None) -> None:
     from comfyui_streamline.core.fidelity import psnr, ssim
     from comfyui_streamline.core.rehash import RehashConfig, fixed_full_steps
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.model_patch import apply_streamline
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY, apply_rehash
+    from comfyui_streamline.techniques.slicing import apply_streamline
+    from comfyui_streamline.techniques.rehash import STATE_KEY, apply_rehash
     from comfyui_streamline.nodes.tinyvideo import decode
     from comfyui_streamline.tinyvideo import stats
 

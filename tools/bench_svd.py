@@ -107,8 +107,8 @@ def forward_rows(rows: Rows, unet, spec: dict, args, dtype) -> None:
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.core.svd_budget import SDPA, SUB_QUADRATIC, plan_svd, predict_svd_peak_bytes
     from comfyui_streamline.host.log import LogOnce
-    from comfyui_streamline.nodes.svd_structure import read_svd_structure, svd_work
-    from comfyui_streamline.nodes.svd_unet import svd_forward
+    from comfyui_streamline.families.svd.structure import read_svd_structure, svd_work
+    from comfyui_streamline.families.svd.forward import svd_forward
 
     laws = SDPA if args.device == "cuda" else SUB_QUADRATIC
     structure, log = read_svd_structure(unet), LogOnce()
@@ -148,9 +148,9 @@ def rehash_flops(model_channels: int, height: int, width: int, frames: int, cach
 
     from comfyui_streamline.core.rehash import RehashConfig, resolve_cache_block
     from comfyui_streamline.core.slicing import UNSLICED
-    from comfyui_streamline.nodes.step_rehash import RehashCallState, RehashRun
+    from comfyui_streamline.techniques.rehash import RehashCallState, RehashRun
     from comfyui_streamline.host.log import LogOnce
-    from comfyui_streamline.nodes.svd_unet import REHASH_CALL_KEY, svd_forward
+    from comfyui_streamline.families.svd.forward import REHASH_CALL_KEY, svd_forward
     from comfyui_streamline.testing.model_families import svd_layout
 
     unet = svd_layout(model_channels, dtype=torch.float16, device="meta")

@@ -90,9 +90,9 @@ def main(argv=None) -> None:
 
     from comfyui_streamline.core.budget import format_bytes
     from comfyui_streamline.core.dit_budget import SDPA, SUB_QUADRATIC, WanShape, WanWork, forward_peak_bytes
-    from comfyui_streamline.nodes.wan.block import host_copies_block_input
+    from comfyui_streamline.families.wan.block import host_copies_block_input
     from comfyui_streamline.core.meter import measure_peak
-    from comfyui_streamline.nodes.wan.patch import CALL_KEY, SlicedWanBlock, WanCall
+    from comfyui_streamline.families.wan.patch import CALL_KEY, SlicedWanBlock, WanCall
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32

@@ -53,8 +53,8 @@ def layer_rows(laws) -> list[tuple[str, float, float]]:
 
     from comfyui_streamline.core.budget import Workload, _Walk
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.motion_module import run_motion_module_sliced
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.families.unet.motion_module import run_motion_module_sliced
+    from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
@@ -130,7 +130,7 @@ def tinyvideo_rows(laws) -> list[tuple[str, float, float]]:
 
     from comfyui_streamline.core.budget import Workload, predict_peak_bytes
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.tinyvideo import model as tinyvideo
     from comfyui_streamline.testing.synthetic import with_streamline
 

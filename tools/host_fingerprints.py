@@ -21,8 +21,8 @@ def main() -> None:
     args = parser.parse_args()
     hostenv.enter_for_tool(args.comfyui, cpu=True, tool="host_fingerprints")
     from comfyui_streamline.host import fingerprints as hf
-    from comfyui_streamline.nodes.svd_unet import svd_functions
-    from comfyui_streamline.nodes.wan.patch import WAN_SUBCLASSES, wan_functions
+    from comfyui_streamline.families.svd.forward import svd_functions
+    from comfyui_streamline.families.wan.patch import WAN_SUBCLASSES, wan_functions
     from comfyui_streamline.testing import synthetic
 
     functions = {**hf.comfy_functions(), **hf.ade_functions(synthetic.ade_transformer_options(1)),

@@ -6,7 +6,7 @@ import enum
 import torch.nn as nn
 from comfy.ldm.modules.attention import SpatialTransformer, SpatialVideoTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import (
-    Downsample, ResBlock, TimestepBlock, UNetModel, Upsample, VideoResBlock,
+    Downsample, ResBlock, TimestepBlock, Upsample, VideoResBlock,
 )
 
 
@@ -53,25 +53,3 @@ def role_of(layer: nn.Module, patched_types: tuple[type, ...]) -> Role:
     if isinstance(layer, _PER_FRAME_TYPES):
         return Role.PER_FRAME
     return Role.WHOLE
-
-
-def unsupported_reason(diffusion_model: nn.Module, purpose: str = "slice") -> str | None:
-    """Why the pack leaves this diffusion model to ComfyUI for `purpose` (None: it handles it).
-    purpose: "slice" (Streamline Model Patch), "plan" (Memory Budget, the memory estimate) or "rehash"
-    (Step Rehash's shallow/deep split). The families and what each supports: nodes/families.py."""
-    from . import families
-
-    family = families.family_of(diffusion_model)
-    wan = families.wan_reason(diffusion_model, purpose)  # a Wan subclass left to ComfyUI for this purpose
-    if wan is not None:
-        return wan
-    if family is None:
-        if isinstance(diffusion_model, UNetModel):
-            blocks = [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]
-            video = sorted({type(layer).__name__ for block in blocks if block is not None for layer in block
-                            if role_of(layer, ()) is Role.UNSUPPORTED})
-            return f"this UNet has {', '.join(video)} (video UNet layers) the pack does not know"
-        return f"{type(diffusion_model).__name__} is not a model this pack can slice"
-    if purpose == "rehash" and not families.splits_for_rehash(family):
-        return f"Step Rehash does not split {type(diffusion_model).__name__} ({family} DiT) models yet"
-    return None

@@ -36,7 +36,7 @@ from ...host.log import logger
 from ...host.options import DIT_CALL_KEY as CALL_KEY, DIT_WRAPPER_KEY as WRAPPER_KEY, STREAMLINE_KEY as STATE_KEY
 from ...host.log import LogOnce
 from .block import QUERY_BLOCK, block_quantised_attention, exact_token_chunk, sliced_block_forward
-from .rehash import WAN_REHASH_KEY, WanRehashCall
+from ...host.options import DIT_REHASH_CALL_KEY as WAN_REHASH_KEY
 
 
 def wan_functions() -> dict[str, Callable]:
@@ -227,7 +227,7 @@ class SlicedWanBlock:
     def __call__(self, args: dict, extra: dict) -> dict:
         if "transformer_options" not in args:  # a hook that passes none (WanModel_S2V): the host's own block
             return extra["original_block"](args)
-        rehash: WanRehashCall | None = args["transformer_options"].get(WAN_REHASH_KEY)
+        rehash = args["transformer_options"].get(WAN_REHASH_KEY)  # Step Rehash's WanRehashCall (rehash.py), if any
         if rehash is None:
             return {"img": self.forward(args, extra)}
         return {"img": rehash.run(self.index, args["img"], lambda x: self.forward({**args, "img": x}, extra))}

@@ -15,7 +15,6 @@ residuals and transformer_index bookkeeping, but:
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -25,17 +24,15 @@ import torch.nn as nn
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel, apply_control, forward_timestep_embed
 from torch import Tensor
 
-from ..core import offload
-from ..core.grouping import run_frame_chunked
-from ..core.slicing import UNSLICED, SliceConfig, finer, frame_chunk_size, spatial_chunk_size
-from .layer_roles import Role, role_of
-from ..host import fingerprints as host_fingerprints, tiny_models
+from ...core import offload
+from ...core.grouping import run_frame_chunked
+from ...core.slicing import UNSLICED, SliceConfig, frame_chunk_size, spatial_chunk_size
+from ..unet_common.layer_roles import Role, role_of
+from ...host import fingerprints as host_fingerprints, tiny_models
 from . import video_norm
-from ..host.log import LogOnce, logger
-from ..host.oom import is_oom
-from ..host.options import CALL_CONFIG_KEY, REHASH_KEY as REHASH_STATE_KEY
+from ...host.log import LogOnce, logger
 from .motion_module import run_motion_module_sliced, unsliceable_reason
-from .unet_prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
+from ..unet_common.prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
 
 # transformer_options patch keys that act between blocks on whole tensors; any other patch may look
 # inside attention at batch-dependent data, so spatial transformers then run unsliced.
@@ -320,25 +317,13 @@ class RehashCall(Protocol):
 
 
 
-def rehash_run(transformer_options: dict):
-    """Step Rehash's state of this run, if it is on this model (read from its per-run holder, so it does not
-    matter which of the two wrappers runs outside)."""
-    return getattr(transformer_options.get(REHASH_STATE_KEY), "run", None)
-
-
-def held_across_calls(transformer_options: dict) -> int:
-    """Device memory Step Rehash keeps alive between UNet calls (its caches), if it is on this model."""
-    run = rehash_run(transformer_options)
-    return run.held_bytes() if run is not None else 0
-
-
 def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, timesteps=None,
-                             context=None, y=None, control=None, transformer_options={}, *,
+                             context=None, y=None, control=None, transformer_options=None, *,
                              transfers: offload.Transfers | None = None, **kwargs) -> Tensor:
     """Drop-in for UNetModel._forward (same arguments after the first three). With a RehashCall in
     transformer_options[REHASH_CALL_KEY], the deep path may be replaced by a cached feature. With
     config.offload_skips the skips wait in host memory; `transfers` counts what moved (made here if None)."""
-    to = transformer_options
+    to = {} if transformer_options is None else transformer_options
     rehash: RehashCall | None = to.get(REHASH_CALL_KEY)
     patches = to.get("patches", {})
     patched_types = tuple(cls for cls, _ in patches.get("forward_timestep_embed_patch", []))
@@ -496,7 +481,7 @@ def unknown_inputs(transformer_options: dict, kwargs: dict, known_patches: set[s
 def unet_self_check(video: bool = False) -> float:
     """The pack's sliced UNet forward against UNetModel._forward on a tiny float64 UNet (SVD's with `video`),
     with ControlNet residuals and input, middle and output block patches; the relative difference."""
-    from .svd_unet import svd_forward
+    from ..svd.forward import svd_forward
 
     unet = tiny_models.unet(video=video)
     frames = 3
@@ -529,7 +514,7 @@ def unet_self_check(video: bool = False) -> float:
 
 def unet_verdict(video: bool = False) -> "host_fingerprints.Verdict":
     """The host verdict on ComfyUI's UNet functions the sliced forward mirrors (SVD's video layers too)."""
-    from .svd_unet import svd_functions
+    from ..svd.forward import svd_functions
 
     functions = host_fingerprints.comfy_functions()
     if video:
@@ -576,154 +561,3 @@ def ade_verdict(transformer_options: dict) -> tuple[bool, bool]:
     modules = host_fingerprints.verdict("AnimateDiff-Evolved motion modules", functions, check).sliced
     whole_video = host_fingerprints.verdict("AnimateDiff-Evolved whole-video GroupNorm", groupnorm, None).sliced
     return modules, whole_video
-
-
-def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
-                            leaves_unchanged: Callable[["object", nn.Module], bool]):
-    """A DIFFUSION_MODEL wrapper that swaps UNetModel._forward for the streamlined forward, keeping
-    any wrappers registered after it in the chain. get_state returns the patched model's state (with
-    `.config` and `.log`), or None; leaves_unchanged(state, diffusion_model) says (and logs, once per
-    run) that the pack does not slice this model. Whatever it does not handle, it hands on with the
-    arguments exactly as it received them: every model family has its own forward signature. On an
-    out-of-memory error the forward is retried with finer slices, which the (run's) state keeps."""
-    import comfy.model_management
-    import comfy.patcher_extension
-
-    from . import families
-    from .svd_unet import svd_forward
-
-    def state_in(args: tuple, kwargs: dict):
-        """The state, from transformer_options wherever the model's forward signature puts them."""
-        for candidate in (kwargs.get("transformer_options"), *args, *kwargs.values()):
-            state = get_state(candidate) if isinstance(candidate, dict) else None
-            if state is not None:
-                return state
-        return None
-
-    def unet_arguments(x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
-        return x, timesteps, context, y, control, transformer_options, kwargs  # UNetModel._forward's signature
-
-    def wrapper(executor, *args, **kwargs):
-        unet = executor.class_obj
-        state = state_in(args, kwargs)
-        if state is None or leaves_unchanged(state, unet):
-            return executor(*args, **kwargs)
-        family = families.family_of(unet)
-        if family == families.WAN:
-            return wan_call(executor, state, args, kwargs)
-        x, timesteps, context, y, control, transformer_options, call_kwargs = unet_arguments(*args, **kwargs)
-        if not unet_verdict(video=family == families.SVD).sliced:  # its one line is the verdict's
-            return executor(*args, **kwargs)
-        unknown = unknown_inputs(transformer_options, call_kwargs, KNOWN_PATCHES, KNOWN_REPLACES, KNOWN_CONDS)
-        if unknown:
-            state.log.warn(f"unknown-{unknown}", f"Streamline: this UNet call has {', '.join(unknown)}, which the "
-                           "sliced forward does not know; it runs ComfyUI's own forward, unsliced.")
-            return executor(*args, **kwargs)
-        kwargs = call_kwargs
-        held = held_across_calls(transformer_options)
-        frames = None
-        if family == families.SVD:  # SVD's video UNet: its own sliced forward (nodes/svd_unet.py)
-            video_norm_mode, frames = False, families.svd_frames(kwargs, x, unet)
-        else:
-            try:
-                video_norm_mode = video_norm.video_frames(transformer_options, x.shape[0]) is not None
-            except video_norm.VideoNormUnknown:  # the forward runs unsliced (and says so)
-                video_norm_mode = False
-        config = state.config_for(unet, x, context, held, video_norm_mode, frames=frames)
-        report = getattr(state, "report", None)  # the run's (nodes/run_report.py)
-        while True:
-            oom = None
-            if family == families.SVD:
-                transfers = None  # skip offload is the UNet forward's (SVD's forward keeps its skips)
-                forward = functools.partial(svd_forward, unet, config, state.log)
-            else:
-                transfers = offload.Transfers(x.device) if config.offload_skips else None
-                forward = functools.partial(streamlined_unet_forward, unet, config, state.log, transfers=transfers)
-            # the forward pops ControlNet residuals from their lists: each attempt gets its own lists
-            attempt_control = {k: list(v) for k, v in control.items()} if isinstance(control, dict) else control
-            try:
-                peak = report.measure(x, video_norm_mode) if report is not None else None
-                out = comfy.patcher_extension.WrapperExecutor.new_class_executor(
-                    forward, unet, executor.wrappers, idx=executor.idx + 1
-                ).execute(x, timesteps, context, y, attempt_control, transformer_options, **kwargs)
-                if report is not None:
-                    report.record(unet, x, context, config, video_norm_mode, peak, transfers, frames=frames)
-                return out
-            except Exception as e:  # noqa: BLE001 — only what ComfyUI counts as out of memory is retried
-                if isinstance(e, offload.HostMemoryError) and config.offload_skips:
-                    # host memory, not the device's: the same slices with the skips kept on the device
-                    smaller = dataclasses.replace(config, offload_skips=False, offload_features=False)
-                    oom = f"host memory during offload: {e}"
-                else:
-                    if not is_oom(e):
-                        raise
-                    smaller = _finer_after_oom(unet, config, x, context)
-                    if smaller is None:
-                        raise
-                    oom = f"{type(e).__name__}"
-            # out of the except block: its traceback no longer holds the failed attempt's tensors
-            logger.warning(f"Streamline: out of memory ({oom}) with {config}; retrying with {smaller} and keeping "
-                           "it for the rest of this run.")
-            state.settle(smaller, unet, x, context, held, video_norm_mode, frames=frames)
-            config = smaller
-            comfy.model_management.soft_empty_cache()
-
-    def wan_call(executor, state, args: tuple, kwargs: dict):
-        """A Wan call: its blocks are sliced by the block replacements (nodes/wan/); here the call's
-        slicing is chosen (the Memory Budget plans it per latent shape) and handed to them in a per-call
-        copy of transformer_options, and the run's report records it."""
-        model, x = executor.class_obj, args[0] if args else kwargs["x"]
-        options = next((v for v in (kwargs.get("transformer_options"), *args) if isinstance(v, dict)
-                        and get_state(v) is state), None)
-        context = args[2] if len(args) > 2 else kwargs.get("context")
-        held = held_across_calls(options or {})
-        if rehash_run(options or {}) is not None:
-            # Step Rehash's split keeps the deep blocks' input during a full call: planned as held memory
-            held += families.wan_rehash_split_bytes(model, tuple(x.shape), x.element_size())
-        config = state.config_for(model, x, context, held, False)
-        report = getattr(state, "report", None)
-        while True:
-            call_options = {**(options or {}), CALL_CONFIG_KEY: config}
-            call_args = tuple(call_options if a is options else a for a in args)
-            call_kwargs = {k: call_options if v is options else v for k, v in kwargs.items()}
-            try:
-                peak = report.measure(x, False) if report is not None else None
-                out = executor(*call_args, **call_kwargs)
-                if report is not None:
-                    report.record(model, x, context, config, False, peak)
-                return out
-            except Exception as e:  # noqa: BLE001 — only what ComfyUI counts as out of memory is retried
-                if not is_oom(e):
-                    raise
-                smaller = _finer_tokens_after_oom(model, config, x)
-                if smaller is None:
-                    raise
-                oom = type(e).__name__
-            logger.warning(f"Streamline: out of memory ({oom}) with {config}; retrying with {smaller} and keeping "
-                           "it for the rest of this run.")
-            state.settle(smaller, model, x, context, held, False)
-            config = smaller
-            comfy.model_management.soft_empty_cache()
-
-    return wrapper
-
-
-def _finer_tokens_after_oom(model: nn.Module, config: SliceConfig, x: Tensor) -> SliceConfig | None:
-    """Half the tokens per slice of a DiT call (None: one token per slice already)."""
-    import dataclasses
-
-    from ..core.dit_budget import token_chunk_size
-    from .families import wan_shape, wan_tokens
-
-    tokens, per_frame = wan_tokens(model, tuple(x.shape))
-    chunk = token_chunk_size(config, batch=x.shape[0], tokens=tokens, tokens_per_frame=per_frame,
-                             dim=wan_shape(model).dim)
-    if chunk <= 1:
-        return None
-    return dataclasses.replace(config, token_chunk=chunk // 2)
-
-
-def _finer_after_oom(unet: UNetModel, config: SliceConfig, x: Tensor, context: Tensor | None) -> SliceConfig | None:
-    tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
-    positions = x.shape[-2] * x.shape[-1]
-    return finer(config, x.shape[0], positions, unet.model_channels, unet.model_channels * (positions + 2 * tokens))

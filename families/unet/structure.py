@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch.nn as nn
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-from ..core.budget import Block, Layer, UNetShape, sd15_shape
-from .layer_roles import Role, is_ade_motion_module, role_of
+from ...core.budget import Block, Layer, UNetShape, sd15_shape
+from ..unet_common.layer_roles import Role, is_ade_motion_module, role_of
 
 
 def _channels_out(layer: nn.Module, channels_in: int) -> int:

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ..core.budget import format_bytes
 from ..core.meter import Peak, PeakWindow, measure_peak
-from ..core.slicing import SliceConfig, frame_chunk_size, spatial_chunk_size
+from ..core.slicing import SliceConfig
+from ..families import registry as families
 from ..host.log import logger
 
 REPORT_EVENT = "streamline.report"  # websocket event web/streamline.js shows on the node: {"node", "text"}
@@ -58,44 +59,14 @@ class ShapeRecord:
 
 def slice_sizes(unet, x: Tensor, context: Tensor | None, config: SliceConfig) -> str:
     """The slices a forward of `x` runs with at full resolution: what automatic (0) resolves to."""
-    from . import families
-
-    if families.family_of(unet) == families.WAN:
-        shape = families.wan_shape(unet)
-        work = families.wan_work(unet, x.shape, x.element_size())
-        _, per_frame = families.wan_tokens(unet, x.shape)
-        chunk = families.wan_token_chunk(config, work, per_frame, shape.dim)
-        auto = " (automatic)" if not (config.token_chunk or config.frame_chunk) else ""
-        return f"slices of {chunk} of {work.tokens} tokens in each Wan block{auto}"
-    tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
-    positions = x.shape[-2] * x.shape[-1]
-    channels = getattr(unet, "model_channels", 1)
-    top = channels * (positions + 2 * tokens)
-    frames = frame_chunk_size(config, x.shape[0], top, top)
-    spatial = spatial_chunk_size(config, x.shape[0], positions, channels, channels)
-    auto = " (automatic)" if config.frame_chunk == 0 or config.spatial_chunk == 0 else ""
-    offload = (", skips and block outputs offloaded" if getattr(config, "offload_features", False) else
-               ", skips offloaded" if config.offload_skips else "")
-    return (f"slices of {frames} of {x.shape[0]} samples in per-frame layers, {spatial} of {positions} positions "
-            f"in temporal layers{auto}{offload}")
+    return families.family_of(unet).slice_text(unet, x, context, config)
 
 
 def predicted_peaks(unet, x: Tensor, context: Tensor | None, config: SliceConfig,
                     video_norm: bool, frames: int | None = None) -> tuple[int | None, int | None]:
     """(sliced, unpatched) peak activation bytes the planner predicts for a forward of `x`."""
-    from . import families
-    from .memory_budget import _video_length, attention_laws, workload_for
-    from .structure import unet_shape
-
     try:
-        family = families.family_of(unet)
-        if family in (families.SVD, families.WAN):
-            return families.peaks_for(family, unet, x, context, config, attention_laws(), frames)
-        shape, laws = unet_shape(unet), attention_laws()
-        work = workload_for(x, context, _video_length(unet), video_norm)
-        from ..core.budget import predict_peak_bytes
-
-        return predict_peak_bytes(shape, work, config, laws), predict_peak_bytes(shape, work, None, laws)
+        return families.family_of(unet).peaks(unet, x, context, config, video_norm, frames)
     except Exception as e:  # a structure the planner does not describe: the report says so
         logger.debug(f"Streamline: no memory prediction for this UNet ({e!r})")
         return None, None

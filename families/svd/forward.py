@@ -34,13 +34,13 @@ from comfy.ldm.modules.diffusionmodules.util import AlphaBlender, timestep_embed
 from einops import rearrange, repeat
 from torch import Tensor
 
-from ..core.grouping import run_frame_chunked
-from ..core.groupnorm import channel_moments, video_group_stats
-from ..core.slicing import SliceConfig, chunk_ranges, frame_chunk_size, spatial_chunk_size
-from .layer_roles import Role, role_of
-from .unet_prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
-from .video_norm import normalize
-from ..host.log import LogOnce
+from ...core.grouping import run_frame_chunked
+from ...core.groupnorm import channel_moments, video_group_stats
+from ...core.slicing import SliceConfig, chunk_ranges, frame_chunk_size, spatial_chunk_size
+from ..unet_common.layer_roles import Role, role_of
+from ..unet_common.prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
+from ..unet.video_norm import normalize
+from ...host.log import LogOnce
 
 # transformer_options patch keys that act between blocks on whole tensors (as in streamlined_unet); any
 # other patch may look inside attention at what a slice cannot show, so video layers then run whole.
@@ -424,12 +424,12 @@ def deep_transformers(unet: UNetModel, cache_block: int, shallow_inputs: int) ->
 
 
 def svd_forward(unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, timesteps=None, context=None,
-                y=None, control=None, transformer_options={}, **kwargs) -> Tensor:
+                y=None, control=None, transformer_options=None, **kwargs) -> Tensor:
     """Drop-in for UNetModel._forward on an SVD UNet (same arguments after the first three). With a
     RehashCall in transformer_options[REHASH_CALL_KEY] (Step Rehash, nodes/step_rehash.py) the shallow
     input blocks run, then the call decides: the deep path (input blocks, middle, output blocks up to
     the cache point, whose output it stores) or the cached deep feature in its place."""
-    to = transformer_options
+    to = {} if transformer_options is None else transformer_options
     rehash = to.get(REHASH_CALL_KEY)
     patches = to.get("patches", {})
     to["original_shape"] = list(x.shape)

@@ -5,7 +5,7 @@ import torch.nn as nn
 from comfy.ldm.modules.attention import SpatialVideoTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample, VideoResBlock
 
-from ..core.svd_budget import SVDLayer, SVDStructure, SVDWork
+from ...core.svd_budget import SVDLayer, SVDStructure, SVDWork
 
 
 def _layer(layer: nn.Module, channels_in: int) -> SVDLayer:

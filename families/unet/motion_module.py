@@ -13,7 +13,7 @@ import math
 import torch.nn as nn
 from torch import Tensor
 
-from ..core.temporal import TemporalTransformerParts, temporal_transformer_sliced
+from ...core.temporal import TemporalTransformerParts, temporal_transformer_sliced
 
 
 def _views_active(module, video_length: int) -> bool:

@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..core.groupnorm import channel_moments, group_norm_apply, video_group_stats
-from ..core.slicing import chunk_ranges
-from .layer_roles import Role
+from ...core.groupnorm import channel_moments, group_norm_apply, video_group_stats
+from ...core.slicing import chunk_ranges
+from ..unet_common.layer_roles import Role
 
 ADE_GROUPNORM_WRAPPER_KEY = "ADE_groupnormed_diffusion_model"  # sampling.create_diffusion_model_groupnormed_wrapper
 
