@@ -86,7 +86,7 @@ def source_mentions(function: Callable, text: str, default: bool) -> bool:
 
 
 def comfy_functions() -> dict[str, Callable]:
-    """What the UNet forward (nodes/streamlined_unet.py, nodes/svd_unet.py) mirrors of ComfyUI."""
+    """What the UNet forward (families/unet/forward.py, families/svd/forward.py) mirrors of ComfyUI."""
     from comfy.ldm.modules.attention import SpatialTransformer
     from comfy.ldm.modules.diffusionmodules import openaimodel
 

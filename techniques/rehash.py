@@ -2,7 +2,7 @@
 
 - an OUTER_SAMPLE wrapper gives every sampling run a fresh RehashRun (schedule, caches, counters)
   and drops it in `finally:` (an interrupted run leaves nothing behind);
-- a DIFFUSION_MODEL wrapper hands each UNet call a RehashCall (nodes/streamlined_unet.py runs the
+- a DIFFUSION_MODEL wrapper hands each UNet call a RehashCall (families/unet/forward.py runs the
   shallow path, asks it whether to reuse, and gives it the deep feature to store on full calls).
   With Streamline Model Patch on the same model, both paths run sliced; without it, unsliced;
 - a PREDICT_NOISE wrapper marks each model evaluation, and the sampler's callback each finished step, so

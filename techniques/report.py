@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from ..core.budget import format_bytes

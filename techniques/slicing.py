@@ -6,7 +6,7 @@ motion modules, which ADE injects only when sampling starts. An OUTER_SAMPLE wra
 sampling run its own copy of the state (as ComfyUI's EasyCache does): what a run learns (an
 out-of-memory retry's finer slices, the Memory Budget's plans) lasts that run only.
 
-Models the pack cannot slice (families other than those in nodes/families.py) run exactly as ComfyUI
+Models the pack cannot slice (families other than those in families/registry.py) run exactly as ComfyUI
 runs them: the wrappers hand their arguments on untouched, the memory estimate is ComfyUI's own, and
 each run logs that once.
 """
@@ -52,7 +52,7 @@ class StreamlineState:
 
     config: SliceConfig
     log: LogOnce = field(default_factory=LogOnce)
-    # Memory Budget: picks the config per input shape (nodes/memory_budget.py); None: use `config`
+    # Memory Budget: picks the config per input shape (techniques/budget.py); None: use `config`
     planner: Callable | None = None
     source: str = "Streamline Model Patch"  # the node, as the run's report names it
     node_id: str | None = None  # where the browser shows the run's report (the node's UNIQUE_ID)

@@ -512,7 +512,7 @@ def _needs(model_class: str, supported: str) -> tuple[str, ...]:
 # The Wan variants ComfyUI builds beyond plain t2v / i2v (tests/test_wan_variants.py): the WanModel subclasses
 # with their own forward_orig, and the model_base variants over a class already here (FunControl2V, FlowRVS:
 # WanModel; Camera 2.2: CameraWanModel), each through its own detection path. What the pack does with each is
-# nodes/wan/patch.py WAN_SUBCLASSES; `sliced` / `rehash_split` are what it does today (the test's table of
+# families/wan/patch.py WAN_SUBCLASSES; `sliced` / `rehash_split` are what it does today (the test's table of
 # expectations is the authority).
 WAN_SUBCLASS_VARIANTS = {f.name: f for f in (
     Family("WAN21_Vace", wan_vace, "", (1, 16, 2, 4, 4), 4096, _vace_extras, sliced=True, rehash_split=False),

@@ -7,9 +7,6 @@ module starts from zero-initialised output projections; random ones make slicing
 """
 from __future__ import annotations
 
-import importlib
-import math
-
 import torch
 import torch.nn as nn
 

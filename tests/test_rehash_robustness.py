@@ -302,7 +302,7 @@ def svd_unet():
 
 
 def test_svd_unet_without_streamline_is_split_by_step_rehash(svd_unet, caplog):
-    """SVD's video UNet: Step Rehash splits it (nodes/svd_unet.py) with no notice; full steps compute what
+    """SVD's video UNet: Step Rehash splits it (families/svd/forward.py) with no notice; full steps compute what
     ComfyUI computes, rehash steps reuse the deep feature (steps 0, 1, 3 full, step 2 rehashed)."""
     frames = 4
     g = torch.Generator().manual_seed(0)

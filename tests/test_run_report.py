@@ -1,5 +1,5 @@
 """Every sampling run with a model one of the pack's nodes patched says once what it did: in the log and,
-through ComfyUI's server, on that node (nodes/run_report.py; web/streamline.js shows it). And the main job,
+through ComfyUI's server, on that node (techniques/report.py; web/streamline.js shows it). And the main job,
 tools/demo.py, runs end to end. On TinyVideo through ComfyUI's real KSampler and the pack's real nodes
 (the node ids come in through ComfyUI's own class clone with hidden inputs, as the executor makes it)."""
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The SVD Memory Budget (core/svd_budget.py) against the live-tensor counter (core/memtrace.py), CPU, fp32.
 
 Layer by layer (ComfyUI's VideoResBlock and SpatialVideoTransformer, and the sliced forward's), then
-whole forwards, ComfyUI's and sliced, of SVD's layout at 64 channels (nodes/svd_unet.py's test model) at
+whole forwards, ComfyUI's and sliced, of SVD's layout at 64 channels (families/svd/forward.py's test model) at
 tiny shapes: one video and cond/uncond batched, 5 and 14 frames. Nothing in the laws is fitted to these.
 """
 from __future__ import annotations

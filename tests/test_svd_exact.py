@@ -1,4 +1,4 @@
-"""The sliced SVD forward (nodes/svd_unet.py) against ComfyUI's own, on random-weight SVD UNets.
+"""The sliced SVD forward (families/svd/forward.py) against ComfyUI's own, on random-weight SVD UNets.
 
 Two models: SVD_img2vid through ComfyUI's loader (SVD's layout, 320 channels on every level: detection
 needs 320; SVD's own widths, 1.5G parameters, do not fit through the loader in a small machine's memory),
@@ -339,7 +339,7 @@ def test_sampling_through_ksampler_with_video_cfg(loaded_model, slicing_spy, cap
     assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
-# -- Step Rehash (nodes/step_rehash.py's RehashCallState in transformer_options) -----------------------
+# -- Step Rehash (techniques/rehash.py's RehashCallState in transformer_options) -----------------------
 
 def rehash_run(reuse: str = "extrapolate", full_steps=frozenset({0, 1})):
     from comfyui_streamline.core.rehash import RehashConfig

@@ -158,7 +158,7 @@ def test_a_batch_that_is_not_whole_videos_runs_unsliced_with_one_line(host, capl
 
 @pytest.mark.host
 def test_mirrored_layer_forwards_equal_comfyuis_with_per_frame_statistics(host):
-    """nodes/video_norm.py mirrors ResBlock._forward and SpatialTransformer.forward with the GroupNorm
+    """families/unet/video_norm.py mirrors ResBlock._forward and SpatialTransformer.forward with the GroupNorm
     call replaced; with one frame per video they must be ComfyUI's own layers."""
     from comfyui_streamline.families.unet import video_norm
     from comfyui_streamline.families.unet_common.layer_roles import Role

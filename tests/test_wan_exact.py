@@ -1,4 +1,4 @@
-"""The sliced Wan block (nodes/wan/) against ComfyUI's own Wan forward, and its memory laws (core/dit_budget.py).
+"""The sliced Wan block (families/wan/) against ComfyUI's own Wan forward, and its memory laws (core/dit_budget.py).
 
 Tiny random-weight Wan models through ComfyUI's loader (testing/model_families.py WAN_VARIANTS): Wan 2.1
 t2v, Wan 2.1 i2v (CLIP-image tokens, WanI2VCrossAttention), Wan 2.2 5B (48 channels; per-token

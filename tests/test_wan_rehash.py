@@ -1,4 +1,4 @@
-"""Step Rehash on Wan (nodes/wan/rehash.py through nodes/step_rehash.py), through ComfyUI's real sampling path.
+"""Step Rehash on Wan (families/wan/rehash.py through techniques/rehash.py), through ComfyUI's real sampling path.
 
 A tiny random-weight Wan 2.1 t2v of 4 blocks (testing/model_families.py) loaded by ComfyUI's loader, CPU fp32:
 with cache_block -1 blocks 0 and 3 are shallow, 1 and 2 deep. Fidelity is not judged (random weights);

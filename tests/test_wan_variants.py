@@ -16,7 +16,7 @@ each variant reads; plain WanModel (Wan 2.1 t2v) is the control:
   (WanModel, i2v, 48 input channels), FlowRVS (WanModel under ModelType.IMG_TO_IMG_FLOW), Camera 2.2
   (CameraWanModel with t2v blocks and 36 input channels).
 
-What the pack does with each (nodes/wan/patch.py WAN_SUBCLASSES) is the table EXPECTED below, one of:
+What the pack does with each (families/wan/patch.py WAN_SUBCLASSES) is the table EXPECTED below, one of:
 - SLICED (Streamline Model Patch, Memory Budget): within 1e-5 of the plain output, slicing ran, no warning;
 - UNCHANGED: bit-identical to the plain output (torch.equal), no slicing, exactly one warning naming the
   model class;
@@ -57,9 +57,9 @@ class Expect:
     rehash: str  # Step Rehash: SPLIT or FULL
 
 
-# What the pack does with each variant. Flip a row when nodes/wan/patch.py WAN_SUBCLASSES learns a variant
+# What the pack does with each variant. Flip a row when families/wan/patch.py WAN_SUBCLASSES learns a variant
 # (/tmp/notes_wan_variants.md has what each new forward_orig does around its blocks). Memory Budget UNCHANGED
-# where the Model Patch slices: work outside the sliced blocks the Wan laws do not count (nodes/families.py
+# where the Model Patch slices: work outside the sliced blocks the Wan laws do not count (families/registry.py
 # WAN_UNPLANNED).
 EXPECTED = {
     # variant (model config)      model_base        diffusion model     Model Patch Memory Budget Step Rehash

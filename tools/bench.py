@@ -198,7 +198,7 @@ def main(argv=None) -> None:
             predicted_patched = predict_peak_bytes(shape, work, chosen, laws)
             patched = measure(unet, variant, synthetic, inputs, args.device, args.repeats, cap is not None)
             settled = variant.state.config_for(unet, inputs[0], inputs[2])
-            if settled != chosen:  # the out-of-memory fallback (nodes/model_patch.py) made the slices finer
+            if settled != chosen:  # the out-of-memory fallback (techniques/slicing.py) made the slices finer
                 print(f"  Streamline ran out of memory with {chosen} and went on with {settled}")
             row = {
                 "case": f"{width}x{height}x{frames}", "batch": batch,

@@ -1,4 +1,4 @@
-"""Benchmark: SVD's video UNet, ComfyUI's own forward vs the sliced one (nodes/svd_unet.py), side by side.
+"""Benchmark: SVD's video UNet, ComfyUI's own forward vs the sliced one (families/svd/forward.py), side by side.
 
 Random weights at SVD's real layout (svd_layout(320): channels 320/640/1280/1280, ~1.5G parameters),
 built with ComfyUI's UNetModel class on the device, fp16 on CUDA; inputs as SVD img2vid gets them

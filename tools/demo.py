@@ -97,7 +97,7 @@ class Graph:
 
 
 class ReportCatcher(logging.Handler):
-    """Keeps the pack's per-run report (nodes/run_report.py) of the latest run."""
+    """Keeps the pack's per-run report (techniques/report.py) of the latest run."""
 
     def __init__(self):
         super().__init__(logging.INFO)

@@ -1,7 +1,7 @@
 """Print the fingerprints of the host functions the pack mirrors (host/fingerprints.py) for the host this
 finds, marking those no recorded host has. After the exactness tests pass on a new ComfyUI or
 AnimateDiff-Evolved, add its fingerprints to RECORDED under the host's name (and, for a Wan subclass the pack
-slices, to nodes/wan/patch.py WAN_SUBCLASSES).
+slices, to families/wan/patch.py WAN_SUBCLASSES).
 
     python tools/host_fingerprints.py [--comfyui PATH]
 """

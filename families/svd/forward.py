@@ -426,7 +426,7 @@ def deep_transformers(unet: UNetModel, cache_block: int, shallow_inputs: int) ->
 def svd_forward(unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, timesteps=None, context=None,
                 y=None, control=None, transformer_options=None, **kwargs) -> Tensor:
     """Drop-in for UNetModel._forward on an SVD UNet (same arguments after the first three). With a
-    RehashCall in transformer_options[REHASH_CALL_KEY] (Step Rehash, nodes/step_rehash.py) the shallow
+    RehashCall in transformer_options[REHASH_CALL_KEY] (Step Rehash, techniques/rehash.py) the shallow
     input blocks run, then the call decides: the deep path (input blocks, middle, output blocks up to
     the cache point, whose output it stores) or the cached deep feature in its place."""
     to = {} if transformer_options is None else transformer_options

@@ -16,7 +16,7 @@ residuals and transformer_index bookkeeping, but:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -30,7 +30,7 @@ from ...core.slicing import UNSLICED, SliceConfig, frame_chunk_size, spatial_chu
 from ..unet_common.layer_roles import Role, role_of
 from ...host import fingerprints as host_fingerprints, tiny_models
 from . import video_norm
-from ...host.log import LogOnce, logger
+from ...host.log import LogOnce
 from .motion_module import run_motion_module_sliced, unsliceable_reason
 from ..unet_common.prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
 
@@ -53,10 +53,6 @@ _TRANSFORMER_PATCHES = {"attn1_patch", "attn1_output_patch", "attn2_patch", "att
 KNOWN_PATCHES = _BLOCK_LEVEL_PATCHES | _TRANSFORMER_PATCHES
 KNOWN_REPLACES = {"attn1", "attn2"}
 KNOWN_CONDS = {"time_context", "num_video_frames", "image_only_indicator"}
-
-
-class UnsupportedModel(Exception):
-    """The model needs ComfyUI's own forward; the reason is the message."""
 
 
 @dataclass
@@ -82,13 +78,15 @@ class Pending:
 
 def split_block(block: nn.Module, patched_types: tuple[type, ...], video_norm_mode: bool = False) -> list[Segment]:
     """The block's layers as segments. In ADE's GroupNorm-over-videos mode, a layer that starts with a
-    GroupNorm starts a segment of its own (its input must be whole: nodes/video_norm.py); a layer
+    GroupNorm starts a segment of its own (its input must be whole: families/unet/video_norm.py); a layer
     whose structure that mode's forwards do not know runs whole."""
     segments: list[Segment] = []
     for layer in block:
         role = role_of(layer, patched_types)
         if role is Role.UNSUPPORTED:
-            raise UnsupportedModel(f"{type(layer).__name__} (video UNet layers)")
+            # never a model of this family: families/registry.py gives SVD's video UNet to families/svd/ and
+            # leaves other video UNets to ComfyUI
+            raise ValueError(f"{type(layer).__name__} (video UNet layers) in the UNet family's forward")
         if video_norm_mode and role in _PER_FRAME_ROLES and not video_norm.supports(layer, role):
             role = Role.WHOLE
         if role in _PER_FRAME_ROLES:
@@ -303,7 +301,7 @@ class StreamlinedForward:
 
 
 class RehashCall(Protocol):
-    """Step Rehash's side of one UNet call (see nodes/step_rehash.py)."""
+    """Step Rehash's side of one UNet call (see techniques/rehash.py)."""
 
     cache_block: int
 

@@ -14,7 +14,7 @@ CLIP_TOKENS = 77  # the preview's prompt length: one CLIP chunk (SD1.5, SDXL)
 
 
 def workload_for(x: Tensor, context: Tensor | None, frames: int | None = None, video_norm: bool = False) -> Workload:
-    """video_norm: the call runs in ADE's GroupNorm-over-videos mode (nodes/video_norm.py)."""
+    """video_norm: the call runs in ADE's GroupNorm-over-videos mode (families/unet/video_norm.py)."""
     batch = x.shape[0]
     return Workload(batch=batch, frames=frames or max(1, batch // 2), height=x.shape[-2], width=x.shape[-1],
                     context_tokens=context.shape[1] if context is not None and context.ndim == 3 else CLIP_TOKENS,

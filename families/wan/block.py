@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ...core.slicing import chunk_ranges
 from ...host import fingerprints as host_fingerprints
+from ...host.attention import block_quantised_attention
 
 # the modulation terms in the order the host unbinds them
 SHIFT_ATTN, SCALE_ATTN, GATE_ATTN, SHIFT_FFN, SCALE_FFN, GATE_FFN = range(6)
@@ -55,18 +56,6 @@ def host_calls_attn2_patch() -> bool:
 # SageAttention and ComfyUI's int8 attention (comfy-kitchen) quantise queries in blocks of up to this many
 # rows, counted from the start of the sequence: a slice that starts inside a block changes the result
 QUERY_BLOCK = 128
-_BLOCK_QUANTISED = ("attention_sage", "attention3_sage", "attention_comfy_kitchen_int8")
-
-
-def block_quantised_attention() -> str | None:
-    """The name of ComfyUI's attention kernel when it quantises queries by blocks (None: it does not)."""
-    import comfy.ldm.modules.attention as attention
-
-    for name in _BLOCK_QUANTISED:
-        function = getattr(attention, name, None)
-        if function is not None and optimized_attention is function:
-            return name
-    return None
 
 
 def exact_token_chunk(chunk: int) -> int:

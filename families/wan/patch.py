@@ -23,7 +23,6 @@ import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
-import comfy.patcher_extension
 import torch
 import torch.nn as nn
 from comfy.ldm.wan import model as wan_model
@@ -35,7 +34,9 @@ from ...host import fingerprints as host_fingerprints
 from ...host.log import logger
 from ...host.options import DIT_CALL_KEY as CALL_KEY, DIT_WRAPPER_KEY as WRAPPER_KEY, STREAMLINE_KEY as STATE_KEY
 from ...host.log import LogOnce
-from .block import QUERY_BLOCK, block_quantised_attention, exact_token_chunk, sliced_block_forward
+from ...host.attention import block_quantised_attention
+from ..dit.hooks import install_block_hooks, remove_block_hooks
+from .block import QUERY_BLOCK, exact_token_chunk, sliced_block_forward
 from ...host.options import DIT_REHASH_CALL_KEY as WAN_REHASH_KEY
 
 
@@ -162,7 +163,7 @@ TokenChunkFor = Callable[[dict, Tensor, int], "int | None"]
 
 
 def token_chunk_from_state(transformer_options: dict, x: Tensor, tokens_per_frame: int) -> int | None:
-    """The slice size the run's StreamlineState (nodes/model_patch.py) gives: its SliceConfig mapped to
+    """The slice size the run's StreamlineState (techniques/slicing.py) gives: its SliceConfig mapped to
     tokens by core.dit_budget.token_chunk_size; None without a state."""
     from ...core.dit_budget import token_chunk_size
 
@@ -326,26 +327,16 @@ def install_wan_slicing(model: ModelPatcher, token_chunk_for: TokenChunkFor = to
     if reason is not None:
         logger.info(f"Streamline: {reason}; Wan slicing not installed.")
         return []
-    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    patched, kept, log = [], [], LogOnce()
-    for index in range(len(diffusion_model.blocks)):
-        earlier = replaced.get(("double_block", index))
-        if earlier is not None and not isinstance(earlier, SlicedWanBlock):
-            kept.append(index)
-            continue
-        model.set_model_patch_replace(SlicedWanBlock(index, token_chunk_for, log), "dit", "double_block", index)
-        patched.append(index)
+    log = LogOnce()
+    patched, kept = install_block_hooks(model, len(diffusion_model.blocks),
+                                        lambda index: SlicedWanBlock(index, token_chunk_for, log), SlicedWanBlock,
+                                        WRAPPER_KEY, add_call_info)
     if kept:
         logger.warning(f"Streamline: Wan blocks {kept} already have a block replacement (another node's); they run "
                        "through it, unsliced.")
-    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, add_call_info)
     return patched
 
 
 def remove_wan_slicing(model: ModelPatcher) -> None:
     """Undo install_wan_slicing on `model` (a clone the caller owns)."""
-    dit = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for key in [k for k, v in dit.items() if isinstance(v, SlicedWanBlock)]:
-        del dit[key]
-    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    remove_block_hooks(model, SlicedWanBlock, WRAPPER_KEY)

@@ -3,7 +3,7 @@
 shallow = the first and last `shallow` blocks, which run on every step; deep = the blocks between them.
 The deep feature is the residual the deep blocks add, x leaving the last deep block minus x entering the
 first one. On a full call the deep blocks run and the residual is stored; on a rehash call the first deep
-block adds the reused residual (held or extrapolated: the RehashCall decides, nodes/step_rehash.py) and
+block adds the reused residual (held or extrapolated: the RehashCall decides, techniques/rehash.py) and
 the deep blocks return their input without computing anything. The adaptive mode's shallow feature is x
 entering the first deep block.
 
@@ -19,7 +19,6 @@ from typing import Callable
 from torch import Tensor
 
 from ...core.rehash import RehashConfigError
-from ...host.options import DIT_REHASH_CALL_KEY as WAN_REHASH_KEY
 
 DEFAULT_SHALLOW = 1  # cache_block -1: one block at each end
 
@@ -72,19 +71,19 @@ def install_for_rehash(model) -> None:
     """The block replacements Step Rehash runs through, on `model` (a clone the caller owns), unless the
     pack's own are there already (Streamline Model Patch, Memory Budget). Without their run state they
     slice nothing: each block is ComfyUI's own."""
+    from ..dit.hooks import block_hooks
     from .patch import SlicedWanBlock, install_wan_slicing, unsupported_wan_reason
 
     if unsupported_wan_reason(model.model.diffusion_model, "rehash") is not None:
-        return  # Step Rehash runs this model in full (nodes/step_rehash.py says why): nothing to split
-    dit = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    if not any(isinstance(v, SlicedWanBlock) for v in dit.values()):
+        return  # Step Rehash runs this model in full (techniques/rehash.py says why): nothing to split
+    hooks = block_hooks(model.model_options.get("transformer_options", {}))
+    if not any(isinstance(v, SlicedWanBlock) for v in hooks.values()):
         install_wan_slicing(model)
 
 
 def foreign_deep_blocks(transformer_options: dict, first_deep: int, last_deep: int) -> list[int]:
     """Deep blocks whose replacement is not the pack's (another node's, or none): they cannot be skipped."""
+    from ..dit.hooks import foreign_blocks
     from .patch import SlicedWanBlock
 
-    dit = transformer_options.get("patches_replace", {}).get("dit", {})
-    return [i for i in range(first_deep, last_deep + 1)
-            if not isinstance(dit.get(("double_block", i)), SlicedWanBlock)]
+    return foreign_blocks(transformer_options, first_deep, last_deep, SlicedWanBlock)
