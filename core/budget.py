@@ -7,7 +7,7 @@ Two parts:
   CPU default) materialises the attention scores, PyTorch's SDPA (its CUDA default) does not;
 - a walk over the UNet's blocks in execution order that keeps what the forward keeps alive around each
   layer: skip tensors, block inputs, output buffers, and one chunk's working set. It follows either
-  ComfyUI's own forward (config None) or the streamlined forward (nodes/streamlined_unet.py);
+  ComfyUI's own forward (config None) or the streamlined forward (families/unet/forward.py);
 - with skip offload (config.offload_skips, core/offload.py) the walk keeps on the device only the skips
   the offloaded forward keeps there: the latest one on the way down, the deepest one until the first
   output block reads it, and on the way up the rows of the skip each frame chunk joins (and the next

@@ -2,7 +2,7 @@
 
 A Wan attention block's working set is read off its operator sequence: each step allocates its output
 and frees what it no longer needs, and the peak is the largest sum alive (`_Live`). The steps are the
-host's (WanAttentionBlock.forward) or the sliced forward's (nodes/wan/block.py); per-token tensors are
+host's (WanAttentionBlock.forward) or the sliced forward's (families/wan/block.py); per-token tensors are
 counted in values per token row (batch x tokens), the attention kernel's own buffers by its law:
 - ComfyUI's sub-quadratic attention (its CPU default) materialises the scores of up to 4096 queries
   at a time against all keys, twice (scores and softmax), and with several heads and samples copies

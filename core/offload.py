@@ -21,7 +21,7 @@ API (`comfy.model_management.pin_memory`: registered, counted in ComfyUI's TOTAL
 page, so exactly their bytes are pinned; with `--disable-pinned-memory`, or past ComfyUI's pinned-memory
 limit (MAX_PINNED_MEMORY: offload never evicts ComfyUI's own pins for its buffers), they are plain pageable
 memory and their copies are blocking (the same bytes; the log says so once per run). `end_run()` (the
-OUTER_SAMPLE wrapper's finally, nodes/model_patch.py) waits for the side streams, unpins and drops every
+OUTER_SAMPLE wrapper's finally, techniques/slicing.py) waits for the side streams, unpins and drops every
 buffer: nothing stays pinned between runs.
 No CUDA: the copies are plain copies into new storages, made under memtrace.counted_as_host(), so the
 live-tensor counter sees the skips leave the device count; the device-side tensors are released.
@@ -50,14 +50,14 @@ from torch import Tensor
 
 from .memtrace import counted_as_host
 
-logger = logging.getLogger("ComfyUI-Streamline")  # the pack's logger (nodes/log.py)
+logger = logging.getLogger("ComfyUI-Streamline")  # the pack's logger (host/log.py)
 
 PAGE = mmap.PAGESIZE  # pinned buffers take whole pages: two registrations never share one
 
 
 class HostMemoryError(MemoryError):
     """Host memory ran out for an offload buffer. The forward that asked can run again with offload off
-    (nodes/streamlined_unet.py's retry): the output is the same, the skips stay on the device."""
+    (families/unet/forward.py's retry): the output is the same, the skips stay on the device."""
 
 
 def host_allocation_failed(e: BaseException) -> bool:

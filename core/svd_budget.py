@@ -3,7 +3,7 @@
 The same two parts as core/budget.py, for the layers of Stable Video Diffusion:
 - working sets per layer, in values per sample (batch x frames) over its positions, read off the operator
   sequences of ComfyUI's forward (VideoResBlock.forward, SpatialVideoTransformer.forward) and of the
-  sliced one (nodes/svd_unet.py), and checked layer by layer against the live-tensor counter
+  sliced one (families/svd/forward.py), and checked layer by layer against the live-tensor counter
   (tests/test_svd_budget.py):
   * VideoResBlock, whole: the spatial ResBlock (core/budget.py's law), then the time_stack and time_mixer
     on the spatial output: spatial output, temporal output, the two weighted terms and their sum (5 per
@@ -173,7 +173,7 @@ class _SVDWalk:
         out = SVDLayer("out", channels, 4)
         self.plain_block((out,), level, channels, b * channels * self.positions(level))
 
-    # -- the sliced forward (nodes/svd_unet.py) -----------------------------------------------------
+    # -- the sliced forward (families/svd/forward.py) -----------------------------------------------------
 
     def frame_chunk(self, sample_values: float) -> int:
         top = self.s.model_channels * self.positions(0)

@@ -37,7 +37,7 @@ def make_base_directory(base: Path, checkpoint: str, motion_model: str) -> Path:
     this pack and ADE in its custom_nodes."""
     from safetensors.torch import save_file
 
-    from comfyui_streamline.tools.synthetic import mm_sd15_v2_state_dict, sd15_checkpoint_state_dict
+    from comfyui_streamline.testing.synthetic import mm_sd15_v2_state_dict, sd15_checkpoint_state_dict
 
     for folder in ("models/checkpoints", "models/animatediff_models", "custom_nodes"):
         (base / folder).mkdir(parents=True)

@@ -175,7 +175,7 @@ PREDICTION_TOLERANCE = 0.15
 
 @pytest.mark.host
 def test_predictions_match_measured_peaks():
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.families.unet.structure import unet_shape
 
     unet, motion = sd15_with_motion()
     shape = unet_shape(unet)
@@ -198,7 +198,7 @@ def test_predictions_match_measured_peaks():
 def measure(unet, motion, frames: int, side: int, chunks) -> int:
     """The live-tensor peak of one SD1.5 + motion-module call at `frames` x side x side, CFG batched."""
     from comfyui_streamline.core.memtrace import LiveTensorMeter
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     motion.set_video_length(frames, frames)
     batch = 2 * frames
@@ -218,9 +218,9 @@ def test_predictions_hold_for_another_model_family(frames, chunks):
     """TinyVideo: other widths (32/64/128), 1-4 heads, 3 context tokens, three levels. The laws were
     read off SD1.5 layers only."""
     from comfyui_streamline.core.memtrace import LiveTensorMeter
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.tinyvideo import model as tinyvideo
-    from comfyui_streamline.tools.synthetic import with_streamline
+    from comfyui_streamline.testing.synthetic import with_streamline
 
     unet = tinyvideo.load_model_patcher().model.diffusion_model.float()
     tinyvideo.set_video_length(unet, frames)
@@ -244,7 +244,7 @@ FRAMES, BATCH = 4, 8  # CFG batched
 def sd15_with_motion():
     """A random-weight SD1.5 UNet with mm_sd_v15_v2 motion modules injected, and those modules: one copy for
     the whole file (5 GB in fp32; cleared with the file)."""
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
     synthetic.inject(unet, motion)
@@ -261,9 +261,9 @@ def injected_unet():
 
 @pytest.mark.host
 def test_out_of_memory_retries_with_finer_slices_and_keeps_them(injected_unet, monkeypatch, caplog):
-    from comfyui_streamline.nodes import streamlined_unet
-    from comfyui_streamline.nodes.model_patch import StreamlineState
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.families.unet import forward as streamlined_unet
+    from comfyui_streamline.techniques.slicing import StreamlineState
+    from comfyui_streamline.testing import synthetic
 
     unet, batch = injected_unet, BATCH
     g = torch.Generator().manual_seed(0)
@@ -297,10 +297,10 @@ def test_out_of_memory_retries_with_finer_slices_and_keeps_them(injected_unet, m
 def test_out_of_memory_under_a_budget_refines_only_that_shape(injected_unet, monkeypatch):
     """With the Memory Budget, the finer slices after an out-of-memory retry are kept for that input
     shape; another shape (a second pass at another size) still gets its own plan."""
-    from comfyui_streamline.nodes import streamlined_unet
-    from comfyui_streamline.nodes.memory_budget import BudgetPlanner
-    from comfyui_streamline.nodes.model_patch import StreamlineState
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.families.unet import forward as streamlined_unet
+    from comfyui_streamline.techniques.budget import BudgetPlanner
+    from comfyui_streamline.techniques.slicing import StreamlineState
+    from comfyui_streamline.testing import synthetic
 
     unet, batch = injected_unet, BATCH
     g = torch.Generator().manual_seed(0)
@@ -335,11 +335,13 @@ def test_a_budget_leaves_step_rehash_its_cache(injected_unet):
     them, so the forward plus the cache fits (an "auto" budget reads free memory, which already counts them)."""
     from types import SimpleNamespace
 
-    from comfyui_streamline.nodes.memory_budget import BudgetPlanner, attention_laws, held_step, workload_for
-    from comfyui_streamline.nodes.model_patch import StreamlineState
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY as REHASH_STATE_KEY
-    from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.techniques.budget import BudgetPlanner, held_step
+    from comfyui_streamline.host.attention import attention_laws
+    from comfyui_streamline.families.unet.planning import workload_for
+    from comfyui_streamline.techniques.slicing import StreamlineState
+    from comfyui_streamline.techniques.rehash import STATE_KEY as REHASH_STATE_KEY
+    from comfyui_streamline.families.unet.structure import unet_shape
+    from comfyui_streamline.testing import synthetic
 
     unet, batch = injected_unet, BATCH
     g = torch.Generator().manual_seed(0)
@@ -368,8 +370,8 @@ def test_a_budget_leaves_step_rehash_its_cache(injected_unet):
 def test_step_rehash_cache_fits_a_small_budget():
     """TinyVideo 16x32x32 with CFG under 0.05 GiB with Step Rehash: the cache (a few MiB) is budgeted in
     steps of a sixteenth of the budget, not in 64 MiB steps that left nothing for the forward after step 1."""
-    from comfyui_streamline.nodes.memory_budget import HELD_STEP, BudgetPlanner, held_step
-    from comfyui_streamline.nodes.model_patch import StreamlineState
+    from comfyui_streamline.techniques.budget import HELD_STEP, BudgetPlanner, held_step
+    from comfyui_streamline.techniques.slicing import StreamlineState
     from comfyui_streamline.tinyvideo import model as tinyvideo
 
     unet = tinyvideo.load_model_patcher().model.diffusion_model.float()
@@ -391,7 +393,7 @@ def test_patched_model_reports_its_need_to_comfyui():
 
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
-    from comfyui_streamline.tools.synthetic import sd15_unet
+    from comfyui_streamline.testing.synthetic import sd15_unet
 
     model = comfy.sd.load_diffusion_model_state_dict(sd15_unet().state_dict())
     patched = StreamlineModelPatch.execute(model, frame_chunk=2, spatial_chunk=64).result[0]
@@ -428,7 +430,7 @@ def test_comfyui_plans_the_run_with_the_streamlined_estimate(monkeypatch):
     import comfy.sd
 
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
-    from comfyui_streamline.tools.synthetic import sd15_unet
+    from comfyui_streamline.testing.synthetic import sd15_unet
 
     model = comfy.sd.load_diffusion_model_state_dict(sd15_unet().state_dict())
     patched = StreamlineModelPatch.execute(model, frame_chunk=2, spatial_chunk=64).result[0]
@@ -452,8 +454,8 @@ def test_comfyui_plans_the_run_with_the_streamlined_estimate(monkeypatch):
 
 @pytest.fixture(scope="module")
 def sd15_image():
-    """A tiny SD1.5 image model (tools/model_families.py) through ComfyUI's loader, with its conditioning."""
-    from comfyui_streamline.tools.model_families import FAMILIES, load
+    """A tiny SD1.5 image model (testing/model_families.py) through ComfyUI's loader, with its conditioning."""
+    from comfyui_streamline.testing.model_families import FAMILIES, load
 
     family = FAMILIES["SD15"]
     return load(family), family
@@ -462,7 +464,7 @@ def sd15_image():
 @pytest.fixture
 def forward_configs(monkeypatch):
     """The SliceConfig of every streamlined UNet forward, in order."""
-    from comfyui_streamline.nodes import streamlined_unet
+    from comfyui_streamline.families.unet import forward as streamlined_unet
 
     seen: list[SliceConfig] = []
     real = streamlined_unet.streamlined_unet_forward
@@ -490,8 +492,9 @@ def test_an_out_of_memory_retry_lasts_its_run(sd15_image, forward_configs, monke
     node's setting again, and the patched model's state after a run is the state before it."""
     import copy
 
-    from comfyui_streamline.nodes import streamlined_unet
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineModelPatch
+    from comfyui_streamline.families.unet import forward as streamlined_unet
+    from comfyui_streamline.techniques.slicing import STATE_KEY
+    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
 
     model, family = sd15_image
     patched = StreamlineModelPatch.execute(model, frame_chunk=4, spatial_chunk=0).result[0]
@@ -525,11 +528,13 @@ def test_an_out_of_memory_retry_lasts_its_run(sd15_image, forward_configs, monke
 def test_auto_plans_are_made_per_run_and_per_free_memory(sd15_image, forward_configs, monkeypatch):
     """An "auto" budget plans with the memory free when the forward runs: each run plans anew, a run
     whose free memory moves to another step replans, and nothing stays on the model."""
-    from comfyui_streamline.nodes import memory_budget
-    from comfyui_streamline.nodes.memory_budget import BudgetPlanner, MemoryBudget, attention_laws, free_step
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState
-    from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools.model_families import TOKENS
+    from comfyui_streamline.techniques import budget as memory_budget
+    from comfyui_streamline.techniques.budget import BudgetPlanner, free_step
+    from comfyui_streamline.host.attention import attention_laws
+    from comfyui_streamline.nodes.memory_budget import MemoryBudget
+    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState
+    from comfyui_streamline.families.unet.structure import unet_shape
+    from comfyui_streamline.testing.model_families import TOKENS
 
     model, family = sd15_image
     batch = 2 * family.latent_shape[0]
@@ -575,7 +580,7 @@ def first_forward_config(model, positive, negative, latent, monkeypatch) -> Slic
     """The config the run's first UNet forward is given, through KSampler's real path (ADE included)."""
     import nodes
 
-    from comfyui_streamline.nodes import streamlined_unet
+    from comfyui_streamline.families.unet import forward as streamlined_unet
 
     seen = []
 
@@ -602,7 +607,7 @@ CONTEXT_LENGTH = 4
 def ade_model(tmp_path_factory):
     """SD1.5 + mm_sd_v15_v2 (random weights) as AnimateDiff-Evolved's nodes output it, with context
     windows of 4 frames (a clip of up to 4 frames runs whole)."""
-    from comfyui_streamline.tools.synthetic import ade_model_patcher
+    from comfyui_streamline.testing.synthetic import ade_model_patcher
 
     return ade_model_patcher(tmp_path_factory.mktemp("animatediff_models"), context_length=CONTEXT_LENGTH,
                              context_overlap=2)
@@ -615,9 +620,10 @@ def test_the_node_shows_the_plan_the_run_uses_with_animatediff(ade_model, monkey
     will inject them, and a clip longer than ADE's context windows runs window by window, so its plan for
     64x64 x frames is the one the run makes for that latent."""
     from comfyui_streamline.nodes import memory_budget
-    from comfyui_streamline.tools.synthetic import random_conds
+    from comfyui_streamline.techniques import budget as budget_technique
+    from comfyui_streamline.testing.synthetic import random_conds
 
-    monkeypatch.setattr(memory_budget, "free_activation_bytes", lambda device, patcher=None: int(0.012 * 2**30))  # "auto"
+    monkeypatch.setattr(budget_technique, "free_activation_bytes", lambda device, patcher=None: int(0.012 * 2**30))  # "auto"
     patched, text = memory_budget.MemoryBudget.execute(ade_model, budget_gb=budget_gib, width=64, height=64,
                                                        frames=frames).result
     assert ("context windows of 4 frames" in text) == (frames > CONTEXT_LENGTH), text

@@ -1,4 +1,4 @@
-"""The host fingerprints (nodes/host_fingerprints.py): the hosts recorded are the ones the exactness tests run on,
+"""The host fingerprints (host/fingerprints.py): the hosts recorded are the ones the exactness tests run on,
 both supported ComfyUI versions are recorded, and a fingerprint follows code, not layout."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ pytestmark = pytest.mark.host
 def test_recorded_fingerprints_are_this_hosts():
     """Fails when ComfyUI or ADE changes a function the pack mirrors: rerun the exactness tests on the
     new host, then record its table (python tools/host_fingerprints.py)."""
-    from comfyui_streamline.nodes import host_fingerprints as hf
-    from comfyui_streamline.nodes.svd_unet import svd_functions
-    from comfyui_streamline.nodes.wan.patch import wan_functions
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.host import fingerprints as hf
+    from comfyui_streamline.families.svd.forward import svd_functions
+    from comfyui_streamline.families.wan.patch import wan_functions
+    from comfyui_streamline.testing import synthetic
 
     functions = {**hf.comfy_functions(), **hf.ade_functions(synthetic.ade_transformer_options(1)),
                  **svd_functions(), **wan_functions()}
@@ -22,7 +22,7 @@ def test_recorded_fingerprints_are_this_hosts():
 
 
 def test_both_supported_comfyui_versions_are_recorded():
-    from comfyui_streamline.nodes import host_fingerprints as hf
+    from comfyui_streamline.host import fingerprints as hf
 
     for name, hosts in hf.RECORDED.items():
         named = ", ".join(hosts.values())
@@ -33,7 +33,7 @@ def test_both_supported_comfyui_versions_are_recorded():
 
 
 def test_fingerprints_ignore_blank_lines_and_indentation_but_not_code():
-    from comfyui_streamline.nodes.host_fingerprints import source_fingerprint
+    from comfyui_streamline.host.fingerprints import source_fingerprint
 
     base = source_fingerprint("def f(x):\n    return x + 1\n")
     assert base == source_fingerprint("def f(x):\n\n        return x + 1   \n")

@@ -53,7 +53,7 @@ def streamline_records(caplog, level=logging.INFO) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def sd15():
-    from comfyui_streamline.tools.model_families import FAMILIES, load
+    from comfyui_streamline.testing.model_families import FAMILIES, load
 
     return load(FAMILIES["SD15"])
 
@@ -78,7 +78,7 @@ def unet_call(model, patches: dict, **extra_kwargs):
 
 def streamlined(model):
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.model_patch import apply_streamline
+    from comfyui_streamline.techniques.slicing import apply_streamline
 
     return apply_streamline(model, SliceConfig(frame_chunk=1, spatial_chunk=16, scale_with_level=False))
 
@@ -86,7 +86,7 @@ def streamlined(model):
 @pytest.fixture
 def sliced_calls(monkeypatch):
     """Counts the calls the pack's sliced UNet forward runs."""
-    from comfyui_streamline.nodes import streamlined_unet
+    from comfyui_streamline.families.unet import forward as streamlined_unet
 
     calls = []
     real = streamlined_unet.streamlined_unet_forward
@@ -140,7 +140,7 @@ def test_a_patched_builtin_layer_type_runs_through_the_hosts_dispatch():
     """forward_timestep_embed_patch on a ResBlock: 0.33 hands it to the patch, 0.3.64 to ResBlock; the pack
     runs such a layer through the host's own dispatch either way."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
-    from comfyui_streamline.nodes.layer_roles import Role, role_of
+    from comfyui_streamline.families.unet_common.layer_roles import Role, role_of
 
     block = sd15().model.diffusion_model.input_blocks[1][0]
     assert isinstance(block, ResBlock)
@@ -153,7 +153,7 @@ def test_a_patched_builtin_layer_type_runs_through_the_hosts_dispatch():
 @pytest.fixture
 def unrecorded_host(monkeypatch):
     """A host the pack has not recorded: no fingerprint matches; verdicts start afresh."""
-    from comfyui_streamline.nodes import host_fingerprints
+    from comfyui_streamline.host import fingerprints as host_fingerprints
 
     monkeypatch.setattr(host_fingerprints, "RECORDED", {})
     monkeypatch.setattr(host_fingerprints, "_VERDICTS", {})
@@ -161,8 +161,8 @@ def unrecorded_host(monkeypatch):
 
 
 def test_self_checks_give_comfyuis_output_on_this_host():
-    from comfyui_streamline.nodes.streamlined_unet import unet_self_check
-    from comfyui_streamline.nodes.wan.patch import wan_self_check
+    from comfyui_streamline.families.unet.forward import unet_self_check
+    from comfyui_streamline.families.wan.patch import wan_self_check
 
     assert unet_self_check() <= 1e-12
     assert unet_self_check(video=True) <= 1e-12
@@ -173,9 +173,10 @@ def test_self_checks_give_comfyuis_output_on_this_host():
 def test_self_check_catches_a_mirror_that_drops_a_hook(monkeypatch):
     """The self-checks exercise the hooks: a sliced forward that dropped middle_block_after_patch (the fault
     the pack had on 0.33), or Wan's attn2_patch, is told apart from ComfyUI's."""
-    from comfyui_streamline.nodes import streamlined_unet, svd_unet
-    from comfyui_streamline.nodes.wan import block
-    from comfyui_streamline.nodes.wan.patch import wan_self_check
+    from comfyui_streamline.families.unet import forward as streamlined_unet
+    from comfyui_streamline.families.svd import forward as svd_unet
+    from comfyui_streamline.families.wan import block
+    from comfyui_streamline.families.wan.patch import wan_self_check
 
     dropped = lambda patches, h, *args: h  # noqa: E731
     monkeypatch.setattr(streamlined_unet, "middle_block_after", dropped)
@@ -201,7 +202,7 @@ def test_unrecorded_host_that_checks_equal_runs_sliced_with_one_info_line(unreco
 
 def test_unrecorded_host_that_checks_different_runs_comfyuis_forward(unrecorded_host, monkeypatch, caplog,
                                                                      sliced_calls):
-    from comfyui_streamline.nodes import streamlined_unet
+    from comfyui_streamline.families.unet import forward as streamlined_unet
 
     monkeypatch.setattr(streamlined_unet, "unet_self_check", lambda video=False: 0.02)
     plain = unet_call(sd15(), {})
@@ -234,14 +235,14 @@ DIM = 160  # MultiTalk's audio attention has 40 heads
 
 @functools.lru_cache(maxsize=None)
 def wan_model():
-    from comfyui_streamline.tools.model_families import WAN_VARIANTS, load, wan
+    from comfyui_streamline.testing.model_families import WAN_VARIANTS, load, wan
 
     spec = dataclasses.replace(WAN_VARIANTS["WAN21_T2V"], build=functools.partial(wan, dim=DIM, num_layers=2))
     return load(spec)
 
 
 def wan_clone(token_chunk: int | None = 7):
-    from comfyui_streamline.nodes.wan import install_wan_slicing
+    from comfyui_streamline.families.wan import install_wan_slicing
 
     clone = wan_model().clone()
     if token_chunk is not None:
@@ -261,7 +262,7 @@ def wan_call(model, **kwargs):
 
 @pytest.fixture
 def wan_slices(monkeypatch):
-    from comfyui_streamline.nodes.wan import patch
+    from comfyui_streamline.families.wan import patch
 
     seen = []
     real = patch.sliced_block_forward
@@ -279,7 +280,7 @@ def multitalk_patch():
     import comfy.ops
     from comfy.ldm.wan.model_multitalk import MultiTalkCrossAttnPatch
     from comfy_extras.nodes_model_patch import MultiTalkModelPatch
-    from comfyui_streamline.nodes.tiny_models import randomize
+    from comfyui_streamline.host.tiny_models import randomize
 
     audio = MultiTalkModelPatch(audio_window=5, intermediate_dim=32, in_dim=DIM, out_dim=24, context_tokens=4,
                                 num_layers=2, dtype=torch.float32, device="cpu",
@@ -372,7 +373,7 @@ def test_wan_unrecorded_host_runs_the_self_check_once(unrecorded_host, caplog, w
 
 def test_wan_unrecorded_host_that_checks_different_runs_comfyuis_blocks(unrecorded_host, monkeypatch, caplog,
                                                                          wan_slices):
-    from comfyui_streamline.nodes.wan import patch
+    from comfyui_streamline.families.wan import patch
 
     monkeypatch.setattr(patch, "wan_self_check", lambda: 0.05)
     reference = wan_call(wan_clone(None))
@@ -387,13 +388,13 @@ def test_wan_unrecorded_host_that_checks_different_runs_comfyuis_blocks(unrecord
 # --- AnimateDiff-Evolved ----------------------------------------------------------------------------------
 
 def ade_options():
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     return synthetic.ade_transformer_options(1)
 
 
 def test_ade_self_check_equal_here_and_catches_a_dropped_motion_scale(monkeypatch):
-    from comfyui_streamline.nodes import streamlined_unet
+    from comfyui_streamline.families.unet import forward as streamlined_unet
 
     (module_class, handler), = ade_options()["patches"]["forward_timestep_embed_patch"]
     assert streamlined_unet.ade_self_check(module_class, handler) <= 1e-12
@@ -411,7 +412,7 @@ def test_ade_self_check_equal_here_and_catches_a_dropped_motion_scale(monkeypatc
 
 
 def test_unrecorded_ade_motion_modules_check_themselves_whole_video_groupnorm_runs_ades(unrecorded_host, caplog):
-    from comfyui_streamline.nodes.streamlined_unet import ade_verdict
+    from comfyui_streamline.families.unet.forward import ade_verdict
 
     with caplog.at_level(logging.INFO, logger=LOGGER):
         verdicts = [ade_verdict(ade_options()) for _ in range(3)]
@@ -426,7 +427,8 @@ def test_ade_motion_modules_that_check_different_run_through_ades_forward(unreco
     """A motion module under a "not equal" verdict runs through ADE's own dispatch (ComfyUI's
     forward_timestep_embed and ADE's patch), not the pack's sliced path, and gives ADE's output."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes import streamlined_unet, tiny_models
+    from comfyui_streamline.families.unet import forward as streamlined_unet
+    from comfyui_streamline.host import tiny_models
 
     monkeypatch.setattr(streamlined_unet, "ade_self_check", lambda *a: 0.3)
     sliced = []
@@ -454,8 +456,8 @@ def test_motion_module_norm_reads_comfyuis_cast_path():
     """A motion module's GroupNorm with a weight patch (what lowvram or a LoRA on the norm installs:
     weight_function): the sliced path reads the norm through ComfyUI's cast path, once per call, as the
     layer's own forward does."""
-    from comfyui_streamline.nodes import tiny_models
-    from comfyui_streamline.nodes.motion_module import norm_parameters, run_motion_module_sliced
+    from comfyui_streamline.host import tiny_models
+    from comfyui_streamline.families.unet.motion_module import norm_parameters, run_motion_module_sliced
 
     (module_class, handler), = ade_options()["patches"]["forward_timestep_embed_patch"]
     module = tiny_models.randomize(module_class(in_channels=32, block_type="down", block_idx=0, module_idx=0,
@@ -482,7 +484,7 @@ def test_block_quantised_attention_keeps_query_blocks_whole(monkeypatch, caplog,
     this host runs: what is tested is the pack's choice of slices.)"""
     import comfy.ldm.modules.attention as attention
 
-    from comfyui_streamline.nodes.wan import block
+    from comfyui_streamline.families.wan import block
 
     monkeypatch.setattr(attention, "attention_sage", block.optimized_attention, raising=False)
     assert block.block_quantised_attention() == "attention_sage"

@@ -155,9 +155,9 @@ def test_an_error_in_the_window_closes_it_and_measures_nothing(cuda):
 
 
 def test_the_run_report_measures_first_calls_without_resetting(cuda, monkeypatch):
-    """nodes/run_report.py: a window per first call of a shape, from the fake counters, exact or "at most"."""
+    """techniques/report.py: a window per first call of a shape, from the fake counters, exact or "at most"."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes import run_report
+    from comfyui_streamline.techniques import report as run_report
 
     monkeypatch.setattr(run_report, "slice_sizes", lambda *a: "slices")
     monkeypatch.setattr(run_report, "predicted_peaks", lambda *a, **k: (None, None))

@@ -1,4 +1,4 @@
-"""Every node of the pack on every model family ComfyUI can build on a CPU (tools/model_families.py).
+"""Every node of the pack on every model family ComfyUI can build on a CPU (testing/model_families.py).
 
 Each family is a tiny random-weight model loaded through ComfyUI's own diffusion-model loader (which
 detects the family from the weights) and sampled with nodes.common_ksampler (what KSampler runs), 2
@@ -39,7 +39,7 @@ FAMILY_NAMES = ["SD15", "SDXL", "SVD_img2vid", "WAN21_T2V", "LTXV", "Flux"]
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
 def family(request):
     """(Family, MODEL, plain output): one family at a time (Flux's weights alone are 1.6 GB)."""
-    from comfyui_streamline.tools.model_families import FAMILIES, load
+    from comfyui_streamline.testing.model_families import FAMILIES, load
 
     spec = FAMILIES[request.param]
     model = load(spec)
@@ -55,9 +55,9 @@ def family(request):
 def frame_slices():
     """(batch, chunk) of every per-frame group the pack's UNet and SVD forwards run, and (tokens, chunk)
     of every Wan block it slices."""
-    import comfyui_streamline.nodes.streamlined_unet as streamlined_unet
-    import comfyui_streamline.nodes.svd_unet as svd_unet
-    from comfyui_streamline.nodes.wan import patch as wan_patch
+    import comfyui_streamline.families.unet.forward as streamlined_unet
+    import comfyui_streamline.families.svd.forward as svd_unet
+    from comfyui_streamline.families.wan import patch as wan_patch
 
     seen: list[tuple[int, int]] = []
     real = streamlined_unet.run_frame_chunked
@@ -106,9 +106,10 @@ def slicing_budget(model, spec) -> int:
     """A budget under which the planner slices this model's forward (a set budget, or what "auto" finds free)."""
     from comfyui_streamline.core.budget import ALLOCATOR_HEADROOM, BudgetError, Workload, plan, predict_peak_bytes
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes import families
-    from comfyui_streamline.nodes.memory_budget import attention_laws, planned_shape
-    from comfyui_streamline.tools.model_families import TOKENS
+    from comfyui_streamline.families import registry as families
+    from comfyui_streamline.host.attention import attention_laws
+    from comfyui_streamline.families.unet.planning import planned_shape
+    from comfyui_streamline.testing.model_families import TOKENS
 
     dm, laws = model.model.diffusion_model, attention_laws()
     family = families.family_of(dm)
@@ -194,12 +195,13 @@ def test_streamline_model_patch(family, caplog):
 @pytest.mark.parametrize("auto", [True, False], ids=["auto", "set"])
 def test_memory_budget(family, caplog, monkeypatch, auto):
     from comfyui_streamline.nodes import memory_budget
+    from comfyui_streamline.techniques import budget as budget_technique
 
     spec, model, plain = family
     caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)
     budget = slicing_budget(model, spec) if spec.sliced else 2**30
     if auto:  # "auto" plans with what the pack finds free: make that a budget that needs slicing
-        monkeypatch.setattr(memory_budget, "free_activation_bytes", lambda device, patcher=None: budget)
+        monkeypatch.setattr(budget_technique, "free_activation_bytes", lambda device, patcher=None: budget)
     patched, text = memory_budget.MemoryBudget.execute(model, budget_gb=0.0 if auto else budget / 2**30,
                                                        width=64, height=64, frames=2).result
     check_comfy_estimate(spec, model, patched)

@@ -25,7 +25,7 @@ GiB = 2**30
 
 @functools.lru_cache(maxsize=1)
 def sd15():
-    from comfyui_streamline.tools.model_families import FAMILIES, load
+    from comfyui_streamline.testing.model_families import FAMILIES, load
 
     return load(FAMILIES["SD15"])
 
@@ -33,7 +33,7 @@ def sd15():
 @pytest.fixture
 def free_memory_seen(monkeypatch):
     """Every (device, patcher) the pack asks free memory of; 6 GiB each time."""
-    from comfyui_streamline.nodes import memory_budget
+    from comfyui_streamline.techniques import budget as memory_budget
 
     seen = []
 
@@ -60,7 +60,7 @@ def test_the_estimate_plans_for_the_load_device_not_the_weights(free_memory_seen
 
 
 def test_auto_reads_the_patchers_free_memory():
-    from comfyui_streamline.nodes.memory_budget import SAFETY_BYTES, BudgetPlanner, free_step
+    from comfyui_streamline.techniques.budget import SAFETY_BYTES, BudgetPlanner, free_step
 
     class Patcher:  # ComfyUI 0.33: torch's free memory plus the weights DynamicVRAM can evict
         def get_free_memory(self, device):
@@ -75,7 +75,7 @@ def test_a_run_plans_with_its_patchers_free_memory(free_memory_seen):
     import nodes
 
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
-    from comfyui_streamline.tools.model_families import FAMILIES
+    from comfyui_streamline.testing.model_families import FAMILIES
 
     patched = MemoryBudget.execute(sd15(), budget_gb=0.0, width=64, height=64, frames=2).result[0]
     positive, negative = FAMILIES["SD15"].conds()
@@ -105,7 +105,7 @@ def unet_inputs(batch: int = 4):
 def run_unet(transformer_options: dict):
     import comfy.patcher_extension
 
-    from comfyui_streamline.nodes.model_patch import streamline_wrapper
+    from comfyui_streamline.techniques.slicing import streamline_wrapper
 
     unet = sd15().model.diffusion_model
     x, t, c = unet_inputs()
@@ -119,8 +119,8 @@ def test_an_accelerator_out_of_memory_is_retried_with_finer_slices(monkeypatch, 
     import comfy.model_management
 
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes import streamlined_unet
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState
+    from comfyui_streamline.families.unet import forward as streamlined_unet
+    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState
 
     if not hasattr(comfy.model_management, "is_oom"):
         pytest.skip("this ComfyUI has no is_oom (0.3.64 counts torch's OutOfMemoryError alone)")
@@ -144,8 +144,8 @@ def test_an_accelerator_out_of_memory_is_retried_with_finer_slices(monkeypatch, 
 
 def test_any_other_error_goes_through_untouched(monkeypatch):
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes import streamlined_unet
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState
+    from comfyui_streamline.families.unet import forward as streamlined_unet
+    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState
 
     def broken(group, total, chunk):
         raise ValueError("not a memory problem")
@@ -175,7 +175,7 @@ class HostlessPool:
 def test_host_memory_running_out_during_offload_is_retried_with_offload_off(monkeypatch, caplog):
     from comfyui_streamline.core import offload
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState
+    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState
 
     reference = run_unet({})
     pool = HostlessPool()
@@ -218,9 +218,9 @@ def test_only_a_failed_host_allocation_counts_as_host_memory():
 
 def test_wan_calls_are_retried_with_half_the_tokens_per_slice(monkeypatch, caplog):
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.model_patch import apply_streamline
-    from comfyui_streamline.nodes.wan import patch
-    from comfyui_streamline.tools.model_families import WAN_VARIANTS, load, wan
+    from comfyui_streamline.techniques.slicing import apply_streamline
+    from comfyui_streamline.families.wan import patch
+    from comfyui_streamline.testing.model_families import WAN_VARIANTS, load, wan
 
     model = load(dataclasses.replace(WAN_VARIANTS["WAN21_T2V"], build=functools.partial(wan, num_layers=2)))
     g = torch.Generator().manual_seed(0)
@@ -255,8 +255,9 @@ def test_multigpu_device_clones_keep_the_patch_and_plan_for_their_device(free_me
     its ON_DEEPCLONE_MULTIGPU callbacks): the clone keeps the patch, and its estimate plans for its own device."""
     import comfy.patcher_extension
 
-    from comfyui_streamline.nodes.memory_budget import MemoryBudget, MemoryEstimate
-    from comfyui_streamline.nodes.model_patch import STATE_KEY
+    from comfyui_streamline.techniques.budget import MemoryEstimate
+    from comfyui_streamline.nodes.memory_budget import MemoryBudget
+    from comfyui_streamline.techniques.slicing import STATE_KEY
 
     multigpu = getattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU", None)
     if multigpu is None:

@@ -1,6 +1,6 @@
 """Streamline Model Patch on every motion-model family AnimateDiff-Evolved loads, through its loaders.
 
-Each family's motion model is a random-weight file in that family's own key format (tools/motion_families.py:
+Each family's motion model is a random-weight file in that family's own key format (testing/motion_families.py:
 AnimateDiff v1, v2, v3, AnimateLCM, AnimateLCM-I2V, PIA, HotshotXL, AnimateDiff-SDXL; and a CameraCtrl file),
 read by ADE's own loader nodes from its "animatediff_models" folder: Gen2 (Load AnimateDiff Model -> Apply
 AnimateDiff Model -> Use Evolved Sampling), Gen1 (AnimateDiff Loader) and the deprecated legacy loader
@@ -89,8 +89,8 @@ def probe(unet):
     the UNet's last GroupNorm runs as a module, and every call into the pack's chunked runners."""
     import comfy.patcher_extension
 
-    import comfyui_streamline.nodes.motion_module as motion_module
-    import comfyui_streamline.nodes.streamlined_unet as streamlined_unet
+    import comfyui_streamline.families.unet.motion_module as motion_module
+    import comfyui_streamline.families.unet.forward as streamlined_unet
 
     record = Probe()
 
@@ -141,7 +141,7 @@ class Bases:
         self.layout, self.model = None, None
 
     def get(self, layout: str):
-        from comfyui_streamline.tools.motion_families import base_model
+        from comfyui_streamline.testing.motion_families import base_model
 
         if layout != self.layout:
             self.clear()
@@ -162,7 +162,7 @@ def bases():
 
 @pytest.fixture(scope="module")
 def motion_files(tmp_path_factory):
-    from comfyui_streamline.tools.motion_families import MotionFiles
+    from comfyui_streamline.testing.motion_families import MotionFiles
 
     files = MotionFiles(tmp_path_factory.mktemp("animatediff_models"), seed=1)
     yield files
@@ -175,8 +175,8 @@ def vae():
     import comfy.ldm.models.autoencoder
     import comfy.sd
 
-    from comfyui_streamline.tools.motion_families import random_state_dict
-    from comfyui_streamline.tools.synthetic import SD15_VAE_DDCONFIG
+    from comfyui_streamline.testing.motion_families import random_state_dict
+    from comfyui_streamline.testing.synthetic import SD15_VAE_DDCONFIG
 
     state_dict = random_state_dict(lambda: comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=SD15_VAE_DDCONFIG, embed_dim=4),
                                    seed=3, dtype=torch.float32)
@@ -195,7 +195,7 @@ def load(bases, motion_files, family_name: str, loader: str, properly: bool = Tr
          apply_node: str | None = None, vae=None):
     """The family's file through `loader`, or for gen2 through a family's own load/apply nodes
     (`apply_node`); checks what ADE detected. Returns (MODEL, Family)."""
-    from comfyui_streamline.tools.motion_families import FAMILIES, apply_motion_model, motion_models_of, run_node
+    from comfyui_streamline.testing.motion_families import FAMILIES, apply_motion_model, motion_models_of, run_node
 
     family = FAMILIES[family_name]
     base = bases.get(family.layout)
@@ -246,7 +246,7 @@ class Outcome:
 def sample(model, layout: str, frames: int, cfg: float) -> tuple[torch.Tensor, Probe]:
     import nodes
 
-    from comfyui_streamline.tools.motion_families import conditioning
+    from comfyui_streamline.testing.motion_families import conditioning
 
     positive, negative = conditioning(layout, seed=11), conditioning(layout, seed=12)
     latent = {"samples": torch.zeros(frames, 4, LATENT, LATENT)}
@@ -333,7 +333,7 @@ def test_reduced_width_motion_model_is_refused(tmp_path):
     from animatediff.utils_model import Folders
     from safetensors.torch import save_file
 
-    from comfyui_streamline.tools.motion_families import reduced_width_state_dict, run_node
+    from comfyui_streamline.testing.motion_families import reduced_width_state_dict, run_node
 
     save_file(reduced_width_state_dict((32, 64, 128, 128)), str(tmp_path / "narrow.safetensors"))
     folder_paths.add_model_folder_path(Folders.ANIMATEDIFF_MODELS, str(tmp_path))
@@ -353,7 +353,7 @@ def loader_cases(layout: str) -> list:
     """(family, loader, apply_v2_models_properly) cases. By default each family once through Gen2 (PIA: with
     its image, test_pia_*), v1 (hack mode) through the legacy loader too, and v2 through the legacy loader
     with apply_v2_models_properly off (hack mode); every family through every loader with STREAMLINE_FULL_MATRIX."""
-    from comfyui_streamline.tools.motion_families import FAMILIES
+    from comfyui_streamline.testing.motion_families import FAMILIES
 
     also_by_default = {("v1", "legacy", True), ("v2", "legacy", False)}
     cases = []
@@ -430,7 +430,7 @@ def test_context_windows_in_hack_mode_match_unpatched(bases, motion_files, caplo
     per window. Standard static: [0-3], [2-5]; looped uniform (closed loop): [0-3], [3, 4, 5, 0]."""
     from animatediff.context import get_context_windows
 
-    from comfyui_streamline.tools.motion_families import run_node
+    from comfyui_streamline.testing.motion_families import run_node
 
     if schedule == "standard_static":
         (options,) = run_node("ADE_StandardStaticContextOptions", context_length=CTX_LENGTH, context_overlap=2)

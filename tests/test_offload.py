@@ -46,7 +46,7 @@ def features_moved(moved: dict, features: bool) -> bool:
 
 @pytest.fixture(scope="module")
 def sd15():
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(seed=0), synthetic.sd15_motion_model(seed=1)
     synthetic.inject(unet, motion)
@@ -103,7 +103,7 @@ def moved(monkeypatch):
 @pytest.mark.parametrize("config, conds", [(SliceConfig(3, 7, False), 2), (SliceConfig(1, 5, True), 1),
                                            (SliceConfig(), 2)], ids=["f3-s7-cfg", "f1-s5-cond", "auto-cfg"])
 def test_offload_is_bit_identical_to_no_offload(sd15, moved, config, conds, features):
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.families.unet.structure import unet_shape
 
     ref = forward(sd15, config, conds)
     out = forward(sd15, offloaded(config, features), conds)
@@ -148,7 +148,7 @@ def test_output_block_patches(sd15, moved, features):
     """A FreeU-style output_block_patch gets the whole skip (brought back one block ahead) and scales it, and
     the whole h: on the way up the features between blocks stay on the device (only the skips move); on the
     way down they still leave (the skips, read back by rows by the next block)."""
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.families.unet.structure import unet_shape
 
     def freeu_like(h, hsp, to):
         h = h.clone()
@@ -172,7 +172,7 @@ def test_skips_leave_the_device_count_and_predictions_hold(sd15, monkeypatch, co
     exactly their bytes, the host count holds exactly them, and the device tensors they came from are gone
     (the CPU path copies out for real). The planner predicts the peaks within 10%."""
     from comfyui_streamline.core import memtrace, offload
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.families.unet.structure import unet_shape
 
     unet, _ = sd15
     sources: list[weakref.ref] = []
@@ -216,7 +216,7 @@ def test_features_leave_the_device_count_and_predictions_hold(sd15, monkeypatch,
     bytes, the host count higher by them, and the device tensor it came from is gone. The planner predicts
     the peak with feature offload within 10%, and what the host held and what moved exactly."""
     from comfyui_streamline.core import memtrace, offload
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.families.unet.structure import unet_shape
 
     unet, _ = sd15
     sources: list[weakref.ref] = []
@@ -283,7 +283,7 @@ def tv_sample(model, frames=8, cfg=5.0):
 
 
 def streamline(model, config):
-    from comfyui_streamline.nodes.model_patch import apply_streamline
+    from comfyui_streamline.techniques.slicing import apply_streamline
 
     return apply_streamline(model, config)
 
@@ -419,7 +419,8 @@ def test_feature_offload_brings_512x512x128_under_2_gib_in_prediction():
 
 @pytest.mark.host
 def test_model_patch_input_is_optional_and_off_by_default(tinyvideo):
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineModelPatch
+    from comfyui_streamline.techniques.slicing import STATE_KEY
+    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
 
     schema = StreamlineModelPatch.define_schema()
     entry = next(i for i in schema.inputs if i.id == "offload_skips")
@@ -447,10 +448,12 @@ def test_the_report_says_skips_were_offloaded_and_what_moved(tinyvideo, moved, c
 def test_memory_budget_chooses_offload_and_tells_comfyui(sd15, monkeypatch):
     """Where offload is available (CUDA; here pretended), a budget that slicing alone cannot fit gets
     offload, the forward runs with it, and the estimate ComfyUI sees is the plan's prediction."""
-    from comfyui_streamline.nodes import memory_budget
-    from comfyui_streamline.nodes.memory_budget import BudgetPlanner, attention_laws, workload_for
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.techniques import budget as memory_budget
+    from comfyui_streamline.techniques.budget import BudgetPlanner
+    from comfyui_streamline.host.attention import attention_laws
+    from comfyui_streamline.families.unet.planning import workload_for
+    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState
+    from comfyui_streamline.families.unet.structure import unet_shape
 
     unet, synthetic = sd15
     x, t, c = inputs(FRAMES * CONDS)

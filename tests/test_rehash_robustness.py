@@ -36,14 +36,14 @@ def tinyvideo():
 
 def patch(model, **config):
     from comfyui_streamline.core.rehash import RehashConfig
-    from comfyui_streamline.nodes.step_rehash import apply_rehash
+    from comfyui_streamline.techniques.rehash import apply_rehash
 
     store = config.pop("store", None)
     return apply_rehash(model, RehashConfig(**config), keystep_store=store)
 
 
 def state_of(model):
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY
+    from comfyui_streamline.techniques.rehash import STATE_KEY
 
     return model.model_options["transformer_options"][STATE_KEY]
 
@@ -94,7 +94,7 @@ CW_FRAMES = STEPS + 1
 
 
 def test_core_context_windows_cache_per_window(tinyvideo, monkeypatch):
-    from comfyui_streamline.nodes import step_rehash
+    from comfyui_streamline.techniques import rehash as step_rehash
 
     windows_seen, keys_stored = set(), set()
     real_store = step_rehash.RehashCallState.store
@@ -146,7 +146,7 @@ def test_wan_context_windows_key_by_window():
     the cache key still tells the windows apart."""
     import comfy.context_windows
 
-    from comfyui_streamline.nodes.step_rehash import _cache_keys
+    from comfyui_streamline.techniques.rehash import _cache_keys
 
     keys = set()
     for index_list in ([0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7]):
@@ -188,8 +188,8 @@ def on_copies(model):
 def test_freeu_does_not_rescale_the_cached_feature(tinyvideo, monkeypatch, node, cfg, sliced):
     """cfg 1: ComfyUI runs the cond alone, so a hold step's feature is one cached tensor, not a concatenation."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes import step_rehash
-    from comfyui_streamline.nodes.model_patch import apply_streamline
+    from comfyui_streamline.techniques import rehash as step_rehash
+    from comfyui_streamline.techniques.slicing import apply_streamline
 
     base = apply_streamline(tinyvideo, SliceConfig(2, 32, False)) if sliced else tinyvideo
 
@@ -265,7 +265,7 @@ def test_keystep_with_more_full_steps_than_steps_computes_every_step_in_full(tin
 def run_state(mode="fixed", steps=4):
     """A RehashState as the OUTER_SAMPLE wrapper hands it to the calls of one run: steps 0, 1, 3 full."""
     from comfyui_streamline.core.rehash import RehashConfig
-    from comfyui_streamline.nodes.step_rehash import RehashRun, RehashState
+    from comfyui_streamline.techniques.rehash import RehashRun, RehashState
 
     config = RehashConfig(mode=mode, interval=2, warmup=2, tail=1)
     run = RehashRun(config, steps, {0, 1, 3}, (0.0, 1e9))
@@ -276,7 +276,7 @@ def through_the_wrapper(state, step: int, sample_sigmas) -> dict:
     """transformer_options of one model call of a run with Step Rehash: its wrapper, its state, the step."""
     import comfy.patcher_extension
 
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY, WRAPPER_KEY, diffusion_model_wrapper
+    from comfyui_streamline.techniques.rehash import STATE_KEY, WRAPPER_KEY, diffusion_model_wrapper
 
     return {STATE_KEY: state, "sigmas": sample_sigmas[step:step + 1], "sample_sigmas": sample_sigmas,
             "wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {WRAPPER_KEY: [diffusion_model_wrapper]}}}
@@ -288,7 +288,7 @@ def svd_unet():
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    from comfyui_streamline.tools.synthetic import randomize_
+    from comfyui_streamline.testing.synthetic import randomize_
 
     unet = UNetModel(
         image_size=None, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=[1, 1], channel_mult=(1, 2),
@@ -302,7 +302,7 @@ def svd_unet():
 
 
 def test_svd_unet_without_streamline_is_split_by_step_rehash(svd_unet, caplog):
-    """SVD's video UNet: Step Rehash splits it (nodes/svd_unet.py) with no notice; full steps compute what
+    """SVD's video UNet: Step Rehash splits it (families/svd/forward.py) with no notice; full steps compute what
     ComfyUI computes, rehash steps reuse the deep feature (steps 0, 1, 3 full, step 2 rehashed)."""
     frames = 4
     g = torch.Generator().manual_seed(0)
@@ -388,7 +388,7 @@ class Stop(Exception):
 
 
 def test_a_run_stopped_by_an_exception_leaves_no_state_and_no_cached_tensor(tinyvideo, monkeypatch):
-    from comfyui_streamline.nodes import step_rehash
+    from comfyui_streamline.techniques import rehash as step_rehash
 
     cached = []
     real_store = step_rehash.RehashCallState.store

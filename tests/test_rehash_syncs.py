@@ -37,7 +37,7 @@ def tinyvideo():
 
 def patch(model, **config):
     from comfyui_streamline.core.rehash import RehashConfig
-    from comfyui_streamline.nodes.step_rehash import apply_rehash
+    from comfyui_streamline.techniques.rehash import apply_rehash
 
     store = config.pop("store", None)
     return apply_rehash(model, RehashConfig(**config), keystep_store=store)
@@ -102,7 +102,7 @@ def test_rehash_off_reads_nothing_and_never_synchronizes(tinyvideo, monkeypatch)
     (dict(mode="keystep", full_steps=3), 8),  # and the model's fingerprint (its first and last weights' samples)
 ])
 def test_a_rehash_mode_reads_a_few_values_per_run_not_per_call(tinyvideo, monkeypatch, tmp_path, config, most):
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY
+    from comfyui_streamline.techniques.rehash import STATE_KEY
 
     extras = {}
     for steps in (6, 12):
@@ -159,7 +159,7 @@ def test_steps_found_on_the_host_are_the_steps_the_sigmas_say(tinyvideo, monkeyp
     step's sigma to float precision: dpmpp_2s_ancestral's midpoint is sigmas[i + 1] exactly in real numbers,
     and read from the device it lands on either side of it."""
     from comfyui_streamline.core.rehash import step_index
-    from comfyui_streamline.nodes import step_rehash
+    from comfyui_streamline.techniques import rehash as step_rehash
 
     seen = []
     real = step_rehash._step_and_sigma
@@ -185,7 +185,7 @@ def test_steps_found_on_the_host_are_the_steps_the_sigmas_say(tinyvideo, monkeyp
 
 
 def state_of_run(model):
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY
+    from comfyui_streamline.techniques.rehash import STATE_KEY
 
     return model.model_options["transformer_options"][STATE_KEY].last.run
 
@@ -247,7 +247,7 @@ class CudaLike:
 
 
 def test_cuda_calls_are_timed_with_events_read_once_when_the_report_is_made(monkeypatch):
-    from comfyui_streamline.nodes import step_rehash
+    from comfyui_streamline.techniques import rehash as step_rehash
 
     syncs = []
     FakeEvent.recorded, FakeEvent.synchronized = [], False

@@ -1,5 +1,5 @@
 """Every sampling run with a model one of the pack's nodes patched says once what it did: in the log and,
-through ComfyUI's server, on that node (nodes/run_report.py; web/streamline.js shows it). And the main job,
+through ComfyUI's server, on that node (techniques/report.py; web/streamline.js shows it). And the main job,
 tools/demo.py, runs end to end. On TinyVideo through ComfyUI's real KSampler and the pack's real nodes
 (the node ids come in through ComfyUI's own class clone with hidden inputs, as the executor makes it)."""
 from __future__ import annotations
@@ -76,9 +76,10 @@ def pack_messages(caplog, level=logging.INFO) -> list[str]:
 def test_model_patch_reports_each_run_once_with_its_slices_and_predicted_peaks(tinyvideo, server, caplog):
     from comfyui_streamline.core.budget import predict_peak_bytes
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.memory_budget import attention_laws, workload_for
+    from comfyui_streamline.host.attention import attention_laws
+    from comfyui_streamline.families.unet.planning import workload_for
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.tinyvideo import model as tinyvideo_model
 
     caplog.set_level(logging.INFO, logger=STREAMLINE_LOGGER)
@@ -132,7 +133,7 @@ def test_memory_budget_and_step_rehash_model_patch_report_on_their_own_nodes(tin
 
 def test_a_model_the_pack_leaves_unchanged_says_so_on_the_node_and_once_in_the_log(server, caplog):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    from tools import model_families
+    from comfyui_streamline.testing import model_families
 
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
 

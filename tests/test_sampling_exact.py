@@ -68,8 +68,8 @@ class Probe:
 def probe(diffusion_model):
     """Record every UNet call (a forward pre-hook on the shared UNetModel, so patched and unpatched
     calls are seen alike) and every call into the pack's chunked runners."""
-    import comfyui_streamline.nodes.motion_module as motion_module
-    import comfyui_streamline.nodes.streamlined_unet as streamlined_unet
+    import comfyui_streamline.families.unet.motion_module as motion_module
+    import comfyui_streamline.families.unet.forward as streamlined_unet
 
     record = Probe()
 
@@ -143,7 +143,7 @@ def base_model():
     """SD1.5-shaped UNet with random weights, through ComfyUI's diffusion-model loader."""
     import comfy.sd
 
-    from comfyui_streamline.tools.synthetic import sd15_unet
+    from comfyui_streamline.testing.synthetic import sd15_unet
 
     state_dict = sd15_unet(seed=0).state_dict()
     patcher = comfy.sd.load_diffusion_model_state_dict(state_dict)
@@ -167,7 +167,7 @@ def motion_model(tmp_path_factory, ade_nodes):
     from animatediff.utils_model import Folders
     from safetensors.torch import save_file
 
-    from comfyui_streamline.tools.synthetic import mm_sd15_v2_state_dict
+    from comfyui_streamline.testing.synthetic import mm_sd15_v2_state_dict
 
     folder = tmp_path_factory.mktemp("animatediff_models")
     save_file(mm_sd15_v2_state_dict(pe_len=32, seed=1), str(folder / MM_NAME))
@@ -208,7 +208,7 @@ def controlnet():
     import comfy.controlnet
     import comfy.ops
 
-    from comfyui_streamline.tools.synthetic import randomize_
+    from comfyui_streamline.testing.synthetic import randomize_
 
     net = comfy.cldm.cldm.ControlNet(
         image_size=32, in_channels=4, model_channels=320, hint_channels=3, num_res_blocks=[2, 2, 2, 2],

@@ -32,13 +32,14 @@ def settings(mode="fixed", interval=2, warmup_steps=1, tail_steps=1, threshold=0
 
 
 def patch(model, keystep_store=None, **kw):
-    from comfyui_streamline.nodes.step_rehash import apply_rehash, rehash_config
+    from comfyui_streamline.techniques.rehash import apply_rehash
+    from comfyui_streamline.nodes.step_rehash import rehash_config
 
     return apply_rehash(model, rehash_config(**settings(**kw)), keystep_store=keystep_store)
 
 
 def state_of(model):
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY
+    from comfyui_streamline.techniques.rehash import STATE_KEY
 
     return model.model_options["transformer_options"][STATE_KEY]
 
@@ -156,7 +157,7 @@ def test_cfg_batched_and_unbatched_give_the_same_result(ade_model, monkeypatch):
 
 
 def test_context_windows_cache_per_window(ade_context_model):
-    from comfyui_streamline.nodes import step_rehash
+    from comfyui_streamline.techniques import rehash as step_rehash
 
     model, _ = ade_context_model
     keys_stored = set()
@@ -180,7 +181,7 @@ def test_context_windows_cache_per_window(ade_context_model):
 
 def test_composes_with_streamline_slicing(ade_model):
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.model_patch import apply_streamline
+    from comfyui_streamline.techniques.slicing import apply_streamline
 
     rehash_only = sample(patch(ade_model, interval=2))
     for both in (apply_streamline(patch(ade_model, interval=2), SliceConfig(3, 7, False)),
@@ -197,9 +198,9 @@ def test_composes_with_the_memory_budget_which_leaves_the_cache_its_memory(ade_m
     (a second plan per shape, for the budget less one held step), and the video is the one Step Rehash
     gives unsliced. The plans belong to the run: none stay on the model."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.memory_budget import BudgetPlanner, held_step
-    from comfyui_streamline.nodes.model_patch import STATE_KEY as STREAMLINE_STATE_KEY
-    from comfyui_streamline.nodes.model_patch import StreamlineState, apply_streamline
+    from comfyui_streamline.techniques.budget import BudgetPlanner, held_step
+    from comfyui_streamline.techniques.slicing import STATE_KEY as STREAMLINE_STATE_KEY
+    from comfyui_streamline.techniques.slicing import StreamlineState, apply_streamline
 
     runs = []
     for_run = StreamlineState.for_run
@@ -267,7 +268,7 @@ def test_held_bytes_count_each_cached_storage_once():
     """What Step Rehash keeps between calls, for the Memory Budget: cond and uncond features cut from one
     batch share a storage and count once; the adaptive mode's shallow reference counts too."""
     from comfyui_streamline.core.rehash import RehashConfig
-    from comfyui_streamline.nodes.step_rehash import RehashRun
+    from comfyui_streamline.techniques.rehash import RehashRun
 
     run = RehashRun(RehashConfig(mode="adaptive"), steps=4, full_steps=None, rehash_sigma_range=(0.0, 1e9))
     batch, earlier, shallow = torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(2, 3)

@@ -1,7 +1,7 @@
 """The SVD Memory Budget (core/svd_budget.py) against the live-tensor counter (core/memtrace.py), CPU, fp32.
 
 Layer by layer (ComfyUI's VideoResBlock and SpatialVideoTransformer, and the sliced forward's), then
-whole forwards, ComfyUI's and sliced, of SVD's layout at 64 channels (nodes/svd_unet.py's test model) at
+whole forwards, ComfyUI's and sliced, of SVD's layout at 64 channels (families/svd/forward.py's test model) at
 tiny shapes: one video and cond/uncond batched, 5 and 14 frames. Nothing in the laws is fitted to these.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ TOLERANCE = 0.05
 
 @pytest.fixture(scope="module")
 def unet():
-    from comfyui_streamline.tools.model_families import svd_layout
-    from comfyui_streamline.tools.synthetic import randomize_
+    from comfyui_streamline.testing.model_families import svd_layout
+    from comfyui_streamline.testing.synthetic import randomize_
 
     return randomize_(svd_layout(model_channels=64), seed=2).eval()
 
@@ -33,8 +33,8 @@ def call(videos: int, frames: int, size: int, seed: int = 0):
 
 def measured_peak(unet, config, x, t, c, y, kw) -> int:
     from comfyui_streamline.core.memtrace import LiveTensorMeter
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
-    from comfyui_streamline.nodes.svd_unet import svd_forward
+    from comfyui_streamline.host.log import LogOnce
+    from comfyui_streamline.families.svd.forward import svd_forward
 
     with torch.inference_mode(), LiveTensorMeter() as meter:
         if config is None:
@@ -46,7 +46,7 @@ def measured_peak(unet, config, x, t, c, y, kw) -> int:
 
 def test_structure_reader_matches_the_layout(unet):
     from comfyui_streamline.core.svd_budget import svd_structure
-    from comfyui_streamline.nodes.svd_structure import read_svd_structure
+    from comfyui_streamline.families.svd.structure import read_svd_structure
 
     assert read_svd_structure(unet) == svd_structure(64)
 
@@ -58,8 +58,8 @@ def test_layer_laws(unet, videos):
     from comfyui_streamline.core.memtrace import LiveTensorMeter
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.core.svd_budget import SUB_QUADRATIC, SVDWork, _SVDWalk, svd_structure
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
-    from comfyui_streamline.nodes.svd_unet import Feature, SVDForward
+    from comfyui_streamline.host.log import LogOnce
+    from comfyui_streamline.families.svd.forward import Feature, SVDForward
     from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
 
     frames, size = 5, 16
@@ -110,7 +110,7 @@ def test_whole_forward_predictions(unet, videos, frames, size):
     """ComfyUI's forward and the sliced one at four slicings: the predicted peak within 5% of the
     live-tensor counter's, and slicing predicted (and measured) to save memory."""
     from comfyui_streamline.core.svd_budget import predict_svd_peak_bytes
-    from comfyui_streamline.nodes.svd_structure import read_svd_structure, svd_work
+    from comfyui_streamline.families.svd.structure import read_svd_structure, svd_work
 
     x, t, c, y, kw = call(videos, frames, size)
     structure, work = read_svd_structure(unet), svd_work(x, c, frames)

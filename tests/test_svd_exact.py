@@ -1,4 +1,4 @@
-"""The sliced SVD forward (nodes/svd_unet.py) against ComfyUI's own, on random-weight SVD UNets.
+"""The sliced SVD forward (families/svd/forward.py) against ComfyUI's own, on random-weight SVD UNets.
 
 Two models: SVD_img2vid through ComfyUI's loader (SVD's layout, 320 channels on every level: detection
 needs 320; SVD's own widths, 1.5G parameters, do not fit through the loader in a small machine's memory),
@@ -23,7 +23,7 @@ STREAMLINE_LOGGER = "ComfyUI-Streamline"
 @pytest.fixture(scope="module")
 def loaded_model():
     """The MODEL (ModelPatcher), as a loader node outputs it."""
-    from comfyui_streamline.tools.model_families import load_svd_reduced
+    from comfyui_streamline.testing.model_families import load_svd_reduced
 
     return load_svd_reduced()
 
@@ -35,8 +35,8 @@ def loaded(loaded_model):
 
 @pytest.fixture(scope="module")
 def layout():
-    from comfyui_streamline.tools.model_families import svd_layout
-    from comfyui_streamline.tools.synthetic import randomize_
+    from comfyui_streamline.testing.model_families import svd_layout
+    from comfyui_streamline.testing.synthetic import randomize_
 
     return randomize_(svd_layout(model_channels=64), seed=2).eval()
 
@@ -69,8 +69,8 @@ def relative_error(out, ref) -> float:
 
 
 def streamlined(unet, config, *args, log=None, control=None, transformer_options=None, **kwargs):
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
-    from comfyui_streamline.nodes.svd_unet import svd_forward
+    from comfyui_streamline.host.log import LogOnce
+    from comfyui_streamline.families.svd.forward import svd_forward
 
     x, t, c, y = args
     return svd_forward(unet, config, log or LogOnce(), x, t, c, y, control, transformer_options or {}, **kwargs)
@@ -79,7 +79,7 @@ def streamlined(unet, config, *args, log=None, control=None, transformer_options
 @pytest.fixture
 def slicing_spy(monkeypatch):
     """Counts sliced per-frame groups and sliced temporal passes, proving slicing really happened."""
-    from comfyui_streamline.nodes import svd_unet
+    from comfyui_streamline.families.svd import forward as svd_unet
 
     counts = {"frame_groups": 0, "position_slices": 0}
     real_group, real_ranges = svd_unet.run_frame_chunked, svd_unet.chunk_ranges
@@ -198,7 +198,7 @@ def test_controlnet_and_block_patches(layout, slicing_spy):
 def test_attention_patch_runs_video_layers_whole(layout, caplog, slicing_spy):
     """An attention patch may look at what a slice cannot show: the video layers run whole, logged once."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
+    from comfyui_streamline.host.log import LogOnce
 
     x, t, c, y, kw = inputs(1)
 
@@ -224,7 +224,7 @@ class Rescale(torch.nn.Module):
 
 def test_unknown_layer_runs_whole_with_one_log_line(layout, caplog, slicing_spy):
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
+    from comfyui_streamline.host.log import LogOnce
 
     block = layout.input_blocks[1]  # [VideoResBlock, SpatialVideoTransformer]
     block.insert(1, Rescale())
@@ -263,15 +263,15 @@ def test_peak_activation_memory_drops_at_least_3x_at_14_frames(loaded):
 
 
 def test_recorded_svd_fingerprints_are_this_hosts():
-    from comfyui_streamline.nodes import host_fingerprints as hf
-    from comfyui_streamline.nodes import svd_unet
+    from comfyui_streamline.host import fingerprints as hf
+    from comfyui_streamline.families.svd import forward as svd_unet
 
     assert hf.unrecorded(svd_unet.svd_functions()) == []
 
 
 def test_is_svd_unet(loaded, layout):
-    from comfyui_streamline.nodes.svd_unet import is_svd_unet
-    from comfyui_streamline.tools.model_families import FAMILIES
+    from comfyui_streamline.families.svd.forward import is_svd_unet
+    from comfyui_streamline.testing.model_families import FAMILIES
 
     assert is_svd_unet(loaded) and is_svd_unet(layout)
     assert not is_svd_unet(FAMILIES["SD15"].build()) and not is_svd_unet(torch.nn.Linear(2, 2))
@@ -282,8 +282,8 @@ def with_svd_forward(model, config):
     Model Patch will register), and the batch of each call."""
     import comfy.patcher_extension
 
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
-    from comfyui_streamline.nodes.svd_unet import svd_forward
+    from comfyui_streamline.host.log import LogOnce
+    from comfyui_streamline.families.svd.forward import svd_forward
 
     log, calls = LogOnce(), []
 
@@ -339,18 +339,18 @@ def test_sampling_through_ksampler_with_video_cfg(loaded_model, slicing_spy, cap
     assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
-# -- Step Rehash (nodes/step_rehash.py's RehashCallState in transformer_options) -----------------------
+# -- Step Rehash (techniques/rehash.py's RehashCallState in transformer_options) -----------------------
 
 def rehash_run(reuse: str = "extrapolate", full_steps=frozenset({0, 1})):
     from comfyui_streamline.core.rehash import RehashConfig
-    from comfyui_streamline.nodes.step_rehash import RehashRun
+    from comfyui_streamline.techniques.rehash import RehashRun
 
     return RehashRun(RehashConfig(mode="fixed", reuse=reuse), steps=4, full_steps=set(full_steps),
                      rehash_sigma_range=(0.0, 1e9))
 
 
 def rehash_call(run, cache_block: int, step: int, sigma: float):
-    from comfyui_streamline.nodes.step_rehash import RehashCallState
+    from comfyui_streamline.techniques.rehash import RehashCallState
 
     return RehashCallState(run, cache_block, step, sigma, keys=[("cond", ()), ("uncond", ())])
 
@@ -358,7 +358,7 @@ def rehash_call(run, cache_block: int, step: int, sigma: float):
 @pytest.fixture
 def block_spy(monkeypatch):
     """The blocks each svd_forward call runs, as transformer_options["block"] names them, "out" last."""
-    from comfyui_streamline.nodes import svd_unet
+    from comfyui_streamline.families.svd import forward as svd_unet
 
     seen = []
     real = svd_unet.SVDForward.run_block
@@ -404,7 +404,7 @@ def test_rehash_full_call_is_bit_identical_and_stores_the_deep_feature(layout, c
     feature it stores is output block cache_block's output (block 5 ends with an Upsample: stored
     after it) in ComfyUI's forward."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.svd_unet import REHASH_CALL_KEY
+    from comfyui_streamline.families.svd.forward import REHASH_CALL_KEY
 
     x, t, c, y, kw = inputs(2)
     config = SliceConfig(3, 7, False)
@@ -427,7 +427,7 @@ def test_rehash_call_skips_the_deep_blocks_and_continues_from_the_cache(layout, 
     from what Step Rehash hands out (extrapolated along the last two full calls' features, or held)."""
     from comfyui_streamline.core.rehash import reused_feature
     from comfyui_streamline.core.slicing import UNSLICED, SliceConfig
-    from comfyui_streamline.nodes.svd_unet import REHASH_CALL_KEY
+    from comfyui_streamline.families.svd.forward import REHASH_CALL_KEY
 
     config = SliceConfig(3, 7, False) if sliced else UNSLICED
     run = rehash_run(reuse)

@@ -3,7 +3,7 @@
 SVD_img2vid_Conditioning, VAEDecode, SaveAnimatedWEBP) through POST /prompt, with Streamline Model Patch
 in the graph and without it.
 
-The checkpoint is a complete single-file SVD checkpoint with random weights (tools/synthetic.py,
+The checkpoint is a complete single-file SVD checkpoint with random weights (testing/synthetic.py,
 write_svd_checkpoint: SVD's UNet layout at 320 channels on every level, the CLIP ViT-H image encoder,
 SVD's video VAE; 1.9 GB in fp16), built once per test session. The workflow is the shipped one with
 test-sized settings (a 64x64 image, 4 frames, 3 steps) and small chunks so that slicing really happens;
@@ -42,7 +42,7 @@ def svd_checkpoint(tmp_path_factory) -> Path:
     # before the server loads the file, and this process does not keep them
     build = ("import sys; tools, out = sys.argv[1:3]; sys.path.insert(0, tools); import hostenv; "
              "hostenv.enter_for_tool(None, cpu=True, tool='svd checkpoint'); "
-             "from comfyui_streamline.tools.synthetic import write_svd_checkpoint; "
+             "from comfyui_streamline.testing.synthetic import write_svd_checkpoint; "
              "write_svd_checkpoint(out, seed=0)")
     subprocess.run([sys.executable, "-c", build, str(REPO_ROOT / "tools"), str(path)], check=True, timeout=600,
                    env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
@@ -85,7 +85,7 @@ def test_svd_workflow_with_streamline_matches_workflow_without(server, runs):
 def test_streamline_slices_svd_instead_of_running_it_unchanged(runs):
     reason = svd_unsupported_reason()
     if reason is not None:
-        pytest.skip(f"nodes/layer_roles.py's unsupported_reason still rejects SVD ({reason}): the pack runs it "
+        pytest.skip(f"families/registry.py's unsupported_reason still rejects SVD ({reason}): the pack runs it "
                     "unchanged, as its log says")
     lines = runs["log"].splitlines()
     unchanged = [line for line in lines if "running it unchanged" in line]
@@ -99,8 +99,8 @@ def test_streamline_slices_svd_instead_of_running_it_unchanged(runs):
 
 def svd_unsupported_reason() -> str | None:
     """What the pack says of SVD's UNet (the checkpoint's layout; weights not initialised)."""
-    from comfyui_streamline.nodes.layer_roles import unsupported_reason
-    from comfyui_streamline.tools.model_families import svd_reduced
+    from comfyui_streamline.families.registry import unsupported_reason
+    from comfyui_streamline.testing.model_families import svd_reduced
 
     return unsupported_reason(svd_reduced())
 

@@ -49,7 +49,7 @@ def test_loads_as_comfyuis_wan_model_with_wans_flow_sampling(tinywan_model):
     import comfy.model_sampling
     from comfy.ldm.wan.model import WanAttentionBlock, WanModel
 
-    from comfyui_streamline.nodes.families import WAN, family_of
+    from comfyui_streamline.families.registry import WAN, family_of
     from comfyui_streamline.tinywan import model as tinywan
 
     base = tinywan_model.model
@@ -120,7 +120,7 @@ def test_streamline_model_patch_and_memory_budget_are_exact_on_tinywan(tinywan_m
 
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
-    from comfyui_streamline.nodes.model_patch import apply_streamline
+    from comfyui_streamline.techniques.slicing import apply_streamline
 
     plain = _sample(tinywan_model, PROMPTS[1], steps=4, seed=5)
     sliced_model = apply_streamline(tinywan_model, SliceConfig(token_chunk=100))
@@ -141,7 +141,7 @@ def test_step_rehash_on_tinywan_stays_close_to_full_sampling(tinywan_model):
     to full sampling, and extrapolated reuse is closer than holding at the same calls."""
     from comfyui_streamline.core.fidelity import psnr
     from comfyui_streamline.core.rehash import RehashConfig, fixed_full_steps
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY, apply_rehash
+    from comfyui_streamline.techniques.rehash import STATE_KEY, apply_rehash
 
     full = _sample(tinywan_model, PROMPTS[1], steps=25, seed=5)
     scores = {}

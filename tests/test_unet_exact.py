@@ -14,7 +14,7 @@ FRAMES, CONDS, SIZE = 4, 2, 16
 
 @pytest.fixture(scope="module")
 def host():
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet = synthetic.sd15_unet(seed=0)
     motion = synthetic.sd15_motion_model(seed=1)
@@ -33,7 +33,7 @@ def inputs(batch, size=SIZE, seed=0):
 def through_wrapper(unet, config, transformer_options, *args, state=None, **kwargs):
     """Call the UNet the way ComfyUI does, with the pack's DIFFUSION_MODEL wrapper registered.
     `state` stands for one patched MODEL across calls (its once-only log included)."""
-    from comfyui_streamline.tools.synthetic import with_streamline
+    from comfyui_streamline.testing.synthetic import with_streamline
 
     return unet(*args, transformer_options=with_streamline(transformer_options, config, state), **kwargs)
 
@@ -49,7 +49,7 @@ def assert_exact(out, ref):
 def slicing_spy(monkeypatch):
     """Counts chunked group runs and spatially sliced motion modules, proving slicing really happened."""
     from comfyui_streamline.core import grouping, temporal
-    from comfyui_streamline.nodes import motion_module, streamlined_unet
+    from comfyui_streamline.families.unet import motion_module, forward as streamlined_unet
 
     counts = {"frame_groups_sliced": 0, "motion_modules_sliced": 0}
     real_group, real_temporal = grouping.run_frame_chunked, temporal.temporal_transformer_sliced
@@ -175,7 +175,7 @@ def test_unsliceable_features_fall_back_exactly_and_say_so(host, slicing_spy, ca
     """An attention patch and a motion-strength mask cannot be sliced safely: those layers run unsliced,
     the log says so once, and the output is still exact."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.model_patch import StreamlineState
+    from comfyui_streamline.techniques.slicing import StreamlineState
 
     unet, motion, synthetic = host
     motion.set_video_length(FRAMES, FRAMES)
@@ -215,7 +215,7 @@ def test_motion_module_parts_are_checked_against_what_the_sliced_path_knows(host
     """An allowlist, not a denylist: an attribute or layer a newer AnimateDiff-Evolved might add to its
     motion module makes that module run through ADE's own forward (exact), and the log names it."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.motion_module import unsliceable_reason
+    from comfyui_streamline.families.unet.motion_module import unsliceable_reason
 
     unet, motion, synthetic = host
     motion.set_video_length(FRAMES, FRAMES)
@@ -245,7 +245,7 @@ def test_unknown_models_run_unchanged(host, caplog):
     """A diffusion model that is not a ComfyUI UNet goes through the wrapper untouched, with a notice."""
     import comfy.patcher_extension
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineState, streamline_wrapper
+    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState, streamline_wrapper
 
     class NotAUNet(torch.nn.Module):
         def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kw):
@@ -270,7 +270,8 @@ def test_node_patches_a_clone_and_leaves_the_input_model_alone(host):
     import comfy.model_patcher
     import comfy.patcher_extension
     from comfyui_streamline.core.slicing import SliceConfigError
-    from comfyui_streamline.nodes.model_patch import STATE_KEY, StreamlineModelPatch, remove_streamline
+    from comfyui_streamline.techniques.slicing import STATE_KEY, remove_streamline
+    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
 
     unet, _, _ = host
 

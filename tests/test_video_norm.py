@@ -2,7 +2,7 @@
 apply_v2_models_properly): exact and still sliced.
 
 The reference is ADE's own: its DIFFUSION_MODEL wrapper swaps torch's GroupNorm.forward for its
-whole-video one during the UNet call (tools/synthetic.ade_video_norm_options). CPU, fp32; exact means
+whole-video one during the UNet call (testing/synthetic.ade_video_norm_options). CPU, fp32; exact means
 max|patched - plain| <= 1e-5 * max|plain|. Whole sampling through ADE's loaders and nodes is in
 tests/test_motion_families.py.
 """
@@ -58,7 +58,7 @@ FRAMES, SIZE = 4, 8
 
 @pytest.fixture(scope="module")
 def host():
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(seed=0), synthetic.sd15_motion_model(seed=1)
     synthetic.inject(unet, motion)
@@ -96,7 +96,7 @@ def test_ade_video_norm_really_differs_from_per_frame(host):
 @pytest.mark.parametrize("conds", [2, 1], ids=["cfg-batched", "single-cond"])
 def test_sliced_forward_is_exact_under_whole_video_groupnorm(host, chunks, conds, caplog, monkeypatch):
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes import motion_module, streamlined_unet
+    from comfyui_streamline.families.unet import motion_module, forward as streamlined_unet
 
     unet, synthetic = host
     sliced = {"frames": 0, "positions": 0, "video_frames": set()}
@@ -159,10 +159,10 @@ def test_a_batch_that_is_not_whole_videos_runs_unsliced_with_one_line(host, capl
 
 @pytest.mark.host
 def test_mirrored_layer_forwards_equal_comfyuis_with_per_frame_statistics(host):
-    """nodes/video_norm.py mirrors ResBlock._forward and SpatialTransformer.forward with the GroupNorm
+    """families/unet/video_norm.py mirrors ResBlock._forward and SpatialTransformer.forward with the GroupNorm
     call replaced; with one frame per video they must be ComfyUI's own layers."""
-    from comfyui_streamline.nodes import video_norm
-    from comfyui_streamline.nodes.layer_roles import Role
+    from comfyui_streamline.families.unet import video_norm
+    from comfyui_streamline.families.unet_common.layer_roles import Role
 
     unet, _ = host
     res = unet.output_blocks[3][0]  # a ResBlock with a skip convolution (1920 -> 1280 channels)
@@ -190,8 +190,8 @@ def test_memory_predictions_hold_in_the_whole_video_mode(frames, side, chunks):
     from comfyui_streamline.core.budget import Workload, predict_peak_bytes
     from comfyui_streamline.core.memtrace import LiveTensorMeter
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.families.unet.structure import unet_shape
+    from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
     synthetic.inject(unet, motion)
@@ -215,7 +215,7 @@ def float64_unet(model: str):
     SD1.5 + mm_sd_v15_v2 at full width: 10 GB of float64 weights (STREAMLINE_FULL_MATRIX=1)."""
     import copy
 
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     if model == "tinyvideo":
         from comfyui_streamline.tinyvideo import model as tinyvideo
@@ -238,7 +238,7 @@ def test_in_float64_slicing_changes_nothing_but_rounding(model):
     pick their blocking by batch size; attention chunks by memory), which the random UNet spreads to
     every output and CFG sampling amplifies; no term of the math differs."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, ade_options, (tokens, width) = float64_unet(model)
     batch = 2 * FRAMES

@@ -1,6 +1,6 @@
-"""The sliced Wan block (nodes/wan/) against ComfyUI's own Wan forward, and its memory laws (core/dit_budget.py).
+"""The sliced Wan block (families/wan/) against ComfyUI's own Wan forward, and its memory laws (core/dit_budget.py).
 
-Tiny random-weight Wan models through ComfyUI's loader (tools/model_families.py WAN_VARIANTS): Wan 2.1
+Tiny random-weight Wan models through ComfyUI's loader (testing/model_families.py WAN_VARIANTS): Wan 2.1
 t2v, Wan 2.1 i2v (CLIP-image tokens, WanI2VCrossAttention), Wan 2.2 5B (48 channels; per-token
 modulation from per-frame timesteps, as WAN22.process_timestep gives them with a denoise mask). The
 Wan 2.2 14B high/low-noise pair is the 2.1 architecture. The patch goes on a clone through ComfyUI's
@@ -30,7 +30,7 @@ def relative_error(out, ref) -> float:
 
 
 def variant(name: str, **sizes):
-    from comfyui_streamline.tools.model_families import WAN_VARIANTS, wan
+    from comfyui_streamline.testing.model_families import WAN_VARIANTS, wan
 
     spec = WAN_VARIANTS[name]
     kind = {"WAN21_T2V": dict(model_type="t2v"), "WAN21_I2V": dict(model_type="i2v", in_dim=36),
@@ -40,13 +40,13 @@ def variant(name: str, **sizes):
 
 @functools.lru_cache(maxsize=None)
 def loaded(name: str, **sizes):
-    from comfyui_streamline.tools.model_families import load
+    from comfyui_streamline.testing.model_families import load
 
     return load(variant(name, num_layers=2, **sizes))
 
 
 def patched_clone(model, token_chunk: int):
-    from comfyui_streamline.nodes.wan import install_wan_slicing
+    from comfyui_streamline.families.wan import install_wan_slicing
 
     clone = model.clone()
     assert install_wan_slicing(clone, lambda to, x, tokens_per_frame: token_chunk) == [0, 1]
@@ -74,7 +74,7 @@ def inputs(name: str, batch: int, seed: int = 0, modulation_rows: int = FRAMES):
 @pytest.fixture
 def slice_spy(monkeypatch):
     """Records the token chunk of every sliced block call."""
-    from comfyui_streamline.nodes.wan import block, patch
+    from comfyui_streamline.families.wan import block, patch
 
     calls = []
     original = block.sliced_block_forward
@@ -106,7 +106,7 @@ def test_sliced_forward_matches_comfyui(name, batch, token_chunk, slice_spy):
 def test_the_first_block_returns_forward_origs_transposed_x_contiguous(monkeypatch):
     """forward_orig hands the first block a transposed x; the sliced block returns it contiguous (as ComfyUI
     0.33's block makes it), so the later blocks read and update a contiguous x."""
-    from comfyui_streamline.nodes.wan import block, patch
+    from comfyui_streamline.families.wan import block, patch
 
     seen, original = [], block.sliced_block_forward
 
@@ -138,7 +138,7 @@ def test_per_token_modulation_whatever_the_row_count(rows, slice_spy):
 
 def test_modulation_rows_are_repeat_e():
     from comfy.ldm.wan.model import repeat_e
-    from comfyui_streamline.nodes.wan.block import ModulationRows
+    from comfyui_streamline.families.wan.block import ModulationRows
 
     for rows, tokens in [(1, 10), (2, 10), (3, 10), (4, 90), (10, 10), (12, 10), (21, 21 * 6 + 5)]:
         e = torch.randn(2, rows, 3)
@@ -165,7 +165,7 @@ def test_model_forward_through_apply_model():
 @pytest.mark.parametrize("name", ["WAN21_T2V", "WAN21_I2V"])
 def test_ksampler_with_the_patch_matches_without(name, slice_spy):
     import nodes
-    from comfyui_streamline.tools.model_families import WAN_VARIANTS
+    from comfyui_streamline.testing.model_families import WAN_VARIANTS
 
     model, spec = loaded(name), WAN_VARIANTS[name]
     positive, negative = spec.conds()
@@ -183,7 +183,7 @@ def test_ksampler_with_the_patch_matches_without(name, slice_spy):
 
 def test_unknown_block_type_runs_unsliced_with_one_log_line(caplog, slice_spy):
     from comfy.ldm.wan.model import WanAttentionBlock
-    from comfyui_streamline.tools.model_families import load
+    from comfyui_streamline.testing.model_families import load
 
     class OtherBlock(WanAttentionBlock):  # another pack's block: its own forward
         def forward(self, x, **kwargs):
@@ -204,7 +204,7 @@ def test_unknown_block_type_runs_unsliced_with_one_log_line(caplog, slice_spy):
 
 
 def test_another_packs_block_replacement_is_kept(caplog):
-    from comfyui_streamline.nodes.wan import install_wan_slicing
+    from comfyui_streamline.families.wan import install_wan_slicing
 
     model = loaded("WAN21_T2V")
     clone = model.clone()
@@ -226,15 +226,15 @@ def test_another_packs_block_replacement_is_kept(caplog):
 
 
 def test_unsupported_wan_reason():
-    from comfyui_streamline.nodes.wan import unsupported_wan_reason
+    from comfyui_streamline.families.wan import unsupported_wan_reason
 
     assert unsupported_wan_reason(loaded("WAN21_T2V").model.diffusion_model) is None
     assert "not a Wan model" in unsupported_wan_reason(torch.nn.Linear(2, 2))
 
 
 def test_recorded_host_fingerprints_are_this_hosts():
-    from comfyui_streamline.nodes.host_fingerprints import unrecorded
-    from comfyui_streamline.nodes.wan.patch import wan_functions
+    from comfyui_streamline.host.fingerprints import unrecorded
+    from comfyui_streamline.families.wan.patch import wan_functions
 
     assert unrecorded(wan_functions()) == []
 
@@ -267,7 +267,7 @@ def predicted_peak(name: str, batch: int, token_chunk: int | None) -> float:
     shape = WanShape(MEMORY_SIZES["dim"], MEMORY_SIZES["ffn_dim"], MEMORY_SIZES["dim"] // 128, layers=2,
                      in_dim={"WAN21_I2V": 36, "WAN22_T2V": 48}.get(name, 16), out_dim=48 if name == "WAN22_T2V" else 16,
                      i2v=name == "WAN21_I2V")
-    from comfyui_streamline.nodes.wan.block import host_copies_block_input
+    from comfyui_streamline.families.wan.block import host_copies_block_input
 
     work = WanWork(batch, frames * (h // 2) * (w // 2), text_tokens=8, image_tokens=257 if name == "WAN21_I2V" else 0,
                    modulation_rows=frames if name == "WAN22_T2V" else 1, input_copy=host_copies_block_input())

@@ -1,6 +1,6 @@
-"""Step Rehash on Wan (nodes/wan/rehash.py through nodes/step_rehash.py), through ComfyUI's real sampling path.
+"""Step Rehash on Wan (families/wan/rehash.py through techniques/rehash.py), through ComfyUI's real sampling path.
 
-A tiny random-weight Wan 2.1 t2v of 4 blocks (tools/model_families.py) loaded by ComfyUI's loader, CPU fp32:
+A tiny random-weight Wan 2.1 t2v of 4 blocks (testing/model_families.py) loaded by ComfyUI's loader, CPU fp32:
 with cache_block -1 blocks 0 and 3 are shallow, 1 and 2 deep. Fidelity is not judged (random weights);
 these tests check the mechanics: exactness where nothing is reused, which blocks a rehash step runs, the
 reused residual, the caches per cond and per context window, key steps, the report, Streamline slicing.
@@ -34,13 +34,14 @@ def settings(mode="fixed", interval=2, warmup_steps=1, tail_steps=1, threshold=0
 
 
 def patch(model, keystep_store=None, **kw):
-    from comfyui_streamline.nodes.step_rehash import apply_rehash, rehash_config
+    from comfyui_streamline.techniques.rehash import apply_rehash
+    from comfyui_streamline.nodes.step_rehash import rehash_config
 
     return apply_rehash(model, rehash_config(**settings(**kw)), keystep_store=keystep_store)
 
 
 def report_of(model):
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY
+    from comfyui_streamline.techniques.rehash import STATE_KEY
 
     return model.model_options["transformer_options"][STATE_KEY].last.report
 
@@ -53,14 +54,14 @@ def streamline(model):
 
 @functools.lru_cache(maxsize=None)
 def wan_model():
-    from comfyui_streamline.tools.model_families import FAMILIES, load, wan
+    from comfyui_streamline.testing.model_families import FAMILIES, load, wan
 
     return load(dataclasses.replace(FAMILIES["WAN21_T2V"], build=functools.partial(wan, num_layers=BLOCKS)))
 
 
 def sample(model, latent_shape=LATENT, steps=STEPS) -> torch.Tensor:
     import nodes
-    from comfyui_streamline.tools.model_families import FAMILIES
+    from comfyui_streamline.testing.model_families import FAMILIES
 
     positive, negative = FAMILIES["WAN21_T2V"].conds()
     latent = {"samples": torch.zeros(latent_shape)}
@@ -99,7 +100,7 @@ def block_calls(model):
 @contextmanager
 def cache_spy(monkeypatch):
     """What each call stores and reuses: [(keys, sigma, deep feature)] and [(keys, sigma, reused)]."""
-    from comfyui_streamline.nodes import step_rehash
+    from comfyui_streamline.techniques import rehash as step_rehash
 
     stored, reused = [], []
     original_store, original_reuse = step_rehash.RehashCallState.store, step_rehash.RehashCallState.reuse
@@ -243,7 +244,7 @@ def test_keystep_calibrates_saves_and_then_uses_the_key_steps(tmp_path):
 
 
 def test_adaptive_measures_x_entering_the_first_deep_block(monkeypatch):
-    from comfyui_streamline.nodes import step_rehash
+    from comfyui_streamline.techniques import rehash as step_rehash
 
     shallow_seen = []
     original = step_rehash.RehashCallState.reuse
@@ -266,7 +267,7 @@ def test_adaptive_measures_x_entering_the_first_deep_block(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["fixed", "adaptive"])
 def test_streamline_slicing_and_step_rehash_compose(monkeypatch, mode):
-    from comfyui_streamline.nodes.wan import block, patch as wan_patch
+    from comfyui_streamline.families.wan import block, patch as wan_patch
 
     chunks = []
     original = block.sliced_block_forward
@@ -299,7 +300,7 @@ def test_cache_block_out_of_range_runs_in_full_and_says_so(caplog):
 
 def test_shallow_blocks():
     from comfyui_streamline.core.rehash import RehashConfigError
-    from comfyui_streamline.nodes.wan.rehash import shallow_blocks
+    from comfyui_streamline.families.wan.rehash import shallow_blocks
 
     assert [shallow_blocks(-1, n) for n in (1, 2, 3, 40)] == [0, 0, 1, 1]
     assert shallow_blocks(0, 1) == 0 and shallow_blocks(19, 40) == 19
@@ -330,7 +331,7 @@ def test_a_deep_block_another_node_replaces_keeps_every_step_full(caplog):
 def test_memory_budget_counts_the_deep_blocks_input_step_rehash_keeps(caplog):
     """Under Step Rehash a full Wan call keeps the deep blocks' input, one (batch, tokens, dim) tensor:
     Memory Budget plans with it held, from the first call on (before any cache exists)."""
-    from comfyui_streamline.nodes import families
+    from comfyui_streamline.families import registry as families
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
 
     caplog.set_level(logging.INFO, logger=STREAMLINE_LOGGER)

@@ -1,7 +1,7 @@
 """The Wan variants ComfyUI builds beyond plain t2v / i2v, through the pack's nodes.
 
 Each is a tiny random-weight model built from the real class and loaded through ComfyUI's loader
-(tools/model_families.py WAN_SUBCLASS_VARIANTS: detection picks the variant from the keys, or for CausalAR,
+(testing/model_families.py WAN_SUBCLASS_VARIANTS: detection picks the variant from the keys, or for CausalAR,
 FlowRVS and Animate2 from the file's config metadata), sampled with nodes.common_ksampler with the conds
 each variant reads; plain WanModel (Wan 2.1 t2v) is the control:
 
@@ -16,7 +16,7 @@ each variant reads; plain WanModel (Wan 2.1 t2v) is the control:
   (WanModel, i2v, 48 input channels), FlowRVS (WanModel under ModelType.IMG_TO_IMG_FLOW), Camera 2.2
   (CameraWanModel with t2v blocks and 36 input channels).
 
-What the pack does with each (nodes/wan/patch.py WAN_SUBCLASSES) is the table EXPECTED below, one of:
+What the pack does with each (families/wan/patch.py WAN_SUBCLASSES) is the table EXPECTED below, one of:
 - SLICED (Streamline Model Patch, Memory Budget): within 1e-5 of the plain output, slicing ran, no warning;
 - UNCHANGED: bit-identical to the plain output (torch.equal), no slicing, exactly one warning naming the
   model class;
@@ -57,9 +57,9 @@ class Expect:
     rehash: str  # Step Rehash: SPLIT or FULL
 
 
-# What the pack does with each variant. Flip a row when nodes/wan/patch.py WAN_SUBCLASSES learns a variant
+# What the pack does with each variant. Flip a row when families/wan/patch.py WAN_SUBCLASSES learns a variant
 # (/tmp/notes_wan_variants.md has what each new forward_orig does around its blocks). Memory Budget UNCHANGED
-# where the Model Patch slices: work outside the sliced blocks the Wan laws do not count (nodes/families.py
+# where the Model Patch slices: work outside the sliced blocks the Wan laws do not count (families/registry.py
 # WAN_UNPLANNED).
 EXPECTED = {
     # variant (model config)      model_base        diffusion model     Model Patch Memory Budget Step Rehash
@@ -88,7 +88,7 @@ REHASH_SETTINGS = dict(rehash_mode="fixed", interval=2, warmup_steps=1, tail_ste
 
 
 def spec_of(name: str):
-    from comfyui_streamline.tools.model_families import FAMILIES, WAN_SUBCLASS_VARIANTS, wan
+    from comfyui_streamline.testing.model_families import FAMILIES, WAN_SUBCLASS_VARIANTS, wan
 
     if name == CONTROL:
         return dataclasses.replace(FAMILIES[CONTROL], build=functools.partial(wan, num_layers=4))
@@ -97,7 +97,7 @@ def spec_of(name: str):
 
 @functools.lru_cache(maxsize=1)  # the module-scoped `variant` fixture runs one variant's tests together
 def loaded(name: str):
-    from comfyui_streamline.tools.model_families import host_lacks, load
+    from comfyui_streamline.testing.model_families import host_lacks, load
 
     lacking = host_lacks(spec_of(name))
     if lacking is not None:
@@ -141,7 +141,7 @@ def relative(a, b) -> float:
 @contextmanager
 def sliced_calls():
     """(tokens, chunk) of every Wan block the pack slices."""
-    from comfyui_streamline.nodes.wan import patch as wan_patch
+    from comfyui_streamline.families.wan import patch as wan_patch
 
     seen, real = [], wan_patch.sliced_block_forward
 
@@ -197,7 +197,7 @@ def rehash(model, **settings):
 
 
 def report_of(model):
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY
+    from comfyui_streamline.techniques.rehash import STATE_KEY
 
     return model.model_options["transformer_options"][STATE_KEY].last.report
 
@@ -212,9 +212,9 @@ def test_the_variant_is_what_comfyui_detects(variant):
 def test_what_the_pack_does_with_each_variant(variant):
     from comfy.ldm.wan.model import WanModel
 
-    from comfyui_streamline.nodes import families
-    from comfyui_streamline.nodes.layer_roles import unsupported_reason
-    from comfyui_streamline.nodes.wan.patch import WAN_SUBCLASSES, wan_subclass
+    from comfyui_streamline.families import registry as families
+    from comfyui_streamline.families.registry import unsupported_reason
+    from comfyui_streamline.families.wan.patch import WAN_SUBCLASSES, wan_subclass
 
     name, spec, model, _ = variant
     want, dm = expect(name), model.model.diffusion_model
@@ -269,9 +269,9 @@ def budget_gb(model, name: str) -> float:
         return 0.002
     from comfyui_streamline.core.budget import ALLOCATOR_HEADROOM
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes import families
-    from comfyui_streamline.nodes.memory_budget import attention_laws
-    from comfyui_streamline.tools.model_families import TOKENS
+    from comfyui_streamline.families import registry as families
+    from comfyui_streamline.host.attention import attention_laws
+    from comfyui_streamline.testing.model_families import TOKENS
 
     dm = model.model.diffusion_model
     x = torch.empty(2, dm.patch_embedding.weight.shape[1], *spec_of(name).latent_shape[2:], device="meta")
@@ -304,7 +304,7 @@ def test_memory_budget_plans_only_what_the_wan_laws_count(variant, caplog):
 def test_vace_block_zero_input_is_not_written_in_place():
     """VaceWanModel keeps block 0's input (x_orig, the first VACE block reads it): sliced in place it would
     change under the hints; the slices of block 0 work on a copy."""
-    from comfyui_streamline.nodes.wan import install_wan_slicing
+    from comfyui_streamline.families.wan import install_wan_slicing
 
     model = loaded("WAN21_Vace")
     dm = model.model.diffusion_model
@@ -327,7 +327,7 @@ def test_step_rehash(variant, caplog):
     """SPLIT (Camera, the plain WanModel variants, the control): the rehashed step runs the shallow blocks
     only; FULL (VACE, S2V, Animate, HuMo, and the variants the pack does not know): every step in full, bit
     for bit as plain, one warning saying why."""
-    from comfyui_streamline.nodes.wan.patch import wan_subclass
+    from comfyui_streamline.families.wan.patch import wan_subclass
 
     name, spec, model, reference = variant
     caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)

@@ -278,9 +278,10 @@ def load_model_patcher(path: Path = WEIGHTS_PATH, state_dict: dict[str, Tensor] 
 
 
 def video_length_wrapper(executor, x: Tensor, timesteps=None, context=None, y=None, control=None,
-                         transformer_options={}, **kwargs):
+                         transformer_options=None, **kwargs):
     """Tell the motion modules how many frames each video in the batch has: the batch holds one video
     per cond entry (cond and uncond batched: two)."""
+    transformer_options = {} if transformer_options is None else transformer_options
     conds = len(transformer_options.get("cond_or_uncond", [0])) or 1
     if x.shape[0] % conds:
         raise TinyVideoError(f"batch of {x.shape[0]} does not split into {conds} videos")

@@ -134,10 +134,11 @@ def main(argv=None) -> None:
     import torch
     from comfyui_streamline.core.budget import Workload, predict_peak_bytes
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.memory_budget import BudgetPlanner, attention_laws
-    from comfyui_streamline.nodes.model_patch import StreamlineState
-    from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.techniques.budget import BudgetPlanner
+    from comfyui_streamline.host.attention import attention_laws
+    from comfyui_streamline.techniques.slicing import StreamlineState
+    from comfyui_streamline.families.unet.structure import unet_shape
+    from comfyui_streamline.testing import synthetic
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but CUDA is not available (use --device cpu)")
@@ -197,7 +198,7 @@ def main(argv=None) -> None:
             predicted_patched = predict_peak_bytes(shape, work, chosen, laws)
             patched = measure(unet, variant, synthetic, inputs, args.device, args.repeats, cap is not None)
             settled = variant.state.config_for(unet, inputs[0], inputs[2])
-            if settled != chosen:  # the out-of-memory fallback (nodes/model_patch.py) made the slices finer
+            if settled != chosen:  # the out-of-memory fallback (techniques/slicing.py) made the slices finer
                 print(f"  Streamline ran out of memory with {chosen} and went on with {settled}")
             row = {
                 "case": f"{width}x{height}x{frames}", "batch": batch,

@@ -80,7 +80,7 @@ def build_model_and_cases(args, work: Path):
                   torch.zeros(frames, 4, height, width)}
         return model, [(p, TinyVideoPrompt.execute(model, p).result[0], negative, latent) for p in args.prompts]
 
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     model = synthetic.ade_model_patcher(work / "animatediff_models", pe_len=max(32, frames))
     positive, negative = synthetic.random_conds()
@@ -141,8 +141,8 @@ def main(argv=None) -> None:
     from comfyui_streamline.core.fidelity import psnr, ssim
     from comfyui_streamline.core.rehash import RehashConfig, fixed_full_steps
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.model_patch import apply_streamline
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY, apply_rehash
+    from comfyui_streamline.techniques.slicing import apply_streamline
+    from comfyui_streamline.techniques.rehash import STATE_KEY, apply_rehash
     from comfyui_streamline.nodes.tinyvideo import decode
     from comfyui_streamline.tinyvideo import stats
 

@@ -1,4 +1,4 @@
-"""Benchmark: SVD's video UNet, ComfyUI's own forward vs the sliced one (nodes/svd_unet.py), side by side.
+"""Benchmark: SVD's video UNet, ComfyUI's own forward vs the sliced one (families/svd/forward.py), side by side.
 
 Random weights at SVD's real layout (svd_layout(320): channels 320/640/1280/1280, ~1.5G parameters),
 built with ComfyUI's UNetModel class on the device, fp16 on CUDA; inputs as SVD img2vid gets them
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build(model_channels: int, dtype, device):
     import torch
 
-    from comfyui_streamline.tools.model_families import svd_layout
+    from comfyui_streamline.testing.model_families import svd_layout
 
     unet = svd_layout(model_channels, dtype=dtype, device=device).eval()
     g = torch.Generator(device=device).manual_seed(0)
@@ -106,9 +106,9 @@ def forward_rows(rows: Rows, unet, spec: dict, args, dtype) -> None:
     from comfyui_streamline.core.budget import BudgetError, format_bytes
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.core.svd_budget import SDPA, SUB_QUADRATIC, plan_svd, predict_svd_peak_bytes
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
-    from comfyui_streamline.nodes.svd_structure import read_svd_structure, svd_work
-    from comfyui_streamline.nodes.svd_unet import svd_forward
+    from comfyui_streamline.host.log import LogOnce
+    from comfyui_streamline.families.svd.structure import read_svd_structure, svd_work
+    from comfyui_streamline.families.svd.forward import svd_forward
 
     laws = SDPA if args.device == "cuda" else SUB_QUADRATIC
     structure, log = read_svd_structure(unet), LogOnce()
@@ -148,10 +148,10 @@ def rehash_flops(model_channels: int, height: int, width: int, frames: int, cach
 
     from comfyui_streamline.core.rehash import RehashConfig, resolve_cache_block
     from comfyui_streamline.core.slicing import UNSLICED
-    from comfyui_streamline.nodes.step_rehash import RehashCallState, RehashRun
-    from comfyui_streamline.nodes.streamlined_unet import LogOnce
-    from comfyui_streamline.nodes.svd_unet import REHASH_CALL_KEY, svd_forward
-    from comfyui_streamline.tools.model_families import svd_layout
+    from comfyui_streamline.techniques.rehash import RehashCallState, RehashRun
+    from comfyui_streamline.host.log import LogOnce
+    from comfyui_streamline.families.svd.forward import REHASH_CALL_KEY, svd_forward
+    from comfyui_streamline.testing.model_families import svd_layout
 
     unet = svd_layout(model_channels, dtype=torch.float16, device="meta")
     block = resolve_cache_block(cache_block, len(unet.output_blocks))

@@ -1,4 +1,4 @@
-"""Benchmark: Wan 2.1's diffusion model, ComfyUI's own blocks vs the pack's token-sliced ones (nodes/wan/),
+"""Benchmark: Wan 2.1's diffusion model, ComfyUI's own blocks vs the pack's token-sliced ones (families/wan/),
 side by side in one run, per forward.
 
 Random weights at Wan 2.1 1.3B shapes (dim 1536, FFN 8960, 12 heads) at 480x832x81 and 14B shapes (dim
@@ -39,7 +39,7 @@ TEXT_TOKENS = 512
 
 def rehash_share_rows(rows: Rows, cases: dict, steps: int = 25, full_steps: tuple[int, ...] = (13, 10, 9)) -> None:
     """FLOPs of a Step Rehash call (the patch and time embeddings, the first and last blocks, the head: the
-    deep blocks skipped; nodes/wan/rehash.py with cache_block -1) against a full call, CFG batched."""
+    deep blocks skipped; families/wan/rehash.py with cache_block -1) against a full call, CFG batched."""
     import comfy.ops
     import torch
     from comfy.ldm.modules.attention import attention_pytorch
@@ -90,9 +90,9 @@ def main(argv=None) -> None:
 
     from comfyui_streamline.core.budget import format_bytes
     from comfyui_streamline.core.dit_budget import SDPA, SUB_QUADRATIC, WanShape, WanWork, forward_peak_bytes
-    from comfyui_streamline.nodes.wan.block import host_copies_block_input
+    from comfyui_streamline.families.wan.block import host_copies_block_input
     from comfyui_streamline.core.meter import measure_peak
-    from comfyui_streamline.nodes.wan.patch import CALL_KEY, SlicedWanBlock, WanCall
+    from comfyui_streamline.families.wan.patch import CALL_KEY, SlicedWanBlock, WanCall
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32

@@ -53,9 +53,9 @@ def layer_rows(laws) -> list[tuple[str, float, float]]:
 
     from comfyui_streamline.core.budget import Workload, _Walk
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.motion_module import run_motion_module_sliced
-    from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.families.unet.motion_module import run_motion_module_sliced
+    from comfyui_streamline.families.unet.structure import unet_shape
+    from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
     synthetic.inject(unet, motion)
@@ -104,7 +104,7 @@ def measure_grid(points) -> list[dict]:
     import torch
 
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
     synthetic.inject(unet, motion)
@@ -130,9 +130,9 @@ def tinyvideo_rows(laws) -> list[tuple[str, float, float]]:
 
     from comfyui_streamline.core.budget import Workload, predict_peak_bytes
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.structure import unet_shape
+    from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.tinyvideo import model as tinyvideo
-    from comfyui_streamline.tools.synthetic import with_streamline
+    from comfyui_streamline.testing.synthetic import with_streamline
 
     unet = tinyvideo.load_model_patcher().model.diffusion_model.float()
     shape, rows = unet_shape(unet), []

@@ -97,7 +97,7 @@ class Graph:
 
 
 class ReportCatcher(logging.Handler):
-    """Keeps the pack's per-run report (nodes/run_report.py) of the latest run."""
+    """Keeps the pack's per-run report (techniques/report.py) of the latest run."""
 
     def __init__(self):
         super().__init__(logging.INFO)
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     hostenv.enter_for_tool(args.comfy, cpu=args.device == "cpu", tool="demo")
 
-    from comfyui_streamline.nodes.log import logger
+    from comfyui_streamline.host.log import logger
 
     # the pack's notices: warnings on the console; the per-run reports kept, the timed run's printed at the end
     catcher, console = ReportCatcher(), logging.StreamHandler()

@@ -406,10 +406,10 @@ def check_forwards(args: argparse.Namespace, row) -> None:
     import torch
     from comfyui_streamline.core.budget import Workload, predict_peak_bytes
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.memory_budget import attention_laws
-    from comfyui_streamline.nodes.model_patch import StreamlineState
-    from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.host.attention import attention_laws
+    from comfyui_streamline.techniques.slicing import StreamlineState
+    from comfyui_streamline.families.unet.structure import unet_shape
+    from comfyui_streamline.testing import synthetic
 
     device, cuda = args.device, args.device == "cuda"
     (width, height, frames), chunks = ((64, 64, 4), (2, 16)) if args.quick else ((256, 256, 16), (4, 256))
@@ -510,9 +510,9 @@ def offload_bench(args: argparse.Namespace) -> None:
     from comfyui_streamline.core.budget import Workload, offload_traffic, predict_peak_bytes
     from comfyui_streamline.core.meter import measure_peak
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.nodes.memory_budget import attention_laws
-    from comfyui_streamline.nodes.structure import unet_shape
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.host.attention import attention_laws
+    from comfyui_streamline.families.unet.structure import unet_shape
+    from comfyui_streamline.testing import synthetic
 
     cuda = args.device == "cuda"
     dtype = torch.float16 if cuda else torch.float32

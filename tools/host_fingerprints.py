@@ -1,7 +1,7 @@
-"""Print the fingerprints of the host functions the pack mirrors (nodes/host_fingerprints.py) for the host this
+"""Print the fingerprints of the host functions the pack mirrors (host/fingerprints.py) for the host this
 finds, marking those no recorded host has. After the exactness tests pass on a new ComfyUI or
 AnimateDiff-Evolved, add its fingerprints to RECORDED under the host's name (and, for a Wan subclass the pack
-slices, to nodes/wan/patch.py WAN_SUBCLASSES).
+slices, to families/wan/patch.py WAN_SUBCLASSES).
 
     python tools/host_fingerprints.py [--comfyui PATH]
 """
@@ -20,10 +20,10 @@ def main() -> None:
     parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH, ../.., ~/comfy/ComfyUI)")
     args = parser.parse_args()
     hostenv.enter_for_tool(args.comfyui, cpu=True, tool="host_fingerprints")
-    from comfyui_streamline.nodes import host_fingerprints as hf
-    from comfyui_streamline.nodes.svd_unet import svd_functions
-    from comfyui_streamline.nodes.wan.patch import WAN_SUBCLASSES, wan_functions
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.host import fingerprints as hf
+    from comfyui_streamline.families.svd.forward import svd_functions
+    from comfyui_streamline.families.wan.patch import WAN_SUBCLASSES, wan_functions
+    from comfyui_streamline.testing import synthetic
 
     functions = {**hf.comfy_functions(), **hf.ade_functions(synthetic.ade_transformer_options(1)),
                  **svd_functions(), **wan_functions()}

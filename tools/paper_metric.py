@@ -101,7 +101,7 @@ def prepare(work: Path) -> tuple[str, str]:
         return checkpoint.name, motion.name
     from safetensors.torch import save_file
 
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     if not checkpoint.exists():
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ def prepare_svd(work: Path, quick: bool) -> str:
     """A random-weight single-file SVD checkpoint (SVD's own widths; --quick: the reduced UNet)."""
     [checkpoint] = files(work, svd=True, quick=quick)
     if not checkpoint.exists():
-        from comfyui_streamline.tools import model_families, synthetic
+        from comfyui_streamline.testing import model_families, synthetic
 
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         _atomic(checkpoint, lambda p: synthetic.write_svd_checkpoint(p, unet=None if quick else model_families.svd_layout))
@@ -248,7 +248,7 @@ def run_variant(args: argparse.Namespace, meter: CallMeter):
 
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.testing import synthetic
 
     if args.model == "svd":
         return run_svd_variant(args, meter)

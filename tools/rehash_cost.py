@@ -52,8 +52,8 @@ def main(argv=None) -> None:
     import torch.utils.flop_counter as flop_counter
 
     from comfyui_streamline.core.rehash import RehashConfig
-    from comfyui_streamline.nodes.step_rehash import STATE_KEY, apply_rehash
-    from comfyui_streamline.tools import synthetic
+    from comfyui_streamline.techniques.rehash import STATE_KEY, apply_rehash
+    from comfyui_streamline.testing import synthetic
 
     width, height, frames = (int(v) for v in args.size.split("x"))
     work = Path(tempfile.mkdtemp(prefix="streamline-rehash-cost-"))

@@ -1,0 +1,1 @@
+"""What the DiT families share: ComfyUI's per-block replacement hook."""

@@ -1,0 +1,82 @@
+"""The model families the pack runs: one adapter per family (families/family.py says what a technique may ask).
+
+- UNet: ComfyUI's UNetModel as SD1.5 / SD2 / SDXL build it, with AnimateDiff-Evolved's motion modules or
+  without (families/unet/; laws in core/budget.py);
+- SVD: ComfyUI's UNetModel with VideoResBlock / SpatialVideoTransformer layers (families/svd/; laws in
+  core/svd_budget.py);
+- Wan: WanModel's plain WanAttentionBlocks, sliced over tokens through ComfyUI's block-replace hook
+  (families/wan/; laws in core/dit_budget.py); of its subclasses, VaceWanModel, CameraWanModel and
+  AnimateWanModel too; WanModel_S2V and HumoWanModel run unchanged (families/wan/adapter.py wan_reason).
+
+Slicing, memory planning and Step Rehash's shallow/deep split for all three (Wan's: first and last blocks
+shallow, the residual of the blocks between deep; families/wan/rehash.py), except Step Rehash on the Wan
+subclasses that add to x between blocks (VACE, Animate), which it runs in full.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+from torch import Tensor
+
+from ..core.budget import Plan
+from ..core.slicing import SliceConfig
+from .family import Family, plan_text  # noqa: F401 (the techniques' names)
+from .svd.adapter import SVD
+from .unet.adapter import UNET
+from .wan.adapter import WAN
+from .wan.laws import wan_rehash_split_bytes, wan_tokens  # noqa: F401 (the tests' names)
+
+FAMILIES: tuple[Family, ...] = (SVD, UNET, WAN)  # SVD's video UNet is a UNetModel too: asked first
+
+
+def family_of(diffusion_model: nn.Module) -> Family | None:
+    """The adapter of the model's family, or None (a family the pack leaves to ComfyUI)."""
+    for family in FAMILIES:
+        if family.claims(diffusion_model):
+            return family
+    return None
+
+
+def unsupported_reason(diffusion_model: nn.Module, purpose: str = "slice") -> str | None:
+    """Why the pack leaves this diffusion model to ComfyUI for `purpose` (None: it handles it).
+    purpose: "slice" (Streamline Model Patch), "plan" (Memory Budget, the memory estimate) or "rehash"
+    (Step Rehash's shallow/deep split)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    from .unet_common.layer_roles import Role, role_of
+
+    family = family_of(diffusion_model)
+    for candidate in FAMILIES:  # a model of a family left to ComfyUI for this purpose (a Wan subclass)
+        reason = candidate.reason(diffusion_model, purpose)
+        if reason is not None:
+            return reason
+    if family is None:
+        if isinstance(diffusion_model, UNetModel):
+            blocks = [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]
+            video = sorted({type(layer).__name__ for block in blocks if block is not None for layer in block
+                            if role_of(layer, ()) is Role.UNSUPPORTED})
+            return f"this UNet has {', '.join(video)} (video UNet layers) the pack does not know"
+        return f"{type(diffusion_model).__name__} is not a model this pack can slice"
+    return None
+
+
+def remove_slicing(patcher) -> None:
+    """Undo every family's install_slicing on a clone."""
+    for family in FAMILIES:
+        family.remove_slicing(patcher)
+
+
+def plan_for(family: Family, diffusion_model, latent_shape, dtype_bytes: int, budget: int, laws=None,
+             context_tokens: int | None = None, frames: int | None = None) -> Plan:
+    """The coarsest slicing predicted to fit `budget` for one call of a latent shaped `latent_shape`. Raises
+    core.budget.BudgetError. (laws: the host's, read by the family itself.)"""
+    from .family import Shaped
+
+    x = Shaped(latent_shape, dtype_bytes)
+    context = Shaped((latent_shape[0], context_tokens, 1), dtype_bytes) if context_tokens else None
+    return family.plan(diffusion_model, x, context, budget, 0, budget, False, frames, lambda: False)
+
+
+def peaks_for(family: Family, diffusion_model, x: Tensor, context: Tensor | None, config: SliceConfig, laws=None,
+              frames: int | None = None) -> tuple[int, int]:
+    """(sliced with `config`, ComfyUI's forward) predicted peak bytes of one call."""
+    return family.peaks(diffusion_model, x, context, config, False, frames)

@@ -1,0 +1,78 @@
+"""SVD / SVD-XT's adapter: ComfyUI's UNetModel with VideoResBlock / SpatialVideoTransformer layers."""
+from __future__ import annotations
+
+import functools
+
+from ...core.budget import Plan
+from ...core.slicing import SliceConfig
+from ...host.attention import attention_laws
+from ..family import Shaped, plan_text
+from ..unet import forward as unet_forward
+from ..unet.adapter import UNetLike
+from . import forward as svd_forward_module
+from .forward import is_svd_unet, svd_forward
+from .laws import plan_svd_call, preview_latent, svd_frames, svd_peaks
+
+
+class SVDFamily(UNetLike):
+    name = "SVD"
+
+    def claims(self, diffusion_model) -> bool:
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        return isinstance(diffusion_model, UNetModel) and is_svd_unet(diffusion_model)
+
+    # -- Memory Budget: SVD's frames are its batch ------------------------------------------------------------
+
+    def plan(self, unet, x, context, budget, held, set_budget, video_norm, frames, offload) -> Plan:
+        tokens = context.shape[1] if context is not None and context.ndim == 3 else None
+        return plan_svd_call(unet, tuple(x.shape), x.element_size(), budget, attention_laws(), tokens, frames)
+
+    def peaks(self, unet, x, context, config, video_norm, frames=None) -> tuple[int, int]:
+        return svd_peaks(unet, x, context, config, attention_laws(), frames)
+
+    def estimate(self, base_model, input_shape, dtype_bytes, config, planned_budget, motion_models, offload) -> int:
+        """The estimate takes the batch as one video (its frames are the batch; two videos of half the frames
+        differ only in the small temporal-attention scores)."""
+        unet, frames, laws = base_model.diffusion_model, input_shape[0], attention_laws()
+        if planned_budget is not None:
+            try:
+                return plan_svd_call(unet, tuple(input_shape), dtype_bytes, planned_budget(), laws, None,
+                                     frames).predicted_peak_bytes
+            except ValueError:
+                config = SliceConfig(1, 1, token_chunk=1)
+        shaped, context = Shaped(input_shape, dtype_bytes), Shaped((input_shape[0], 1, 1), dtype_bytes)
+        return svd_peaks(unet, shaped, context, config, laws, frames)[0]
+
+    def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
+                cond_batching) -> str:
+        from ...core.budget import BudgetError
+
+        latent = preview_latent(width, height, frames)
+        try:
+            chosen = plan_svd_call(model.model.diffusion_model, latent, dtype_bytes, planned, attention_laws(), None,
+                                   frames)
+        except BudgetError as e:
+            return f"budget {budget_text}: {e}"
+        return (f"budget {budget_text}, {width}x{height}x{frames} with CFG batched ({self}, latent "
+                f"{'x'.join(map(str, latent))}): {plan_text(chosen)}")
+
+    # -- Streamline Model Patch -------------------------------------------------------------------------------
+
+    def verdict_sliced(self) -> bool:
+        return unet_forward.unet_verdict(video=True).sliced
+
+    def call_mode(self, unet, x, kwargs, transformer_options) -> tuple[bool, int | None]:
+        return False, svd_frames(kwargs, x, unet)
+
+    def sliced_forward(self, unet, config, log, x):
+        # skip offload is the UNet forward's (SVD's forward keeps its skips)
+        return functools.partial(svd_forward_module.svd_forward, unet, config, log), None
+
+    # -- Step Rehash ------------------------------------------------------------------------------------------
+
+    def unsliced_forward(self):
+        return svd_forward
+
+
+SVD = SVDFamily()

@@ -1,0 +1,61 @@
+"""Tiny random models of each family, built from the host's own classes, for the self-checks of the
+host verdict (host/fingerprints.py): small enough that a check runs well under a second on a CPU,
+with every layer kind the family's sliced forward mirrors (ResBlocks, spatial transformers, down/upsampling,
+SVD's video layers, Wan's i2v cross-attention)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+DTYPE = torch.float64
+
+
+def randomize(module: nn.Module, seed: int) -> nn.Module:
+    """ComfyUI builds layers without initialising them (the weights come from a file): fill every parameter
+    and buffer with small random values, norms' scales near 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if not tensor.is_floating_point():
+                continue
+            values = torch.randn(tensor.shape, generator=g, dtype=torch.float64) * 0.2
+            if "norm" in name and name.endswith("weight"):
+                values = values + 1.0
+            tensor.copy_(values.to(tensor.dtype))
+    return module.eval()
+
+
+def unet(video: bool = False, seed: int = 0) -> nn.Module:
+    """A two-level UNetModel: ResBlocks, linear-projection transformers, a Downsample and an Upsample;
+    with `video`, SVD's VideoResBlock / SpatialVideoTransformer layers and its ADM input."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    config = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1],
+                  channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_middle=1,
+                  transformer_depth_output=[1, 1, 1, 1], context_dim=8, num_head_channels=8,
+                  use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False, dtype=DTYPE,
+                  device="cpu", operations=comfy.ops.disable_weight_init)
+    if video:
+        config.update(adm_in_channels=12, num_classes="sequential", use_temporal_resblock=True,
+                      use_temporal_attention=True, extra_ff_mix_layer=True, use_spatial_context=True,
+                      merge_strategy="learned_with_images", merge_factor=0.0, video_kernel_size=[3, 1, 1],
+                      disable_temporal_crossattention=False)
+    return randomize(UNetModel(**config), seed)
+
+
+def wan(i2v: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A two-block WanModel (t2v, or i2v with CLIP-image tokens), 2 heads of 8 channels. float32: ComfyUI
+    0.33's RoPE kernel (comfy-kitchen) takes no float64."""
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    model = WanModel(model_type="i2v" if i2v else "t2v", patch_size=(1, 2, 2), text_len=8, in_dim=4, dim=16,
+                     ffn_dim=32, freq_dim=16, text_dim=8, out_dim=4, num_heads=2, num_layers=2, cross_attn_norm=True,
+                     in_dim_ref_conv=None, image_model=None, dtype=dtype, device="cpu",
+                     operations=comfy.ops.disable_weight_init)
+    return randomize(model, seed)
+
+
+def inputs(shape: tuple[int, ...], seed: int, dtype: torch.dtype = DTYPE) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)

@@ -1,0 +1,274 @@
+"""Random-weight models with real shapes, built through ComfyUI's and AnimateDiff-Evolved's own classes.
+
+No weights can be downloaded on our machines, so tests and benchmarks use SD1.5-shaped UNets and
+mm_sd_v15_v2-shaped motion modules with random weights. Weights are drawn with fan-in scaling so
+activations stay O(1) through the network and every motion module changes its input (a real motion
+module starts from zero-initialised output projections; random ones make slicing errors visible).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .weights import ade_module, randomize_  # noqa: F401 (the fixtures' names, as before)
+
+SD15_MOTION_CHANNELS = {"down": (320, 640, 1280, 1280), "up": (1280, 1280, 640, 320), "mid": 1280}
+_PE_KEY = "temporal_transformer.transformer_blocks.0.attention_blocks.{}.pos_encoder.pe"
+
+
+def sd15_unet(dtype=torch.float32, device="cpu", seed: int = 0):
+    """ComfyUI's UNetModel with the SD1.5 configuration, random weights."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(
+        image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+        channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=768,
+        num_heads=8, num_head_channels=-1, legacy=False, use_linear_in_transformer=False,
+        dtype=dtype, device=device, operations=comfy.ops.disable_weight_init,
+    )
+    return randomize_(unet, seed).eval()
+
+
+def random_conds(seed: int = 1) -> tuple[list, list]:
+    """Positive and negative conditioning in ComfyUI's format: random CLIP-L-shaped embeddings (77 x 768)."""
+    g = torch.Generator().manual_seed(seed)
+    positive = [[torch.randn(1, 77, 768, generator=g), {}]]
+    negative = [[torch.randn(1, 77, 768, generator=g), {}]]
+    return positive, negative
+
+
+def mm_sd15_v2_state_dict(pe_len: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A complete mm_sd_v15_v2-format state dict (the keys ADE's loader reads), random weights."""
+    mm = _build_motion_model(pe_len)
+    return {k: v.contiguous() for k, v in randomize_(mm, seed).state_dict().items()}
+
+
+def _pe_stub(pe_len: int) -> dict[str, torch.Tensor]:
+    sd = {}
+    for kind, count in (("down_blocks", 2), ("up_blocks", 3)):
+        for i in range(4):
+            for m in range(count):
+                for a in range(2):
+                    sd[f"{kind}.{i}.motion_modules.{m}.{_PE_KEY.format(a)}"] = torch.zeros(1, pe_len, 320)
+    for a in range(2):
+        sd["mid_block.motion_modules.0." + _PE_KEY.format(a)] = torch.zeros(1, pe_len, 1280)
+    return sd
+
+
+def _build_motion_model(pe_len: int):
+    import comfy.ops
+
+    mmad = ade_module("motion_module_ad")
+    info = mmad.AnimateDiffInfo(sd_type="SD1.5", mm_format="AnimateDiff", mm_version="v2", mm_name="synthetic")
+    return mmad.AnimateDiffModel(_pe_stub(pe_len), info, init_kwargs={"ops": comfy.ops.disable_weight_init})
+
+
+def sd15_motion_model(pe_len: int = 32, dtype=torch.float32, device="cpu", seed: int = 1):
+    """ADE's AnimateDiffModel shaped like mm_sd_v15_v2, random weights (pe_len > 32 for long clips)."""
+    mm = _build_motion_model(pe_len)
+    return randomize_(mm, seed).to(device=device, dtype=dtype).eval()
+
+
+def inject(unet, mm) -> None:
+    """Put ADE's motion modules into the UNet the way ADE does at the start of sampling."""
+    mm._inject(unet.input_blocks, mm.down_blocks)
+    mm._inject(unet.output_blocks, mm.up_blocks)
+    mm._inject([unet.middle_block], [mm.mid_block])
+
+
+def ade_transformer_options(batch_conds: int) -> dict:
+    """transformer_options as ADE sets them for a UNet call (the motion-module dispatch patch)."""
+    mi = ade_module("model_injection")
+    mmad = ade_module("motion_module_ad")
+    return {
+        "patches": {"forward_timestep_embed_patch": [(mmad.VanillaTemporalModule, mi.forward_timestep_embed_patch_ade)]},
+        "sigmas": torch.tensor([1.0]),
+        "cond_or_uncond": list(range(batch_conds)),
+    }
+
+
+def ade_video_norm_options(transformer_options: dict, frames: int) -> dict:
+    """`transformer_options` for a UNet call in AnimateDiff-Evolved's GroupNorm-over-videos mode (v1
+    motion models, PIA): ADE's own DIFFUSION_MODEL wrapper, which swaps torch's GroupNorm.forward for
+    ADE's whole-video one during the call, and the ad_params ADE publishes (clip length `frames`)."""
+    import comfy.patcher_extension
+
+    injection = ade_module("model_injection")
+    sampling = ade_module("sampling")
+    params = injection.InjectionParams(apply_v2_properly=False)
+    params.full_length = frames
+    holder = sampling.FunctionInjectionHolder()
+    holder.orig_groupnorm_forward = torch.nn.GroupNorm.forward
+    import comfy.ops
+
+    holder.orig_groupnorm_forward_comfy_cast_weights = comfy.ops.disable_weight_init.GroupNorm.forward_comfy_cast_weights
+    holder.inject_groupnorm_forward = sampling.groupnorm_mm_factory(params)
+    holder.inject_groupnorm_forward_comfy_cast_weights = sampling.groupnorm_mm_factory(params, manual_cast=True)
+    model_options = {"transformer_options": transformer_options}
+    sampling.create_diffusion_model_groupnormed_wrapper(model_options, sampling.GroupnormInjectHelper(holder))
+    transformer_options["ad_params"] = {"full_length": frames, "context_length": None, "sub_idxs": None}
+    return transformer_options
+
+
+def ade_model_patcher(models_dir, pe_len: int = 32, seed: int = 0, context_length: int | None = None,
+                      context_overlap: int = 4):
+    """A MODEL as a user's graph has it after AnimateDiff-Evolved's nodes: the random SD1.5 UNet
+    through ComfyUI's diffusion-model loader, a random mm_sd_v15_v2 file read by ADE's loader from
+    `models_dir`, applied with ADE's Gen2 nodes (and, with context_length, its context windows)."""
+    from pathlib import Path
+
+    import comfy.sd
+    import folder_paths
+    from safetensors.torch import save_file
+
+    nodes = ade_module("nodes").NODE_CLASS_MAPPINGS
+    utils_model = ade_module("utils_model")
+
+    def run(name, **inputs):
+        cls = nodes[name]
+        return getattr(cls(), cls.FUNCTION)(**inputs)[0]
+
+    base = comfy.sd.load_diffusion_model_state_dict(sd15_unet(seed=seed).state_dict())
+    name = f"streamline-random-mm_sd_v15_v2-pe{pe_len}.safetensors"
+    Path(models_dir).mkdir(parents=True, exist_ok=True)
+    save_file(mm_sd15_v2_state_dict(pe_len=pe_len, seed=seed + 1), str(Path(models_dir) / name))
+    folder_paths.add_model_folder_path(utils_model.Folders.ANIMATEDIFF_MODELS, str(models_dir))
+    motion = run("ADE_LoadAnimateDiffModel", model_name=name)
+    m_models = run("ADE_ApplyAnimateDiffModelSimple", motion_model=motion)
+    extra = {}
+    if context_length:
+        extra["context_options"] = run("ADE_StandardStaticContextOptions", context_length=context_length,
+                                       context_overlap=context_overlap)
+    return run("ADE_UseEvolvedSampling", model=base, beta_schedule=utils_model.BetaSchedules.AUTOSELECT,
+               m_models=m_models, **extra)
+
+
+SD15_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                     "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+def sd15_checkpoint_state_dict(seed: int = 0, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """A complete SD1.5-format checkpoint (UNet, VAE, CLIP-L text encoder) with random weights, as
+    CheckpointLoaderSimple reads it. The VAE and text encoder get small weights so their outputs stay
+    finite (their exact values do not matter to this pack)."""
+    import comfy.ldm.models.autoencoder
+    import comfy.sd1_clip
+
+    sd = {}
+    for prefix, module in (
+        ("model.diffusion_model.", sd15_unet(seed=seed)),
+        ("first_stage_model.", comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=SD15_VAE_DDCONFIG, embed_dim=4)),
+        ("cond_stage_model.", comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)),
+    ):
+        if not prefix.startswith("model."):
+            randomize_(module, seed + len(sd))
+        for key, value in module.state_dict().items():
+            sd[prefix + key] = value.to(dtype).contiguous()
+        del module
+    return sd
+
+
+def with_streamline(transformer_options: dict, config=None, state=None) -> dict:
+    """`transformer_options` routed through the pack's DIFFUSION_MODEL wrapper, the way a MODEL patched by
+    Streamline Model Patch routes them (`state`: one patched model across calls; else a new one for `config`)."""
+    import comfy.patcher_extension
+
+    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState, streamline_wrapper
+
+    transformer_options[STATE_KEY] = state if state is not None else StreamlineState(config)
+    wrappers = transformer_options.setdefault("wrappers", {}).setdefault(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
+    wrappers["streamline"] = [streamline_wrapper]
+    return transformer_options
+
+
+def svd_vae() -> nn.Module:
+    """SVD's video VAE (an image Encoder and a temporal VideoDecoder), as comfy.sd.VAE builds it for a
+    checkpoint with SVD's VAE keys; weights not initialised."""
+    import logging
+
+    import comfy.sd
+
+    # the key comfy.sd.VAE recognises SVD's VAE by; everything else comes from its own configuration. Its
+    # warning that all other weights are missing is expected (they are drawn afterwards): kept out of the log.
+    disabled = logging.root.manager.disable
+    logging.disable(max(disabled, logging.WARNING))
+    try:
+        vae = comfy.sd.VAE(sd={"decoder.mid.block_1.mix_factor": torch.zeros(1)})
+    finally:
+        logging.disable(disabled)
+    return vae.first_stage_model.float()
+
+
+def clip_vision_h() -> nn.Module:
+    """The CLIP ViT-H/14 image encoder SVD conditions on, ComfyUI's class at its own clip_vision_config_h.json
+    (32 layers at width 1280: what detection by key names asks for); weights not initialised."""
+    from pathlib import Path
+
+    import comfy.clip_vision
+
+    config = Path(comfy.clip_vision.__file__).with_name("clip_vision_config_h.json")
+    return comfy.clip_vision.ClipVisionModel(str(config)).model
+
+
+_OPEN_CLIP_NAMES = {  # ComfyUI's (transformers) CLIP vision key -> open_clip's, as SVD checkpoints store them
+    "vision_model.embeddings.class_embedding": "class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "positional_embedding",
+    "vision_model.pre_layrnorm.weight": "ln_pre.weight", "vision_model.pre_layrnorm.bias": "ln_pre.bias",
+    "vision_model.post_layernorm.weight": "ln_post.weight", "vision_model.post_layernorm.bias": "ln_post.bias",
+}
+_OPEN_CLIP_LAYER_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                          "self_attn.out_proj": "attn.out_proj"}
+
+
+def to_open_clip_visual(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP vision state dict in ComfyUI's layout, in open_clip's `visual.` layout (unprefixed): the
+    inverse of what comfy.clip_vision.convert_to_transformers does on loading (q/k/v joined into in_proj,
+    the projection transposed)."""
+    out, qkv = {}, {}
+    for key, value in sd.items():
+        if key in _OPEN_CLIP_NAMES:
+            out[_OPEN_CLIP_NAMES[key]] = value
+        elif key == "visual_projection.weight":
+            out["proj"] = value.t().contiguous()  # (width, projection_dim)
+        else:
+            layer, name = key.removeprefix("vision_model.encoder.layers.").split(".", 1)
+            stem, kind = name.rsplit(".", 1)  # e.g. ("self_attn.q_proj", "weight")
+            if stem in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((layer, kind), {})[stem.removeprefix("self_attn.")[0]] = value  # q, k or v
+            else:
+                out[f"transformer.resblocks.{layer}.{_OPEN_CLIP_LAYER_NAMES[stem]}.{kind}"] = value
+    for (layer, kind), parts in qkv.items():
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def write_svd_checkpoint(path, seed: int = 0, dtype=torch.float16, unet=None) -> dict[str, int]:
+    """Write a complete single-file SVD img2vid checkpoint with random weights to `path` (safetensors, fp16),
+    as ImageOnlyCheckpointLoader reads it: the UNet at SVD's layout with 320 channels on every level
+    (model_families.svd_reduced, detected as SVD_img2vid) under model.diffusion_model., the CLIP ViT-H
+    image encoder in open_clip's layout under SVD's CLIP vision prefix, SVD's video VAE under
+    first_stage_model.. Weights are drawn with fan-in scaling, so every part's output stays finite.
+    unet: the UNet builder (default svd_reduced; model_families.svd_layout for SVD's own widths, ~1.5G
+    parameters). Returns the parameter count of each part."""
+    import comfy.supported_models
+    from safetensors.torch import save_file
+
+    from .model_families import UNET_PREFIX, svd_reduced
+
+    parts = (
+        (UNET_PREFIX, unet or svd_reduced, lambda sd: sd),
+        ("first_stage_model.", svd_vae, lambda sd: sd),
+        (comfy.supported_models.SVD_img2vid.clip_vision_prefix, clip_vision_h, to_open_clip_visual),
+    )
+    sd, counts = {}, {}
+    for i, (prefix, build, layout) in enumerate(parts):
+        module = randomize_(build(), seed + i)
+        part = {k: v.to(dtype).contiguous() for k, v in module.state_dict().items()}
+        del module  # one part in full precision at a time
+        counts[prefix] = sum(v.numel() for v in part.values())
+        sd.update({prefix + k: v for k, v in layout(part).items()})
+    save_file(sd, str(path))
+    return counts
