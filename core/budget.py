@@ -97,7 +97,7 @@ SUB_QUADRATIC = WorkingSets()
 SDPA = WorkingSets(self_attention=6.0, cross_attention=6.0, cross_context=2.0, scores=0.0, motion_attention=6.0)
 
 
-# -- laws of the layers both UNets share (SD's here, SVD's in core/svd_budget.py), values per sample -------
+# -- laws of the layers both UNets share (SD's here, SVD's in families/svd/laws.py), values per sample -------
 
 
 def res_block_values(ci: int, co: int, p: int) -> float:

@@ -36,7 +36,7 @@ class SliceConfig:
         uses the given sizes at every level (useful to exercise every level in tests).
     offload_skips: the UNet's skip tensors wait in host memory (core/offload.py); the output is the same.
     token_chunk: tokens per slice in a DiT block (Wan); 0: from frame_chunk, or automatic
-        (core/dit_budget.token_chunk_size).
+        (token_chunk_size).
     offload_features: with offload_skips, the whole-batch features between blocks (a block's output that
         the next block's first group reads chunk by chunk) wait in host memory too, and come back by rows.
     """
@@ -106,3 +106,18 @@ def finer(config: SliceConfig, batch: int, positions: int, top_channels: int, to
     return SliceConfig(frame_chunk=max(1, frames // 2), spatial_chunk=max(1, spatial // 2),
                        scale_with_level=config.scale_with_level, offload_skips=config.offload_skips,
                        offload_features=config.offload_features)
+
+
+def token_chunk_size(config: SliceConfig, batch: int, tokens: int, tokens_per_frame: int, dim: int) -> int:
+    """Tokens per slice for a DiT block from the pack's SliceConfig. A slice holds all batch rows of
+    `n` consecutive tokens; frame_chunk counts samples (batch x latent frames) as for the UNet, so it
+    maps to frame_chunk x tokens_per_frame token rows; 0: about AUTO_CHUNK_VALUES values per slice.
+    (A `token_chunk` field, when SliceConfig gets one, takes precedence.)"""
+    explicit = getattr(config, "token_chunk", 0)
+    if explicit:
+        n = explicit
+    elif config.frame_chunk:
+        n = config.frame_chunk * tokens_per_frame // max(batch, 1)
+    else:
+        n = AUTO_CHUNK_VALUES // max(batch * dim, 1)
+    return max(1, min(tokens, n))

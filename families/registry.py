@@ -3,9 +3,9 @@
 - UNet: ComfyUI's UNetModel as SD1.5 / SD2 / SDXL build it, with AnimateDiff-Evolved's motion modules or
   without (families/unet/; laws in core/budget.py);
 - SVD: ComfyUI's UNetModel with VideoResBlock / SpatialVideoTransformer layers (families/svd/; laws in
-  core/svd_budget.py);
+  families/svd/laws.py);
 - Wan: WanModel's plain WanAttentionBlocks, sliced over tokens through ComfyUI's block-replace hook
-  (families/wan/; laws in core/dit_budget.py); of its subclasses, VaceWanModel, CameraWanModel and
+  (families/wan/; laws in families/wan/laws.py); of its subclasses, VaceWanModel, CameraWanModel and
   AnimateWanModel too; WanModel_S2V and HumoWanModel run unchanged (families/wan/adapter.py wan_reason).
 
 Slicing, memory planning and Step Rehash's shallow/deep split for all three (Wan's: first and last blocks

@@ -20,13 +20,11 @@ def attention_laws() -> WorkingSets:
     return SUB_QUADRATIC if attention.optimized_attention.__name__ in _SCORE_KERNELS else SDPA
 
 
-def dit_attention_law():
-    """core/dit_budget's law for the attention ComfyUI runs in this process."""
+def runs_pytorch_attention() -> bool:
+    """Whether the attention ComfyUI runs in this process is PyTorch SDPA (the DiT laws tell it from the rest)."""
     import comfy.ldm.modules.attention as attention
 
-    from ..core.dit_budget import SDPA as DIT_SDPA, SUB_QUADRATIC as DIT_SUB_QUADRATIC
-
-    return DIT_SDPA if attention.optimized_attention.__name__ == "attention_pytorch" else DIT_SUB_QUADRATIC
+    return attention.optimized_attention.__name__ == "attention_pytorch"
 
 
 def block_quantised_attention() -> str | None:

@@ -165,7 +165,7 @@ def estimate_for_device_clone(original: ModelPatcher, clone: ModelPatcher) -> No
 def dit_token_chunk(transformer_options: dict, x: Tensor, tokens_per_frame: int) -> int | None:
     """Tokens per slice for a DiT block: the slicing the streamline wrapper chose for this call (the
     Memory Budget's plan, or the node's), else the node's own; None without the patch's state."""
-    from ..core.dit_budget import token_chunk_size
+    from ..core.slicing import token_chunk_size
 
     state = transformer_options.get(STATE_KEY)
     if state is None:

@@ -1,4 +1,4 @@
-"""The SVD Memory Budget (core/svd_budget.py) against the live-tensor counter (core/memtrace.py), CPU, fp32.
+"""The SVD Memory Budget (families/svd/laws.py) against the live-tensor counter (core/memtrace.py), CPU, fp32.
 
 Layer by layer (ComfyUI's VideoResBlock and SpatialVideoTransformer, and the sliced forward's), then
 whole forwards, ComfyUI's and sliced, of SVD's layout at 64 channels (families/svd/forward.py's test model) at
@@ -45,7 +45,7 @@ def measured_peak(unet, config, x, t, c, y, kw) -> int:
 
 
 def test_structure_reader_matches_the_layout(unet):
-    from comfyui_streamline.core.svd_budget import svd_structure
+    from comfyui_streamline.families.svd.laws import svd_structure
     from comfyui_streamline.families.svd.structure import read_svd_structure
 
     assert read_svd_structure(unet) == svd_structure(64)
@@ -57,7 +57,7 @@ def test_layer_laws(unet, videos):
     the sliced one at three slicings, against the walk's law for it."""
     from comfyui_streamline.core.memtrace import LiveTensorMeter
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.core.svd_budget import SUB_QUADRATIC, SVDWork, _SVDWalk, svd_structure
+    from comfyui_streamline.families.svd.laws import SUB_QUADRATIC, SVDWork, _SVDWalk, svd_structure
     from comfyui_streamline.host.log import LogOnce
     from comfyui_streamline.families.svd.forward import Feature, SVDForward
     from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
@@ -109,7 +109,7 @@ def configs():
 def test_whole_forward_predictions(unet, videos, frames, size):
     """ComfyUI's forward and the sliced one at four slicings: the predicted peak within 5% of the
     live-tensor counter's, and slicing predicted (and measured) to save memory."""
-    from comfyui_streamline.core.svd_budget import predict_svd_peak_bytes
+    from comfyui_streamline.families.svd.laws import predict_svd_peak_bytes
     from comfyui_streamline.families.svd.structure import read_svd_structure, svd_work
 
     x, t, c, y, kw = call(videos, frames, size)
@@ -131,7 +131,7 @@ def test_plan_picks_the_coarsest_slicing_that_fits():
     """At SVD's real shapes (svd_xt, 576x1024, 14 and 25 frames, cond/uncond, fp16, SDPA): a 4 GiB budget
     is met, plans grow coarser as the budget grows, and an impossible budget says the minimum."""
     from comfyui_streamline.core.budget import BudgetError
-    from comfyui_streamline.core.svd_budget import SDPA, SVDWork, plan_svd, predict_svd_peak_bytes, svd_structure
+    from comfyui_streamline.families.svd.laws import SDPA, SVDWork, plan_svd, predict_svd_peak_bytes, svd_structure
 
     structure = svd_structure(320)
     for frames in (14, 25):

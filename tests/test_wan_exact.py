@@ -1,4 +1,4 @@
-"""The sliced Wan block (families/wan/) against ComfyUI's own Wan forward, and its memory laws (core/dit_budget.py).
+"""The sliced Wan block (families/wan/) against ComfyUI's own Wan forward, and its memory laws (families/wan/laws.py).
 
 Tiny random-weight Wan models through ComfyUI's loader (testing/model_families.py WAN_VARIANTS): Wan 2.1
 t2v, Wan 2.1 i2v (CLIP-image tokens, WanI2VCrossAttention), Wan 2.2 5B (48 channels; per-token
@@ -239,7 +239,7 @@ def test_recorded_host_fingerprints_are_this_hosts():
     assert unrecorded(wan_functions()) == []
 
 
-# --- memory: the live-tensor counter on the CPU against core/dit_budget.py ------------------------------
+# --- memory: the live-tensor counter on the CPU against families/wan/laws.py ------------------------------
 
 MEMORY_SIZES = dict(dim=256, ffn_dim=1536)  # 2 heads; FFN 6x wide as Wan 2.1 1.3B's (8960 / 1536)
 MEMORY_LATENT = (2, 64, 64)  # 2 x 32 x 32 = 2048 tokens
@@ -261,7 +261,7 @@ def measured_peak(model, batch: int, token_chunk: int | None, name: str = "WAN21
 
 
 def predicted_peak(name: str, batch: int, token_chunk: int | None) -> float:
-    from comfyui_streamline.core.dit_budget import SUB_QUADRATIC, WanShape, WanWork, forward_peak_bytes
+    from comfyui_streamline.families.wan.laws import SUB_QUADRATIC, WanShape, WanWork, forward_peak_bytes
 
     frames, h, w = MEMORY_LATENT
     shape = WanShape(MEMORY_SIZES["dim"], MEMORY_SIZES["ffn_dim"], MEMORY_SIZES["dim"] // 128, layers=2,
@@ -291,7 +291,7 @@ def test_memory_fine_slicing_and_predictions(name):
 
 
 def test_largest_token_chunk_fits_and_is_largest():
-    from comfyui_streamline.core.dit_budget import SDPA, WanShape, WanWork, forward_peak_bytes, largest_token_chunk
+    from comfyui_streamline.families.wan.laws import SDPA, WanShape, WanWork, forward_peak_bytes, largest_token_chunk
 
     shape = WanShape(1536, 8960, 12, layers=30)  # Wan 2.1 1.3B
     work = WanWork(2, 21 * 30 * 52, text_tokens=512, dtype_bytes=2)  # 480x832x81, CFG batched, fp16
@@ -305,7 +305,7 @@ def test_largest_token_chunk_fits_and_is_largest():
 
 
 def test_token_chunk_from_slice_config():
-    from comfyui_streamline.core.dit_budget import token_chunk_size
+    from comfyui_streamline.core.slicing import token_chunk_size
     from comfyui_streamline.core.slicing import SliceConfig
 
     # frame_chunk counts (batch x frames) samples: 4 with CFG batched = 2 latent frames of 1560 tokens

@@ -5,7 +5,7 @@ built with ComfyUI's UNetModel class on the device, fp16 on CUDA; inputs as SVD 
 (8 channels, one CLIP-image token, cond/uncond batched: batch = 2 x frames). Rows, each printed (and
 appended to --markdown, flushed) as soon as it is measured:
 - per forward, at 576x1024 (latent 72x128) with 14 and 25 frames: ComfyUI, a chosen slicing and the
-  Memory Budget's plan (core/svd_budget.py) for --budget-gb: peak activation (core/meter.py: CUDA active
+  Memory Budget's plan (families/svd/laws.py) for --budget-gb: peak activation (core/meter.py: CUDA active
   bytes above what was held before, counters never reset; CPU: the live-tensor counter) and seconds, the
   prediction and its error, the ratios to ComfyUI's forward and the largest difference of the output;
 - Step Rehash: the FLOPs of a rehash call (shallow path, cache at the second-to-last output block) as a
@@ -105,7 +105,7 @@ def measure(forward, device: str, repeats: int):
 def forward_rows(rows: Rows, unet, spec: dict, args, dtype) -> None:
     from comfyui_streamline.core.budget import BudgetError, format_bytes
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.core.svd_budget import SDPA, SUB_QUADRATIC, plan_svd, predict_svd_peak_bytes
+    from comfyui_streamline.families.svd.laws import SDPA, SUB_QUADRATIC, plan_svd, predict_svd_peak_bytes
     from comfyui_streamline.host.log import LogOnce
     from comfyui_streamline.families.svd.structure import read_svd_structure, svd_work
     from comfyui_streamline.families.svd.forward import svd_forward

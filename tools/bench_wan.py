@@ -9,7 +9,7 @@ these, and its time grows by the block count (the rows say both). The sliced run
 the same block-replace hook the node installs. Each row is printed, and appended to --markdown (flushed),
 as soon as it is measured: peak activation (core/meter.py: CUDA active bytes above what was held before,
 counters never reset; the live-tensor counter on the CPU), seconds per forward, the largest difference,
-and the planner's prediction (core/dit_budget.py).
+and the planner's prediction (families/wan/laws.py).
 
 First, what a Step Rehash step costs at these shapes with all the model's blocks (30 / 40): its FLOPs
 against a full call's (torch's FlopCounterMode over ComfyUI's WanModel on the meta device: shapes only,
@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     from comfy.ldm.wan.model import WanModel
 
     from comfyui_streamline.core.budget import format_bytes
-    from comfyui_streamline.core.dit_budget import SDPA, SUB_QUADRATIC, WanShape, WanWork, forward_peak_bytes
+    from comfyui_streamline.families.wan.laws import SDPA, SUB_QUADRATIC, WanShape, WanWork, forward_peak_bytes
     from comfyui_streamline.families.wan.block import host_copies_block_input
     from comfyui_streamline.core.meter import measure_peak
     from comfyui_streamline.families.wan.patch import CALL_KEY, SlicedWanBlock, WanCall

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 
+from torch import Tensor
+
 from ...core.budget import Plan
 from ...core.slicing import SliceConfig
 from ...host.attention import attention_laws
@@ -11,7 +13,29 @@ from ..unet import forward as unet_forward
 from ..unet.adapter import UNetLike
 from . import forward as svd_forward_module
 from .forward import is_svd_unet, svd_forward
-from .laws import plan_svd_call, preview_latent, svd_frames, svd_peaks
+from .laws import SVD_DEFAULT_FRAMES, plan_svd, predict_svd_peak_bytes, preview_latent, svd_frames
+from .structure import read_svd_structure, svd_work
+
+
+def _svd(unet, x: Tensor, context: Tensor | None, frames: int):
+    return read_svd_structure(unet), svd_work(x, context, frames)
+
+
+def plan_svd_call(unet, latent_shape, dtype_bytes: int, budget: int, laws, context_tokens: int | None = None,
+                  frames: int | None = None) -> Plan:
+    """The coarsest slicing predicted to fit `budget` for one SVD call. Raises core.budget.BudgetError."""
+    x = Shaped(latent_shape, dtype_bytes)
+    context = Shaped((latent_shape[0], context_tokens or 1, 1), dtype_bytes)
+    structure, work = _svd(unet, x, context, frames or SVD_DEFAULT_FRAMES)
+    return plan_svd(structure, work, budget, laws)
+
+
+def svd_peaks(unet, x: Tensor, context: Tensor | None, config: SliceConfig, laws,
+              frames: int | None = None) -> tuple[int, int]:
+    """(sliced with `config`, ComfyUI's forward) predicted peak bytes of one SVD call."""
+    structure, work = _svd(unet, x, context, frames or SVD_DEFAULT_FRAMES)
+    return (predict_svd_peak_bytes(structure, work, config, laws),
+            predict_svd_peak_bytes(structure, work, None, laws))
 
 
 class SVDFamily(UNetLike):

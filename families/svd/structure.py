@@ -1,11 +1,11 @@
-"""Read an SVD UNet (ComfyUI's UNetModel with video layers) into core/svd_budget.py's description."""
+"""Read an SVD UNet (ComfyUI's UNetModel with video layers) into families/svd/laws.py's description."""
 from __future__ import annotations
 
 import torch.nn as nn
 from comfy.ldm.modules.attention import SpatialVideoTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample, VideoResBlock
 
-from ...core.svd_budget import SVDLayer, SVDStructure, SVDWork
+from .laws import SVDLayer, SVDStructure, SVDWork
 
 
 def _layer(layer: nn.Module, channels_in: int) -> SVDLayer:

@@ -12,7 +12,7 @@ from .laws import (
     wan_tokens, wan_work,
 )
 
-# Wan subclasses the pack slices but does not plan: work outside the sliced blocks that core/dit_budget.py's
+# Wan subclasses the pack slices but does not plan: work outside the sliced blocks that families/wan/laws.py's
 # laws do not count, so a budget could not be kept. Memory Budget leaves them to ComfyUI (Streamline Model
 # Patch still slices them).
 WAN_UNPLANNED = {
@@ -108,7 +108,7 @@ class WanFamily(Family):
 
     def finer_after_oom(self, model, config: SliceConfig, x, context) -> SliceConfig | None:
         """Half the tokens per slice (None: one token per slice already)."""
-        from ...core.dit_budget import token_chunk_size
+        from ...core.slicing import token_chunk_size
 
         tokens, per_frame = wan_tokens(model, tuple(x.shape))
         chunk = token_chunk_size(config, batch=x.shape[0], tokens=tokens, tokens_per_frame=per_frame,

@@ -67,7 +67,7 @@ def exact_token_chunk(chunk: int) -> int:
 @functools.lru_cache(maxsize=None)
 def host_copies_block_input() -> bool:
     """Whether the host's WanAttentionBlock.forward makes x contiguous (ComfyUI 0.33): ComfyUI's forward then
-    holds one more (B, L, C) in the first block (core/dit_budget.py WanWork.input_copy). The sliced block
+    holds one more (B, L, C) in the first block (families/wan/laws.py WanWork.input_copy). The sliced block
     copies at its end instead, when keys and values are gone (sliced_block_forward)."""
     return host_fingerprints.source_mentions(WanAttentionBlock.forward, "x.contiguous()", False)
 

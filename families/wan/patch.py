@@ -164,8 +164,8 @@ TokenChunkFor = Callable[[dict, Tensor, int], "int | None"]
 
 def token_chunk_from_state(transformer_options: dict, x: Tensor, tokens_per_frame: int) -> int | None:
     """The slice size the run's StreamlineState (techniques/slicing.py) gives: its SliceConfig mapped to
-    tokens by core.dit_budget.token_chunk_size; None without a state."""
-    from ...core.dit_budget import token_chunk_size
+    tokens by core.slicing.token_chunk_size; None without a state."""
+    from ...core.slicing import token_chunk_size
 
     state = transformer_options.get(STATE_KEY)
     if state is None:
