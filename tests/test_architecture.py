@@ -147,6 +147,22 @@ def test_no_family_switch_outside_families(layer):
     assert hits == []
 
 
+# what several families share (a family folder may import these); families/registry.py imports every family
+FAMILY_SHARED = ("families.unet_common", "families.dit", "families.family", "families.registry")
+
+
+def _family_folder(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "families" and len(parts) > 2 else None
+
+
+def test_a_family_imports_no_other_family():
+    wrong = [f"{module} -> {target}" for module, targets in GRAPH.items() if _family_folder(module) is not None
+             for target in targets if _family_folder(target) not in (None, _family_folder(module))
+             and not any(_in(target, shared) for shared in FAMILY_SHARED)]
+    assert wrong == []
+
+
 def test_node_files_are_thin():
     long_files, long_functions = [], []
     for module, path in MODULES.items():

@@ -161,11 +161,12 @@ def unrecorded_host(monkeypatch):
 
 
 def test_self_checks_give_comfyuis_output_on_this_host():
+    from comfyui_streamline.families.svd.forward import svd_self_check
     from comfyui_streamline.families.unet.forward import unet_self_check
     from comfyui_streamline.families.wan.patch import wan_self_check
 
     assert unet_self_check() <= 1e-12
-    assert unet_self_check(video=True) <= 1e-12
+    assert svd_self_check() <= 1e-12
     assert wan_self_check() <= 1e-5
 
 
@@ -182,7 +183,7 @@ def test_self_check_catches_a_mirror_that_drops_a_hook(monkeypatch):
     monkeypatch.setattr(streamlined_unet, "middle_block_after", dropped)
     monkeypatch.setattr(svd_unet, "middle_block_after", dropped)
     assert streamlined_unet.unet_self_check() > 1e-3
-    assert streamlined_unet.unet_self_check(video=True) > 1e-3
+    assert svd_unet.svd_self_check() > 1e-3
     monkeypatch.setattr(block, "host_calls_attn2_patch", lambda: False)
     assert wan_self_check() > 1e-3
 

@@ -270,7 +270,7 @@ def test_recorded_svd_fingerprints_are_this_hosts():
 
 
 def test_is_svd_unet(loaded, layout):
-    from comfyui_streamline.families.svd.forward import is_svd_unet
+    from comfyui_streamline.families.unet_common.layer_roles import is_svd_unet
     from comfyui_streamline.testing.model_families import FAMILIES
 
     assert is_svd_unet(loaded) and is_svd_unet(layout)

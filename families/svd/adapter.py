@@ -9,10 +9,10 @@ from ...core.budget import Plan
 from ...core.slicing import SliceConfig
 from ...host.attention import attention_laws
 from ..family import Shaped, plan_text
-from ..unet import forward as unet_forward
-from ..unet.adapter import UNetLike
+from ..unet_common.adapter import UNetLike
+from ..unet_common.layer_roles import is_svd_unet
 from . import forward as svd_forward_module
-from .forward import is_svd_unet, svd_forward
+from .forward import svd_forward
 from .laws import SVD_DEFAULT_FRAMES, plan_svd, predict_svd_peak_bytes, preview_latent, svd_frames
 from .structure import read_svd_structure, svd_work
 
@@ -84,7 +84,7 @@ class SVDFamily(UNetLike):
     # -- Streamline Model Patch -------------------------------------------------------------------------------
 
     def verdict_sliced(self) -> bool:
-        return unet_forward.unet_verdict(video=True).sliced
+        return svd_forward_module.svd_verdict().sliced
 
     def call_mode(self, unet, x, kwargs, transformer_options) -> tuple[bool, int | None]:
         return False, svd_frames(kwargs, x, unet)

@@ -37,36 +37,19 @@ from torch import Tensor
 from ...core.grouping import run_frame_chunked
 from ...core.groupnorm import channel_moments, video_group_stats
 from ...core.slicing import SliceConfig, chunk_ranges, frame_chunk_size, spatial_chunk_size
+from ..unet_common.group_norm import normalize
+from ..unet_common.inputs import BLOCK_LEVEL_PATCHES
 from ..unet_common.layer_roles import Role, role_of
 from ..unet_common.prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
-from ..unet.video_norm import normalize
+from ..unet_common.self_check import sliced_unet_self_check
+from ...host import fingerprints as host_fingerprints
 from ...host.log import LogOnce
-
-# transformer_options patch keys that act between blocks on whole tensors (as in streamlined_unet); any
-# other patch may look inside attention at what a slice cannot show, so video layers then run whole.
-_BLOCK_LEVEL_PATCHES = {
-    "forward_timestep_embed_patch",
-    "emb_patch",
-    "input_block_patch",
-    "input_block_patch_after_skip",
-    "output_block_patch",
-    "middle_block_after_patch",
-}
 
 FrameOp = Callable[[Tensor, int, int], Tensor]  # samples [start, end) of a feature -> their output
 
 def svd_functions() -> dict[str, Callable]:
     return {"comfy VideoResBlock.forward": VideoResBlock.forward,
             "comfy SpatialVideoTransformer.forward": SpatialVideoTransformer.forward}
-
-
-def is_svd_unet(unet: nn.Module) -> bool:
-    """A ComfyUI UNetModel with video layers (SVD, SV3D)."""
-    if not isinstance(unet, UNetModel):
-        return False
-    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-    return any(isinstance(layer, (VideoResBlock, SpatialVideoTransformer))
-               for block in blocks if block is not None for layer in block)
 
 
 # -- layers: what the sliced path knows ---------------------------------------------------------------
@@ -157,7 +140,7 @@ class SVDForward:
                                  image_only_indicator=image_only_indicator)
         patches = transformer_options.get("patches", {})
         self.patched_types = tuple(cls for cls, _ in patches.get("forward_timestep_embed_patch", []))
-        attention = sorted(k for k, v in patches.items() if v and k not in _BLOCK_LEVEL_PATCHES)
+        attention = sorted(k for k, v in patches.items() if v and k not in BLOCK_LEVEL_PATCHES)
         attention += sorted(k for k, v in transformer_options.get("patches_replace", {}).items() if v)
         self.temporal_reason = self._temporal_reason(attention)
 
@@ -507,3 +490,15 @@ def svd_forward(unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, t
     dtype = x.dtype
     h = h.then(lambda part, start, end: part.type(dtype), h.shape)
     return run.run_block(unet.out, h).take()
+
+
+def svd_self_check() -> float:
+    """The sliced SVD forward against UNetModel._forward on a tiny float64 SVD UNet (unet_common/self_check.py)."""
+    return sliced_unet_self_check(svd_forward, video=True)
+
+
+def svd_verdict() -> "host_fingerprints.Verdict":
+    """The host verdict on ComfyUI's UNet functions the sliced SVD forward mirrors, its video layers too."""
+    functions = host_fingerprints.comfy_functions()
+    functions.update(svd_functions())
+    return host_fingerprints.verdict("SVD UNet", functions, svd_self_check)

@@ -1,15 +1,15 @@
 """The UNet families' adapters: ComfyUI's UNetModel as SD1.5 / SD2 / SDXL build it, with AnimateDiff-Evolved's
-motion modules or without (this family), and the parts SVD's video UNet shares with it (UNetLike)."""
+motion modules or without (this family; what SVD's video UNet answers alike: unet_common/adapter.py)."""
 from __future__ import annotations
 
 import functools
 
 from ...core import offload as core_offload
 from ...core.budget import Plan, Workload, plan, plan_traffic, predict_peak_bytes
-from ...core.rehash import resolve_cache_block
-from ...core.slicing import SliceConfig, finer, frame_chunk_size, spatial_chunk_size
+from ...core.slicing import SliceConfig
 from ...host.attention import attention_laws
-from ..family import Family
+from ..unet_common.adapter import UNetLike
+from ..unet_common.layer_roles import is_svd_unet
 from . import forward as unet_forward  # read at call time: the tests replace its functions
 from . import video_norm
 from .forward import streamlined_unet_forward
@@ -19,43 +19,11 @@ from .planning import (
 from .structure import unet_shape
 
 
-class UNetLike(Family):
-    """What ComfyUI's UNetModel families (the SD UNet with ADE, SVD's video UNet) answer alike."""
-
-    def slice_text(self, unet, x, context, config: SliceConfig) -> str:
-        tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
-        positions = x.shape[-2] * x.shape[-1]
-        channels = getattr(unet, "model_channels", 1)
-        top = channels * (positions + 2 * tokens)
-        frames = frame_chunk_size(config, x.shape[0], top, top)
-        spatial = spatial_chunk_size(config, x.shape[0], positions, channels, channels)
-        auto = " (automatic)" if config.frame_chunk == 0 or config.spatial_chunk == 0 else ""
-        offload = (", skips and block outputs offloaded" if getattr(config, "offload_features", False) else
-                   ", skips offloaded" if config.offload_skips else "")
-        return (f"slices of {frames} of {x.shape[0]} samples in per-frame layers, {spatial} of {positions} "
-                f"positions in temporal layers{auto}{offload}")
-
-    def finer_after_oom(self, unet, config: SliceConfig, x, context) -> SliceConfig | None:
-        tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
-        positions = x.shape[-2] * x.shape[-1]
-        return finer(config, x.shape[0], positions, unet.model_channels,
-                     unet.model_channels * (positions + 2 * tokens))
-
-    def unknown_inputs(self, transformer_options: dict, kwargs: dict) -> list[str]:
-        return unet_forward.unknown_inputs(transformer_options, kwargs, unet_forward.KNOWN_PATCHES,
-                                           unet_forward.KNOWN_REPLACES, unet_forward.KNOWN_CONDS)
-
-    def rehash_split(self, unet, cache_block: int) -> int:
-        return resolve_cache_block(cache_block, len(unet.output_blocks))
-
-
 class UNetFamily(UNetLike):
     name = "UNet"
 
     def claims(self, diffusion_model) -> bool:
         from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-        from ..svd.forward import is_svd_unet
 
         return isinstance(diffusion_model, UNetModel) and not is_svd_unet(diffusion_model)
 
@@ -118,7 +86,7 @@ class UNetFamily(UNetLike):
     # -- Streamline Model Patch -------------------------------------------------------------------------------
 
     def verdict_sliced(self) -> bool:
-        return unet_forward.unet_verdict(video=False).sliced
+        return unet_forward.unet_verdict().sliced
 
     def call_mode(self, unet, x, kwargs, transformer_options) -> tuple[bool, int | None]:
         try:

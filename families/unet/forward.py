@@ -32,27 +32,11 @@ from ...host import fingerprints as host_fingerprints, tiny_models
 from . import video_norm
 from ...host.log import LogOnce
 from .motion_module import run_motion_module_sliced, unsliceable_reason
+from ..unet_common.inputs import BLOCK_LEVEL_PATCHES
 from ..unet_common.prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
+from ..unet_common.self_check import sliced_unet_self_check
 
-# transformer_options patch keys that act between blocks on whole tensors; any other patch may look
-# inside attention at batch-dependent data, so spatial transformers then run unsliced.
-_BLOCK_LEVEL_PATCHES = {
-    "forward_timestep_embed_patch",
-    "emb_patch",
-    "input_block_patch",
-    "input_block_patch_after_skip",
-    "output_block_patch",
-    "middle_block_after_patch",
-}
 _PER_FRAME_ROLES = {Role.RES_BLOCK, Role.SPATIAL_TRANSFORMER, Role.UPSAMPLE, Role.PER_FRAME}
-# What the sliced UNet forwards (this one and svd_unet.py) know. Patch keys: the block-level ones they call as
-# UNetModel._forward does, and those ComfyUI's transformer blocks read (the spatial transformers then run
-# unsliced); patches_replace: attention replacements (likewise). Model kwargs (conds): those _forward reads.
-# Anything else makes the call run ComfyUI's own forward, with one log line naming it.
-_TRANSFORMER_PATCHES = {"attn1_patch", "attn1_output_patch", "attn2_patch", "attn2_output_patch", "middle_patch"}
-KNOWN_PATCHES = _BLOCK_LEVEL_PATCHES | _TRANSFORMER_PATCHES
-KNOWN_REPLACES = {"attn1", "attn2"}
-KNOWN_CONDS = {"time_context", "num_video_frames", "image_only_indicator"}
 
 
 @dataclass
@@ -128,7 +112,7 @@ class StreamlinedForward:
         patches = transformer_options.get("patches", {})
         self.patch_handlers = list(patches.get("forward_timestep_embed_patch", []))
         self.patched_types = tuple(cls for cls, _ in self.patch_handlers)
-        attention_patches = sorted(k for k, v in patches.items() if v and k not in _BLOCK_LEVEL_PATCHES)
+        attention_patches = sorted(k for k, v in patches.items() if v and k not in BLOCK_LEVEL_PATCHES)
         attention_patches += sorted(k for k, v in transformer_options.get("patches_replace", {}).items() if v)
         self.attention_patches = attention_patches
         if attention_patches:
@@ -465,60 +449,14 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
     return unet.out(h.type(x.dtype))
 
 
-def unknown_inputs(transformer_options: dict, kwargs: dict, known_patches: set[str], known_replaces: set[str],
-                   known_conds: set[str]) -> list[str]:
-    """What a call hands the diffusion model that the sliced path does not know (patch keys, replacements,
-    conds), named for the log; empty: it knows everything."""
-    found = [f"patch {k!r}" for k, v in transformer_options.get("patches", {}).items() if v and k not in known_patches]
-    found += [f"replacement {k!r}" for k, v in transformer_options.get("patches_replace", {}).items()
-              if v and k not in known_replaces]
-    found += [f"cond {k!r}" for k, v in kwargs.items() if v is not None and k not in known_conds]
-    return found
+def unet_self_check() -> float:
+    """The sliced UNet forward against UNetModel._forward on a tiny float64 UNet (unet_common/self_check.py)."""
+    return sliced_unet_self_check(streamlined_unet_forward)
 
 
-def unet_self_check(video: bool = False) -> float:
-    """The pack's sliced UNet forward against UNetModel._forward on a tiny float64 UNet (SVD's with `video`),
-    with ControlNet residuals and input, middle and output block patches; the relative difference."""
-    from ..svd.forward import svd_forward
-
-    unet = tiny_models.unet(video=video)
-    frames = 3
-    batch = 2 * frames
-    x = tiny_models.inputs((batch, 4, 8, 8), 1)
-    timesteps = torch.linspace(10.0, 900.0, batch, dtype=x.dtype)
-    context = tiny_models.inputs((batch, 5, 8), 2)
-    kwargs = {"y": tiny_models.inputs((batch, 12), 3), "num_video_frames": frames,
-              "image_only_indicator": torch.zeros(2, frames, dtype=x.dtype)} if video else {}
-    shapes: list[tuple] = []  # the input blocks' outputs: the skips ControlNet residuals are added to
-    with torch.no_grad():
-        unet._forward(x, timesteps, context, transformer_options={"patches": {"input_block_patch": [
-            lambda h, to: shapes.append(tuple(h.shape)) or h]}}, **kwargs)
-    residuals = [tiny_models.inputs(shape, 10 + i) * 0.1 for i, shape in enumerate(shapes)]
-    patches = {"input_block_patch": [lambda h, to: h * 1.01],
-               "output_block_patch": [lambda h, hsp, to: (h, hsp * 0.9)],
-               "middle_block_after_patch": [lambda args: {"h": args["h"] * 1.1}]}
-
-    def run(forward) -> Tensor:
-        # apply_control pops from the end: the input list in reverse, the output one as the skips leave
-        control = {"input": residuals[::-1], "middle": [residuals[-1]], "output": list(residuals)}
-        to = {"patches": {k: list(v) for k, v in patches.items()}}
-        with torch.no_grad():
-            return forward(x, timesteps, context, control=control, transformer_options=to, **kwargs)
-
-    config = SliceConfig(frame_chunk=2, spatial_chunk=5, scale_with_level=False)
-    ours = functools.partial(svd_forward if video else streamlined_unet_forward, unet, config, LogOnce())
-    return host_fingerprints.relative_difference(run(ours), run(unet._forward))
-
-
-def unet_verdict(video: bool = False) -> "host_fingerprints.Verdict":
-    """The host verdict on ComfyUI's UNet functions the sliced forward mirrors (SVD's video layers too)."""
-    from ..svd.forward import svd_functions
-
-    functions = host_fingerprints.comfy_functions()
-    if video:
-        functions.update(svd_functions())
-    return host_fingerprints.verdict("SVD UNet" if video else "UNet", functions,
-                                     functools.partial(unet_self_check, video))
+def unet_verdict() -> "host_fingerprints.Verdict":
+    """The host verdict on ComfyUI's UNet functions the sliced forward mirrors."""
+    return host_fingerprints.verdict("UNet", host_fingerprints.comfy_functions(), unet_self_check)
 
 
 _ADE_GROUPNORM = "ADE groupnorm_mm_factory"

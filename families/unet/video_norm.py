@@ -25,14 +25,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ...core.groupnorm import channel_moments, group_norm_apply, video_group_stats
+from ...core.groupnorm import channel_moments, video_group_stats
 from ...core.slicing import chunk_ranges
+from ..unet_common.group_norm import Stats, normalize
 from ..unet_common.layer_roles import Role
 
 ADE_GROUPNORM_WRAPPER_KEY = "ADE_groupnormed_diffusion_model"  # sampling.create_diffusion_model_groupnormed_wrapper
-
-Stats = tuple[Tensor, Tensor]  # per-sample (batch, groups) mean and 1/std
-
 
 class VideoNormUnknown(Exception):
     """The GroupNorm-over-videos mode is on, but the video length it uses cannot be read."""
@@ -77,22 +75,6 @@ def supports(layer: nn.Module, role: Role) -> bool:
     if role is Role.SPATIAL_TRANSFORMER:
         return isinstance(layer.norm, nn.GroupNorm)
     return True
-
-
-def _norm_params(norm: nn.GroupNorm, like: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """The GroupNorm's weight and bias as its own forward would use them (cast where ComfyUI casts)."""
-    if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) or \
-            getattr(norm, "bias_function", None):
-        import comfy.ops
-
-        cast = comfy.ops.cast_bias_weight(norm, like)
-        return cast[0], cast[1]
-    return norm.weight, norm.bias
-
-
-def normalize(norm: nn.GroupNorm, x: Tensor, stats: Stats) -> Tensor:
-    weight, bias = _norm_params(norm, x)
-    return group_norm_apply(x, stats[0], stats[1], weight, bias, norm.num_groups)
 
 
 def input_stats(parts: list[Tensor], norm: nn.GroupNorm, frames: int, dtype: torch.dtype | None) -> Stats:

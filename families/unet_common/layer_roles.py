@@ -6,7 +6,7 @@ import enum
 import torch.nn as nn
 from comfy.ldm.modules.attention import SpatialTransformer, SpatialVideoTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import (
-    Downsample, ResBlock, TimestepBlock, Upsample, VideoResBlock,
+    Downsample, ResBlock, TimestepBlock, UNetModel, Upsample, VideoResBlock,
 )
 
 
@@ -53,3 +53,12 @@ def role_of(layer: nn.Module, patched_types: tuple[type, ...]) -> Role:
     if isinstance(layer, _PER_FRAME_TYPES):
         return Role.PER_FRAME
     return Role.WHOLE
+
+
+def is_svd_unet(unet: nn.Module) -> bool:
+    """A ComfyUI UNetModel with video layers (SVD, SV3D)."""
+    if not isinstance(unet, UNetModel):
+        return False
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    return any(isinstance(layer, (VideoResBlock, SpatialVideoTransformer))
+               for block in blocks if block is not None for layer in block)
