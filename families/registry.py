@@ -23,7 +23,6 @@ from .family import Family, plan_text  # noqa: F401 (the techniques' names)
 from .svd.adapter import SVD
 from .unet.adapter import UNET
 from .wan.adapter import WAN
-from .wan.laws import wan_rehash_split_bytes, wan_tokens  # noqa: F401 (the tests' names)
 
 FAMILIES: tuple[Family, ...] = (SVD, UNET, WAN)  # SVD's video UNet is a UNetModel too: asked first
 

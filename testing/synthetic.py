@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .weights import ade_module, randomize_  # noqa: F401 (the fixtures' names, as before)
+from .weights import ade_module, randomize_
 
 SD15_MOTION_CHANNELS = {"down": (320, 640, 1280, 1280), "up": (1280, 1280, 640, 320), "mid": 1280}
 _PE_KEY = "temporal_transformer.transformer_blocks.0.attention_blocks.{}.pos_encoder.pe"
@@ -175,7 +175,8 @@ def with_streamline(transformer_options: dict, config=None, state=None) -> dict:
     Streamline Model Patch routes them (`state`: one patched model across calls; else a new one for `config`)."""
     import comfy.patcher_extension
 
-    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState, streamline_wrapper
+    from comfyui_streamline.host.options import STREAMLINE_KEY as STATE_KEY
+    from comfyui_streamline.techniques.slicing import StreamlineState, streamline_wrapper
 
     transformer_options[STATE_KEY] = state if state is not None else StreamlineState(config)
     wrappers = transformer_options.setdefault("wrappers", {}).setdefault(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})

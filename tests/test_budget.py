@@ -339,7 +339,7 @@ def test_a_budget_leaves_step_rehash_its_cache(injected_unet):
     from comfyui_streamline.host.attention import attention_laws
     from comfyui_streamline.families.unet.planning import workload_for
     from comfyui_streamline.techniques.slicing import StreamlineState
-    from comfyui_streamline.techniques.rehash import STATE_KEY as REHASH_STATE_KEY
+    from comfyui_streamline.host.options import REHASH_KEY as REHASH_STATE_KEY
     from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.testing import synthetic
 
@@ -493,7 +493,7 @@ def test_an_out_of_memory_retry_lasts_its_run(sd15_image, forward_configs, monke
     import copy
 
     from comfyui_streamline.families.unet import forward as streamlined_unet
-    from comfyui_streamline.techniques.slicing import STATE_KEY
+    from comfyui_streamline.host.options import STREAMLINE_KEY as STATE_KEY
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
 
     model, family = sd15_image
@@ -532,7 +532,8 @@ def test_auto_plans_are_made_per_run_and_per_free_memory(sd15_image, forward_con
     from comfyui_streamline.techniques.budget import BudgetPlanner, free_step
     from comfyui_streamline.host.attention import attention_laws
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
-    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState
+    from comfyui_streamline.host.options import STREAMLINE_KEY as STATE_KEY
+    from comfyui_streamline.techniques.slicing import StreamlineState
     from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.testing.model_families import TOKENS
 

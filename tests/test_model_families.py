@@ -107,6 +107,7 @@ def slicing_budget(model, spec) -> int:
     from comfyui_streamline.core.budget import ALLOCATOR_HEADROOM, BudgetError, Workload, plan, predict_peak_bytes
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.families import registry as families
+    from comfyui_streamline.families.wan import laws as wan_laws
     from comfyui_streamline.host.attention import attention_laws
     from comfyui_streamline.families.unet.planning import planned_shape
     from comfyui_streamline.testing.model_families import TOKENS
@@ -122,7 +123,7 @@ def slicing_budget(model, spec) -> int:
         def slices(budget: int) -> bool:
             config = families.plan_for(family, dm, latent, 4, budget, laws, TOKENS, frames).config
             return config.frame_chunk < latent[0] if family == families.SVD else \
-                config.token_chunk < families.wan_tokens(dm, latent)[0]
+                config.token_chunk < wan_laws.wan_tokens(dm, latent)[0]
     else:
         batch = 2 * spec.latent_shape[0]
         work = Workload(batch, spec.latent_shape[0], *spec.latent_shape[-2:], context_tokens=TOKENS)

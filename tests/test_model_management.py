@@ -120,7 +120,8 @@ def test_an_accelerator_out_of_memory_is_retried_with_finer_slices(monkeypatch, 
 
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.families.unet import forward as streamlined_unet
-    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState
+    from comfyui_streamline.host.options import STREAMLINE_KEY as STATE_KEY
+    from comfyui_streamline.techniques.slicing import StreamlineState
 
     if not hasattr(comfy.model_management, "is_oom"):
         pytest.skip("this ComfyUI has no is_oom (0.3.64 counts torch's OutOfMemoryError alone)")
@@ -145,7 +146,8 @@ def test_an_accelerator_out_of_memory_is_retried_with_finer_slices(monkeypatch, 
 def test_any_other_error_goes_through_untouched(monkeypatch):
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.families.unet import forward as streamlined_unet
-    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState
+    from comfyui_streamline.host.options import STREAMLINE_KEY as STATE_KEY
+    from comfyui_streamline.techniques.slicing import StreamlineState
 
     def broken(group, total, chunk):
         raise ValueError("not a memory problem")
@@ -175,7 +177,8 @@ class HostlessPool:
 def test_host_memory_running_out_during_offload_is_retried_with_offload_off(monkeypatch, caplog):
     from comfyui_streamline.core import offload
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState
+    from comfyui_streamline.host.options import STREAMLINE_KEY as STATE_KEY
+    from comfyui_streamline.techniques.slicing import StreamlineState
 
     reference = run_unet({})
     pool = HostlessPool()
@@ -257,7 +260,7 @@ def test_multigpu_device_clones_keep_the_patch_and_plan_for_their_device(free_me
 
     from comfyui_streamline.techniques.budget import MemoryEstimate
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
-    from comfyui_streamline.techniques.slicing import STATE_KEY
+    from comfyui_streamline.host.options import STREAMLINE_KEY as STATE_KEY
 
     multigpu = getattr(comfy.patcher_extension.CallbacksMP, "ON_DEEPCLONE_MULTIGPU", None)
     if multigpu is None:

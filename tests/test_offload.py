@@ -419,7 +419,7 @@ def test_feature_offload_brings_512x512x128_under_2_gib_in_prediction():
 
 @pytest.mark.host
 def test_model_patch_input_is_optional_and_off_by_default(tinyvideo):
-    from comfyui_streamline.techniques.slicing import STATE_KEY
+    from comfyui_streamline.host.options import STREAMLINE_KEY as STATE_KEY
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
 
     schema = StreamlineModelPatch.define_schema()
@@ -452,7 +452,8 @@ def test_memory_budget_chooses_offload_and_tells_comfyui(sd15, monkeypatch):
     from comfyui_streamline.techniques.budget import BudgetPlanner
     from comfyui_streamline.host.attention import attention_laws
     from comfyui_streamline.families.unet.planning import workload_for
-    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState
+    from comfyui_streamline.host.options import STREAMLINE_KEY as STATE_KEY
+    from comfyui_streamline.techniques.slicing import StreamlineState
     from comfyui_streamline.families.unet.structure import unet_shape
 
     unet, synthetic = sd15

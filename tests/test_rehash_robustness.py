@@ -43,7 +43,7 @@ def patch(model, **config):
 
 
 def state_of(model):
-    from comfyui_streamline.techniques.rehash import STATE_KEY
+    from comfyui_streamline.host.options import REHASH_KEY as STATE_KEY
 
     return model.model_options["transformer_options"][STATE_KEY]
 
@@ -276,7 +276,8 @@ def through_the_wrapper(state, step: int, sample_sigmas) -> dict:
     """transformer_options of one model call of a run with Step Rehash: its wrapper, its state, the step."""
     import comfy.patcher_extension
 
-    from comfyui_streamline.techniques.rehash import STATE_KEY, WRAPPER_KEY, diffusion_model_wrapper
+    from comfyui_streamline.host.options import REHASH_KEY as STATE_KEY, REHASH_WRAPPER_KEY as WRAPPER_KEY
+    from comfyui_streamline.techniques.rehash import diffusion_model_wrapper
 
     return {STATE_KEY: state, "sigmas": sample_sigmas[step:step + 1], "sample_sigmas": sample_sigmas,
             "wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {WRAPPER_KEY: [diffusion_model_wrapper]}}}
@@ -288,7 +289,7 @@ def svd_unet():
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    from comfyui_streamline.testing.synthetic import randomize_
+    from comfyui_streamline.testing.weights import randomize_
 
     unet = UNetModel(
         image_size=None, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=[1, 1], channel_mult=(1, 2),

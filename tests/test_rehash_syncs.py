@@ -102,7 +102,7 @@ def test_rehash_off_reads_nothing_and_never_synchronizes(tinyvideo, monkeypatch)
     (dict(mode="keystep", full_steps=3), 8),  # and the model's fingerprint (its first and last weights' samples)
 ])
 def test_a_rehash_mode_reads_a_few_values_per_run_not_per_call(tinyvideo, monkeypatch, tmp_path, config, most):
-    from comfyui_streamline.techniques.rehash import STATE_KEY
+    from comfyui_streamline.host.options import REHASH_KEY as STATE_KEY
 
     extras = {}
     for steps in (6, 12):
@@ -185,7 +185,7 @@ def test_steps_found_on_the_host_are_the_steps_the_sigmas_say(tinyvideo, monkeyp
 
 
 def state_of_run(model):
-    from comfyui_streamline.techniques.rehash import STATE_KEY
+    from comfyui_streamline.host.options import REHASH_KEY as STATE_KEY
 
     return model.model_options["transformer_options"][STATE_KEY].last.run
 

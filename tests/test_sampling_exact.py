@@ -208,7 +208,7 @@ def controlnet():
     import comfy.controlnet
     import comfy.ops
 
-    from comfyui_streamline.testing.synthetic import randomize_
+    from comfyui_streamline.testing.weights import randomize_
 
     net = comfy.cldm.cldm.ControlNet(
         image_size=32, in_channels=4, model_channels=320, hint_channels=3, num_res_blocks=[2, 2, 2, 2],

@@ -39,7 +39,7 @@ def patch(model, keystep_store=None, **kw):
 
 
 def state_of(model):
-    from comfyui_streamline.techniques.rehash import STATE_KEY
+    from comfyui_streamline.host.options import REHASH_KEY as STATE_KEY
 
     return model.model_options["transformer_options"][STATE_KEY]
 
@@ -199,7 +199,7 @@ def test_composes_with_the_memory_budget_which_leaves_the_cache_its_memory(ade_m
     gives unsliced. The plans belong to the run: none stay on the model."""
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.techniques.budget import BudgetPlanner, held_step
-    from comfyui_streamline.techniques.slicing import STATE_KEY as STREAMLINE_STATE_KEY
+    from comfyui_streamline.host.options import STREAMLINE_KEY as STREAMLINE_STATE_KEY
     from comfyui_streamline.techniques.slicing import StreamlineState, apply_streamline
 
     runs = []

@@ -17,7 +17,7 @@ TOLERANCE = 0.05
 @pytest.fixture(scope="module")
 def unet():
     from comfyui_streamline.testing.model_families import svd_layout
-    from comfyui_streamline.testing.synthetic import randomize_
+    from comfyui_streamline.testing.weights import randomize_
 
     return randomize_(svd_layout(model_channels=64), seed=2).eval()
 

@@ -36,7 +36,7 @@ def loaded(loaded_model):
 @pytest.fixture(scope="module")
 def layout():
     from comfyui_streamline.testing.model_families import svd_layout
-    from comfyui_streamline.testing.synthetic import randomize_
+    from comfyui_streamline.testing.weights import randomize_
 
     return randomize_(svd_layout(model_channels=64), seed=2).eval()
 
@@ -404,7 +404,7 @@ def test_rehash_full_call_is_bit_identical_and_stores_the_deep_feature(layout, c
     feature it stores is output block cache_block's output (block 5 ends with an Upsample: stored
     after it) in ComfyUI's forward."""
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.families.svd.forward import REHASH_CALL_KEY
+    from comfyui_streamline.host.options import REHASH_CALL_KEY
 
     x, t, c, y, kw = inputs(2)
     config = SliceConfig(3, 7, False)
@@ -427,7 +427,7 @@ def test_rehash_call_skips_the_deep_blocks_and_continues_from_the_cache(layout, 
     from what Step Rehash hands out (extrapolated along the last two full calls' features, or held)."""
     from comfyui_streamline.core.rehash import reused_feature
     from comfyui_streamline.core.slicing import UNSLICED, SliceConfig
-    from comfyui_streamline.families.svd.forward import REHASH_CALL_KEY
+    from comfyui_streamline.host.options import REHASH_CALL_KEY
 
     config = SliceConfig(3, 7, False) if sliced else UNSLICED
     run = rehash_run(reuse)

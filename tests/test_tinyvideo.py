@@ -109,7 +109,8 @@ def test_streamline_and_step_rehash_work_on_tinyvideo(tinyvideo_model):
     from comfyui_streamline.core.rehash import RehashConfig, fixed_full_steps
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.techniques.slicing import apply_streamline
-    from comfyui_streamline.techniques.rehash import STATE_KEY, apply_rehash
+    from comfyui_streamline.host.options import REHASH_KEY as STATE_KEY
+    from comfyui_streamline.techniques.rehash import apply_rehash
     from comfyui_streamline.nodes.tinyvideo import decode, sample_clip
 
     streamlined = apply_streamline(tinyvideo_model, SliceConfig(frame_chunk=3, spatial_chunk=100))
@@ -140,7 +141,8 @@ def test_extrapolated_reuse_is_closer_to_full_sampling_than_holding(tinyvideo_mo
     number of UNet calls)."""
     from comfyui_streamline.core.fidelity import psnr
     from comfyui_streamline.core.rehash import RehashConfig
-    from comfyui_streamline.techniques.rehash import STATE_KEY, apply_rehash
+    from comfyui_streamline.host.options import REHASH_KEY as STATE_KEY
+    from comfyui_streamline.techniques.rehash import apply_rehash
     from comfyui_streamline.nodes.tinyvideo import sample_clip
 
     full = sample_clip(tinyvideo_model, PROMPTS[0], steps=16, seed=3)

@@ -141,7 +141,8 @@ def test_step_rehash_on_tinywan_stays_close_to_full_sampling(tinywan_model):
     to full sampling, and extrapolated reuse is closer than holding at the same calls."""
     from comfyui_streamline.core.fidelity import psnr
     from comfyui_streamline.core.rehash import RehashConfig, fixed_full_steps
-    from comfyui_streamline.techniques.rehash import STATE_KEY, apply_rehash
+    from comfyui_streamline.host.options import REHASH_KEY as STATE_KEY
+    from comfyui_streamline.techniques.rehash import apply_rehash
 
     full = _sample(tinywan_model, PROMPTS[1], steps=25, seed=5)
     scores = {}

@@ -245,7 +245,8 @@ def test_unknown_models_run_unchanged(host, caplog):
     """A diffusion model that is not a ComfyUI UNet goes through the wrapper untouched, with a notice."""
     import comfy.patcher_extension
     from comfyui_streamline.core.slicing import SliceConfig
-    from comfyui_streamline.techniques.slicing import STATE_KEY, StreamlineState, streamline_wrapper
+    from comfyui_streamline.host.options import STREAMLINE_KEY as STATE_KEY
+    from comfyui_streamline.techniques.slicing import StreamlineState, streamline_wrapper
 
     class NotAUNet(torch.nn.Module):
         def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kw):
@@ -270,7 +271,8 @@ def test_node_patches_a_clone_and_leaves_the_input_model_alone(host):
     import comfy.model_patcher
     import comfy.patcher_extension
     from comfyui_streamline.core.slicing import SliceConfigError
-    from comfyui_streamline.techniques.slicing import STATE_KEY, remove_streamline
+    from comfyui_streamline.host.options import STREAMLINE_KEY as STATE_KEY
+    from comfyui_streamline.techniques.slicing import remove_streamline
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
 
     unet, _, _ = host

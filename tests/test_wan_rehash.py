@@ -41,7 +41,7 @@ def patch(model, keystep_store=None, **kw):
 
 
 def report_of(model):
-    from comfyui_streamline.techniques.rehash import STATE_KEY
+    from comfyui_streamline.host.options import REHASH_KEY as STATE_KEY
 
     return model.model_options["transformer_options"][STATE_KEY].last.report
 
@@ -331,7 +331,7 @@ def test_a_deep_block_another_node_replaces_keeps_every_step_full(caplog):
 def test_memory_budget_counts_the_deep_blocks_input_step_rehash_keeps(caplog):
     """Under Step Rehash a full Wan call keeps the deep blocks' input, one (batch, tokens, dim) tensor:
     Memory Budget plans with it held, from the first call on (before any cache exists)."""
-    from comfyui_streamline.families import registry as families
+    from comfyui_streamline.families.wan import laws as wan_laws
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
 
     caplog.set_level(logging.INFO, logger=STREAMLINE_LOGGER)
@@ -341,7 +341,7 @@ def test_memory_budget_counts_the_deep_blocks_input_step_rehash_keeps(caplog):
     plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Streamline Memory Budget (") and " for (" in r.getMessage()]
     assert plans and all("held by Step Rehash's cache" in m for m in plans), plans
     batch = 2  # cond and uncond batched
-    split = families.wan_rehash_split_bytes(wan_model().model.diffusion_model, (batch, *LATENT[1:]), 4)
+    split = wan_laws.wan_rehash_split_bytes(wan_model().model.diffusion_model, (batch, *LATENT[1:]), 4)
     assert split == batch * 3 * 2 * 2 * wan_model().model.diffusion_model.dim * 4  # 3 frames of 2x2 tokens, fp32
     caplog.clear()
     sample(budgeted, steps=2)  # without Step Rehash nothing is held

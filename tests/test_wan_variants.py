@@ -197,7 +197,7 @@ def rehash(model, **settings):
 
 
 def report_of(model):
-    from comfyui_streamline.techniques.rehash import STATE_KEY
+    from comfyui_streamline.host.options import REHASH_KEY as STATE_KEY
 
     return model.model_options["transformer_options"][STATE_KEY].last.report
 

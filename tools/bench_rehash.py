@@ -142,7 +142,8 @@ def main(argv=None) -> None:
     from comfyui_streamline.core.rehash import RehashConfig, fixed_full_steps
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.techniques.slicing import apply_streamline
-    from comfyui_streamline.techniques.rehash import STATE_KEY, apply_rehash
+    from comfyui_streamline.host.options import REHASH_KEY as STATE_KEY
+    from comfyui_streamline.techniques.rehash import apply_rehash
     from comfyui_streamline.nodes.tinyvideo import decode
     from comfyui_streamline.tinyvideo import stats
 

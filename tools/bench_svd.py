@@ -150,7 +150,8 @@ def rehash_flops(model_channels: int, height: int, width: int, frames: int, cach
     from comfyui_streamline.core.slicing import UNSLICED
     from comfyui_streamline.techniques.rehash import RehashCallState, RehashRun
     from comfyui_streamline.host.log import LogOnce
-    from comfyui_streamline.families.svd.forward import REHASH_CALL_KEY, svd_forward
+    from comfyui_streamline.host.options import REHASH_CALL_KEY
+    from comfyui_streamline.families.svd.forward import svd_forward
     from comfyui_streamline.testing.model_families import svd_layout
 
     unet = svd_layout(model_channels, dtype=torch.float16, device="meta")

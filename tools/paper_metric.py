@@ -101,7 +101,7 @@ def prepare(work: Path) -> tuple[str, str]:
         return checkpoint.name, motion.name
     from safetensors.torch import save_file
 
-    from comfyui_streamline.testing import synthetic
+    from comfyui_streamline.testing import synthetic, weights
 
     if not checkpoint.exists():
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -248,15 +248,15 @@ def run_variant(args: argparse.Namespace, meter: CallMeter):
 
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
-    from comfyui_streamline.testing import synthetic
+    from comfyui_streamline.testing import synthetic, weights
 
     if args.model == "svd":
         return run_svd_variant(args, meter)
     work = Path(args.work)
     checkpoint, motion_file = prepare(work)
     folder_paths.add_model_folder_path("checkpoints", str(work / "checkpoints"))
-    ade_nodes = synthetic.ade_module("nodes").NODE_CLASS_MAPPINGS
-    utils_model = synthetic.ade_module("utils_model")
+    ade_nodes = weights.ade_module("nodes").NODE_CLASS_MAPPINGS
+    utils_model = weights.ade_module("utils_model")
     folder_paths.add_model_folder_path(utils_model.Folders.ANIMATEDIFF_MODELS, str(work / "animatediff_models"))
 
     def ade(name, **inputs):

@@ -52,7 +52,8 @@ def main(argv=None) -> None:
     import torch.utils.flop_counter as flop_counter
 
     from comfyui_streamline.core.rehash import RehashConfig
-    from comfyui_streamline.techniques.rehash import STATE_KEY, apply_rehash
+    from comfyui_streamline.host.options import REHASH_KEY as STATE_KEY
+    from comfyui_streamline.techniques.rehash import apply_rehash
     from comfyui_streamline.testing import synthetic
 
     width, height, frames = (int(v) for v in args.size.split("x"))

@@ -40,10 +40,11 @@ from ...core.slicing import SliceConfig, chunk_ranges, frame_chunk_size, spatial
 from ..unet_common.group_norm import normalize
 from ..unet_common.inputs import BLOCK_LEVEL_PATCHES
 from ..unet_common.layer_roles import Role, role_of
-from ..unet_common.prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
+from ..unet_common.prologue import middle_block_after, time_embedding
 from ..unet_common.self_check import sliced_unet_self_check
 from ...host import fingerprints as host_fingerprints
 from ...host.log import LogOnce
+from ...host.options import REHASH_CALL_KEY
 
 FrameOp = Callable[[Tensor, int, int], Tensor]  # samples [start, end) of a feature -> their output
 

@@ -31,9 +31,10 @@ from ..unet_common.layer_roles import Role, role_of
 from ...host import fingerprints as host_fingerprints, tiny_models
 from . import video_norm
 from ...host.log import LogOnce
+from ...host.options import REHASH_CALL_KEY
 from .motion_module import run_motion_module_sliced, unsliceable_reason
 from ..unet_common.inputs import BLOCK_LEVEL_PATCHES
-from ..unet_common.prologue import REHASH_CALL_KEY, middle_block_after, time_embedding
+from ..unet_common.prologue import middle_block_after, time_embedding
 from ..unet_common.self_check import sliced_unet_self_check
 
 _PER_FRAME_ROLES = {Role.RES_BLOCK, Role.SPATIAL_TRANSFORMER, Role.UPSAMPLE, Role.PER_FRAME}

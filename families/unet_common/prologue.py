@@ -10,7 +10,6 @@ from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from torch import Tensor
 
 from ...host import fingerprints as host_fingerprints
-from ...host.options import REHASH_CALL_KEY  # noqa: F401 (svd_unet, streamlined_unet read it from here)
 
 
 
