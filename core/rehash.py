@@ -48,9 +48,11 @@ class RehashConfigError(ValueError):
 @dataclass(frozen=True)
 class RehashConfig:
     """mode: one of MODES.
-    cache_block: output block whose output (after its temporal layer) is cached; -1 = the default
-        (the second-to-last output block: a rehash step then runs only the first input block and the
-        last output block at full resolution).
+    split_point: where a call splits into the shallow path (every step) and the deep one (cached), as the
+        family reads it (Step Rehash's cache_block input): on a UNet the output block whose output (after its
+        temporal layer) is cached, -1 = the default (the second-to-last output block: a rehash step then runs
+        only the first input block and the last output block at full resolution; resolve_output_block); on
+        Wan the count of shallow blocks at each end, -1 = one (families/wan/rehash.py shallow_blocks).
     interval, warmup, tail: the fixed schedule (warm-up and tail steps are always full).
     threshold: adaptive mode; a step is computed in full once the predicted relative L1 change of the
         deep feature since the last full step reaches it (see predicted_deep_change).
@@ -60,7 +62,7 @@ class RehashConfig:
     """
 
     mode: str = "fixed"
-    cache_block: int = -1
+    split_point: int = -1
     interval: int = 2
     warmup: int = 2
     tail: int = 1
@@ -75,8 +77,8 @@ class RehashConfig:
             raise RehashConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.reuse not in REUSE_MODES:
             raise RehashConfigError(f"reuse must be one of {REUSE_MODES}, got {self.reuse!r}")
-        if self.cache_block < -1:
-            raise RehashConfigError(f"cache_block must be >= 0 (or -1 = default), got {self.cache_block}")
+        if self.split_point < -1:
+            raise RehashConfigError(f"cache_block must be >= 0 (or -1 = default), got {self.split_point}")
         for name in ("interval", "full_steps"):
             if getattr(self, name) < 1:
                 raise RehashConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -90,12 +92,12 @@ class RehashConfig:
                                     f"{self.start_percent}, {self.end_percent}")
 
 
-def resolve_cache_block(cache_block: int, output_blocks: int) -> int:
-    """The output block index to cache after; the last output block cannot be a cache point (nothing
-    would be left to compute)."""
-    resolved = output_blocks - 2 if cache_block == -1 else cache_block
+def resolve_output_block(split_point: int, output_blocks: int) -> int:
+    """The output block index to cache after, from RehashConfig.split_point; the last output block cannot be a
+    cache point (nothing would be left to compute)."""
+    resolved = output_blocks - 2 if split_point == -1 else split_point
     if not 0 <= resolved <= output_blocks - 2:
-        raise RehashConfigError(f"cache_block {cache_block} is out of range for a UNet with {output_blocks} "
+        raise RehashConfigError(f"cache_block {split_point} is out of range for a UNet with {output_blocks} "
                                 f"output blocks (0..{output_blocks - 2}, or -1 for the default)")
     return resolved
 
@@ -250,7 +252,7 @@ class KeystepRecord:
 
 
 class KeystepStore:
-    """Key-step search results in one JSON file, keyed by the model/sampler/steps fingerprint."""
+    """Key-step search results in one JSON file, keyed by the model/sampler/steps key (store_key)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -276,14 +278,14 @@ class KeystepStore:
         tmp.replace(self.path)
 
 
-def fingerprint(*parts) -> str:
-    """A stable key from the parts (str() of each)."""
+def store_key(*parts) -> str:
+    """A stable key from the parts (str() of each): what the key-step store files a search under."""
     import hashlib
 
     return hashlib.sha1("|".join(str(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def tensor_fingerprint(t: Tensor) -> str:
+def tensor_key(t: Tensor) -> str:
     """A short content hash of a (weight) tensor, to tell models apart."""
     import hashlib
 

@@ -111,8 +111,8 @@ class Family:
 
     splits_block_stack = False  # Step Rehash splits a stack of blocks (DiT), not a UNet's skips
 
-    def rehash_split(self, diffusion_model, cache_block: int) -> int:
-        """Where Step Rehash splits a call (raises core.rehash.RehashConfigError)."""
+    def rehash_split(self, diffusion_model, split_point: int) -> int:
+        """Where Step Rehash splits a call, from RehashConfig.split_point (raises core.rehash.RehashConfigError)."""
         raise NotImplementedError
 
     def install_rehash(self, patcher) -> None:

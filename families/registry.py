@@ -58,6 +58,17 @@ def unsupported_reason(diffusion_model: nn.Module, purpose: str = "slice") -> st
     return None
 
 
+def identity_weights(diffusion_model: nn.Module) -> list[Tensor]:
+    """The weights that tell one model from another (Step Rehash's key-step store): a UNetModel's first and last
+    convolution (not its parameter list: AnimateDiff-Evolved injects and removes motion modules around each run),
+    any family's or one the pack leaves to ComfyUI; another model's first parameter."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    if isinstance(diffusion_model, UNetModel):
+        return [diffusion_model.input_blocks[0][0].weight, diffusion_model.out[-1].weight]
+    return [next(iter(diffusion_model.parameters()))]
+
+
 def remove_slicing(patcher) -> None:
     """Undo every family's install_slicing on a clone."""
     for family in FAMILIES:

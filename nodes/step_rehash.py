@@ -43,7 +43,7 @@ def rehash_inputs() -> list:
 def rehash_config(rehash_mode: str, interval: int, warmup_steps: int, tail_steps: int, threshold: float,
                   full_steps: int, cache_block: int, start_percent: float, end_percent: float,
                   reuse: str = "extrapolate") -> RehashConfig:
-    return RehashConfig(mode=rehash_mode, cache_block=cache_block, interval=interval, warmup=warmup_steps,
+    return RehashConfig(mode=rehash_mode, split_point=cache_block, interval=interval, warmup=warmup_steps,
                         tail=tail_steps, threshold=threshold, full_steps=full_steps,
                         start_percent=start_percent, end_percent=end_percent, reuse=reuse)
 

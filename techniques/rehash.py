@@ -33,13 +33,12 @@ from typing import NamedTuple
 import comfy.model_patcher
 import comfy.patcher_extension
 import torch
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from torch import Tensor
 
 from ..core.rehash import (
     KeystepRecord, KeystepStore, RehashConfig, RehashConfigError, StepClock,
-    change_rate_on_device, feature_sketch, fingerprint, fixed_full_steps, keystep_search, predicted_deep_change,
-    reuse_costs, reused_feature, schedule_steps, sketches_to_cpu, tensor_fingerprint,
+    change_rate_on_device, feature_sketch, fixed_full_steps, keystep_search, predicted_deep_change,
+    reuse_costs, reused_feature, schedule_steps, sketches_to_cpu, store_key, tensor_key,
 )
 from ..core.slicing import UNSLICED
 from ..families import registry as families
@@ -59,9 +58,10 @@ History = list  # [(sigma, deep feature)] of the last two full calls, oldest fir
 
 
 class RehashPlan(NamedTuple):
-    """How Step Rehash runs one model's calls: split at `cache_block`, or in full for the reason `why_not`."""
+    """How Step Rehash runs one model's calls: split at `split_point`, or in full for the reason `why_not`."""
 
-    cache_block: int | None = None  # a block stack (DiT): the shallow blocks at each end (families/wan/rehash.py)
+    split_point: int | None = None  # a UNet: the output block cached after; a block stack (DiT): the shallow blocks
+    # at each end (families/wan/rehash.py)
     why_not: str = ""
     log_key: str = ""
     family: object | None = None  # the model's family adapter (families/registry.py)
@@ -225,9 +225,9 @@ class RehashRun:
 class RehashCallState:
     """One UNet call's view of the run (implements streamlined_unet.RehashCall)."""
 
-    def __init__(self, run: RehashRun, cache_block: int, step: int, sigma: float, keys: list[CacheKey],
+    def __init__(self, run: RehashRun, output_block: int, step: int, sigma: float, keys: list[CacheKey],
                  patched_h: bool = False):
-        self.run, self.cache_block, self.step, self.sigma, self.keys = run, cache_block, step, sigma, keys
+        self.run, self.output_block, self.step, self.sigma, self.keys = run, output_block, step, sigma, keys
         # Output-block patches (FreeU, FreeU_V2) get h, the deep feature, and may write into it (FreeU
         # scales half its channels in place): then the cache keeps a copy of its own, and a rehash step
         # is handed a tensor that is not the cached one.
@@ -302,13 +302,13 @@ class RehashState:
         return RehashState(self.config, self.keystep_store, self.log, self.last, node_id=self.node_id)
 
 
-def _model_fingerprint(model_patcher) -> str:
-    """The UNet's identity from its first and last convolution weights (not from the parameter list:
-    AnimateDiff-Evolved injects and removes motion modules around each run)."""
-    unet = model_patcher.model.diffusion_model
-    ends = [unet.input_blocks[0][0].weight, unet.out[-1].weight] if isinstance(unet, UNetModel) else \
-        [next(iter(unet.parameters()))]
-    return f"{type(unet).__name__}:" + ":".join(tensor_fingerprint(w) for w in ends)
+def _model_key(model_patcher) -> str:
+    """The model's identity from the weights that tell it apart (families.registry.identity_weights: a UNet's
+    first and last convolution, not its parameter list: AnimateDiff-Evolved injects and removes motion modules
+    around each run)."""
+    diffusion_model = model_patcher.model.diffusion_model
+    return f"{type(diffusion_model).__name__}:" + ":".join(
+        tensor_key(w) for w in families.identity_weights(diffusion_model))
 
 
 def _sampler_name(sampler) -> str:
@@ -337,8 +337,8 @@ def _start_run(state: RehashState, guider, sigmas: Tensor, sampler, disable_pbar
                    "computed in full (no key-step search, nothing saved).")
         state.log.warn(f"keystep-all-full-{steps}", f"Step Rehash: {in_full}")
     elif config.mode == "keystep":
-        key = fingerprint(KEYSTEP_SEARCH_VERSION, _model_fingerprint(guider.model_patcher), _sampler_name(sampler),
-                          [round(s, 5) for s in host_sigmas], config.cache_block, config.full_steps, config.reuse)
+        key = store_key(KEYSTEP_SEARCH_VERSION, _model_key(guider.model_patcher), _sampler_name(sampler),
+                          [round(s, 5) for s in host_sigmas], config.split_point, config.full_steps, config.reuse)
         record = KeystepStore(state.keystep_store).get(key) if state.keystep_store else None
         if record is not None and record.steps == steps:
             full_steps = set(record.full_steps)
@@ -452,7 +452,7 @@ def _plan(model, config: RehashConfig) -> RehashPlan:
         return RehashPlan(why_not=reason, log_key="model-unsupported")
     try:
         family = families.family_of(model)
-        return RehashPlan(family.rehash_split(model, config.cache_block), family=family)
+        return RehashPlan(family.rehash_split(model, config.split_point), family=family)
     except RehashConfigError as e:
         return RehashPlan(why_not=str(e), log_key="cache-block")
 
@@ -502,7 +502,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     if run is None or run.all_full:
         return executor(*args, **kwargs)
     plan = _rehash_plan(run, executor.class_obj)
-    if plan.cache_block is None:
+    if plan.split_point is None:
         if plan.why_not:
             state.log.warn(plan.log_key, f"Step Rehash: {plan.why_not}; every step runs in full.")
             run.note(f"{plan.why_not}: every step ran in full.")
@@ -512,9 +512,9 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         run.account(step, False, started)
         return out
     if plan.family.splits_block_stack:
-        return _rehash_block_stack_call(executor, state, plan.family, plan.cache_block, transformer_options, args,
+        return _rehash_block_stack_call(executor, state, plan.family, plan.split_point, transformer_options, args,
                                         kwargs)
-    return _rehash_unet_call(executor, state, plan.family, plan.cache_block, *args, **kwargs)
+    return _rehash_unet_call(executor, state, plan.family, plan.split_point, *args, **kwargs)
 
 
 def _rehash_block_stack_call(executor, state: RehashState, family, shallow: int, transformer_options: dict,
@@ -540,7 +540,7 @@ def _rehash_block_stack_call(executor, state: RehashState, family, shallow: int,
     return out
 
 
-def _rehash_unet_call(executor, state: RehashState, family, cache_block: int, x, timesteps=None, context=None,
+def _rehash_unet_call(executor, state: RehashState, family, output_block: int, x, timesteps=None, context=None,
                       y=None, control=None, transformer_options=None, **kwargs):
     """A UNetModel call with a RehashCall in transformer_options: the shallow path, and the deep one or
     the cached deep feature."""
@@ -548,7 +548,7 @@ def _rehash_unet_call(executor, state: RehashState, family, cache_block: int, x,
     run, unet = state.run, executor.class_obj
     step, sigma = _step_and_sigma(transformer_options)
     patched_h = bool(transformer_options.get("patches", {}).get("output_block_patch"))
-    rehash_call = RehashCallState(run, cache_block, step, sigma, _cache_keys(transformer_options, x.shape[0]),
+    rehash_call = RehashCallState(run, output_block, step, sigma, _cache_keys(transformer_options, x.shape[0]),
                                   patched_h)
     transformer_options[REHASH_CALL_KEY] = rehash_call
     started = run.timer.start(x)

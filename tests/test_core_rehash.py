@@ -6,7 +6,7 @@ import torch
 
 from comfyui_streamline.core.rehash import (
     KeystepRecord, KeystepStore, RehashConfig, RehashConfigError, feature_sketch, fixed_full_steps,
-    MAX_EXTRAPOLATION, change_rate, keystep_search, predicted_deep_change, resolve_cache_block, reuse_costs, reused_feature, step_index,
+    MAX_EXTRAPOLATION, change_rate, keystep_search, predicted_deep_change, resolve_output_block, reuse_costs, reused_feature, step_index,
 )
 
 
@@ -117,17 +117,17 @@ def test_keystep_store_round_trip(tmp_path):
 
 def test_config_rejects_bad_settings():
     for bad in (dict(mode="sometimes"), dict(interval=0), dict(full_steps=0), dict(warmup=-1),
-                dict(start_percent=0.8, end_percent=0.2), dict(cache_block=-2), dict(threshold=float("nan")),
+                dict(start_percent=0.8, end_percent=0.2), dict(split_point=-2), dict(threshold=float("nan")),
                 dict(reuse="average")):
         with pytest.raises(RehashConfigError):
             RehashConfig(**bad)
 
 
 def test_cache_block_range():
-    assert resolve_cache_block(-1, 12) == 10
-    assert resolve_cache_block(3, 12) == 3
+    assert resolve_output_block(-1, 12) == 10
+    assert resolve_output_block(3, 12) == 3
     with pytest.raises(RehashConfigError, match="0..10"):
-        resolve_cache_block(11, 12)
+        resolve_output_block(11, 12)
 
 
 def test_step_index_maps_model_calls_to_steps():

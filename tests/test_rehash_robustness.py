@@ -198,7 +198,7 @@ def test_freeu_does_not_rescale_the_cached_feature(tinyvideo, monkeypatch, node,
     unet = tinyvideo.model.diffusion_model
     channels = unet.output_blocks[cache_block][0].out_channels
     assert channels == 2 * unet.model_channels
-    settings = dict(mode="fixed", interval=3, warmup=1, tail=1, reuse="hold", cache_block=cache_block)
+    settings = dict(mode="fixed", interval=3, warmup=1, tail=1, reuse="hold", split_point=cache_block)
 
     snapshots = []  # (cached tensor, its values when stored)
     changed = []
@@ -238,7 +238,7 @@ def test_rehash_off_reports_every_step_in_full(tinyvideo, plain):
 
 
 def test_cache_block_out_of_range_runs_in_full_and_says_why(tinyvideo, plain, caplog):
-    model = patch(tinyvideo, mode="fixed", cache_block=9)
+    model = patch(tinyvideo, mode="fixed", split_point=9)
     with caplog.at_level(logging.WARNING, logger=STREAMLINE_LOGGER):
         out = sample(model)
         sample(model)

@@ -168,7 +168,7 @@ def main(argv=None) -> None:
         return out["samples"].float().cpu(), time.perf_counter() - start
 
     def rehash(**kw):
-        return apply_rehash(model, RehashConfig(cache_block=args.cache_block, **kw), keystep_store=work / "keysteps.json")
+        return apply_rehash(model, RehashConfig(split_point=args.cache_block, **kw), keystep_store=work / "keysteps.json")
 
     def last_report(m):
         state = m.model_options["transformer_options"].get(STATE_KEY)

@@ -146,7 +146,7 @@ def rehash_flops(model_channels: int, height: int, width: int, frames: int, cach
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from comfyui_streamline.core.rehash import RehashConfig, resolve_cache_block
+    from comfyui_streamline.core.rehash import RehashConfig, resolve_output_block
     from comfyui_streamline.core.slicing import UNSLICED
     from comfyui_streamline.techniques.rehash import RehashCallState, RehashRun
     from comfyui_streamline.host.log import LogOnce
@@ -155,7 +155,7 @@ def rehash_flops(model_channels: int, height: int, width: int, frames: int, cach
     from comfyui_streamline.testing.model_families import svd_layout
 
     unet = svd_layout(model_channels, dtype=torch.float16, device="meta")
-    block = resolve_cache_block(cache_block, len(unet.output_blocks))
+    block = resolve_output_block(cache_block, len(unet.output_blocks))
     run = RehashRun(RehashConfig(mode="fixed", reuse="hold"), 2, {0}, (0.0, 1e9))
     x, t, c, y, kw = svd_inputs(frames, height, width, torch.float16, "meta")
     from comfy.ldm.modules.attention import attention_pytorch

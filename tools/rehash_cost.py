@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     for cache_block in args.cache_blocks:
         # warm-up 1, then every `steps`-th step from step 1: steps 0 and 1 full, step 2 rehashed
         patched = apply_rehash(model, RehashConfig(mode="fixed", interval=args.steps, warmup=1, tail=0,
-                                                   cache_block=cache_block))
+                                                   split_point=cache_block))
         rehash_flops = sample_flops(patched, 3) - 2 * full_flops
         report = patched.model_options["transformer_options"][STATE_KEY].last.report
         if report.calls_rehashed == 0:

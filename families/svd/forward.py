@@ -399,11 +399,11 @@ def video_resblock_temporal(layer: VideoResBlock, x: Tensor, emb: Tensor, frames
     return x
 
 
-def deep_transformers(unet: UNetModel, cache_block: int, shallow_inputs: int) -> int:
+def deep_transformers(unet: UNetModel, output_block: int, shallow_inputs: int) -> int:
     """SpatialTransformers (SpatialVideoTransformer included) a Step Rehash call skips: those of the deep
     input blocks, the middle block and the output blocks up to the cache point. forward_timestep_embed
     counts each in transformer_index; a rehash call advances it by as many."""
-    blocks = [*unet.input_blocks[shallow_inputs:], unet.middle_block, *unet.output_blocks[: cache_block + 1]]
+    blocks = [*unet.input_blocks[shallow_inputs:], unet.middle_block, *unet.output_blocks[: output_block + 1]]
     return sum(isinstance(layer, SpatialTransformer) for block in blocks if block is not None for layer in block)
 
 
@@ -430,7 +430,7 @@ def svd_forward(unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, t
     inputs = len(unet.input_blocks)
     # With Step Rehash, only the input blocks whose skips the output blocks after the cache point read
     # are shallow; the rest (and the middle, and the output blocks up to the cache point) is deep.
-    shallow_inputs = inputs if rehash is None else inputs - 1 - rehash.cache_block
+    shallow_inputs = inputs if rehash is None else inputs - 1 - rehash.output_block
     hs: list[Tensor] = []
 
     def run_input_blocks(blocks: range, h: Feature) -> Feature:
@@ -451,11 +451,11 @@ def svd_forward(unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, t
     cached = rehash.reuse(hs[-1]) if rehash is not None else None
     first_output = 0
     if cached is not None:
-        to["transformer_index"] += deep_transformers(unet, rehash.cache_block, shallow_inputs)
-        for _ in range(rehash.cache_block + 1):  # drop the residuals of the skipped output blocks
+        to["transformer_index"] += deep_transformers(unet, rehash.output_block, shallow_inputs)
+        for _ in range(rehash.output_block + 1):  # drop the residuals of the skipped output blocks
             if control is not None and control.get("output"):
                 control["output"].pop()
-        h, first_output = Feature.of(cached, owned=False), rehash.cache_block + 1  # the cache keeps it
+        h, first_output = Feature.of(cached, owned=False), rehash.output_block + 1  # the cache keeps it
     else:
         h = run_input_blocks(range(shallow_inputs, inputs), h)
         to["block"] = ("middle", 0)
@@ -478,7 +478,7 @@ def svd_forward(unet: UNetModel, config: SliceConfig, log: LogOnce, x: Tensor, t
             h = Feature.of(out, owned=False)
             del out
         output_shape = hs[-1].shape if hs else None
-        at_cache_point = rehash is not None and block_id == rehash.cache_block
+        at_cache_point = rehash is not None and block_id == rehash.output_block
         h = run.run_block(block, h, output_shape, skip, defer_tail=not output_block_patches and not at_cache_point
                           and block_id + 1 < len(unet.output_blocks))
         del skip

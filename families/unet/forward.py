@@ -288,14 +288,14 @@ class StreamlinedForward:
 class RehashCall(Protocol):
     """Step Rehash's side of one UNet call (see techniques/rehash.py)."""
 
-    cache_block: int
+    output_block: int
 
     def reuse(self, shallow_feature: Tensor) -> Tensor | None:
         """Given the deepest skip the shallow path computed, the cached deep feature to continue from,
         or None to compute this call in full."""
 
     def store(self, deep_feature: Tensor) -> None:
-        """The output of output block `cache_block` of a call computed in full."""
+        """The output of output block `output_block` of a call computed in full."""
 
 
 
@@ -342,7 +342,7 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
     run = StreamlinedForward(unet, config, log, x, emb, context, to, video_kwargs, frames, ade_sliced)
     # With Step Rehash, only the input blocks whose skips the output blocks after the cache point
     # read are shallow; the rest (and the middle, and the output blocks up to the cache point) is deep.
-    shallow_inputs = len(input_segments) if rehash is None else len(input_segments) - 1 - rehash.cache_block
+    shallow_inputs = len(input_segments) if rehash is None else len(input_segments) - 1 - rehash.output_block
     if config.offload_skips:
         transfers = transfers if transfers is not None else offload.Transfers(x.device)
         hs: list[Tensor] | offload.SkipStack = offload.SkipStack(transfers)
@@ -390,12 +390,12 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
     cached = rehash.reuse(hs[-1]) if rehash is not None else None
     first_output = 0
     if cached is not None:
-        deep = input_segments[shallow_inputs:] + [middle_segments or []] + output_segments[: rehash.cache_block + 1]
+        deep = input_segments[shallow_inputs:] + [middle_segments or []] + output_segments[: rehash.output_block + 1]
         to["transformer_index"] += sum(segment.spatial_transformers for segments in deep for segment in segments)
-        for _ in range(rehash.cache_block + 1):  # drop the residuals of the skipped output blocks
+        for _ in range(rehash.output_block + 1):  # drop the residuals of the skipped output blocks
             if control is not None and control.get("output"):
                 control["output"].pop()
-        h, first_output = cached, rehash.cache_block + 1
+        h, first_output = cached, rehash.output_block + 1
     else:
         h = run_input_blocks(range(shallow_inputs, len(input_segments)), h)
         to["block"] = ("middle", 0)
@@ -429,7 +429,7 @@ def streamlined_unet_forward(unet: UNetModel, config: SliceConfig, log: LogOnce,
             for p in output_block_patches:
                 h, skip = p(h, skip, to)
         output_shape = hs[-1].shape if hs else None
-        at_cache_point = rehash is not None and block_id == rehash.cache_block
+        at_cache_point = rehash is not None and block_id == rehash.output_block
         h, pending = run.run_block(output_segments[block_id], h, output_shape, pending, skip,
                                    defer_tail=not output_block_patches and not at_cache_point and frames is None
                                    and block_id + 1 < len(output_segments))

@@ -1,7 +1,7 @@
 """What ComfyUI's UNetModel families (the SD UNet with ADE, SVD's video UNet) answer alike (UNetLike)."""
 from __future__ import annotations
 
-from ...core.rehash import resolve_cache_block
+from ...core.rehash import resolve_output_block
 from ...core.slicing import SliceConfig, finer, frame_chunk_size, spatial_chunk_size
 from ..family import Family
 from .inputs import KNOWN_CONDS, KNOWN_PATCHES, KNOWN_REPLACES, unknown_inputs
@@ -32,5 +32,5 @@ class UNetLike(Family):
     def unknown_inputs(self, transformer_options: dict, kwargs: dict) -> list[str]:
         return unknown_inputs(transformer_options, kwargs, KNOWN_PATCHES, KNOWN_REPLACES, KNOWN_CONDS)
 
-    def rehash_split(self, unet, cache_block: int) -> int:
-        return resolve_cache_block(cache_block, len(unet.output_blocks))
+    def rehash_split(self, unet, split_point: int) -> int:
+        return resolve_output_block(split_point, len(unet.output_blocks))

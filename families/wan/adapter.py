@@ -122,10 +122,10 @@ class WanFamily(Family):
 
     # -- Step Rehash ------------------------------------------------------------------------------------------
 
-    def rehash_split(self, model, cache_block: int) -> int:
+    def rehash_split(self, model, split_point: int) -> int:
         from .rehash import shallow_blocks
 
-        return shallow_blocks(cache_block, len(model.blocks))
+        return shallow_blocks(split_point, len(model.blocks))
 
     def install_rehash(self, patcher) -> None:
         from .rehash import install_for_rehash

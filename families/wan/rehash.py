@@ -20,19 +20,19 @@ from torch import Tensor
 
 from ...core.rehash import RehashConfigError
 
-DEFAULT_SHALLOW = 1  # cache_block -1: one block at each end
+DEFAULT_SHALLOW = 1  # split_point (the node's cache_block) -1: one block at each end
 
 
-def shallow_blocks(cache_block: int, blocks: int) -> int:
-    """The blocks at each end that run on every step, from the nodes' cache_block: -1 gives one at each
-    end (none on a model of fewer than 3 blocks, where the deep path is then every block); a value >= 0
-    is the count itself. At least one block must be left deep."""
-    if cache_block == -1:
+def shallow_blocks(split_point: int, blocks: int) -> int:
+    """The blocks at each end that run on every step, from RehashConfig.split_point (the node's cache_block):
+    -1 gives one at each end (none on a model of fewer than 3 blocks, where the deep path is then every block);
+    a value >= 0 is the count itself. At least one block must be left deep."""
+    if split_point == -1:
         return DEFAULT_SHALLOW if blocks > 2 * DEFAULT_SHALLOW else 0
-    if cache_block < 0 or 2 * cache_block >= blocks:
-        raise RehashConfigError(f"cache_block {cache_block} is out of range for a Wan model with {blocks} blocks "
+    if split_point < 0 or 2 * split_point >= blocks:
+        raise RehashConfigError(f"cache_block {split_point} is out of range for a Wan model with {blocks} blocks "
                                 f"(shallow blocks at each end: 0..{(blocks - 1) // 2}, or -1 for one)")
-    return cache_block
+    return split_point
 
 
 @dataclass
