@@ -93,7 +93,7 @@ _MAX_PE = 32  # the template's position encoding; families with fewer frames tak
 
 
 def _draw_(tensor: torch.Tensor, name: str, g: torch.Generator) -> torch.Tensor:
-    """testing.synthetic.randomize_'s law for one parameter, in place: fan-in-scaled weights, norm scales
+    """testing.weights.randomize_'s law for one parameter, in place: fan-in-scaled weights, norm scales
     near 1, small biases."""
     if tensor.ndim >= 2:
         return tensor.normal_(0.0, 1.0 / math.sqrt(math.prod(tensor.shape[1:])), generator=g)
@@ -101,7 +101,7 @@ def _draw_(tensor: torch.Tensor, name: str, g: torch.Generator) -> torch.Tensor:
 
 
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """testing.synthetic.randomize_, drawn in place: at SD1.5 size this halves the time every host test pays."""
+    """testing.weights.randomize_, drawn in place: at SD1.5 size this halves the time every host test pays."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
