@@ -8,8 +8,8 @@ API:
 - AttentionKernel, SUB_QUADRATIC (ComfyUI's CPU default), SDPA (its CUDA default), attention_kernel() (the one
   ComfyUI runs in this process);
 - layer_norm(live, rows, dim), rms_norm(live, rows, dim, kernel): leave their output alive;
-- attention(live, batch, queries, keys, dim, heads, kernel, head_major): optimized_attention of batch x queries
-  over `keys` tokens; leaves its (B, queries, C) output alive.
+- attention(live, batch, queries, keys, dim, heads, kernel, head_major, contiguous_queries=False):
+  optimized_attention of batch x queries over `keys` tokens; leaves its (B, queries, C) output alive.
 """
 from __future__ import annotations
 
@@ -68,9 +68,10 @@ def rms_norm(live: Live, rows: float, dim: int, kernel: AttentionKernel) -> None
 
 
 def attention(live: Live, batch: int, queries: int, keys: int, dim: int, heads: int, kernel: AttentionKernel,
-              head_major: bool) -> None:
+              head_major: bool, contiguous_queries: bool = False) -> None:
     """optimized_attention of batch x queries over `keys` tokens: leaves its (B, queries, C) output alive.
-    head_major: q, k, v handed in (B, heads, L, d) with skip_reshape."""
+    head_major: q, k, v handed in (B, heads, L, d) with skip_reshape; contiguous_queries: q is contiguous in that
+    layout (else the kernel copies it into (B x heads, L, d) order)."""
     c, h = dim, heads
     out = batch * queries * c
     if kernel.query_chunk == 0:  # SDPA: its output, then a copy back to (B, L, C) with several heads
@@ -79,7 +80,8 @@ def attention(live: Live, batch: int, queries: int, keys: int, dim: int, heads: 
         return
     # into (B x heads, L, d) order: views with one head or one sample; else copies of q, and of k and v
     # unless handed head-major
-    copies = 0 if h == 1 or batch == 1 else batch * queries * c + (0 if head_major else 2 * batch * keys * c)
+    copies = 0 if h == 1 or batch == 1 else (0 if contiguous_queries else batch * queries * c) + \
+        (0 if head_major else 2 * batch * keys * c)
     live.alloc(copies)
     chunk = min(queries, kernel.query_chunk)
     scores = batch * h * chunk * keys

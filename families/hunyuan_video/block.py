@@ -105,11 +105,11 @@ def sliced_double_block(block, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor
         return heads_of(block.img_attn.qkv(modulated), heads)
 
     for start, end in chunk_ranges(img_tokens, token_chunk):  # group 1: the image keys and values
-        q, k, v = img_qkv(start, end)
-        _, k = block.img_attn.norm(q, k, v)
+        _, k, v = img_qkv(start, end)
+        k = block.img_attn.norm.key_norm(k).to(v)  # QKNorm.forward's k
         keys[:, :, img_at + start:img_at + end] = rope(k, tokens_of(pe, img_at + start, img_at + end), v)
         values[:, :, img_at + start:img_at + end] = v
-        del q, k, v
+        del _, k, v
 
     txt_attn = sliced_attention(txt_q, keys, values, heads, transformer_options, mask)
     del txt_q
@@ -161,12 +161,11 @@ def sliced_single_block(block, x: Tensor, vec: Tensor, pe: Tensor, mask: Tensor 
         return (*heads_of(qkv, heads), mlp)
 
     for start, end in chunk_ranges(tokens, token_chunk):  # group 1: keys and values
-        q, k, v, mlp = hidden(start, end)
-        del mlp
-        _, k = block.norm(q, k, v)
+        _, k, v, mlp = hidden(start, end)
+        k = block.norm.key_norm(k).to(v)  # QKNorm.forward's k
         keys[:, :, start:end] = rope(k, tokens_of(pe, start, end), v)
         values[:, :, start:end] = v
-        del q, k, v
+        del _, k, v, mlp
 
     for start, end in chunk_ranges(tokens, token_chunk):  # group 2: attention, MLP and residual, per slice
         q, k, v, mlp = hidden(start, end)
@@ -177,6 +176,7 @@ def sliced_single_block(block, x: Tensor, vec: Tensor, pe: Tensor, mask: Tensor 
         output = block.linear2(torch.cat((attn, single_mlp(block, mlp)), 2))
         del attn, mlp
         x[:, start:end] += apply_mod(output, mod.gate, None, dims_for(dims, start, end))
+        del output
     del keys, values
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
