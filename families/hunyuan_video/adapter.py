@@ -7,14 +7,7 @@ import dataclasses
 
 from ...core.slicing import SliceConfig
 from ..family import Family
-
-
-def tokens_of(diffusion_model, latent_shape) -> tuple[int, int]:
-    """(image tokens, tokens per latent frame) of a (batch, channels, frames, height, width) latent."""
-    patch = diffusion_model.patch_size
-    per_frame = -(-latent_shape[-2] // patch[-2]) * -(-latent_shape[-1] // patch[-1])
-    frames = -(-latent_shape[-3] // patch[0]) if len(patch) == 3 else 1
-    return frames * per_frame, per_frame
+from .laws import tokens_of
 
 
 class HunyuanVideoFamily(Family):
@@ -36,12 +29,7 @@ class HunyuanVideoFamily(Family):
 
         if not isinstance(diffusion_model, HunyuanVideo):
             return None
-        reason = unsupported_hunyuan_reason(diffusion_model)
-        if reason is None and purpose == "plan":
-            from .laws import plan_reason
-
-            return plan_reason(diffusion_model)
-        return reason
+        return unsupported_hunyuan_reason(diffusion_model)  # sliced, planned and split alike
 
     # -- Memory Budget ----------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ them the final layer. tests/test_hunyuan_video.py checks whole forwards against 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ...core.budget import Plan
@@ -122,6 +123,42 @@ def host_double_peak(s: HunyuanShape, w: HunyuanWork, kernel: AttentionKernel) -
     return live.peak
 
 
+def host_double_peak_kept(s: HunyuanShape, w: HunyuanWork, kernel: AttentionKernel) -> float:
+    """Peak bytes ComfyUI 0.3.64's DoubleStreamBlock holds besides img and txt: it deletes nothing before its
+    attention (each stream's modulated input, qkv output and normed q, k stay alive), ropes q and k inside its
+    attention in three steps, and builds a new image stream (img = img + ...) while the caller keeps the old."""
+    b, c, bt = w.dtype_bytes, s.dim, w.batch
+    ri, r = bt * w.tokens, bt * w.joint
+    live = Live()
+    _modulation(live, bt, c, 6, b)
+    _modulation(live, bt, c, 6, b)
+    for rows in (ri, bt * w.text_tokens):
+        _modulated(live, rows, c, bt, b)  # kept
+        live.alloc(3 * rows * c * b)  # qkv, kept
+        rms_norm(live, rows * b, c, kernel)  # q
+        rms_norm(live, rows * b, c, kernel)  # k
+    live.alloc(3 * r * c * b)  # q, k, v joined (the attention's arguments)
+    live.transient(3 * r * c * b)  # RoPE of q (then of k): two products and their sum, the joined q freed
+    _attention(live, s, w, w.joint, kernel, contiguous=True)
+    live.free(3 * r * c * b)  # roped q, k and v, on return
+    for stream_rows, new_stream in ((ri, True), (bt * w.text_tokens, False)):
+        rows_c = stream_rows * c * b
+        live.alloc(2 * rows_c)  # proj, gated
+        live.free(rows_c)
+        live.alloc(rows_c if new_stream else 0)  # img + gated
+        live.free(rows_c)  # gated
+        _modulated(live, stream_rows, c, bt, b)
+        live.alloc(2 * stream_rows * s.mlp * b)  # Linear, GELU
+        live.free(stream_rows * s.mlp * b)
+        live.alloc(rows_c)  # Linear
+        live.free(stream_rows * s.mlp * b + rows_c)  # GELU, the modulated input
+        live.alloc(rows_c)  # gated
+        live.alloc(rows_c if new_stream else 0)  # img + gated
+        live.free(2 * rows_c)  # the MLP output, gated
+        live.free(rows_c if new_stream else 0)  # the first new img
+    return live.peak
+
+
 def host_single_peak(s: HunyuanShape, w: HunyuanWork, kernel: AttentionKernel) -> float:
     """Peak bytes ComfyUI's SingleStreamBlock holds besides its input x (B, L, C)."""
     b, c, bt = w.dtype_bytes, s.dim, w.batch
@@ -224,6 +261,17 @@ def sliced_single_peak(s: HunyuanShape, w: HunyuanWork, n: int, kernel: Attentio
     return live.peak
 
 
+@functools.lru_cache(maxsize=None)
+def host_deletes_in_double_block() -> bool:
+    """Whether the host's DoubleStreamBlock frees its intermediates before its attention (ComfyUI 0.33: `del
+    img_qkv` ...) or keeps them (0.3.64)."""
+    from comfy.ldm.flux.layers import DoubleStreamBlock
+
+    from ...host.fingerprints import source_mentions
+
+    return source_mentions(DoubleStreamBlock.forward, "del img_qkv", True)
+
+
 def pe_bytes(s: HunyuanShape, w: HunyuanWork) -> float:
     return w.batch * w.joint * 2 * s.head_dim * PE_BYTES
 
@@ -245,7 +293,8 @@ def forward_peak_bytes(s: HunyuanShape, w: HunyuanWork, token_chunk: int | None,
     """Peak activation bytes of one diffusion-model call (its inputs not counted). token_chunk None: ComfyUI's
     own blocks, no block replacements."""
     if token_chunk is None or token_chunk >= w.joint:
-        double = host_double_peak(s, w, kernel) if s.doubles else 0
+        host_double = host_double_peak if host_deletes_in_double_block() else host_double_peak_kept
+        double = host_double(s, w, kernel) if s.doubles else 0
         single = host_single_peak(s, w, kernel) if s.singles else 0
         hooked = token_chunk is not None
     else:
@@ -273,6 +322,14 @@ def largest_token_chunk(s: HunyuanShape, w: HunyuanWork, budget_bytes: float,
     return high if fits(high) else low
 
 
+def tokens_of(diffusion_model, latent_shape) -> tuple[int, int]:
+    """(image tokens, tokens per latent frame) of a (batch, channels, frames, height, width) latent."""
+    patch = diffusion_model.patch_size
+    per_frame = -(-latent_shape[-2] // patch[-2]) * -(-latent_shape[-1] // patch[-1])
+    frames = -(-latent_shape[-3] // patch[0]) if len(patch) == 3 else 1
+    return frames * per_frame, per_frame
+
+
 def hunyuan_shape(diffusion_model) -> HunyuanShape:
     block = (list(diffusion_model.double_blocks) + list(diffusion_model.single_blocks))[0]
     mlp = getattr(block, "mlp_hidden_dim", None) or block.img_mlp[0].weight.shape[0]
@@ -286,15 +343,8 @@ def hunyuan_shape(diffusion_model) -> HunyuanShape:
 
 
 def hunyuan_work(diffusion_model, latent_shape, dtype_bytes: int, text_tokens: int | None) -> HunyuanWork:
-    from .adapter import tokens_of
-
     tokens, _ = tokens_of(diffusion_model, latent_shape)
     return HunyuanWork(latent_shape[0], tokens, text_tokens or TEXT_TOKENS, dtype_bytes)
-
-
-def plan_reason(diffusion_model) -> str | None:
-    """Why Memory Budget leaves this HunyuanVideo to ComfyUI (None: it plans it)."""
-    return None
 
 
 def plan_hunyuan(diffusion_model, latent_shape, dtype_bytes: int, budget: int, text_tokens: int | None) -> Plan:
@@ -315,8 +365,6 @@ def plan_hunyuan(diffusion_model, latent_shape, dtype_bytes: int, budget: int, t
 def hunyuan_peaks(diffusion_model, latent_shape, dtype_bytes: int, config: SliceConfig,
                   text_tokens: int | None) -> tuple[int, int]:
     """(sliced with `config`, ComfyUI's forward) predicted peak bytes of one call."""
-    from .adapter import tokens_of
-
     shape, kernel = hunyuan_shape(diffusion_model), attention_kernel()
     work = hunyuan_work(diffusion_model, latent_shape, dtype_bytes, text_tokens)
     _, per_frame = tokens_of(diffusion_model, latent_shape)
