@@ -545,3 +545,22 @@ def test_a_deep_block_another_node_replaces_keeps_every_step_full(caplog):
     assert torch.equal(rehash_sample(model), expected) and len(calls) == STEPS
     assert rehash_report(model).rehashed == 0
     assert any("('single_block', 0)" in r.getMessage() for r in caplog.records)
+
+
+def test_rehash_split_bytes_and_the_tokens_the_laws_count():
+    """Step Rehash's split keeps the deep span's entry, joined: (batch, image + text tokens, C), planned as held;
+    1.5's laws count SigLIP's tokens joined to the text."""
+    from comfyui_streamline.families.hunyuan_video.adapter import HUNYUAN_VIDEO
+    from comfyui_streamline.families.hunyuan_video.laws import TEXT_TOKENS, hunyuan_work
+
+    dm = loaded("HunyuanVideo").model.diffusion_model
+    latent = (2, 16, 3, 10, 12)  # 90 image tokens
+    assert HUNYUAN_VIDEO.rehash_split_bytes(dm, latent, 4) == 2 * (90 + TEXT_TOKENS) * 256 * 4
+    assert hunyuan_work(dm, latent, 4, TEXT).joint == 90 + TEXT
+
+
+def test_hunyuan15_laws_count_the_vision_tokens():
+    from comfyui_streamline.families.hunyuan_video.laws import VISION_TOKENS, hunyuan_work
+
+    v15 = loaded("HunyuanVideo15").model.diffusion_model
+    assert hunyuan_work(v15, (2, 32, 3, 10, 12), 4, TEXT).joint == 90 + TEXT + VISION_TOKENS

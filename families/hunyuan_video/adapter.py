@@ -102,8 +102,10 @@ class HunyuanVideoFamily(Family):
     def rehash_split_bytes(self, model, latent_shape, dtype_bytes: int) -> int:
         from .laws import TEXT_TOKENS
 
-        tokens, _ = tokens_of(model, latent_shape)
-        return latent_shape[0] * (tokens + TEXT_TOKENS) * model.hidden_size * dtype_bytes
+        from .laws import hunyuan_work
+
+        work = hunyuan_work(model, latent_shape, dtype_bytes, TEXT_TOKENS)
+        return work.batch * work.joint * model.hidden_size * dtype_bytes  # the deep span's entry, joined
 
     # -- Step Rehash ------------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from ..dit.laws import SUB_QUADRATIC, AttentionKernel, Live, attention, attentio
 
 TEXT_TOKENS = 256  # text tokens a HunyuanVideo prompt keeps after its encoder's template is cropped (a typical prompt)
 PE_BYTES = 4  # pe is float32 whatever the model's dtype
+VISION_TOKENS = 729  # HunyuanVideo 1.5's SigLIP (so400m, 384 px) image tokens, joined to the text by forward_orig
 
 
 @dataclass(frozen=True)
@@ -343,8 +344,11 @@ def hunyuan_shape(diffusion_model) -> HunyuanShape:
 
 
 def hunyuan_work(diffusion_model, latent_shape, dtype_bytes: int, text_tokens: int | None) -> HunyuanWork:
+    """One call of a latent; 1.5 (a vision projection) counts SigLIP's image tokens joined to the text as well
+    (its image-to-video calls have them; a text-to-video call is planned with them, a little above its need)."""
     tokens, _ = tokens_of(diffusion_model, latent_shape)
-    return HunyuanWork(latent_shape[0], tokens, text_tokens or TEXT_TOKENS, dtype_bytes)
+    vision = VISION_TOKENS if getattr(diffusion_model, "vision_in", None) is not None else 0
+    return HunyuanWork(latent_shape[0], tokens, (text_tokens or TEXT_TOKENS) + vision, dtype_bytes)
 
 
 def plan_hunyuan(diffusion_model, latent_shape, dtype_bytes: int, budget: int, text_tokens: int | None) -> Plan:
