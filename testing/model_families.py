@@ -14,6 +14,7 @@ family's `extra_conds` reads (comfy/model_base.py).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from dataclasses import dataclass, field
@@ -541,3 +542,65 @@ WAN_SUBCLASS_VARIANTS = {f.name: f for f in (
            needs=_needs("comfy.ldm.wan.model_animate2:WanAnimate2Model", "WAN_Animate2")),
 )}
 WAN_VARIANTS.update(WAN_SUBCLASS_VARIANTS)
+
+
+# -- HunyuanVideo (comfy/ldm/hunyuan_video/model.py; detection: comfy/model_detection.py, supported_models.py) ------
+# Detection reads heads = hidden // 128 and axes (16, 56, 56) for 3-d patches; the text refiner's input width, the
+# block counts and the variant's extra modules come from the keys. 1.0: a CLIP-L pooled vector (vector_in, 768) and a
+# guidance embedding; its I2V (33 input channels: noise, the image latent, a mask) has the same blocks. 1.5: no
+# vector_in, a SigLIP vision projection (vision_in, 1152) and cond-type embeddings, 65 input channels (noise, image,
+# mask) and 32 out. ComfyUI 0.3.64 has no 1.5 (its HunyuanVideo lacks vision_in).
+
+def hunyuan_video(version: str = "1.0", in_channels: int | None = None, hidden: int = 256, depth: int = 2,
+                  single: int = 2) -> torch.nn.Module:
+    """A tiny HunyuanVideo as detection reads it (2 heads of 128 at hidden 256), fp32, weights not initialised."""
+    import dataclasses
+
+    from comfy.ldm.hunyuan_video.model import HunyuanVideo, HunyuanVideoParams
+
+    v15 = version == "1.5"
+    params = dict(in_channels=in_channels or (65 if v15 else 16), out_channels=32 if v15 else 16,
+                  vec_in_dim=None if v15 else 768, context_in_dim=HUNYUAN_CONTEXT[version], hidden_size=hidden,
+                  mlp_ratio=4.0, num_heads=hidden // 128, depth=depth, depth_single_blocks=single,
+                  axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=not v15,
+                  byt5=False, meanflow=False, use_cond_type_embedding=v15, vision_in_dim=1152 if v15 else None,
+                  meanflow_sum=v15)
+    fields = {f.name for f in dataclasses.fields(HunyuanVideoParams)}
+    return HunyuanVideo(dtype=torch.float32, device="cpu", operations=_ops(),
+                        **{k: v for k, v in params.items() if k in fields})
+
+
+HUNYUAN_CONTEXT = {"1.0": 4096, "1.5": 3584}  # Llava-Llama-3 8B / Qwen2.5-VL 7B hidden states
+SIGLIP_TOKENS = 729  # SigLIP (so400m, 384 px) image tokens, as HunyuanVideo 1.5's clip_fea
+
+
+class _VisionOutput:
+    """What CLIPVisionEncode outputs, as far as HunyuanVideo15.extra_conds reads it."""
+
+    def __init__(self, last_hidden_state: torch.Tensor):
+        self.last_hidden_state = last_hidden_state
+
+
+def _hunyuan_extras(g: torch.Generator, positive: bool) -> dict:
+    """As the HunyuanVideo text encoder gives them: the CLIP-L pooled vector (its tokens are cropped to the prompt:
+    no attention mask; forward_orig's (1, 1, L) mask takes one row for the whole batch); guidance as the
+    FluxGuidance node sets it."""
+    return {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 6.0}
+
+
+def _hunyuan15_extras(g: torch.Generator, positive: bool) -> dict:
+    """As HunyuanVideo15ImageToVideo gives them: the start image's latent and its vision output (and the text
+    encoder's pooled output, which encode_adm reads and 1.5, without vector_in, ignores)."""
+    return {"pooled_output": torch.randn(1, 768, generator=g),
+            "concat_latent_image": torch.randn(1, 32, 2, 4, 4, generator=g),
+            "clip_vision_output": _VisionOutput(torch.randn(1, 16, 1152, generator=g))}
+
+
+HUNYUAN_VARIANTS = {f.name: f for f in (
+    Family("HunyuanVideo", hunyuan_video, "", (1, 16, 2, 4, 4), HUNYUAN_CONTEXT["1.0"], _hunyuan_extras,
+           sliced=True, cfg=1.0),
+    Family("HunyuanVideoI2V", functools.partial(hunyuan_video, in_channels=33), "", (1, 16, 2, 4, 4),
+           HUNYUAN_CONTEXT["1.0"], _hunyuan_extras, sliced=True, cfg=1.0),
+    Family("HunyuanVideo15", functools.partial(hunyuan_video, "1.5"), "", (1, 32, 2, 4, 4), HUNYUAN_CONTEXT["1.5"],
+           _hunyuan15_extras, sliced=True, needs=("comfy.supported_models:HunyuanVideo15",)),
+)}

@@ -21,14 +21,14 @@ Then Wan's side of it: its shape and a call's work as these laws read them, and 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from ...core.budget import Plan
 from ...core.slicing import SliceConfig, token_chunk_size
-from ...host.attention import runs_pytorch_attention
+from ..dit.laws import SDPA, SUB_QUADRATIC, AttentionKernel, Live as _Live, attention, attention_kernel
+from ..dit.laws import layer_norm as _layer_norm, rms_norm as _rms_norm
 
 
 @dataclass(frozen=True)
@@ -73,49 +73,6 @@ class WanWork:
         return self.text_tokens + self.image_tokens
 
 
-@dataclass(frozen=True)
-class AttentionKernel:
-    """What optimized_attention holds besides its inputs and output."""
-
-    name: str
-    query_chunk: int  # queries per score block; 0: the kernel never materialises scores
-    composite_rms_norm: bool  # RMSNorm as PyTorch's composite (one extra tensor while it runs)
-
-
-SUB_QUADRATIC = AttentionKernel("sub-quadratic (ComfyUI's CPU default)", 4096, True)
-SDPA = AttentionKernel("PyTorch SDPA (ComfyUI's CUDA default)", 0, False)
-
-
-class _Live:
-    """Running total of the values alive, and its peak."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.peak = 0.0
-
-    def alloc(self, values: float) -> None:
-        self.now += values
-        self.peak = max(self.peak, self.now)
-
-    def free(self, values: float) -> None:
-        self.now -= values
-
-    def transient(self, values: float) -> None:
-        """Values made and dropped within one step."""
-        self.peak = max(self.peak, self.now + values)
-
-
-def _layer_norm(live: _Live, rows: float, dim: int) -> None:
-    live.alloc(rows * dim)
-    live.transient(2 * rows)  # mean and rstd
-
-
-def _rms_norm(live: _Live, rows: float, dim: int, kernel: AttentionKernel) -> None:
-    if kernel.composite_rms_norm:
-        live.transient(2 * rows * dim + rows)  # x * rsqrt and * weight both alive
-    live.alloc(rows * dim)
-
-
 def _modulated(live: _Live, rows: float, dim: int, per_token: bool) -> None:
     """addcmul(shift, norm(x), 1 + scale): leaves the modulated input (rows x dim) alive."""
     terms = 3 * rows * dim if per_token else 0.0  # shift, scale, 1 + scale, one value per token
@@ -137,30 +94,8 @@ def _projected(live: _Live, rows: float, dim: int, kernel: AttentionKernel, rope
 
 def _attention(live: _Live, batch: int, queries: int, keys: int, shape: WanShape, kernel: AttentionKernel,
                head_major: bool) -> None:
-    """optimized_attention of batch x queries over `keys` tokens: leaves its (B, queries, C) output alive.
-    head_major: q, k, v handed in (B, heads, L, d) with skip_reshape (the sliced self-attention)."""
-    c, h = shape.dim, shape.heads
-    out = batch * queries * c
-    if kernel.query_chunk == 0:  # SDPA: its output, then a copy back to (B, L, C) with several heads
-        live.alloc(out)
-        live.transient(out if h > 1 else 0)
-        return
-    # into (B x heads, L, d) order: views with one head or one sample; else copies of q, and of k and v
-    # unless handed head-major
-    copies = 0 if h == 1 or batch == 1 else batch * queries * c + (0 if head_major else 2 * batch * keys * c)
-    live.alloc(copies)
-    chunk = min(queries, kernel.query_chunk)
-    scores = batch * h * chunk * keys
-    if queries <= chunk:
-        live.transient(2 * scores)
-        live.alloc(out)
-    else:
-        chunks = math.ceil(queries / chunk)
-        live.transient(out * (chunks - 1) / chunks + 2 * scores)  # earlier chunks' outputs, this chunk's scores
-        live.alloc(out)
-        live.transient(out)  # torch.cat of the chunks
-    live.transient(out if h > 1 else 0)  # back to (B, L, C)
-    live.free(copies)
+    """families/dit/laws.py attention at the Wan shape's width and heads."""
+    attention(live, batch, queries, keys, shape.dim, shape.heads, kernel, head_major)
 
 
 def _cross_context(live: _Live, shape: WanShape, work: WanWork, kernel: AttentionKernel) -> float:
@@ -359,7 +294,7 @@ def wan_rehash_split_bytes(diffusion_model, latent_shape, dtype_bytes: int) -> i
 
 def wan_kernel():
     """The law of the attention ComfyUI runs in this process."""
-    return SDPA if runs_pytorch_attention() else SUB_QUADRATIC
+    return attention_kernel()
 
 
 def wan_token_chunk(config: SliceConfig, work, tokens_per_frame: int, dim: int) -> int:
