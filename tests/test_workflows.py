@@ -217,6 +217,17 @@ def test_wan_workflow_uses_the_comfy_org_repackaged_files():
                for url in urls.values())
 
 
+@pytest.mark.parametrize("name", PAIRS)
+def test_readme_lists_every_workflow_with_its_downloads(name):
+    """The README's table of workflows (what the Templates browser shows) has a row for each, naming every file
+    the newcomer downloads for it."""
+    rows = [line for line in (WORKFLOWS.parent / "README.md").read_text().splitlines()
+            if line.startswith(f"| `{name}.json` |")]
+    assert len(rows) == 1, f"README.md: {len(rows)} rows for {name}.json"
+    for model in PAIRS[name][0].get("models", []):
+        assert f"`{model['name']}`" in rows[0], f"README.md's row for {name}.json does not name {model['name']}"
+
+
 def downloads(name: str) -> dict[str, str]:
     """file name -> URL of the files a workflow names."""
     return {m["name"]: m["url"] for m in PAIRS[name][0]["models"]}
