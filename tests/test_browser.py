@@ -36,9 +36,9 @@ API_WORKFLOWS = WORKFLOWS / "api"  # their API-format twins (`name_api.json`), k
 UI_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*.json"))
 ANIMATEDIFF = json.loads((API_WORKFLOWS / "streamline_animatediff_api.json").read_text())
 SVD = json.loads((API_WORKFLOWS / "svd_img2vid_streamline_api.json").read_text())
-WAN = json.loads((API_WORKFLOWS / "wan21_t2v_streamline_api.json").read_text())
-# Loader input -> the models/ folder its file is listed from (the Wan 2.1 workflow's three files).
-WAN_MODEL_FOLDERS = {"unet_name": "diffusion_models", "clip_name": "text_encoders", "vae_name": "vae"}
+# The DiT workflows (Wan 2.1, LTX-2, HunyuanVideo 1.5) are only loaded here, never run: each file they name is listed
+# (an empty file in the models/ folder its `models` entry names), not read; real ones are gigabytes.
+LISTED_ONLY = ("wan21_t2v_streamline.json", "ltx2_t2v_streamline.json", "hunyuan15_t2v_streamline.json")
 RUN_WORKFLOW = "tinyvideo_budget_rehash.json"
 PACK_WEB_PATH = "/extensions/ComfyUI-Streamline/"  # where ComfyUI serves the pack's web/ folder
 # ComfyUI lists the templates of a custom node under its folder name (tests/comfy_server.py links the pack so), and
@@ -180,12 +180,11 @@ def server(tmp_path_factory):
     # The SVD workflow is only loaded here, never run: its checkpoint needs to be listed, not read (a
     # loadable random-weight SVD checkpoint is gigabytes).
     (base / "models/checkpoints" / SVD["1"]["inputs"]["ckpt_name"]).write_bytes(b"")
-    # The same for the Wan 2.1 workflow's diffusion model, text encoder and VAE (gigabytes when real).
-    for node in WAN.values():
-        for input_name, folder in WAN_MODEL_FOLDERS.items():
-            if input_name in node["inputs"]:
-                (base / "models" / folder).mkdir(parents=True, exist_ok=True)
-                (base / "models" / folder / node["inputs"][input_name]).write_bytes(b"")
+    # The same for the DiT workflows' files (diffusion models, checkpoints, text encoders, VAEs, LoRAs, upscalers).
+    for name in LISTED_ONLY:
+        for model in json.loads((WORKFLOWS / name).read_text())["models"]:
+            (base / "models" / model["directory"]).mkdir(parents=True, exist_ok=True)
+            (base / "models" / model["directory"] / model["name"]).write_bytes(b"")
     (base / "input").mkdir(exist_ok=True)
     from PIL import Image
 

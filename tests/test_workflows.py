@@ -1,9 +1,13 @@
 """The shipped workflows: each UI graph and its API twin describe the same pipeline, and every model a
 newcomer must download is named with its URL where ComfyUI's frontend looks for it.
 
-(That every node and input exists on a real server, that the frontend loads each UI graph without
-missing nodes or overlapping nodes and turns it into its API twin, and that the TinyVideo and TinyWan
-graphs run, is checked in test_browser.py and test_server_e2e.py.)
+Every node of every API twin is one the host defines (ComfyUI 0.33's own nodes, ADE's and this pack's), with its
+inputs, their values among the choices and in range, the widgets in the definition's order (the order of the UI
+graph's widget values).
+
+(That a real server knows them too, that the frontend loads each UI graph without missing nodes or overlapping
+nodes and turns it into its API twin, and that the TinyVideo and TinyWan graphs run, is checked in test_browser.py
+and test_server_e2e.py.)
 """
 import json
 from pathlib import Path
@@ -18,7 +22,7 @@ API_WORKFLOWS = WORKFLOWS / "api"
 THUMBNAIL_SUFFIX = ".jpg"
 THUMBNAIL_MAX_BYTES = 60_000
 NAMES = ("streamline_animatediff", "tinyvideo_streamline", "tinyvideo_budget_rehash", "svd_img2vid_streamline",
-         "tinywan_rehash", "wan21_t2v_streamline")
+         "tinywan_rehash", "wan21_t2v_streamline", "ltx2_t2v_streamline", "hunyuan15_t2v_streamline")
 PAIRS = {name: (json.loads((WORKFLOWS / f"{name}.json").read_text()),
                 json.loads((API_WORKFLOWS / f"{name}_api.json").read_text()))
          for name in NAMES}
@@ -32,7 +36,14 @@ MODEL_DIRECTORIES = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
                      ("ADE_AnimateDiffLoaderGen1", "model_name"): "animatediff_models",
                      ("UNETLoader", "unet_name"): "diffusion_models",
                      ("CLIPLoader", "clip_name"): "text_encoders",
-                     ("VAELoader", "vae_name"): "vae"}
+                     ("DualCLIPLoader", "clip_name1"): "text_encoders",
+                     ("DualCLIPLoader", "clip_name2"): "text_encoders",
+                     ("VAELoader", "vae_name"): "vae",
+                     ("LTXAVTextEncoderLoader", "text_encoder"): "text_encoders",
+                     ("LTXAVTextEncoderLoader", "ckpt_name"): "checkpoints",
+                     ("LTXVAudioVAELoader", "ckpt_name"): "checkpoints",
+                     ("LoraLoaderModelOnly", "lora_name"): "loras",
+                     ("LatentUpscaleModelLoader", "model_name"): "latent_upscale_models"}
 
 
 def graph_nodes(ui: dict) -> list[dict]:
@@ -162,23 +173,26 @@ def model_files(api: dict) -> dict[tuple[str, str], tuple[str, str]]:
 def test_every_downloaded_model_names_its_url(name):
     """The frontend's missing-models dialog (frontend 1.27: `node.properties.models` entries whose name is one of
     the node's widget values, and the workflow's top-level `models`) offers a download only for
-    `.safetensors`/`.sft` files from huggingface.co or civitai.com, into `directory`."""
+    `.safetensors`/`.sft` files from huggingface.co or civitai.com, into `directory`. A node that names several files
+    (LTX-2's text encoder loader: Gemma and the checkpoint; DualCLIPLoader) lists each, in its inputs' order; a
+    file several nodes name (LTX-2's checkpoint) is one download, the same everywhere."""
     ui, api = PAIRS[name]
     ui_nodes = {n["id"]: n for n in ui["nodes"]}
-    listed = []
-    for (node_id, input_name), (node_type, file_name) in model_files(api).items():
+    listed = {}
+    for node_id, node in api.items():
+        files = [(input_name, file_name) for (k, input_name), (_, file_name) in model_files(api).items() if k == node_id]
         models = ui_nodes[int(node_id)]["properties"].get("models", [])
-        assert [m["name"] for m in models] == [file_name], f"{node_type} {file_name}: properties.models {models}"
-        (model,) = models
-        assert set(model) == {"name", "url", "directory"}
-        assert model["directory"] == MODEL_DIRECTORIES[(node_type, input_name)]
-        assert model["name"].endswith(".safetensors")
-        assert model["url"].startswith("https://huggingface.co/") and "/resolve/" in model["url"]
-        assert model["url"].split("?")[0].rsplit("/", 1)[1] == model["name"]
-        listed.append(model)
-    assert ui.get("models", []) == listed  # the same list for frontends that read only the top level
-    assert all("models" not in n["properties"] for n in ui["nodes"]
-               if str(n["id"]) not in {node_id for node_id, _ in model_files(api)})
+        assert [m["name"] for m in models] == [f for _, f in files], f"{node['class_type']}: properties.models {models}"
+        for (input_name, file_name), model in zip(files, models):
+            assert set(model) == {"name", "url", "directory"}
+            assert model["directory"] == MODEL_DIRECTORIES[(node["class_type"], input_name)]
+            assert model["name"].endswith(".safetensors")
+            assert model["url"].startswith("https://huggingface.co/") and "/resolve/" in model["url"]
+            assert model["url"].split("?")[0].rsplit("/", 1)[1] == model["name"]
+            assert listed.setdefault(file_name, model) == model, f"{file_name}: two different downloads"
+    assert all("models" not in n["properties"] for n in ui["nodes"] if n["type"] in FRONTEND_ONLY)
+    # the same list for frontends that read only the top level, each file once
+    assert ui.get("models", []) == list(listed.values())
 
 
 def test_tinyvideo_graphs_need_no_download():
@@ -201,6 +215,56 @@ def test_wan_workflow_uses_the_comfy_org_repackaged_files():
     urls = {m["name"]: m["url"] for m in PAIRS["wan21_t2v_streamline"][0]["models"]}
     assert all(url.startswith("https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/")
                for url in urls.values())
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_readme_lists_every_workflow_with_its_downloads(name):
+    """The README's table of workflows (what the Templates browser shows) has a row for each, naming every file
+    the newcomer downloads for it."""
+    rows = [line for line in (WORKFLOWS.parent / "README.md").read_text().splitlines()
+            if line.startswith(f"| `{name}.json` |")]
+    assert len(rows) == 1, f"README.md: {len(rows)} rows for {name}.json"
+    for model in PAIRS[name][0].get("models", []):
+        assert f"`{model['name']}`" in rows[0], f"README.md's row for {name}.json does not name {model['name']}"
+
+
+def downloads(name: str) -> dict[str, str]:
+    """file name -> URL of the files a workflow names."""
+    return {m["name"]: m["url"] for m in PAIRS[name][0]["models"]}
+
+
+def test_ltx2_workflow_uses_the_files_of_comfyuis_template():
+    """ComfyUI's LTX-2 text-to-video template's files: the checkpoint (video model, video VAE, audio VAE and the
+    text encoder's connector in one file), its distilled LoRA and x2 spatial upscaler from Lightricks/LTX-2; Gemma 3
+    12B from Comfy-Org/ltx-2 (which holds only text encoders and LoRAs)."""
+    api = PAIRS["ltx2_t2v_streamline"][1]
+    checkpoint = "ltx-2-19b-dev-fp8.safetensors"
+    assert api["1"]["inputs"]["ckpt_name"] == api["2"]["inputs"]["ckpt_name"] == api["3"]["inputs"]["ckpt_name"] == checkpoint
+    assert api["2"]["inputs"]["text_encoder"] == "gemma_3_12B_it_fp4_mixed.safetensors"
+    assert api["5"]["inputs"]["lora_name"] == "ltx-2-19b-distilled-lora-384.safetensors"
+    assert api["6"]["inputs"]["model_name"] == "ltx-2-spatial-upscaler-x2-1.0.safetensors"
+    lightricks = "https://huggingface.co/Lightricks/LTX-2/resolve/main/"
+    assert downloads("ltx2_t2v_streamline") == {
+        checkpoint: lightricks + checkpoint,
+        "gemma_3_12B_it_fp4_mixed.safetensors": "https://huggingface.co/Comfy-Org/ltx-2/resolve/main/split_files/"
+                                                "text_encoders/gemma_3_12B_it_fp4_mixed.safetensors",
+        "ltx-2-19b-distilled-lora-384.safetensors": lightricks + "ltx-2-19b-distilled-lora-384.safetensors",
+        "ltx-2-spatial-upscaler-x2-1.0.safetensors": lightricks + "ltx-2-spatial-upscaler-x2-1.0.safetensors"}
+
+
+def test_hunyuan15_workflow_uses_the_comfy_org_repackaged_files():
+    api = PAIRS["hunyuan15_t2v_streamline"][1]
+    assert api["1"]["inputs"]["unet_name"] == "hunyuanvideo1.5_720p_t2v_fp16.safetensors"
+    assert api["2"]["inputs"]["clip_name1"] == "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+    assert api["2"]["inputs"]["clip_name2"] == "byt5_small_glyphxl_fp16.safetensors"
+    assert api["2"]["inputs"]["type"] == "hunyuan_video_15"
+    assert api["3"]["inputs"]["vae_name"] == "hunyuanvideo15_vae_fp16.safetensors"
+    folders = {"hunyuanvideo1.5_720p_t2v_fp16.safetensors": "diffusion_models",
+               "qwen_2.5_vl_7b_fp8_scaled.safetensors": "text_encoders",
+               "byt5_small_glyphxl_fp16.safetensors": "text_encoders", "hunyuanvideo15_vae_fp16.safetensors": "vae"}
+    assert downloads("hunyuan15_t2v_streamline") == {
+        file: f"https://huggingface.co/Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/split_files/{folder}/{file}"
+        for file, folder in folders.items()}
 
 
 def model_chain(api: dict, last: str) -> list[str]:
@@ -275,3 +339,127 @@ def test_tinywan_budget_rehash_pipeline():
     for node in api.values():
         if node["class_type"] == "StreamlineTinyVideoPrompt":
             assert node["inputs"]["model"] == ["1", 0]
+
+
+def guided_chain(api: dict, sampler: str) -> list[str]:
+    """A SamplerCustomAdvanced's model, upstream from its guider: [guider, ..., loader]."""
+    node = api[sampler]["inputs"]["guider"][0]
+    chain = [api[node]["class_type"]]
+    while "model" in api[node]["inputs"]:
+        node = api[node]["inputs"]["model"][0]
+        chain.append(api[node]["class_type"])
+    return chain
+
+
+def test_ltx2_pipeline():
+    """ComfyUI's LTX-2 template: a first pass at half the size (LTXVScheduler, 20 steps, cfg 4), the video latent
+    upscaled x2, a second pass with the distilled LoRA (3 manual sigmas, cfg 1) at the issue's reference shape,
+    1920x1088 and 241 frames (8n+1), the sound's latent as long as the video at the same frame rate. Streamline
+    Model Patch is on the checkpoint's model, under both passes' guiders."""
+    api = PAIRS["ltx2_t2v_streamline"][1]
+    assert model_chain(api, "30") == ["SaveAnimatedWEBP", "VAEDecodeTiled", "LTXVSeparateAVLatent"]
+    assert api["27"]["inputs"]["av_latent"] == ["26", 1]  # the second pass's denoised output, as the template
+    assert guided_chain(api, "17") == ["CFGGuider", "StreamlineModelPatch", "CheckpointLoaderSimple"]
+    assert guided_chain(api, "26") == ["CFGGuider", "LoraLoaderModelOnly", "StreamlineModelPatch",
+                                       "CheckpointLoaderSimple"]
+    video, audio = api["10"]["inputs"], api["11"]["inputs"]
+    assert api["20"]["class_type"] == "LTXVLatentUpsampler" and api["6"]["class_type"] == "LatentUpscaleModelLoader"
+    assert "x2" in api["6"]["inputs"]["model_name"]
+    assert (2 * video["width"], 2 * video["height"], video["length"]) == (1920, 1088, 241)
+    assert video["width"] % 32 == video["height"] % 32 == 0 and video["length"] % 8 == 1 and video["batch_size"] == 1
+    assert audio["frames_number"] == video["length"]
+    assert audio["frame_rate"] == api["9"]["inputs"]["frame_rate"] == api["30"]["inputs"]["fps"] == 24
+    assert api["15"]["inputs"]["steps"] == 20 and api["16"]["inputs"]["cfg"] == 4.0 and api["25"]["inputs"]["cfg"] == 1.0
+    assert len(api["24"]["inputs"]["sigmas"].split(",")) == 4
+    assert api["28"]["inputs"]["samples"] == ["27", 0] and api["29"]["inputs"]["samples"] == ["27", 1]
+    assert api["31"]["class_type"] == "SaveAudio" and api["31"]["inputs"]["audio"] == ["29", 0]
+
+
+def test_hunyuan15_pipeline():
+    """ComfyUI's HunyuanVideo 1.5 720p template without its bypassed super-resolution stage: 1280x720, 121 frames
+    (4n+1), 20 steps, cfg 6, shift 7, the sigmas from the model the guider samples; Streamline Model Patch between
+    ModelSamplingSD3 and the guider."""
+    api = PAIRS["hunyuan15_t2v_streamline"][1]
+    assert model_chain(api, "15") == ["SaveAnimatedWEBP", "VAEDecode", "SamplerCustomAdvanced"]
+    assert guided_chain(api, "13") == ["CFGGuider", "StreamlineModelPatch", "ModelSamplingSD3", "UNETLoader"]
+    assert api["10"]["inputs"]["model"] == api["9"]["inputs"]["model"]
+    latent = api["8"]["inputs"]
+    assert api["8"]["class_type"] == "EmptyHunyuanVideo15Latent"
+    assert (latent["width"], latent["height"], latent["length"], latent["batch_size"]) == (1280, 720, 121, 1)
+    assert api["4"]["inputs"]["shift"] == 7.0 and api["9"]["inputs"]["cfg"] == 6.0
+    assert api["10"]["inputs"]["steps"] == 20 and api["14"]["inputs"]["vae"] == ["3", 0]
+    assert api["6"]["inputs"]["clip"] == api["7"]["inputs"]["clip"] == ["2", 0]
+
+
+@pytest.fixture(scope="module")
+def host_nodes() -> dict:
+    """node type -> class, for every node a shipped workflow may use: ComfyUI's own (comfy_extras too), ADE's and
+    this pack's."""
+    import asyncio
+
+    from comfyui_streamline.nodes.extension import StreamlineExtension
+    from comfyui_streamline.testing.weights import ade_module
+
+    nodes = comfy_nodes()
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    pack = asyncio.run(StreamlineExtension().get_node_list())
+    return {**nodes.NODE_CLASS_MAPPINGS, **ade_module("nodes").NODE_CLASS_MAPPINGS,
+            **{node.define_schema().node_id: node for node in pack}}
+
+
+def comfy_nodes():
+    """ComfyUI's nodes.py as the module `nodes`, as the host has it (comfy_extras import it by that name): with the
+    repository root on sys.path, `import nodes` finds the pack's own nodes/ folder instead. ComfyUI's `utils`
+    package is imported first, as main.py does (0.3.64's extras put comfy/ on sys.path, whose utils.py would be
+    found instead)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    from conftest import COMFY_ROOT
+
+    sys.path.insert(0, str(COMFY_ROOT))
+    try:
+        importlib.import_module("utils")
+    finally:
+        sys.path.remove(str(COMFY_ROOT))
+    path = COMFY_ROOT / "nodes.py"
+    if getattr(sys.modules.get("nodes"), "__file__", None) != str(path):
+        spec = importlib.util.spec_from_file_location("nodes", path)
+        sys.modules["nodes"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["nodes"])
+    return sys.modules["nodes"]
+
+
+# The ComfyUI model class (comfy.model_base) a graph's model is: a host without it (0.3.64 has neither) has none of
+# the model's nodes either, and the graph is for newer hosts.
+HOST_MODEL = {"ltx2_t2v_streamline": "LTXAV", "hunyuan15_t2v_streamline": "HunyuanVideo15"}
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("name", PAIRS)
+def test_api_twin_matches_the_host_definitions(name, host_nodes):
+    """Each node is one the host has; each input one of its own, every required one given; a choice among the
+    options (a model file: any, the host's folders are empty here), a number within its range; and the widget
+    inputs in the definition's order, which is the order of the UI graph's widget values."""
+    import comfy.model_base
+
+    if name in HOST_MODEL and not hasattr(comfy.model_base, HOST_MODEL[name]):
+        pytest.skip(f"this ComfyUI has no {HOST_MODEL[name]} model (ComfyUI 0.33 has): {name} is for newer hosts")
+    _, api = PAIRS[name]
+    for node_id, node in api.items():
+        where = f"{name} node {node_id} ({node['class_type']})"
+        assert node["class_type"] in host_nodes, f"{where}: the host has no such node"
+        spec = host_nodes[node["class_type"]].INPUT_TYPES()
+        known = {**spec.get("required", {}), **spec.get("optional", {})}
+        assert set(node["inputs"]) <= set(known), f"{where}: unknown inputs {set(node['inputs']) - set(known)}"
+        assert set(spec.get("required", {})) <= set(node["inputs"]), f"{where}: missing required inputs"
+        widgets = [k for k, v in node["inputs"].items() if not isinstance(v, list)]
+        assert widgets == [k for k in known if k in widgets], f"{where}: widgets not in the definition's order"
+        for input_name in widgets:
+            value, (kind, options) = node["inputs"][input_name], (tuple(known[input_name]) + ({},))[:2]
+            if isinstance(kind, list) or kind == "COMBO":
+                choices = kind if isinstance(kind, list) else options.get("options", [])
+                assert value in choices or value.endswith(MODEL_SUFFIXES), f"{where}: {input_name}={value!r}"
+            elif {"INT", "FLOAT"} & set(str(kind).split(",")):  # LTX-2's frame rates are "FLOAT,INT"
+                assert options.get("min", value) <= value <= options.get("max", value), f"{where}: {input_name}"

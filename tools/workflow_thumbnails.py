@@ -7,10 +7,10 @@ the frontend lays a "Node graph" badge over its top-left corner.
 
 - TinyVideo / TinyWan graphs: the clip the graph makes, every frame, run through its API twin
   (`workflows/api/<name>_api.json`) on a running ComfyUI with this pack (`--server`);
-- the graphs whose weights are downloaded (SD1.5 + AnimateDiff, SVD, Wan 2.1): a card with the model, the
-  clip's size and the node chain, from the API twin.
+- the graphs whose weights are downloaded (SD1.5 + AnimateDiff, SVD, Wan 2.1, LTX-2, HunyuanVideo 1.5): a card with
+  the model, the clip's size and the node chain, from the API twin.
 
-    python tools/workflow_thumbnails.py --server http://127.0.0.1:8188   # all six
+    python tools/workflow_thumbnails.py --server http://127.0.0.1:8188   # all eight
     python tools/workflow_thumbnails.py                                  # the cards only; clips kept as they are
 """
 from __future__ import annotations
@@ -38,13 +38,22 @@ CLIPS = {"tinyvideo_streamline": "TinyVideo + Model Patch",
          "tinywan_rehash": "TinyWan + Budget + Rehash"}
 CARDS = {"streamline_animatediff": ("SD1.5 + AnimateDiff v2", "text to video"),
          "svd_img2vid_streamline": ("SVD-XT image to video", "image to video"),
-         "wan21_t2v_streamline": ("Wan 2.1 T2V 1.3B", "text to video")}
+         "wan21_t2v_streamline": ("Wan 2.1 T2V 1.3B", "text to video"),
+         "ltx2_t2v_streamline": ("LTX-2 19B T2V", "text to video + audio"),
+         "hunyuan15_t2v_streamline": ("HunyuanVideo 1.5 T2V 720p", "text to video")}
 SHORT_TITLES = {"ADE_AnimateDiffLoaderGen1": "AnimateDiff Loader", "ImageOnlyCheckpointLoader": "Load SVD Checkpoint",
                 "VideoLinearCFGGuidance": "Video Linear CFG", "SaveAnimatedWEBP": "Save Animated WEBP",
                 "StreamlineTinyVideoLoader": "Load TinyVideo", "StreamlineTinyWanLoader": "Load TinyWan",
                 "StreamlineMemoryBudget": "Streamline Memory Budget",
                 "StreamlineStepRehashSampler": "Step Rehash Sampler",
-                "StreamlineTinyVideoDecode": "TinyVideo Decode", "UNETLoader": "Load Diffusion Model"}
+                "StreamlineTinyVideoDecode": "TinyVideo Decode", "UNETLoader": "Load Diffusion Model",
+                "CheckpointLoaderSimple": "Load Checkpoint", "LoraLoaderModelOnly": "LoRA (distilled)",
+                "VAEDecodeTiled": "VAE Decode (Tiled)"}
+# Inputs followed upstream from the Save node to draw the chain: the frames, the latent, the model (a custom sampler's
+# through its guider); LTX-2's split of its audio-video latent is passed through, not drawn.
+CHAIN_INPUTS = ("images", "samples", "av_latent", "guider", "model")
+NOT_DRAWN = {"LTXVSeparateAVLatent"}
+LTXV_UPSCALE = 2  # LTXVLatentUpsampler: the spatial x2 upscaler's factor
 
 
 def font(size: int, bold: bool = False):
@@ -56,33 +65,37 @@ def font(size: int, bold: bool = False):
 
 
 def chain(api: dict) -> list[str]:
-    """The node types from the model loader to the Save node, along model/samples/images inputs."""
-    save = next(k for k, v in api.items() if v["class_type"].startswith("Save"))
+    """The node types from the model loader to the Save node of the frames, along CHAIN_INPUTS."""
+    save = next(k for k, v in api.items() if v["class_type"].startswith("Save") and "images" in v["inputs"])
     found, node = [], save
     while node:
         found.append(node)
         inputs = api[node]["inputs"]
-        node = next((inputs[k][0] for k in ("images", "samples", "model") if isinstance(inputs.get(k), list)), None)
-    return [api[k]["class_type"] for k in reversed(found)]
+        node = next((inputs[k][0] for k in CHAIN_INPUTS if isinstance(inputs.get(k), list)), None)
+    return [api[k]["class_type"] for k in reversed(found) if api[k]["class_type"] not in NOT_DRAWN]
 
 
 def clip_size(api: dict) -> tuple[int, int, int]:
     """(width, height, frames) of the clip the graph makes, from its latent node (TinyVideo's latent is the clip:
-    the image size / 8; Wan's latent length is video frames)."""
+    the image size / 8; Wan's, LTX-2's and HunyuanVideo 1.5's latent length is video frames; LTX-2's first pass is
+    at half the size, upscaled x2 for the second)."""
+    upscale = LTXV_UPSCALE ** sum(node["class_type"] == "LTXVLatentUpsampler" for node in api.values())
     for node in api.values():
         i, kind = node["inputs"], node["class_type"]
         if kind == "EmptyLatentImage":
             return i["width"], i["height"], i["batch_size"]
-        if kind == "EmptyHunyuanLatentVideo":
+        if kind in ("EmptyHunyuanLatentVideo", "EmptyHunyuanVideo15Latent"):
             return i["width"], i["height"], i["length"]
+        if kind == "EmptyLTXVLatentVideo":
+            return i["width"] * upscale, i["height"] * upscale, i["length"]
         if kind == "SVD_img2vid_Conditioning":
             return i["width"], i["height"], i["video_frames"]
     raise ValueError("no latent node")
 
 
 def model_files(api: dict) -> list[str]:
-    return [v for node in api.values() for v in node["inputs"].values()
-            if isinstance(v, str) and v.endswith(".safetensors")]
+    return list(dict.fromkeys(v for node in api.values() for v in node["inputs"].values()
+                              if isinstance(v, str) and v.endswith(".safetensors")))
 
 
 def title_of(kind: str, api: dict) -> str:
