@@ -1,0 +1,116 @@
+"""Step Rehash's shallow/deep split of an LTX DiT, run by the pack's block replacements (patch.py).
+
+shallow = the first and last `shallow` blocks, which run on every step; deep = the blocks between them. The deep
+feature is the residual the deep blocks add: x leaving the last deep block minus x entering the first one. On a
+full call the deep blocks run and the residual is stored; on a rehash call the first deep block adds the reused
+residual (held or extrapolated: the RehashCall decides, techniques/rehash.py) and the deep blocks return their
+input without computing anything. The adaptive mode's shallow feature is x entering the first deep block.
+
+LTX-2 (x = (video, audio)): each stream's residual is its own, both kept per cond: one cache row per cond holds
+the video residual then the audio residual (flattened), so the RehashCall's per-cond split (along the batch)
+keeps every cond's streams together and apart from the other conds', and a rehash step adds to each stream its
+own part. LTXModel's forward adds nothing to x between the blocks, so the split is exact where the deep blocks'
+residual is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ...core.rehash import RehashConfigError
+
+DEFAULT_SHALLOW = 1  # split_point (the node's cache_block) -1: one block at each end
+
+
+def shallow_blocks(split_point: int, blocks: int) -> int:
+    """The blocks at each end that run on every step, from RehashConfig.split_point (the node's cache_block):
+    -1 gives one at each end (none on a model of fewer than 3 blocks); a value >= 0 is the count itself. At least
+    one block must be left deep."""
+    if split_point == -1:
+        return DEFAULT_SHALLOW if blocks > 2 * DEFAULT_SHALLOW else 0
+    if split_point < 0 or 2 * split_point >= blocks:
+        raise RehashConfigError(f"cache_block {split_point} is out of range for an LTX model with {blocks} blocks "
+                                f"(shallow blocks at each end: 0..{(blocks - 1) // 2}, or -1 for one)")
+    return split_point
+
+
+def packed(streams) -> Tensor:
+    """x (B, T, C), or LTX-2's (video, audio), as one (B, n) row per sample: each stream flattened, in order."""
+    if isinstance(streams, Tensor):
+        return streams
+    return torch.cat([s.reshape(s.shape[0], -1) for s in streams], dim=1)
+
+
+def unpacked(row: Tensor, like):
+    """packed's inverse, shaped as `like` (views of row)."""
+    if isinstance(like, Tensor):
+        return row
+    parts, start = [], 0
+    for s in like:
+        size = s[0].numel()
+        parts.append(row[:, start:start + size].view(s.shape))
+        start += size
+    return tuple(parts)
+
+
+def added(x, residual: Tensor):
+    """x + residual (packed), a new tensor per stream."""
+    if isinstance(x, Tensor):
+        return x + residual
+    return tuple(s + r for s, r in zip(x, unpacked(residual, x)))
+
+
+@dataclass
+class LtxRehashCall:
+    """One LTX call's split: blocks first_deep..last_deep are the deep path. `call` is the call's RehashCall
+    (reuse(shallow) -> the residual to reuse or None; store(residual))."""
+
+    call: object
+    first_deep: int
+    last_deep: int
+    x_in: Tensor | None = None  # full call: x entering the first deep block (packed)
+    reused: bool = False
+
+    def run(self, index: int, x, block: Callable):
+        """Block `index` on x ((B, T, C) or (video, audio)): computed, skipped, or given the reused residual."""
+        if not self.first_deep <= index <= self.last_deep:
+            return block(x)
+        if index == self.first_deep:
+            # a copy: the blocks update x in place (the host's and the sliced ones)
+            x_in = x.clone() if isinstance(x, Tensor) else packed(x)  # packed: a new tensor already
+            cached = self.call.reuse(x_in)
+            if cached is not None:
+                self.reused = True
+                return added(x, cached)
+            self.x_in = x_in
+        elif self.reused:
+            return x
+        out = block(x)
+        if index == self.last_deep and self.x_in is not None:
+            self.call.store(packed(out) - self.x_in)
+            self.x_in = None
+        return out
+
+
+def install_for_rehash(model) -> None:
+    """The block replacements Step Rehash runs through, on `model` (a clone the caller owns), unless the pack's
+    own are there already. Without their run state they slice nothing: each block is ComfyUI's own."""
+    from ..dit.hooks import block_hooks
+    from .patch import SlicedLtxBlock, install_ltxv_slicing, unsupported_ltxv_reason
+
+    if unsupported_ltxv_reason(model.model.diffusion_model) is not None:
+        return
+    hooks = block_hooks(model.model_options.get("transformer_options", {}))
+    if not any(isinstance(v, SlicedLtxBlock) for v in hooks.values()):
+        install_ltxv_slicing(model)
+
+
+def foreign_deep_blocks(transformer_options: dict, first_deep: int, last_deep: int) -> list[int]:
+    """Deep blocks whose replacement is not the pack's (another node's, or none): they cannot be skipped."""
+    from ..dit.hooks import foreign_blocks
+    from .patch import SlicedLtxBlock
+
+    return foreign_blocks(transformer_options, first_deep, last_deep, SlicedLtxBlock)

@@ -1,0 +1,290 @@
+"""The sliced LTX blocks (families/ltxv/) against ComfyUI's own LTX forwards, their memory laws
+(families/ltxv/laws.py), Memory Budget's plan and Step Rehash's split (families/ltxv/rehash.py).
+
+Tiny random-weight models through ComfyUI's loader and detection (testing/model_families.py LTX_VARIANTS):
+LTXV (LTXVModel) and LTX-2 (LTXAVModel: video and audio streams, audio<->video cross-attention), also with
+cross_attention_adaln and LTX-2.3's gated attention as a model file's metadata names them. The patch goes on a
+clone through ComfyUI's block-replace hook; the forward is the diffusion model's own. CPU, fp32; exact means
+max|patched - plain| <= 1e-5 * max|plain|. ComfyUI 0.3.64 has no LTX-2 (those tests skip, saying so) and an
+older LTX block the pack leaves to ComfyUI (tested: unchanged, one log line).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import pytest
+import torch
+
+try:  # ComfyUI's nodes.py, imported at collection, while the host leads sys.path: pytest later puts a checkout's folder
+    # first when its name is no module name (a worktree's), and the pack's own nodes/ package would shadow it
+    import nodes as comfy_nodes
+except ImportError:  # no host: the tests skip
+    comfy_nodes = None
+
+pytestmark = pytest.mark.host
+
+TOL = 1e-5
+STREAMLINE_LOGGER = "ComfyUI-Streamline"
+FRAMES, HEIGHT, WIDTH = 3, 4, 5  # 60 video tokens
+AUDIO_FRAMES = 7
+
+
+def relative_error(out, ref) -> float:
+    out, ref = flat(out), flat(ref)
+    assert out.shape == ref.shape
+    assert torch.isfinite(ref).all() and ref.abs().max() > 0.1
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def flat(out) -> torch.Tensor:
+    return torch.cat([o.flatten() for o in out]) if isinstance(out, (list, tuple)) else out
+
+
+def host_reason() -> str | None:
+    from comfyui_streamline.families.ltxv.patch import host_reason as reason
+
+    return reason()
+
+
+def needs(name: str):
+    """Skip where this host cannot run `name` sliced: no LTX-2 (ComfyUI 0.3.64), or an older LTX block."""
+    from comfyui_streamline.testing.model_families import LTX_VARIANTS, host_lacks
+
+    lacking = host_lacks(LTX_VARIANTS[name]) or host_reason()
+    if lacking:
+        pytest.skip(lacking)
+
+
+def spec(name: str, layers: int = 2, **config):
+    from comfyui_streamline.testing.model_families import LTX_VARIANTS, ltxav, ltxv
+
+    base = LTX_VARIANTS[name]
+    build = functools.partial(ltxav if name == "LTXAV" else ltxv, num_layers=layers, **config)
+    metadata = {**(base.transformer_config or {}), **config} or None
+    return dataclasses.replace(base, build=build, transformer_config=metadata)
+
+
+@functools.lru_cache(maxsize=None)
+def loaded(name: str, layers: int = 2, **config):
+    from comfyui_streamline.testing.model_families import load
+
+    needs(name)
+    return load(spec(name, layers, **dict(config)))
+
+
+def patched_clone(model, token_chunk: int):
+    from comfyui_streamline.families.ltxv.patch import install_ltxv_slicing
+
+    clone = model.clone()
+    blocks = len(model.model.diffusion_model.transformer_blocks)
+    assert install_ltxv_slicing(clone, lambda to, x, tokens_per_frame: token_chunk) == list(range(blocks))
+    return clone
+
+
+def call_options(model) -> dict:
+    """transformer_options as sampling hands them to the diffusion model (with the patcher's wrappers)."""
+    return {**model.model_options["transformer_options"], "wrappers": model.wrappers}
+
+
+def inputs(name: str, batch: int, seed: int = 0, per_token: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(batch, 128, FRAMES, HEIGHT, WIDTH, generator=g)
+    x = [video, torch.randn(batch, 8, AUDIO_FRAMES, 16, generator=g)] if name == "LTXAV" else video
+    if per_token:  # a timestep per latent frame (a denoise mask's, patchified): one modulation row per token
+        t = torch.rand(batch, FRAMES, 1, generator=g).expand(batch, FRAMES, HEIGHT * WIDTH).reshape(batch, -1)
+    else:
+        t = torch.rand(batch, generator=g)
+    if name == "LTXAV" and per_token:  # the audio's own timestep (LTXAV.forward's (video, audio) pair)
+        t = (t, torch.rand(batch, generator=g))
+    width = 16 if name == "LTXAV" else 4096
+    context = torch.randn(batch, 8, width, generator=g)
+    mask = torch.ones(batch, 8, dtype=torch.long)
+    mask[-1, -3:] = 0
+    return x, t, context, mask
+
+
+@pytest.fixture
+def slice_spy(monkeypatch):
+    """Records (video tokens, chunk) of every sliced block call."""
+    from comfyui_streamline.families.ltxv import block, patch
+
+    calls = []
+    original_video, original_av = block.sliced_ltxv_block, block.sliced_av_block
+
+    def video(blk, x, *args):
+        calls.append((x.shape[1], args[-1]))
+        return original_video(blk, x, *args)
+
+    def av(blk, vx, ax, a, to, chunk):
+        calls.append((vx.shape[1], chunk))
+        return original_av(blk, vx, ax, a, to, chunk)
+
+    monkeypatch.setattr(patch, "sliced_ltxv_block", video)
+    monkeypatch.setattr(patch, "sliced_av_block", av)
+    return calls
+
+
+def run(model, name, batch, chunk=None, seed=0, per_token=False, options=None):
+    x, t, context, mask = inputs(name, batch, seed, per_token)
+    to = dict(options or {})
+    if chunk is not None:
+        to.update(call_options(patched_clone(model, chunk)))
+    with torch.no_grad():
+        x = [p.clone() for p in x] if isinstance(x, list) else x
+        return model.model.diffusion_model(x, t, context, mask, frame_rate=25, transformer_options=to)
+
+
+VARIANTS = [("LTXV", ()), ("LTXV", (("cross_attention_adaln", True),)), ("LTXAV", ()),
+            ("LTXAV", (("cross_attention_adaln", True), ("apply_gated_attention", True)))]
+
+
+@pytest.mark.parametrize("name,config", VARIANTS)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("token_chunk", [7, 15])  # 60 tokens: 9 slices (the last of 4); 4 slices
+def test_sliced_forward_matches_comfyui(name, config, batch, token_chunk, slice_spy):
+    model = loaded(name, 2, **dict(config))
+    plain = run(model, name, batch)
+    out = run(model, name, batch, token_chunk)
+    error = relative_error(out, plain)
+    print(f"\n[{name} {dict(config)} batch {batch} chunk {token_chunk}] max|diff| / max|plain| = {error:.2e}")
+    assert error <= TOL
+    assert slice_spy == [(60, token_chunk)] * 2  # both blocks sliced
+
+
+@pytest.mark.parametrize("name", ["LTXV", "LTXAV"])
+def test_per_token_and_per_frame_timesteps(name, slice_spy):
+    """A timestep per token (LTXV: one modulation row per token) or per latent frame (LTX-2: CompressedTimestep's
+    rows of a frame's patches), read per slice without expanding them."""
+    model = loaded(name)
+    plain = run(model, name, 2, per_token=True)
+    out = run(model, name, 2, 11, per_token=True)
+    assert relative_error(out, plain) <= TOL
+    assert slice_spy == [(60, 11)] * 2
+
+
+@pytest.mark.parametrize("options", [{"stg_self_attn_blocks": [1]}, {"a2v_cross_attn": False},
+                                     {"v2a_cross_attn": False}, {"run_ax": False}, {"run_vx": False}])
+def test_ltx2_switches(options, slice_spy):
+    """LTX-2's per-call switches: STG's value passthrough in a block, the audio<->video attentions off, a stream
+    off."""
+    model = loaded("LTXAV")
+    plain = run(model, "LTXAV", 2, options=options)
+    out = run(model, "LTXAV", 2, 13, options=options)
+    assert relative_error(out, plain) <= TOL
+    assert len(slice_spy) == 2
+
+
+def test_guide_attention_mask_and_a_mask_per_query():
+    """The guide mask (model.py GuideAttentionMask: noisy queries, tracked guide queries and the rest, each with
+    its own mask) and a tensor mask with a row per query, on a block, slices crossing the groups' bounds."""
+    from comfy.ldm.lightricks.model import GuideAttentionMask
+    from comfyui_streamline.families.ltxv.block import sliced_ltxv_block
+
+    needs("LTXV")
+    dm = loaded("LTXV").model.diffusion_model
+    block = dm.transformer_blocks[0]
+    g = torch.Generator().manual_seed(4)
+    b, t, c = 2, 40, dm.inner_dim
+    x = torch.randn(b, t, c, generator=g)
+    context = torch.randn(b, 8, c, generator=g)
+    timestep = torch.randn(b, 1, 6 * c, generator=g) * 0.1
+    pe = dm._precompute_freqs_cis(torch.rand(b, 3, t, generator=g) * 10, dim=c, out_dtype=x.dtype,
+                                  num_attention_heads=dm.num_attention_heads)
+    guide = GuideAttentionMask(t, 24, 10, torch.rand(1, 10, generator=g) + 0.1)
+    per_query = torch.randn(1, 1, t, t, generator=g)
+    for mask in (guide, per_query):
+        with torch.no_grad():
+            plain = block(x.clone(), context=context, timestep=timestep, pe=pe, transformer_options={},
+                          self_attention_mask=mask)
+            for chunk in (7, 16):
+                out = sliced_ltxv_block(block, x.clone(), context, None, timestep, pe, {}, mask, None, chunk)
+                assert relative_error(out, plain) <= TOL, (type(mask).__name__, chunk)
+
+
+@pytest.mark.parametrize("name", ["LTXV", "LTXAV"])
+def test_ksampler_under_streamline_model_patch_matches_without(name, slice_spy):
+    """Two KSampler steps, cond and uncond batched, under the Streamline Model Patch node (its token slices
+    automatic from frame_chunk 1: one latent frame of the batch per slice)."""
+    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
+    from comfyui_streamline.testing.model_families import LTX_VARIANTS, ltxav_latent
+
+    model, family = loaded(name), LTX_VARIANTS[name]
+    positive, negative = family.conds()
+    video = (1, 128, FRAMES, HEIGHT, WIDTH)
+    latent = ltxav_latent(video, AUDIO_FRAMES) if name == "LTXAV" else {"samples": torch.zeros(video)}
+
+    def sample(m):
+        (out,) = comfy_nodes.common_ksampler(m, 5, 2, family.cfg, "euler", "normal", positive, negative, latent)
+        return out["samples"]
+
+    plain = sample(model)
+    out = sample(StreamlineModelPatch.execute(model, frame_chunk=1, spatial_chunk=0).result[0])
+    parts = (out.unbind(), plain.unbind()) if name == "LTXAV" else ((out,), (plain,))
+    for o, p in zip(*parts):
+        assert relative_error(o, p) <= TOL
+    assert slice_spy == [(60, 10)] * 2 * 2  # 2 steps x 2 blocks; 1 frame x 20 tokens / batch 2
+
+
+def test_unknown_block_and_unknown_cond_run_unsliced_with_one_log_line(caplog, slice_spy):
+    from comfy.ldm.lightricks.model import BasicTransformerBlock
+    from comfyui_streamline.testing.model_families import load
+
+    class OtherBlock(BasicTransformerBlock):  # another pack's block: its own forward
+        def forward(self, x, **kwargs):
+            return super().forward(x, **kwargs)
+
+    needs("LTXV")
+    model = load(spec("LTXV"), seed=1)
+    model.model.diffusion_model.transformer_blocks[1].__class__ = OtherBlock
+    clone = patched_clone(model, 16)
+    x, t, context, mask = inputs("LTXV", 2)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger=STREAMLINE_LOGGER):
+        plain = model.model.diffusion_model(x, t, context, mask)
+        for _ in range(2):
+            out = model.model.diffusion_model(x, t, context, mask, transformer_options=call_options(clone))
+        unknown = model.model.diffusion_model(x, t, context, mask, transformer_options=call_options(clone),
+                                              some_new_cond=torch.ones(1))
+    assert relative_error(out, plain) <= TOL and torch.equal(unknown, plain)
+    notices = [r.getMessage() for r in caplog.records if r.name == STREAMLINE_LOGGER]
+    assert sum("OtherBlock" in n for n in notices) == 1, notices
+    assert sum("some_new_cond" in n for n in notices) == 1, notices
+    assert slice_spy == [(60, 16)] * 2  # block 0 sliced in both calls, block 1 never, the unknown cond never
+
+
+def test_recorded_host_fingerprints_are_this_hosts():
+    from comfyui_streamline.families.ltxv.patch import LTX_RECORDED, ltxv_functions
+    from comfyui_streamline.host.fingerprints import unrecorded
+
+    needs("LTXAV")
+    assert set(ltxv_functions()) == set(LTX_RECORDED)
+    assert unrecorded(ltxv_functions(), LTX_RECORDED) == []
+
+
+def test_the_self_check_agrees():
+    from comfyui_streamline.families.ltxv.patch import ltxv_self_check
+
+    needs("LTXV")
+    assert ltxv_self_check() <= TOL
+
+
+def test_an_older_host_runs_ltxv_unchanged_and_says_so(caplog):
+    """ComfyUI 0.3.64's LTX block (no fused ops, no guide mask) is not the one the pack mirrors: LTXV runs
+    ComfyUI's own forward, bit-identical, with one log line."""
+    from comfyui_streamline.families import registry
+    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
+    from comfyui_streamline.testing.model_families import FAMILIES, load
+
+    if host_reason() is None:
+        pytest.skip("this host's LTX block is the one the pack slices (tests above)")
+    model = load(FAMILIES["LTXV"])
+    assert registry.unsupported_reason(model.model.diffusion_model) == host_reason()
+    positive, negative = FAMILIES["LTXV"].conds()
+    latent = FAMILIES["LTXV"].latent()
+    with caplog.at_level(logging.INFO, logger=STREAMLINE_LOGGER):
+        (plain,) = comfy_nodes.common_ksampler(model, 5, 1, 5.0, "euler", "normal", positive, negative, latent)
+        patched = StreamlineModelPatch.execute(model, frame_chunk=1, spatial_chunk=0).result[0]
+        (out,) = comfy_nodes.common_ksampler(patched, 5, 1, 5.0, "euler", "normal", positive, negative, latent)
+    assert torch.equal(out["samples"], plain["samples"])
+    assert sum("running it unchanged" in r.getMessage() for r in caplog.records) == 1
