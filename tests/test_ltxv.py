@@ -288,3 +288,121 @@ def test_an_older_host_runs_ltxv_unchanged_and_says_so(caplog):
         (out,) = comfy_nodes.common_ksampler(patched, 5, 1, 5.0, "euler", "normal", positive, negative, latent)
     assert torch.equal(out["samples"], plain["samples"])
     assert sum("running it unchanged" in r.getMessage() for r in caplog.records) == 1
+
+
+# --- memory: the live-tensor counter on the CPU against families/ltxv/laws.py --------------------------------------
+
+MEMORY_MODEL = dict(attention_head_dim=64, num_attention_heads=2, cross_attention_dim=128, caption_channels=16)
+MEMORY_AUDIO = dict(audio_attention_head_dim=32, audio_num_attention_heads=2, audio_cross_attention_dim=64)
+MEMORY_TEXT, MEMORY_AUDIO_FRAMES = 6, 40
+
+
+@functools.lru_cache(maxsize=None)
+def memory_model(audio: bool):
+    from comfyui_streamline.host import tiny_models
+
+    needs("LTXAV" if audio else "LTXV")
+    return tiny_models.ltxv(audio=audio, **MEMORY_MODEL, **(MEMORY_AUDIO if audio else {}))
+
+
+def measured_peak(audio: bool, batch: int, frames: int, side: int, chunk: int | None, per_token: bool) -> int:
+    from comfyui_streamline.core.memtrace import LiveTensorMeter
+    from comfyui_streamline.families.ltxv.patch import WRAPPER_KEY, SlicedLtxBlock, add_call_info
+    from comfyui_streamline.host import tiny_models
+
+    model = memory_model(audio)
+    call = tiny_models.ltxv_inputs(model, audio=audio, batch=batch, frames=frames, height=side, width=side,
+                                   audio_frames=MEMORY_AUDIO_FRAMES)
+    args = list(call["args"])
+    if per_token:  # a timestep per token, equal within a latent frame (a denoise mask's)
+        t = torch.rand(batch, frames, 1, generator=torch.Generator().manual_seed(2)).expand(batch, frames, side * side)
+        args[1] = (t.reshape(batch, -1), torch.rand(batch)) if audio else t.reshape(batch, -1)
+    to = {}
+    if chunk is not None:
+        to["patches_replace"] = {"dit": {("double_block", i): SlicedLtxBlock(i, lambda *_: chunk) for i in range(2)}}
+        to["wrappers"] = {"diffusion_model": {WRAPPER_KEY: [add_call_info]}}
+    with torch.no_grad(), LiveTensorMeter() as meter:
+        memory_model(audio)(*args, transformer_options=to, **call["kwargs"])
+    return meter.peak_bytes
+
+
+def predicted_peak(audio: bool, batch: int, frames: int, side: int, chunk: int | None, per_token: bool) -> float:
+    from comfyui_streamline.families.ltxv import laws
+
+    model = memory_model(audio)
+    work = dataclasses.replace(laws.ltx_work(model, (batch, 8, frames, side, side), 4, MEMORY_TEXT, MEMORY_AUDIO_FRAMES),
+                               modulation_rows=(frames if audio else frames * side * side) if per_token else 1,
+                               timestep_per_token=per_token)
+    return laws.forward_peak_bytes(laws.ltx_shape(model), work, chunk, laws.SUB_QUADRATIC)
+
+
+@pytest.mark.parametrize("audio", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_memory_laws_within_one_percent_of_the_meter(audio, per_token):
+    """Whole forwards (2 blocks), ComfyUI's and sliced (16, 64, 512 tokens), against the live-tensor counter:
+    2048 tokens (the attention scores lead ComfyUI's peak), 256 (the prologue and head matter), batch 1 and 2."""
+    rows = []
+    for batch, frames, side in [(2, 2, 32), (1, 2, 32), (2, 1, 16)]:
+        for chunk in (None, 16, 64, 512):
+            measured = measured_peak(audio, batch, frames, side, chunk, per_token)
+            predicted = predicted_peak(audio, batch, frames, side, chunk, per_token)
+            print(f"\n[{'LTX-2' if audio else 'LTXV'} per-token {per_token} batch {batch} tokens "
+                  f"{frames * side * side} chunk {chunk}] measured {measured / 2**20:.2f} MiB, predicted "
+                  f"{predicted / 2**20:.2f} MiB ({predicted / measured - 1:+.2%})")
+            assert abs(predicted / measured - 1) <= 0.01
+            rows.append(measured)
+    assert rows[0] / rows[1] >= 3  # ComfyUI's peak against 16-token slices, 2048 tokens
+
+
+def test_largest_token_chunk_fits_and_is_largest():
+    from comfyui_streamline.families.ltxv.laws import SDPA, SUB_QUADRATIC, AudioShape, LtxShape, LtxWork, \
+        forward_peak_bytes, largest_token_chunk
+
+    shape = LtxShape(4096, 32, layers=48, ada_params=9, gated=True, audio=AudioShape(2048, 32))  # LTX-2.3-like
+    work = LtxWork(2, 16 * 24 * 38, text_tokens=1024, dtype_bytes=2, audio_tokens=121)  # 768x1216x121, CFG batched
+    for kernel in (SDPA, SUB_QUADRATIC):
+        plain = forward_peak_bytes(shape, work, None, kernel)
+        budget = (plain + forward_peak_bytes(shape, work, 1, kernel)) / 2
+        n = largest_token_chunk(shape, work, budget, kernel)
+        assert n is not None and forward_peak_bytes(shape, work, n, kernel) <= budget
+        assert forward_peak_bytes(shape, work, n + 1, kernel) > budget
+        assert largest_token_chunk(shape, work, plain, kernel) == work.tokens
+        assert largest_token_chunk(shape, work, 1.0, kernel) is None
+
+
+@pytest.mark.parametrize("name", ["LTXV", "LTXAV"])
+def test_memory_budget_plans_and_slices_exactly(name, slice_spy, caplog):
+    """The Memory Budget node under a budget ComfyUI's forward does not fit: it plans token slices (logged), the
+    blocks run them, and the output is ComfyUI's; the plan fits the budget by the laws."""
+    from comfyui_streamline.core.budget import ALLOCATOR_HEADROOM
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.families import registry
+    from comfyui_streamline.families.ltxv import laws
+    from comfyui_streamline.nodes.memory_budget import MemoryBudget
+    from comfyui_streamline.testing.model_families import LTX_VARIANTS, ltxav_latent
+
+    model, family = loaded(name), LTX_VARIANTS[name]
+    dm = model.model.diffusion_model
+    video = (1, 128, FRAMES, HEIGHT, WIDTH)
+    latent = ltxav_latent(video, AUDIO_FRAMES) if name == "LTXAV" else {"samples": torch.zeros(video)}
+    batched = (2, *video[1:])
+    whole = laws.ltx_peaks(dm, torch.zeros(batched), torch.zeros(2, 8, 1), SliceConfig())[1]
+    budget = int(whole * 0.6)
+    plan = registry.plan_for(registry.LTXV, dm, batched, 4, budget, context_tokens=8)
+    assert plan.config.token_chunk < 60 and plan.predicted_peak_bytes <= budget * ALLOCATOR_HEADROOM
+    positive, negative = family.conds()
+
+    def sample(m):
+        (out,) = comfy_nodes.common_ksampler(m, 5, 2, family.cfg, "euler", "normal", positive, negative, latent)
+        return out["samples"]
+
+    plain = sample(model)
+    caplog.set_level(logging.INFO, logger=STREAMLINE_LOGGER)
+    budgeted = MemoryBudget.execute(model, budget / 2**30, 160, 128, 17).result[0]
+    out = sample(budgeted)
+    parts = (out.unbind(), plain.unbind()) if name == "LTXAV" else ((out,), (plain,))
+    for o, p in zip(*parts):
+        assert relative_error(o, p) <= TOL
+    assert slice_spy and all(chunk == plan.config.token_chunk for _, chunk in slice_spy), (slice_spy, plan)
+    assert any(r.getMessage().startswith("Streamline Memory Budget (") and "token_chunk" in r.getMessage()
+               for r in caplog.records)

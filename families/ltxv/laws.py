@@ -61,6 +61,10 @@ class LtxWork:
     text_tokens: int = 128
     dtype_bytes: int = 4
     audio_tokens: int = 0
+    # a timestep per token (a denoise mask's): the blocks' modulation rows are the tokens (LTXV) or the latent
+    # frames (LTX-2's CompressedTimestep); the planner plans a timestep per sample (modulation_rows 1)
+    modulation_rows: int = 1
+    timestep_per_token: bool = False
 
     @property
     def rows(self) -> int:
@@ -126,7 +130,7 @@ def held_values(shape: LtxShape, work: LtxWork) -> float:
     c, b = shape.dim, work.batch
     coords = work.tokens * b * COORD_BYTES / work.dtype_bytes
     text = b * work.text_tokens * c
-    timestep = b * (shape.ada_params + 1) * c + (2 * b * c if shape.ada_params == 9 else 0)
+    timestep = b * work.modulation_rows * (shape.ada_params + 1) * c + (2 * b * c if shape.ada_params == 9 else 0)
     held = 3 * work.rows * c + coords + text + timestep
     if shape.audio is not None:
         a, rows = shape.audio.dim, b * work.audio_tokens
@@ -144,13 +148,45 @@ def rope_values(shape: LtxShape, work: LtxWork) -> float:
     return work.rows * c + coords + 4 * work.rows * c / 2 + 2 * work.rows * c
 
 
+SINUSOID = 256  # channels of the timestep's sinusoidal embedding (Timesteps(num_channels=256))
+
+
+def _timestep_embedding(n: float, dim: int, coefficient: int) -> float:
+    """Peak of AdaLayerNormSingle on n timesteps, past what it leaves (coefficient x dim and the embedding, dim,
+    per timestep): the sinusoid's angles, sin, cos and their concatenation; the MLP; silu + linear."""
+    return max(2.5 * SINUSOID * n, SINUSOID * n + 2 * dim * n, (coefficient + 2) * dim * n)
+
+
+def timestep_values(shape: LtxShape, work: LtxWork) -> float:
+    """Peak while _prepare_timestep embeds a timestep per token (a denoise mask's), before the blocks: x, the
+    coordinates and, LTXV, the embedding of every token's timestep; LTX-2 embeds the video's per frame, but its
+    audio<->video scale/shift and gate timesteps per token (kept whole until the call's timesteps are made, and
+    the last embedding, discarded into `_`, with them)."""
+    if not work.timestep_per_token:
+        return 0.0
+    c, n = shape.dim, work.rows
+    base = work.rows * c + work.tokens * work.batch * COORD_BYTES / work.dtype_bytes
+    if shape.audio is None:
+        return base + _timestep_embedding(n, c, shape.ada_params)
+    base += work.batch * work.audio_tokens * shape.audio.dim
+    scale_shift = base + _timestep_embedding(n, c, 4)
+    gate = base + 5 * c * n + _timestep_embedding(n, c, 1)
+    return max(scale_shift, gate)
+
+
 def head_values(shape: LtxShape, work: LtxWork) -> float:
-    """Peak of _process_output besides what stays held: LayerNorm, modulation, projection, unpatchify."""
+    """Peak of _process_output besides what stays held: the timestep's scale and shift on its rows (LTX-2 expands
+    its per-frame rows to the tokens first), LayerNorm, modulation, projection, unpatchify."""
     r, c = work.rows, shape.dim
+    rows = work.batch * (work.tokens if work.timestep_per_token else 1) * c  # of scale, of shift
     out = r * shape.in_channels
     live = _Live()
+    live.alloc(r * c if shape.audio is not None and work.timestep_per_token else 0)  # CompressedTimestep.expand()
+    live.alloc(2 * rows)  # scale_shift_values
     live.alloc(r * c)  # norm_out
+    live.alloc(rows)  # 1 + scale
     live.alloc(r * c)  # x * (1 + scale)
+    live.free(rows)
     live.alloc(r * c)  # + shift
     live.free(2 * r * c)
     live.alloc(out)  # proj_out
@@ -183,6 +219,7 @@ def block_peak_values(shape: LtxShape, work: LtxWork, chunk: int | None, kernel:
     sliced = chunk is not None and chunk < t
     n = min(chunk, t) if sliced else t
     rows = b * n
+    live.alloc(6 * b * work.modulation_rows * c)  # the six modulation terms, on the timestep's rows
     if sliced:
         live.alloc(2 * work.rows * c)  # key and value buffers
         live.alloc(2 * b * work.text_tokens * c)  # text keys and values
@@ -205,7 +242,7 @@ def forward_peak_bytes(shape: LtxShape, work: LtxWork, chunk: int | None, kernel
     """Peak activation bytes of one diffusion-model call (its inputs not counted)."""
     held = held_values(shape, work)
     return max(held + block_peak_values(shape, work, chunk, kernel), rope_values(shape, work),
-               held + head_values(shape, work)) * work.dtype_bytes
+               timestep_values(shape, work), held + head_values(shape, work)) * work.dtype_bytes
 
 
 def largest_token_chunk(shape: LtxShape, work: LtxWork, budget_bytes: float, kernel: Kernel = SUB_QUADRATIC) -> int | None:
