@@ -406,3 +406,161 @@ def test_memory_budget_plans_and_slices_exactly(name, slice_spy, caplog):
     assert slice_spy and all(chunk == plan.config.token_chunk for _, chunk in slice_spy), (slice_spy, plan)
     assert any(r.getMessage().startswith("Streamline Memory Budget (") and "token_chunk" in r.getMessage()
                for r in caplog.records)
+
+
+# --- Step Rehash: the shallow/deep split (families/ltxv/rehash.py through techniques/rehash.py) ---------------------
+
+REHASH_BLOCKS, REHASH_STEPS = 4, 6  # cache_block -1: blocks 0 and 3 shallow; fixed schedule: full 0, 1, 3, 5
+FULL_STEPS, REHASHED_STEPS = [0, 1, 3, 5], [2, 4]
+
+
+def rehash_settings(**kw) -> dict:
+    base = dict(rehash_mode="fixed", interval=2, warmup_steps=1, tail_steps=1, threshold=0.15, full_steps=3,
+                cache_block=-1, start_percent=0.0, end_percent=1.0, reuse="extrapolate")
+    return {**base, **kw}
+
+
+def with_rehash(model, **kw):
+    from comfyui_streamline.nodes.step_rehash import rehash_config
+    from comfyui_streamline.techniques.rehash import apply_rehash
+
+    return apply_rehash(model, rehash_config(**rehash_settings(**kw)))
+
+
+def rehash_report(model):
+    from comfyui_streamline.host.options import REHASH_KEY
+
+    return model.model_options["transformer_options"][REHASH_KEY].last.report
+
+
+def rehash_sample(model, name, steps=REHASH_STEPS):
+    from comfyui_streamline.testing.model_families import LTX_VARIANTS, ltxav_latent
+
+    family = LTX_VARIANTS[name]
+    positive, negative = family.conds()
+    video = (1, 128, FRAMES, HEIGHT, WIDTH)
+    latent = ltxav_latent(video, AUDIO_FRAMES) if name == "LTXAV" else {"samples": torch.zeros(video)}
+    with torch.inference_mode():
+        (out,) = comfy_nodes.common_ksampler(model, 7, steps, family.cfg, "euler", "normal", positive, negative, latent)
+    return flat(out["samples"].unbind() if name == "LTXAV" else out["samples"]).clone()
+
+
+def streamline_patch(model):
+    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
+
+    return StreamlineModelPatch.execute(model, frame_chunk=1, spatial_chunk=0).result[0]
+
+
+def block_steps(model):
+    """[(step, block index)] of every block the forward runs (hooks on the blocks)."""
+    calls, handles = [], []
+    for index, block in enumerate(model.model.diffusion_model.transformer_blocks):
+        def hook(module, args, kwargs, out, index=index):
+            to = kwargs.get("transformer_options", {})
+            calls.append((int((to["sample_sigmas"] == to["sigmas"].max()).nonzero()[0, 0]), index))
+        handles.append(block.register_forward_hook(hook, with_kwargs=True))
+    return calls, handles
+
+
+@pytest.fixture
+def rehash_cache_spy(monkeypatch):
+    """What each call stores and reuses: [(keys, sigma, deep feature)], [(keys, sigma, reused)]."""
+    from comfyui_streamline.techniques import rehash as step_rehash
+
+    stored, reused = [], []
+    store, reuse = step_rehash.RehashCallState.store, step_rehash.RehashCallState.reuse
+
+    def spy_store(self, deep):
+        stored.append((list(self.keys), self.sigma, deep.clone()))
+        return store(self, deep)
+
+    def spy_reuse(self, shallow):
+        out = reuse(self, shallow)
+        if out is not None:
+            reused.append((list(self.keys), self.sigma, out.clone()))
+        return out
+
+    monkeypatch.setattr(step_rehash.RehashCallState, "store", spy_store)
+    monkeypatch.setattr(step_rehash.RehashCallState, "reuse", spy_reuse)
+    return stored, reused
+
+
+@pytest.mark.parametrize("name", ["LTXV", "LTXAV"])
+def test_rehash_all_full_is_plain_and_with_slicing_is_streamlines(name):
+    """Fidelity tied to full steps: a run whose steps are all full is ComfyUI's output (bit-identical), and with
+    Streamline's slices Streamline's output."""
+    model = loaded(name, REHASH_BLOCKS)
+    plain = rehash_sample(model, name)
+    assert torch.equal(rehash_sample(with_rehash(model, rehash_mode="off"), name), plain)
+    all_full = with_rehash(model, warmup_steps=REHASH_STEPS)
+    assert torch.equal(rehash_sample(all_full, name), plain)
+    assert rehash_report(all_full).full == REHASH_STEPS and rehash_report(all_full).rehashed == 0
+    sliced = rehash_sample(streamline_patch(model), name)
+    assert relative_error(sliced, plain) <= TOL
+    for both in (with_rehash(streamline_patch(model), warmup_steps=REHASH_STEPS),
+                 streamline_patch(with_rehash(model, warmup_steps=REHASH_STEPS))):
+        assert relative_error(rehash_sample(both, name), sliced) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["LTXV", "LTXAV"])
+def test_rehash_steps_run_only_the_shallow_blocks_and_reuse_each_conds_and_streams_residual(name,
+                                                                                           rehash_cache_spy):
+    from comfyui_streamline.core.rehash import reused_feature
+
+    stored, reused = rehash_cache_spy
+    model = loaded(name, REHASH_BLOCKS)
+    patched = with_rehash(model)
+    calls, handles = block_steps(model)
+    try:
+        out = rehash_sample(patched, name)
+    finally:
+        for h in handles:
+            h.remove()
+    for step in FULL_STEPS:
+        assert sorted(i for s, i in calls if s == step) == list(range(REHASH_BLOCKS)), step
+    for step in REHASHED_STEPS:
+        assert sorted(i for s, i in calls if s == step) == [0, REHASH_BLOCKS - 1], step
+    report = rehash_report(patched)
+    assert (report.full, report.rehashed) == (len(FULL_STEPS), len(REHASHED_STEPS))
+    assert torch.isfinite(out).all() and not torch.equal(out, rehash_sample(model, name))
+    # cond and uncond batched: one call per step, two caches; LTX-2: each row holds a cond's video then audio
+    video_values = 60 * model.model.diffusion_model.inner_dim
+    audio_values = AUDIO_FRAMES * model.model.diffusion_model.audio_inner_dim if name == "LTXAV" else 0
+    assert {len(keys) for keys, _, _ in stored} == {2} and len(stored) == len(FULL_STEPS)
+    assert {tuple(d.shape) for _, _, d in stored} == ({(2, 60, video_values // 60)} if name == "LTXV"
+                                                      else {(2, video_values + audio_values)})
+    for keys, sigma, cached in reused:
+        history = [(s, d) for k, s, d in stored if s > sigma][-2:]
+        expected = torch.cat([reused_feature([(s, d.chunk(2)[i]) for s, d in history], sigma, "extrapolate")
+                              for i in range(2)])
+        assert torch.allclose(cached, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_rehash_and_streamline_slicing_compose(mode, slice_spy):
+    threshold = 10.0 if mode == "adaptive" else 0.15
+    model = loaded("LTXAV", REHASH_BLOCKS)
+    alone = with_rehash(model, rehash_mode=mode, threshold=threshold)
+    unsliced = rehash_sample(alone, "LTXAV")
+    assert not slice_spy
+    both = with_rehash(streamline_patch(model), rehash_mode=mode, threshold=threshold)
+    out = rehash_sample(both, "LTXAV")
+    assert slice_spy and all(chunk < tokens for tokens, chunk in slice_spy)
+    assert relative_error(out, unsliced) <= TOL
+    assert rehash_report(both).rehashed == rehash_report(alone).rehashed > 0
+
+
+def test_rehash_shallow_blocks_and_conflicts(caplog):
+    from comfyui_streamline.core.rehash import RehashConfigError
+    from comfyui_streamline.families.ltxv.rehash import shallow_blocks
+
+    assert [shallow_blocks(-1, n) for n in (1, 2, 3, 48)] == [0, 0, 1, 1]
+    for c, n in ((1, 2), (24, 48), (-2, 48)):
+        with pytest.raises(RehashConfigError):
+            shallow_blocks(c, n)
+    model = loaded("LTXV", REHASH_BLOCKS)
+    plain = rehash_sample(model, "LTXV")
+    caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)
+    out_of_range = with_rehash(model, cache_block=2)  # 2 at each end of 4 blocks: nothing deep
+    assert torch.equal(rehash_sample(out_of_range, "LTXV"), plain)
+    assert sum("cache_block 2" in r.getMessage() for r in caplog.records) == 1
