@@ -179,10 +179,10 @@ def test_ltx2_switches(options, slice_spy):
 def test_guide_attention_mask_and_a_mask_per_query():
     """The guide mask (model.py GuideAttentionMask: noisy queries, tracked guide queries and the rest, each with
     its own mask) and a tensor mask with a row per query, on a block, slices crossing the groups' bounds."""
+    needs("LTXV")
     from comfy.ldm.lightricks.model import GuideAttentionMask
     from comfyui_streamline.families.ltxv.block import sliced_ltxv_block
 
-    needs("LTXV")
     dm = loaded("LTXV").model.diffusion_model
     block = dm.transformer_blocks[0]
     g = torch.Generator().manual_seed(4)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import comfy.ldm.common_dit
 import comfy.ldm.modules.attention as host_attention
-import comfy.quant_ops
 import torch
 from comfy.ldm.lightricks import model as ltx_model
 from torch import Tensor
@@ -35,7 +34,10 @@ from ...core.slicing import chunk_ranges
 
 
 def rms_adaln(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """The host's fused rmsnorm(x) * (1 + scale) + shift (comfy-kitchen)."""
+    """The host's fused rmsnorm(x) * (1 + scale) + shift (comfy-kitchen; ComfyUI 0.3.64 has no comfy.quant_ops, and
+    its LTX block is left to ComfyUI: patch.py host_reason)."""
+    import comfy.quant_ops
+
     return comfy.quant_ops.ck.rms_adaln(x, scale, shift)
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import comfy.model_management
-import comfy.quant_ops
 import torch
 import torch.nn as nn
 from comfy.ldm.lightricks import model as ltx_model
@@ -94,8 +93,12 @@ def host_reason() -> str | None:
     """Why this host's LTX blocks are not the ones the pack slices (None: they are)."""
     import inspect
 
+    try:
+        import comfy.quant_ops as quant_ops
+    except ImportError:  # ComfyUI 0.3.64
+        quant_ops = None
     parameters = inspect.signature(ltx_model.BasicTransformerBlock.forward).parameters
-    if "self_attention_mask" not in parameters or not hasattr(comfy.quant_ops, "ck"):
+    if "self_attention_mask" not in parameters or not hasattr(quant_ops, "ck"):
         return ("this host's LTX block is an older one (before LTX-2: no fused comfy-kitchen ops, no guide mask) "
                 "that the pack does not mirror")
     return None
