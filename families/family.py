@@ -38,10 +38,6 @@ class Family:
         is [video, audio]: its video latent)."""
         return x
 
-    def block_count(self, diffusion_model: nn.Module) -> int:
-        """The blocks of a block-stack model (splits_block_stack) Step Rehash splits."""
-        return len(diffusion_model.blocks)
-
     # -- Memory Budget ----------------------------------------------------------------------------------------
 
     def video_length(self, diffusion_model: nn.Module) -> int | None:
@@ -119,6 +115,10 @@ class Family:
     # -- Step Rehash ------------------------------------------------------------------------------------------
 
     splits_block_stack = False  # Step Rehash splits a stack of blocks (DiT), not a UNet's skips
+
+    def block_stack_length(self, diffusion_model) -> int:
+        """The blocks of the stack Step Rehash splits (splits_block_stack), counted as rehash_call's positions."""
+        return len(diffusion_model.blocks)
 
     def rehash_split(self, diffusion_model, split_point: int) -> int:
         """Where Step Rehash splits a call, from RehashConfig.split_point (raises core.rehash.RehashConfigError)."""

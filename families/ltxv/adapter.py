@@ -33,7 +33,7 @@ class LtxvFamily(Family):
 
         return video_latent(x)
 
-    def block_count(self, diffusion_model) -> int:
+    def block_stack_length(self, diffusion_model) -> int:
         return len(diffusion_model.transformer_blocks)
 
     # -- Memory Budget ----------------------------------------------------------------------------------------

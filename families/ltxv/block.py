@@ -31,6 +31,7 @@ from comfy.ldm.lightricks import model as ltx_model
 from torch import Tensor
 
 from ...core.slicing import chunk_ranges
+from ..dit.attention import head_major, key_value_buffers
 
 
 def rms_adaln(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -104,12 +105,6 @@ def rope(t: Tensor, pe, start: int | None = None, end: int | None = None) -> Ten
     return ltx_model.apply_rotary_emb(t, (matrix, split))
 
 
-def heads_first(t: Tensor, heads: int) -> Tensor:
-    """(B, n, H * d) -> (B, H, n, d) (a view)."""
-    b, n, c = t.shape
-    return t.view(b, n, heads, c // heads).transpose(1, 2)
-
-
 def gated_output(attn, out: Tensor, x: Tensor) -> Tensor:
     """CrossAttention.forward's per-head gate (LTX-2.3) and output projection."""
     if attn.to_gate_logits is not None:
@@ -133,24 +128,23 @@ def context_keys_values(attn, context: Tensor, k_pe=None) -> KeysValues:
     return KeysValues(rope(attn.k_norm(attn.to_k(context)), k_pe), attn.to_v(context), False)
 
 
-def empty_keys_values(attn, batch: int, tokens: int, like: Tensor) -> KeysValues:
-    shape = (batch, attn.heads, tokens, attn.dim_head)
-    return KeysValues(torch.empty(shape, dtype=like.dtype, device=like.device),
-                      torch.empty(shape, dtype=like.dtype, device=like.device), True)
+def empty_keys_values(attn, tokens: int, like: Tensor) -> KeysValues:
+    return KeysValues(*key_value_buffers(like, attn.heads, tokens, attn.dim_head), True)
 
 
 def store_keys_values(attn, kv: KeysValues, source: Tensor, pe, start: int, end: int) -> None:
     """Keys (RMSNorm, RoPE) and values of tokens start..end-1 from their attention input `source` (B, n, C)."""
-    kv.keys[:, :, start:end] = heads_first(rope(attn.k_norm(attn.to_k(source)), pe, start, end), attn.heads)
-    kv.values[:, :, start:end] = heads_first(attn.to_v(source), attn.heads)
+    kv.keys[:, :, start:end] = head_major(rope(attn.k_norm(attn.to_k(source)), pe, start, end), attn.heads)
+    kv.values[:, :, start:end] = head_major(attn.to_v(source), attn.heads)
 
 
 def attention(q: Tensor, kv: KeysValues, heads: int, attn_precision, transformer_options: dict, mask=None,
               **kwargs) -> Tensor:
-    """optimized_attention as CrossAttention.forward calls it (looked up at call time, as the host does); q
-    (B, n, H * d) -> (B, n, H * d)."""
+    """optimized_attention as CrossAttention.forward calls it (looked up at call time, as the host does, with its
+    attn_precision and, for the guide mask, low_precision_attention: what families/dit/attention.py's
+    sliced_attention does not pass); q (B, n, H * d) -> (B, n, H * d)."""
     if kv.head_major:
-        return host_attention.optimized_attention(heads_first(q, heads), kv.keys, kv.values, heads, mask=mask,
+        return host_attention.optimized_attention(head_major(q, heads), kv.keys, kv.values, heads, mask=mask,
                                                   attn_precision=attn_precision, skip_reshape=True,
                                                   transformer_options=transformer_options, **kwargs)
     return host_attention.optimized_attention(q, kv.keys, kv.values, heads, mask=mask, attn_precision=attn_precision,
@@ -248,7 +242,7 @@ def video_self_keys(attn, x: Tensor, stream: VideoStream, chunk: int, to: dict) 
     """Group 1: the self-attention's keys and values of every token (None under STG: values pass through)."""
     if skips_self_attention(to):
         return None
-    kv = empty_keys_values(attn, x.shape[0], x.shape[1], x)
+    kv = empty_keys_values(attn, x.shape[1], x)
     for start, end in chunk_ranges(x.shape[1], chunk):
         xm = rms_adaln(x[:, start:end], stream.ada.take(SCALE_MSA, start, end), stream.ada.take(SHIFT_MSA, start, end))
         store_keys_values(attn, kv, xm, stream.pe, start, end)
@@ -359,7 +353,7 @@ def sliced_av_block(block, vx: Tensor, ax: Tensor, a: dict, to: dict, chunk: int
         a2v_gate = ada_rows(block.scale_shift_table_a2v_ca_video[4:, :], b, a["v_cross_gate_timestep"], slice(None),
                             tokens)
     if flags.v2a:
-        v2a_kv = empty_keys_values(block.video_to_audio_attn, b, tokens, vx)
+        v2a_kv = empty_keys_values(block.video_to_audio_attn, tokens, vx)
     for start, end in chunk_ranges(tokens, chunk):
         xs = vx[:, start:end]  # a view: the updates land in vx
         if flags.video:

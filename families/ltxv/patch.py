@@ -14,7 +14,7 @@ LtxRehashCall, rehash.py) the same replacement runs, skips or stores the deep bl
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import comfy.model_management
@@ -25,16 +25,12 @@ from comfy.model_patcher import ModelPatcher
 from torch import Tensor
 
 from ...host import fingerprints as host_fingerprints
-from ...host.attention import block_quantised_attention
 from ...host.log import LogOnce, logger
 from ...host.options import DIT_CALL_KEY as CALL_KEY, DIT_REHASH_CALL_KEY as REHASH_KEY
-from ...host.options import DIT_WRAPPER_KEY as WRAPPER_KEY, STREAMLINE_KEY as STATE_KEY
-from ..dit.hooks import install_block_hooks, remove_block_hooks
+from ...host.options import DIT_WRAPPER_KEY as WRAPPER_KEY
+from ..dit.block_hook import SlicedBlockHook, TokenChunkFor, common_unsliced_reason, token_chunk_from_state
+from ..dit.hooks import block_keys, install_block_hooks, remove_block_hooks
 from .block import sliced_av_block, sliced_ltxv_block, timestep_rows
-
-# SageAttention and ComfyUI's int8 attention quantise queries in blocks of up to this many rows from the start of
-# the sequence: a slice that starts inside one changes the result
-QUERY_BLOCK = 128
 
 
 def av_module():
@@ -165,38 +161,19 @@ def add_call_info(executor, x, timestep, context, attention_mask, frame_rate=25,
     return executor(x, timestep, context, attention_mask, frame_rate, transformer_options, keyframe_idxs, **kwargs)
 
 
-# (transformer_options, video tokens (B, T, C), tokens_per_frame) -> tokens per slice, or None: unsliced
-TokenChunkFor = Callable[[dict, Tensor, int], "int | None"]
-
-
-def token_chunk_from_state(transformer_options: dict, x: Tensor, tokens_per_frame: int) -> int | None:
-    """The slice size the run's StreamlineState gives (core.slicing.token_chunk_size); None without a state."""
-    from ...core.slicing import token_chunk_size
-
-    state = transformer_options.get(STATE_KEY)
-    if state is None:
-        return None
-    return token_chunk_size(state.config, batch=x.shape[0], tokens=x.shape[1], tokens_per_frame=tokens_per_frame,
-                            dim=x.shape[2])
-
-
-def exact_token_chunk(chunk: int) -> int:
-    """The largest slice <= chunk that keeps a block-quantised kernel's query blocks whole (0: none fits)."""
-    return chunk // QUERY_BLOCK * QUERY_BLOCK if block_quantised_attention() is not None else chunk
-
-
-def _log_of(transformer_options: dict, fallback: LogOnce) -> LogOnce:
-    state = transformer_options.get(STATE_KEY)
-    return getattr(state, "log", None) or fallback
+# LTX's blocks call no patches (ComfyUI's LTX forward reads none): any patch set runs ComfyUI's own block, as a
+# patch the pack has not checked (dit/block_hook.py common_unsliced_reason)
+KNOWN_PATCHES = frozenset()
 
 
 @dataclass
-class SlicedLtxBlock:
+class SlicedLtxBlock(SlicedBlockHook):
     """The ("double_block", index) replacement: block `index` sliced over video tokens when it can be."""
 
-    index: int
-    token_chunk_for: TokenChunkFor
-    log: LogOnce = field(default_factory=LogOnce)  # notices without a run state: once per install
+    family = "LTX"
+
+    def verdict(self) -> "host_fingerprints.Verdict":
+        return ltxv_verdict()
 
     def __call__(self, args: dict, extra: dict) -> dict:
         rehash = args["transformer_options"].get(REHASH_KEY)  # Step Rehash's LtxRehashCall (rehash.py), if any
@@ -207,24 +184,11 @@ class SlicedLtxBlock:
     def forward(self, args: dict, extra: dict):
         """Block `index` on args["img"] (x, or LTX-2's (vx, ax)): sliced when it can be, else ComfyUI's."""
         to = args["transformer_options"]
-        log = _log_of(to, self.log)
         av = isinstance(args["img"], (tuple, list))
         video = args["img"][0] if av else args["img"]
         call: LtxCall | None = to.get(CALL_KEY)
-        reason = self.unsliced_reason(call, to, args, video, av)
-        chunk = None if call is None else self.token_chunk_for(to, video, call.tokens_per_frame)
-        if reason is None and chunk is not None and chunk < video.shape[1]:
-            exact = exact_token_chunk(chunk)
-            if exact == 0:
-                reason = (f"the attention kernel ({block_quantised_attention()}) quantises queries in blocks of "
-                          f"{QUERY_BLOCK} tokens, more than a slice of {chunk}")
-            chunk = exact or chunk
-        if reason or chunk is None or chunk >= video.shape[1]:
-            if reason and (call is None or chunk is not None):  # said only where slices were asked for
-                log.warn(f"ltxv-unsliced-{reason}", f"Streamline: LTX block {self.index}: {reason}; it runs "
-                         "unsliced (ComfyUI's own block).")
-            return extra["original_block"](args)["img"]
-        if not ltxv_verdict().sliced:  # its one line is the verdict's
+        chunk = self.slice_size(to, video, call, self.unsliced_reason(call, to, args, video, av))
+        if chunk is None:
             return extra["original_block"](args)["img"]
         block = call.blocks[self.index]
         if av:
@@ -233,18 +197,13 @@ class SlicedLtxBlock:
                                  args.get("self_attention_mask"), args.get("prompt_timestep"), chunk)
 
     def unsliced_reason(self, call: LtxCall | None, to: dict, args: dict, video: Tensor, av: bool) -> str | None:
-        if call is None:
-            return "the diffusion-model wrapper did not run (no blocks)"
-        block = call.blocks[self.index]
-        if plain_block_kind(block) != ("av" if av else "video"):
-            return f"{type(block).__name__} does not run the host's own block forward"
-        if call.unknown_conds:
-            return f"the call has conds the pack does not know ({', '.join(call.unknown_conds)})"
-        if "optimized_attention_override" in to:
-            return "an attention override is set (it may need whole query sequences)"
-        if comfy.model_management.in_training or (torch.is_grad_enabled() and video.requires_grad):
-            return "gradients are on"
-        return self.mask_reason(args, video, av)
+        if call is not None and plain_block_kind(call.blocks[self.index]) != ("av" if av else "video"):
+            return f"{type(call.blocks[self.index]).__name__} does not run the host's own block forward"
+        reason = common_unsliced_reason(call, to, video, KNOWN_PATCHES, "the diffusion-model wrapper did not run "
+                                        "(no blocks)")
+        if reason is None and comfy.model_management.in_training:
+            reason = "ComfyUI runs in training mode (its blocks' unfused paths)"
+        return reason or self.mask_reason(args, video, av)
 
     @staticmethod
     def mask_reason(args: dict, video: Tensor, av: bool) -> str | None:
@@ -285,8 +244,8 @@ def ltxv_self_check() -> float:
         def run(sliced: bool) -> Tensor:
             to = {}
             if sliced:
-                to["patches_replace"] = {"dit": {("double_block", i): SlicedLtxBlock(i, lambda *_: 5)
-                                                 for i in range(len(model.transformer_blocks))}}
+                to["patches_replace"] = {"dit": {key: SlicedLtxBlock(key[1], lambda *_: 5)
+                                                 for key in block_keys(len(model.transformer_blocks))}}
                 to["wrappers"] = {"diffusion_model": {WRAPPER_KEY: [add_call_info]}}
             with torch.no_grad():
                 out = model(*inputs["args"], transformer_options=to, **inputs["kwargs"])
@@ -314,13 +273,13 @@ def install_ltxv_slicing(model: ModelPatcher, token_chunk_for: TokenChunkFor = t
         logger.info(f"Streamline: {reason}; LTX slicing not installed.")
         return []
     log = LogOnce()
-    patched, kept = install_block_hooks(model, len(diffusion_model.transformer_blocks),
-                                        lambda index: SlicedLtxBlock(index, token_chunk_for, log), SlicedLtxBlock,
+    patched, kept = install_block_hooks(model, block_keys(len(diffusion_model.transformer_blocks)),
+                                        lambda key: SlicedLtxBlock(key[1], token_chunk_for, log), SlicedLtxBlock,
                                         WRAPPER_KEY, add_call_info)
     if kept:
-        logger.warning(f"Streamline: LTX blocks {kept} already have a block replacement (another node's); they run "
-                       "through it, unsliced.")
-    return patched
+        logger.warning(f"Streamline: LTX blocks {[i for _, i in kept]} already have a block replacement (another "
+                       "node's); they run through it, unsliced.")
+    return [i for _, i in patched]
 
 
 def remove_ltxv_slicing(model: ModelPatcher) -> None:

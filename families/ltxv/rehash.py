@@ -1,4 +1,5 @@
-"""Step Rehash's shallow/deep split of an LTX DiT, run by the pack's block replacements (patch.py).
+"""Step Rehash's shallow/deep split of an LTX DiT (families/dit/rehash.py's), run by the pack's block replacements
+(patch.py).
 
 shallow = the first and last `shallow` blocks, which run on every step; deep = the blocks between them. The deep
 feature is the residual the deep blocks add: x leaving the last deep block minus x entering the first one. On a
@@ -20,21 +21,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ...core.rehash import RehashConfigError
-
-DEFAULT_SHALLOW = 1  # split_point (the node's cache_block) -1: one block at each end
+from ..dit import rehash as dit_rehash
 
 
 def shallow_blocks(split_point: int, blocks: int) -> int:
-    """The blocks at each end that run on every step, from RehashConfig.split_point (the node's cache_block):
-    -1 gives one at each end (none on a model of fewer than 3 blocks); a value >= 0 is the count itself. At least
-    one block must be left deep."""
-    if split_point == -1:
-        return DEFAULT_SHALLOW if blocks > 2 * DEFAULT_SHALLOW else 0
-    if split_point < 0 or 2 * split_point >= blocks:
-        raise RehashConfigError(f"cache_block {split_point} is out of range for an LTX model with {blocks} blocks "
-                                f"(shallow blocks at each end: 0..{(blocks - 1) // 2}, or -1 for one)")
-    return split_point
+    """The blocks at each end that run on every step (families/dit/rehash.py shallow_blocks)."""
+    return dit_rehash.shallow_blocks(split_point, blocks, "LTX")
 
 
 def packed(streams) -> Tensor:
@@ -64,23 +56,15 @@ def added(x, residual: Tensor):
 
 
 @dataclass
-class LtxRehashCall:
-    """One LTX call's split: blocks first_deep..last_deep are the deep path. `call` is the call's RehashCall
-    (reuse(shallow) -> the residual to reuse or None; store(residual))."""
-
-    call: object
-    first_deep: int
-    last_deep: int
-    x_in: Tensor | None = None  # full call: x entering the first deep block (packed)
-    reused: bool = False
+class LtxRehashCall(dit_rehash.DeepSpanCall):
+    """One LTX call's split (DeepSpanCall), LTX-2's (video, audio) x packed per cond into one row."""
 
     def run(self, index: int, x, block: Callable):
         """Block `index` on x ((B, T, C) or (video, audio)): computed, skipped, or given the reused residual."""
-        if not self.first_deep <= index <= self.last_deep:
-            return block(x)
+        if isinstance(x, Tensor) or not self.first_deep <= index <= self.last_deep:
+            return super().run(index, x, block)
         if index == self.first_deep:
-            # a copy: the blocks update x in place (the host's and the sliced ones)
-            x_in = x.clone() if isinstance(x, Tensor) else packed(x)  # packed: a new tensor already
+            x_in = packed(x)  # a new tensor: the blocks update x in place
             cached = self.call.reuse(x_in)
             if cached is not None:
                 self.reused = True
