@@ -323,66 +323,105 @@ class AvFlags:
                        run_ax and to.get("v2a_cross_attn", True))
 
 
-def sliced_av_block(block, vx: Tensor, ax: Tensor, a: dict, to: dict, chunk: int) -> tuple[Tensor, Tensor]:
-    """BasicAVTransformerBlock.forward((vx, ax), **a) with the video in slices of `chunk` tokens (a: the block
-    hook's arguments); vx and ax are updated in place and returned. The audio stream runs whole, first (its
+@dataclass
+class AvCross:
+    """The audio<->video cross-attentions of one block call: the audio side whole (its modulation, the
+    audio-to-video keys and values), the video side per slice (its modulation rows, the video-to-audio keys and
+    values written per slice)."""
+
+    block: object
+    flags: AvFlags
+    ax_norm3: Tensor
+    audio_terms: tuple[Tensor, ...]  # scale, shift (audio-to-video), scale, shift (video-to-audio)
+    video_terms: AdaRows  # the same four, on the video's rows
+    audio_kv: KeysValues | None  # of the audio-to-video attention
+    a2v_gate: AdaRows | None
+    v2a_kv: KeysValues | None  # of the video-to-audio attention, filled per video slice
+
+    @staticmethod
+    def of(block, args: dict, vx: Tensor, ax: Tensor, flags: AvFlags) -> "AvCross | None":
+        if not (flags.a2v or flags.v2a):
+            return None
+        b, tokens = vx.shape[0], vx.shape[1]
+        ax_norm3 = comfy.ldm.common_dit.rms_norm(ax)
+        audio = block.get_ada_values(block.scale_shift_table_a2v_ca_audio[:4, :], b,
+                                     args["a_cross_scale_shift_timestep"])
+        video = ada_rows(block.scale_shift_table_a2v_ca_video[:4, :], b, args["v_cross_scale_shift_timestep"],
+                         slice(None), tokens)
+        audio_kv = a2v_gate = v2a_kv = None
+        if flags.a2v:
+            audio_kv = context_keys_values(block.audio_to_video_attn, ax_norm3 * (1 + audio[0]) + audio[1],
+                                           k_pe=args["a_cross_pe"])
+            a2v_gate = ada_rows(block.scale_shift_table_a2v_ca_video[4:, :], b, args["v_cross_gate_timestep"],
+                                slice(None), tokens)
+        if flags.v2a:
+            v2a_kv = empty_keys_values(block.video_to_audio_attn, tokens, vx)
+        return AvCross(block, flags, ax_norm3, audio, video, audio_kv, a2v_gate, v2a_kv)
+
+    def video_slice(self, xs: Tensor, start: int, end: int, pe, to: dict) -> None:
+        """The audio-to-video attention of one video slice (in place), then its video-to-audio keys and values."""
+        if self.flags.a2v:
+            scaled = rms_adaln(xs, self.video_terms.take(0, start, end), self.video_terms.take(1, start, end))
+            y = attend(self.block.audio_to_video_attn, scaled, self.audio_kv, to, pe, start, end)
+            del scaled
+            xs.addcmul_(y, self.a2v_gate.take(0, start, end))
+        if self.flags.v2a:
+            scaled = rms_adaln(xs, self.video_terms.take(2, start, end), self.video_terms.take(3, start, end))
+            store_keys_values(self.block.video_to_audio_attn, self.v2a_kv, scaled, pe, start, end)
+
+    def audio(self, ax: Tensor, args: dict, to: dict) -> None:
+        """The video-to-audio attention (all audio queries over the video keys), in place into ax."""
+        self.audio_kv = None
+        if not self.flags.v2a:
+            return
+        scaled = self.ax_norm3 * (1 + self.audio_terms[2]) + self.audio_terms[3]
+        y = attend(self.block.video_to_audio_attn, scaled, self.v2a_kv, to, args["a_cross_pe"])
+        del scaled
+        self.v2a_kv = None
+        gate = self.block.get_ada_values(self.block.scale_shift_table_a2v_ca_audio[4:, :], ax.shape[0],
+                                         args["a_cross_gate_timestep"])[0]
+        ax.addcmul_(y, gate)
+
+
+def video_feed_forward(block, xs: Tensor, stream: VideoStream, start: int, end: int) -> None:
+    """BasicAVTransformerBlock's video feed-forward of one slice (rms_adaln, gated), in place."""
+    scaled = rms_adaln(xs, stream.ada.take(SCALE_MLP, start, end), stream.ada.take(SHIFT_MLP, start, end))
+    y = block.ff(scaled)
+    del scaled
+    xs.addcmul_(y, stream.ada.take(GATE_MLP, start, end))
+
+
+def sliced_av_block(block, vx: Tensor, ax: Tensor, args: dict, to: dict, chunk: int) -> tuple[Tensor, Tensor]:
+    """BasicAVTransformerBlock.forward((vx, ax), **args) with the video in slices of `chunk` tokens (args: the
+    block hook's arguments); vx and ax are updated in place and returned. The audio stream runs whole, first (its
     self- and text attention read no video), then per video slice: self- and text attention, the
     audio-to-video attention, the slice's keys and values of the video-to-audio attention, the feed-forward;
     then the video-to-audio attention and the audio feed-forward."""
     flags = AvFlags.of(to, ax)
-    b, tokens = vx.shape[0], vx.shape[1]
     if flags.audio:
-        audio_self_and_text(block, ax, a["a_context"], a["a_timestep"], a["a_pe"], a.get("a_prompt_timestep"),
-                            a["attention_mask"], to)
-    stream = kv = audio_kv = v2a_kv = None
+        audio_self_and_text(block, ax, args["a_context"], args["a_timestep"], args["a_pe"],
+                            args.get("a_prompt_timestep"), args["attention_mask"], to)
+    stream = kv = None
     if flags.video:
-        stream = video_stream(block, block.scale_shift_table, vx, a["v_timestep"], None, a["v_pe"],
-                              a.get("self_attention_mask"), block.attn2, a["v_context"],
-                              getattr(block, "prompt_scale_shift_table", None), a.get("v_prompt_timestep"),
-                              a["attention_mask"])
+        stream = video_stream(block, block.scale_shift_table, vx, args["v_timestep"], None, args["v_pe"],
+                              args.get("self_attention_mask"), block.attn2, args["v_context"],
+                              getattr(block, "prompt_scale_shift_table", None), args.get("v_prompt_timestep"),
+                              args["attention_mask"])
         kv = video_self_keys(block.attn1, vx, stream, chunk, to)
-    if flags.a2v or flags.v2a:
-        ax_norm3 = comfy.ldm.common_dit.rms_norm(ax)
-        audio_terms = block.get_ada_values(block.scale_shift_table_a2v_ca_audio[:4, :], b,
-                                           a["a_cross_scale_shift_timestep"])
-        video_terms = ada_rows(block.scale_shift_table_a2v_ca_video[:4, :], b, a["v_cross_scale_shift_timestep"],
-                               slice(None), tokens)
-    if flags.a2v:
-        audio_kv = context_keys_values(block.audio_to_video_attn, ax_norm3 * (1 + audio_terms[0]) + audio_terms[1],
-                                       k_pe=a["a_cross_pe"])
-        a2v_gate = ada_rows(block.scale_shift_table_a2v_ca_video[4:, :], b, a["v_cross_gate_timestep"], slice(None),
-                            tokens)
-    if flags.v2a:
-        v2a_kv = empty_keys_values(block.video_to_audio_attn, tokens, vx)
-    for start, end in chunk_ranges(tokens, chunk):
+    cross = AvCross.of(block, args, vx, ax, flags)
+    for start, end in chunk_ranges(vx.shape[1], chunk):
         xs = vx[:, start:end]  # a view: the updates land in vx
         if flags.video:
             video_self_attention(block.attn1, xs, kv, stream, start, end, to)
             xs.add_(text_cross_attention(block, block.attn2, xs, stream, start, end, to,
                                          comfy.ldm.common_dit.rms_norm))
-        if flags.a2v:
-            scaled = rms_adaln(xs, video_terms.take(0, start, end), video_terms.take(1, start, end))
-            y = attend(block.audio_to_video_attn, scaled, audio_kv, to, a["v_cross_pe"], start, end)
-            del scaled
-            xs.addcmul_(y, a2v_gate.take(0, start, end))
-            del y
-        if flags.v2a:
-            scaled = rms_adaln(xs, video_terms.take(2, start, end), video_terms.take(3, start, end))
-            store_keys_values(block.video_to_audio_attn, v2a_kv, scaled, a["v_cross_pe"], start, end)
-            del scaled
+        if cross is not None:
+            cross.video_slice(xs, start, end, args["v_cross_pe"], to)
         if flags.video:
-            scaled = rms_adaln(xs, stream.ada.take(SCALE_MLP, start, end), stream.ada.take(SHIFT_MLP, start, end))
-            y = block.ff(scaled)
-            del scaled
-            xs.addcmul_(y, stream.ada.take(GATE_MLP, start, end))
-            del y
-    del kv, audio_kv
-    if flags.v2a:
-        scaled = ax_norm3 * (1 + audio_terms[2]) + audio_terms[3]
-        y = attend(block.video_to_audio_attn, scaled, v2a_kv, to, a["a_cross_pe"])
-        del scaled, v2a_kv
-        gate = block.get_ada_values(block.scale_shift_table_a2v_ca_audio[4:, :], b, a["a_cross_gate_timestep"])[0]
-        ax.addcmul_(y, gate)
+            video_feed_forward(block, xs, stream, start, end)
+    del kv
+    if cross is not None:
+        cross.audio(ax, args, to)
     if flags.audio:
-        audio_feed_forward(block, ax, a["a_timestep"])
+        audio_feed_forward(block, ax, args["a_timestep"])
     return vx, ax
