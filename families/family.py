@@ -33,6 +33,11 @@ class Family:
         """Why a model of this family is left to ComfyUI for `purpose` ("slice", "plan", "rehash"); None: handled."""
         return None
 
+    def call_latent(self, x):
+        """The tensor of a diffusion-model call's x that its slicing is planned, keyed and reported on (LTX-2's x
+        is [video, audio]: its video latent)."""
+        return x
+
     # -- Memory Budget ----------------------------------------------------------------------------------------
 
     def video_length(self, diffusion_model: nn.Module) -> int | None:

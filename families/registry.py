@@ -6,9 +6,11 @@
   families/svd/laws.py);
 - Wan: WanModel's plain WanAttentionBlocks, sliced over tokens through ComfyUI's block-replace hook
   (families/wan/; laws in families/wan/laws.py); of its subclasses, VaceWanModel, CameraWanModel and
-  AnimateWanModel too; WanModel_S2V and HumoWanModel run unchanged (families/wan/adapter.py wan_reason).
+  AnimateWanModel too; WanModel_S2V and HumoWanModel run unchanged (families/wan/adapter.py wan_reason);
+- LTX: LTXVModel and LTX-2's LTXAVModel (video and audio streams), their transformer blocks sliced over video
+  tokens through the same hook (families/ltxv/; laws in families/ltxv/laws.py).
 
-Slicing, memory planning and Step Rehash's shallow/deep split for all three (Wan's: first and last blocks
+Slicing, memory planning and Step Rehash's shallow/deep split for all four (Wan's: first and last blocks
 shallow, the residual of the blocks between deep; families/wan/rehash.py), except Step Rehash on the Wan
 subclasses that add to x between blocks (VACE, Animate), which it runs in full.
 """
@@ -23,9 +25,10 @@ from .family import Family, plan_text  # noqa: F401 (the techniques' names)
 from .svd.adapter import SVD
 from .unet.adapter import UNET
 from .hunyuan_video.adapter import HUNYUAN_VIDEO
+from .ltxv.adapter import LTXV
 from .wan.adapter import WAN
 
-FAMILIES: tuple[Family, ...] = (SVD, UNET, WAN, HUNYUAN_VIDEO)  # SVD's video UNet is a UNetModel too: asked first
+FAMILIES: tuple[Family, ...] = (SVD, UNET, WAN, HUNYUAN_VIDEO, LTXV)  # SVD's video UNet is a UNetModel too: asked first
 
 
 def family_of(diffusion_model: nn.Module) -> Family | None:

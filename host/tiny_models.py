@@ -59,3 +59,36 @@ def wan(i2v: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32) ->
 
 def inputs(shape: tuple[int, ...], seed: int, dtype: torch.dtype = DTYPE) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def ltxv(audio: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> nn.Module:
+    """A two-block LTXVModel, or with `audio` LTX-2's LTXAVModel (audio stream, audio<->video attention, tiny
+    text connectors), 2 heads of 8 video channels (audio: 2 of 4). float32: the host's RoPE kernel (comfy-kitchen)
+    takes no float64. config: further constructor arguments (cross_attention_adaln, apply_gated_attention)."""
+    import comfy.ops
+
+    base = dict(in_channels=8, cross_attention_dim=16, attention_head_dim=8, num_attention_heads=2,
+                caption_channels=8, num_layers=2, dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init)
+    if not audio:
+        from comfy.ldm.lightricks.model import LTXVModel
+
+        return randomize(LTXVModel(**{**base, **config}), seed)
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+
+    av = dict(audio_in_channels=128, audio_cross_attention_dim=8, audio_attention_head_dim=4,
+              audio_num_attention_heads=2, connector_attention_head_dim=4, connector_num_attention_heads=2,
+              connector_num_layers=1)
+    return randomize(LTXAVModel(**{**base, **av, **config}), seed)
+
+
+def ltxv_inputs(model: nn.Module, audio: bool = False, batch: int = 2, seed: int = 1,
+                frames: int = 3, height: int = 2, width: int = 3, audio_frames: int = 5) -> dict:
+    """A call of ltxv(): {"args": (x, timestep, context, attention_mask), "kwargs": {...}} (video: 18 tokens)."""
+    dtype = next(model.parameters()).dtype
+    video = inputs((batch, model.in_channels, frames, height, width), seed, dtype)
+    x = [video, inputs((batch, 8, audio_frames, 16), seed + 1, dtype)] if audio else video
+    timestep = torch.tensor([0.3, 0.7][:batch] + [0.5] * max(0, batch - 2), dtype=dtype)
+    context = inputs((batch, 6, model.caption_channels * (2 if audio else 1)), seed + 2, dtype)
+    mask = torch.ones(batch, 6, dtype=torch.long)
+    mask[-1, -2:] = 0  # the last prompt is shorter: a text mask that is not all ones
+    return {"args": (x, timestep, context, mask), "kwargs": {"frame_rate": 25}}

@@ -522,7 +522,7 @@ def _rehash_block_stack_call(executor, state: RehashState, family, shallow: int,
     """A DiT call (Wan) with the family's rehash call in a per-call copy of transformer_options: the pack's
     block replacements (families/wan/patch.py) run the shallow blocks, and the deep ones or the reused residual."""
     run, model = state.run, executor.class_obj
-    x = args[0] if args else kwargs["x"]
+    x = family.call_latent(args[0] if args else kwargs["x"])
     step, sigma = _step_and_sigma(transformer_options)
     first_deep, last_deep = shallow, family.block_stack_length(model) - 1 - shallow
     rehash_call = RehashCallState(run, shallow, step, sigma, _cache_keys(transformer_options, x.shape[0]))

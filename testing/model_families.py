@@ -145,12 +145,35 @@ def wan(model_type: str = "t2v", in_dim: int = 16, out_dim: int = 16, dim: int =
                     operations=_ops())
 
 
-def _ltxv() -> torch.nn.Module:
+def ltxv(num_layers: int = 1, **config) -> torch.nn.Module:
+    """A tiny LTXVModel as detection reads it: 32 heads, head dim = attn2 width // 32; cross-attention reads the
+    projected caption (inner width). config: what a model file's metadata adds (cross_attention_adaln)."""
     from comfy.ldm.lightricks.model import LTXVModel
 
-    # detection: 32 heads, head dim = attn2 width // 32; cross-attention reads the projected caption (inner width)
-    return LTXVModel(in_channels=128, cross_attention_dim=128, attention_head_dim=4, num_attention_heads=32,
-                     caption_channels=4096, num_layers=1, dtype=torch.float32, device="cpu", operations=_ops())
+    return LTXVModel(**{**dict(in_channels=128, cross_attention_dim=128, attention_head_dim=4, num_attention_heads=32,
+                               caption_channels=4096, num_layers=num_layers, dtype=torch.float32, device="cpu",
+                               operations=_ops()), **config})
+
+
+def _ltxv() -> torch.nn.Module:
+    return ltxv()
+
+
+# LTX-2 (LTXAVModel): detection reads the video width from attn2 (32 heads) and the layer count; the rest comes
+# from the model file's "config" metadata, as LTX-2's files carry it (audio stream 32 heads of 2, text
+# connectors of 2 heads of 4, 8-d captions: its processed context is 2 x 8 wide)
+LTXAV_CONFIG = dict(audio_cross_attention_dim=64, audio_attention_head_dim=2, audio_num_attention_heads=32,
+                    caption_channels=8, connector_attention_head_dim=4, connector_num_attention_heads=2,
+                    connector_num_layers=1)
+
+
+def ltxav(num_layers: int = 1, **config) -> torch.nn.Module:
+    """A tiny LTXAVModel (LTX-2: video and audio streams, audio<->video cross-attention)."""
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+
+    return LTXAVModel(**{**dict(in_channels=128, audio_in_channels=128, cross_attention_dim=128, attention_head_dim=4,
+                                num_attention_heads=32, num_layers=num_layers, dtype=torch.float32, device="cpu",
+                                operations=_ops()), **LTXAV_CONFIG, **config})
 
 
 def _flux() -> torch.nn.Module:
@@ -194,7 +217,7 @@ FAMILIES = {f.name: f for f in (
     Family("SDXL", _sdxl, UNET_PREFIX, (2, 4, 8, 8), 2048, _sdxl_extras, sliced=True),
     Family("SVD_img2vid", _svd, UNET_PREFIX, (2, 4, 8, 8), 1024, _svd_extras, sliced=True, cfg=2.5),
     Family("WAN21_T2V", _wan21_t2v, "", (1, 16, 2, 4, 4), 4096, _no_extras, sliced=True, rehash_split=True),
-    Family("LTXV", _ltxv, "", (1, 128, 2, 2, 2), 4096, _ltxv_extras, sliced=False),
+    Family("LTXV", _ltxv, "", (1, 128, 2, 2, 2), 4096, _ltxv_extras, sliced=True),
     Family("Flux", _flux, "", (1, 16, 4, 4), 4096, _flux_extras, sliced=False, cfg=1.0),
 )}
 
@@ -604,3 +627,24 @@ HUNYUAN_VARIANTS = {f.name: f for f in (
     Family("HunyuanVideo15", functools.partial(hunyuan_video, "1.5"), "", (1, 32, 2, 4, 4), HUNYUAN_CONTEXT["1.5"],
            _hunyuan15_extras, sliced=True, needs=("comfy.supported_models:HunyuanVideo15",)),
 )}
+# LTX variants for the LTX slicing tests (tests/test_ltxv.py); LTXAV: LTX-2, whose latent is [video, audio]
+# (ltxav_latent) and whose host may lack it (ComfyUI 0.3.64)
+LTX_VARIANTS = {f.name: f for f in (
+    FAMILIES["LTXV"],
+    Family("LTXAV", ltxav, "", (1, 128, 2, 2, 2), 2 * LTXAV_CONFIG["caption_channels"], _ltxv_extras, sliced=True,
+           transformer_config=LTXAV_CONFIG, needs=("comfy.ldm.lightricks.av_model:LTXAVModel",)),
+)}
+
+
+def ltxav_latent(video_shape: tuple[int, ...], audio_frames: int, seed: int | None = None) -> dict:
+    """LTX-2's LATENT as LTXVConcatAVLatent gives it: a NestedTensor of the video latent and the audio latent
+    (batch, 8 channels, audio_frames, 16 frequency bins); zeros, or random with `seed`."""
+    import comfy.nested_tensor
+
+    shapes = (video_shape, (video_shape[0], 8, audio_frames, 16))
+    if seed is None:
+        parts = [torch.zeros(shape) for shape in shapes]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        parts = [torch.randn(shape, generator=g) for shape in shapes]
+    return {"samples": comfy.nested_tensor.NestedTensor(parts)}

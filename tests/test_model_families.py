@@ -6,10 +6,10 @@ steps, plain and through each node: Streamline Model Patch, Memory Budget (auto 
 Step Rehash Sampler and Step Rehash (Model Patch).
 
 - Families the pack slices (SD1.5 and SDXL UNets, here without motion modules: slices over the
-  batch; SVD's video UNet; Wan 2.1's DiT blocks, over tokens): the output matches the plain run to 1e-5
-  of its largest value, slicing really ran, the memory estimate is the pack's, and nothing is logged at
-  warning level. Step Rehash splits the UNets' and SVD's calls; Wan's it runs in full (one warning).
-- Every other family (LTXV, Flux): the output is bit-identical to the plain run, the pack's code never
+  batch; SVD's video UNet; Wan 2.1's and LTXV's DiT blocks, over tokens): the output matches the plain run to
+  1e-5 of its largest value, slicing really ran, the memory estimate is the pack's, and nothing is logged at
+  warning level. Step Rehash splits the UNets', SVD's, Wan's and LTXV's calls.
+- Every other family (Flux): the output is bit-identical to the plain run, the pack's code never
   sliced anything, the memory estimate is ComfyUI's own, and the node logged exactly one warning,
   naming the model it leaves unchanged.
 """
@@ -57,11 +57,13 @@ def frame_slices():
     of every Wan block it slices."""
     import comfyui_streamline.families.unet.forward as streamlined_unet
     import comfyui_streamline.families.svd.forward as svd_unet
+    from comfyui_streamline.families.ltxv import patch as ltx_patch
     from comfyui_streamline.families.wan import patch as wan_patch
 
     seen: list[tuple[int, int]] = []
     real = streamlined_unet.run_frame_chunked
     real_wan = wan_patch.sliced_block_forward
+    real_ltx = ltx_patch.sliced_ltxv_block
 
     def spy(group, batch, chunk):
         seen.append((batch, chunk))
@@ -71,13 +73,19 @@ def frame_slices():
         seen.append((x.shape[1], args[-1]))
         return real_wan(block, x, *args)
 
+    def ltx_spy(block, x, *args):
+        seen.append((x.shape[1], args[-1]))
+        return real_ltx(block, x, *args)
+
     streamlined_unet.run_frame_chunked = svd_unet.run_frame_chunked = spy
     wan_patch.sliced_block_forward = wan_spy
+    ltx_patch.sliced_ltxv_block = ltx_spy
     try:
         yield seen
     finally:
         streamlined_unet.run_frame_chunked = svd_unet.run_frame_chunked = real
         wan_patch.sliced_block_forward = real_wan
+        ltx_patch.sliced_ltxv_block = real_ltx
 
 
 def sample(model, spec) -> torch.Tensor:
@@ -107,6 +115,7 @@ def slicing_budget(model, spec) -> int:
     from comfyui_streamline.core.budget import ALLOCATOR_HEADROOM, BudgetError, Workload, plan, predict_peak_bytes
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.families import registry as families
+    from comfyui_streamline.families.ltxv import laws as ltx_laws
     from comfyui_streamline.families.wan import laws as wan_laws
     from comfyui_streamline.host.attention import attention_laws
     from comfyui_streamline.families.unet.planning import planned_shape
@@ -114,7 +123,7 @@ def slicing_budget(model, spec) -> int:
 
     dm, laws = model.model.diffusion_model, attention_laws()
     family = families.family_of(dm)
-    if family in (families.SVD, families.WAN):  # cond and uncond batched: SVD's frames are its batch
+    if family in (families.SVD, families.WAN, families.LTXV):  # cond and uncond batched: SVD's frames are its batch
         latent = (2 * spec.latent_shape[0], *spec.latent_shape[1:])
         frames = spec.latent_shape[0] if family == families.SVD else None
         x, context = torch.zeros(latent), torch.zeros(latent[0], TOKENS, 1)
@@ -122,6 +131,8 @@ def slicing_budget(model, spec) -> int:
 
         def slices(budget: int) -> bool:
             config = families.plan_for(family, dm, latent, 4, budget, laws, TOKENS, frames).config
+            if family == families.LTXV:
+                return config.token_chunk < ltx_laws.ltx_tokens(latent)[0]
             return config.frame_chunk < latent[0] if family == families.SVD else \
                 config.token_chunk < wan_laws.wan_tokens(dm, latent)[0]
     else:

@@ -137,7 +137,7 @@ def test_a_model_the_pack_leaves_unchanged_says_so_on_the_node_and_once_in_the_l
 
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
 
-    spec = model_families.FAMILIES["LTXV"]
+    spec = model_families.WAN_SUBCLASS_VARIANTS["WAN21_HuMo"]  # a model the pack leaves to ComfyUI
     model = model_families.load(spec)
     caplog.set_level(logging.INFO, logger=STREAMLINE_LOGGER)
     patched = as_node(StreamlineModelPatch, "9").execute(model, 4, 64).result[0]

@@ -51,6 +51,12 @@ def main() -> None:
         known = WAN_SUBCLASSES.get(cls.__name__)
         mark = "recorded" if known and fingerprint in known.fingerprints else "not recorded: left to ComfyUI"
         print(f'    "{cls.__name__}": "{fingerprint}",  # {mark}')
+    from comfyui_streamline.families.ltxv.patch import LTX_RECORDED, host_reason, ltxv_functions
+
+    print(f"LTX_RECORDED (this host; families/ltxv/patch.py){': ' + host_reason() if host_reason() else ''}:")
+    for name, function in ltxv_functions().items():
+        fingerprint = hf.fingerprint(function)
+        print(f'    "{name}": "{fingerprint}",  # {LTX_RECORDED.get(name, {}).get(fingerprint) or "NOT RECORDED"}')
 
 
 if __name__ == "__main__":

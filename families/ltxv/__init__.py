@@ -1,0 +1,1 @@
+"""LTX (LTXVModel) and LTX-2 (LTXAVModel): their transformer blocks sliced over video tokens."""
