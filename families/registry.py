@@ -48,14 +48,30 @@ def unsupported_reason(diffusion_model: nn.Module, purpose: str = "slice") -> st
         reason = candidate.reason(diffusion_model, purpose)
         if reason is not None:
             return reason
+    foreign = foreign_reason(diffusion_model)
+    if foreign is not None:
+        return foreign
     if family is None:
         if isinstance(diffusion_model, UNetModel):
             blocks = [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]
             video = sorted({type(layer).__name__ for block in blocks if block is not None for layer in block
                             if role_of(layer, ()) is Role.UNSUPPORTED})
             return f"this UNet has {', '.join(video)} (video UNet layers) the pack does not know"
-        return f"{type(diffusion_model).__name__} is not a model this pack can slice"
     return None
+
+
+def foreign_reason(diffusion_model: nn.Module) -> str | None:
+    """Why the pack leaves a model of no family it handles to ComfyUI, for every purpose (None: a UNetModel, or
+    a model of a family it handles). Known before a run starts (what a run injects, motion modules, changes a
+    UNet, never this): Step Rehash says it where a run starts, as some such forwards run no DIFFUSION_MODEL
+    wrapper (Mochi, SeedVR2)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    if isinstance(diffusion_model, UNetModel) or family_of(diffusion_model) is not None or \
+            any(family.reason(diffusion_model, "slice") is not None for family in FAMILIES):  # a Wan subclass
+        return None
+    handled = ", ".join(family.name for family in FAMILIES)
+    return f"{type(diffusion_model).__name__} is not of a model family the pack handles ({handled})"
 
 
 def identity_weights(diffusion_model: nn.Module) -> list[Tensor]:
