@@ -90,6 +90,11 @@ class Family:
         """The host verdict on the host functions the family's sliced forward mirrors."""
         return True
 
+    def call_input(self, diffusion_model, args: tuple, kwargs: dict) -> Tensor:
+        """The tensor that stands for one call of the model to the planner, the laws and the run's report (its
+        shape, dtype, device): the latent (the forward's first argument), where the family's laws read that."""
+        return args[0] if args else kwargs["x"]
+
     def unknown_inputs(self, transformer_options: dict, kwargs: dict) -> list[str]:
         """What a call hands the model that the family's sliced forward does not know."""
         return []

@@ -22,9 +22,10 @@ from ..core.slicing import SliceConfig
 from .family import Family, plan_text  # noqa: F401 (the techniques' names)
 from .svd.adapter import SVD
 from .unet.adapter import UNET
+from .minimax.adapter import MINIMAX
 from .wan.adapter import WAN
 
-FAMILIES: tuple[Family, ...] = (SVD, UNET, WAN)  # SVD's video UNet is a UNetModel too: asked first
+FAMILIES: tuple[Family, ...] = (SVD, UNET, WAN, MINIMAX)  # SVD's video UNet is a UNetModel too: asked first
 
 
 def family_of(diffusion_model: nn.Module) -> Family | None:

@@ -479,7 +479,11 @@ def _sigma_of(transformer_options: dict) -> float:
 
 
 def _input_of(args: tuple, kwargs: dict):
-    return args[0] if args else kwargs.get("x")
+    """The call's first input tensor (a model that takes several latents, MiniMax H3's [video, audio]: the first)."""
+    x = args[0] if args else kwargs.get("x")
+    while x is not None and not isinstance(x, Tensor):
+        x = x.tensors[0] if hasattr(x, "tensors") else x[0]
+    return x
 
 
 def predict_noise_wrapper(executor, *args, **kwargs):
@@ -529,7 +533,7 @@ def _rehash_block_stack_call(executor, state: RehashState, family, shallow: int,
     """A DiT call (Wan) with the family's rehash call in a per-call copy of transformer_options: the pack's
     block replacements (families/wan/patch.py) run the shallow blocks, and the deep ones or the reused residual."""
     run, model = state.run, executor.class_obj
-    x = args[0] if args else kwargs["x"]
+    x = family.call_input(model, args, kwargs)
     step, sigma = _step_and_sigma(transformer_options)
     first_deep, last_deep = shallow, len(model.blocks) - 1 - shallow
     rehash_call = RehashCallState(run, shallow, step, sigma, _cache_keys(transformer_options, x.shape[0]))

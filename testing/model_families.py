@@ -231,7 +231,7 @@ def host_lacks(family: Family) -> str | None:
         except ImportError:
             found = False
         if not found:
-            return (f"{host_name()} has no {module}.{attribute}: {family.name} is a variant of a newer host "
+            return (f"{host_name()} has no {module}.{attribute}: {family.name} is a model of a newer host "
                     "(ComfyUI 0.33.0 loads it)")
     return None
 

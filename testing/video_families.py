@@ -154,3 +154,44 @@ VIDEO_FAMILIES = {f.name: f for f in (
     Family("SeedVR2", _seedvr2, "", (1, 16, 2, 4, 4), 5120, _seedvr2_extras, sliced=False, detected=SEEDVR2_TINY,
            needs=_needs("comfy.ldm.seedvr.model:NaDiT", "SeedVR2")),
 )}
+
+
+# -- MiniMax H3 (comfy/ldm/minimax/model.py), the pack's MiniMax family -------------------------------------
+MINIMAX_TEXT_DIM = 48  # Qwen3-VL hidden states (5120 on H3); detection reads it from condition_proj
+MINIMAX_AUDIO_T = 6  # audio latent frames of the tiny clip (2 stereo rows each)
+
+
+def minimax(num_layers: int = 4, hidden: int = 64, heads: int = 2, head_dim: int = 32, ffn: int = 96,
+            rope_len: int = 4) -> torch.nn.Module:
+    """A tiny MiniMaxH3Model as detection reads it (every size from the keys): packed text, audio and video
+    tokens, one DiTBlock stack. rope_len inverse frequencies per axis: RoPE on 6 x rope_len of each head's
+    dims (H3: 16, on 96 of 128)."""
+    from comfy.ldm.minimax.model import MiniMaxH3Model
+
+    model = MiniMaxH3Model(hidden_size=hidden, num_layers=num_layers, token_refiner_num_layers=1,
+                           num_attention_heads=heads, attention_head_dim=head_dim, ffn_hidden_size=ffn,
+                           text_dim=MINIMAX_TEXT_DIM, timestep_input_dim=32, time_embed_hidden_size=hidden,
+                           time_embed_dim=32, rope_inv_freq_len=rope_len, dtype=torch.float32, device="cpu",
+                           operations=_ops())
+    # the checkpoint's buffer (the model leaves it empty): RoPE's usual 10000^(-i/n) frequencies
+    model.rope.inv_freq.copy_(10000.0 ** (-torch.arange(rope_len, dtype=torch.float32) / rope_len))
+    return model
+
+
+def minimax_latent(frames: int = 2, h: int = 4, w: int = 6, audio_t: int = MINIMAX_AUDIO_T) -> dict:
+    """An empty AV latent as EmptyMiniMaxH3LatentAV gives it: NestedTensor(video (1, 24, T, H, W), audio
+    (1, 32, 2, audio_t))."""
+    import comfy.nested_tensor
+
+    return {"samples": comfy.nested_tensor.NestedTensor((torch.zeros(1, 24, frames, h, w),
+                                                         torch.zeros(1, 32, 2, audio_t)))}
+
+
+def _minimax_extras(g: torch.Generator, positive: bool) -> dict:
+    return {}
+
+
+# the 4-block tiny H3 (the positive/negative text: TOKENS Qwen states of MINIMAX_TEXT_DIM); its latent is
+# minimax_latent(), not Family.latent()
+MINIMAX = Family("MiniMaxH3", minimax, "", (1, 24, 2, 4, 6), MINIMAX_TEXT_DIM, _minimax_extras, sliced=True,
+                 needs=("comfy.ldm.minimax.model:MiniMaxH3Model", NEEDS_033 + "MiniMaxH3"))

@@ -1,0 +1,369 @@
+"""MiniMax H3 (ComfyUI 0.33's MiniMaxH3Model) through the pack: its DiT blocks sliced over the packed
+text/audio/video tokens (families/minimax/), Step Rehash's split.
+
+A tiny random-weight H3 of 4 blocks (testing/video_families.py MINIMAX) loaded by ComfyUI's loader, which
+detects it from the keys; CPU fp32. The sliced block against the host's DiTBlock.forward on slices that divide
+the tokens and slices that do not, with per-token modulation rows (a denoise mask's blend) and text tag runs;
+whole forwards through the block hook; KSampler under Streamline Model Patch; what runs ComfyUI's own block
+(one line); Step Rehash's split (first and last blocks every step, the middle residual reused). ComfyUI 0.3.64
+has no MiniMax H3: every test is skipped there, the reason naming the host.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from collections import defaultdict
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.host
+
+STEPS, SEED, CFG, TOL = 4, 7, 5.0, 1e-5
+STREAMLINE_LOGGER = "ComfyUI-Streamline"
+BLOCKS = 4
+FULL, REHASHED = [0, 1, 3], [2]  # fixed schedule (warm-up 1, interval 2, tail 1) over 4 steps
+
+
+@functools.lru_cache(maxsize=1)
+def h3_model():
+    from comfyui_streamline.testing.model_families import host_lacks, load
+    from comfyui_streamline.testing.video_families import MINIMAX
+
+    lacking = host_lacks(MINIMAX)
+    if lacking is not None:
+        pytest.skip(lacking)
+    return load(MINIMAX)
+
+
+@pytest.fixture(autouse=True)
+def host_has_minimax():
+    """Every test skips on a host without MiniMax H3 (ComfyUI 0.3.64), the reason naming the host."""
+    h3_model()
+
+
+def sample(model, steps: int = STEPS) -> list[torch.Tensor]:
+    import nodes
+    from comfyui_streamline.testing.video_families import MINIMAX, minimax_latent
+
+    positive, negative = MINIMAX.conds()
+    with torch.inference_mode():
+        (out,) = nodes.common_ksampler(model, SEED, steps, CFG, "euler", "normal", positive, negative,
+                                       minimax_latent())
+    return [t.clone() for t in out["samples"].unbind()]
+
+
+@functools.lru_cache(maxsize=1)
+def plain() -> tuple[torch.Tensor, ...]:
+    out = sample(h3_model())
+    assert all(torch.isfinite(t).all() and t.abs().max() > 0.1 for t in out)
+    return tuple(out)
+
+
+def relative(a, b) -> float:
+    return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b))
+
+
+def equal(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == STREAMLINE_LOGGER and r.levelno >= logging.WARNING]
+
+
+@contextmanager
+def sliced_calls():
+    """(tokens, chunk) of every MiniMax block the pack slices."""
+    from comfyui_streamline.families.minimax import patch as minimax_patch
+
+    seen, real = [], minimax_patch.sliced_block_forward
+
+    def spy(block, x, *args):
+        seen.append((x.shape[0], args[-1]))
+        return real(block, x, *args)
+
+    minimax_patch.sliced_block_forward = spy
+    try:
+        yield seen
+    finally:
+        minimax_patch.sliced_block_forward = real
+
+
+def streamline(model):
+    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
+
+    return StreamlineModelPatch.execute(model, frame_chunk=1, spatial_chunk=0).result[0]
+
+
+# -- detection and the family -----------------------------------------------------------------------------
+
+def test_the_model_is_what_comfyui_detects_and_the_pack_claims():
+    from comfyui_streamline.families import registry
+
+    model = h3_model()
+    dm = model.model.diffusion_model
+    assert type(model.model.model_config).__name__ == "MiniMaxH3"
+    assert (type(model.model).__name__, type(dm).__name__) == ("MiniMaxH3", "MiniMaxH3Model")
+    assert len(dm.blocks) == BLOCKS
+    assert registry.family_of(dm) is registry.MINIMAX
+    assert registry.unsupported_reason(dm, "slice") is None and registry.unsupported_reason(dm, "rehash") is None
+
+
+def test_recorded_host_fingerprints_are_this_hosts():
+    from comfyui_streamline.families.minimax.patch import RECORDED, minimax_functions
+    from comfyui_streamline.host.fingerprints import unrecorded
+
+    assert set(RECORDED) == set(minimax_functions())
+    assert unrecorded(minimax_functions(), RECORDED) == []
+
+
+def test_the_host_verdict_slices_and_its_self_check_agrees():
+    from comfyui_streamline.families.minimax.patch import minimax_self_check, minimax_verdict
+
+    assert minimax_verdict().sliced
+    with sliced_calls() as slices:
+        assert minimax_self_check() <= TOL
+    assert slices and all(chunk < tokens for tokens, chunk in slices)
+
+
+# -- the sliced block against the host's ------------------------------------------------------------------
+
+def block_inputs(dm, text_len: int = 8, frames: int = 2, h: int = 4, w: int = 6, audio_t: int = 5):
+    """(x (S, C), t_emb, mod_segments, rope table) as _forward builds them: segments per kind (text split into
+    tag runs), the video segment with one modulation row per token (a denoise mask's blend)."""
+    from comfy.ldm.minimax import model as h3
+
+    layout = h3.PackedLayout(text_len, frames, h, w, audio_t)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(layout.seq_len, dm.hidden_size, generator=g)
+    t_emb = dm.time_embedder(torch.tensor([0.2, 0.5, 0.9]))
+    segments = []
+    for a, b, kind in layout.segments:
+        if kind == "text":  # two tag runs
+            segments += [(a, a + 3, 1), (a + 3, b, 3 + 0)]
+        elif kind == "video":
+            segments.append((a, b, torch.randint(0, 9, (b - a,), generator=g)))
+        else:
+            segments.append((a, b, 6 + 2))
+    rope = h3.rope_rotation_table(dm.rope_freqs(layout.position_ids, "cpu"), x.dtype)
+    return x, t_emb, segments, rope
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 13, 15, 16, 30, 1000])
+def test_sliced_block_matches_the_hosts(chunk):
+    """Slices that divide the 30 packed tokens (8 text, 10 audio, 12 video: 1, 5, 15) and that do not (7, 13,
+    16); a slice of the whole sequence (30, 1000) is the host's block bit for bit."""
+    from comfyui_streamline.families.minimax.block import sliced_block_forward
+
+    dm = h3_model().model.diffusion_model
+    x, t_emb, segments, rope = block_inputs(dm)
+    assert x.shape[0] == 30
+    for block in dm.blocks[:2]:
+        with torch.inference_mode():
+            ref = block(x.clone(), t_emb, segments, rope, transformer_options={})
+            out = sliced_block_forward(block, x.clone(), t_emb, segments, rope, {}, chunk)
+        if chunk >= x.shape[0]:
+            assert torch.equal(out, ref)
+        assert relative([out], [ref]) <= TOL, relative([out], [ref])
+
+
+def test_segments_in_cuts_rows_and_per_token_rows():
+    from comfyui_streamline.families.minimax.block import segments_in
+
+    rows = torch.arange(10, 20)
+    segments = [(0, 4, 1), (4, 10, 2), (10, 20, rows)]
+    assert segments_in(segments, 3, 6) == [(0, 1, 1), (1, 3, 2)]
+    cut = segments_in(segments, 8, 14)
+    assert cut[0] == (0, 2, 2) and cut[1][:2] == (2, 6) and torch.equal(cut[1][2], torch.arange(10, 14))
+
+
+def hooked_forward(model, chunk: int | None, denoise_mask=None):
+    """The diffusion model's output (video, audio) with the pack's block hooks slicing `chunk` tokens
+    (None: ComfyUI's forward)."""
+    from comfyui_streamline.families.minimax.patch import install_minimax_slicing
+    from comfyui_streamline.host.options import DIT_WRAPPER_KEY
+
+    dm = model.model.diffusion_model
+    g = torch.Generator().manual_seed(1)
+    x = [torch.randn(1, 24, 2, 4, 6, generator=g), torch.randn(1, 32, 2, 5, generator=g)]
+    context = torch.randn(1, 8, dm.hidden_size, generator=g)
+    options = {}
+    if chunk is not None:
+        clone = model.clone()
+        assert len(install_minimax_slicing(clone, lambda to, rows, per_frame: chunk)) == BLOCKS
+        options = {**clone.model_options["transformer_options"], "wrappers": clone.wrappers}
+        assert DIT_WRAPPER_KEY in str(clone.wrappers)
+    with torch.inference_mode():
+        return dm(x, torch.tensor([600.0]), context, transformer_options=options, denoise_mask=denoise_mask)
+
+
+@pytest.mark.parametrize("chunk", [3, 8, 11])
+def test_whole_forward_through_the_block_hook(chunk):
+    """8 text + 10 audio + 12 video = 30 packed tokens: 3 divides them, 8 and 11 do not."""
+    ref = hooked_forward(h3_model(), None)
+    with sliced_calls() as slices:
+        out = hooked_forward(h3_model(), chunk)
+    assert slices == [(30, chunk)] * BLOCKS
+    assert relative(out, ref) <= TOL
+
+
+def test_whole_forward_with_a_denoise_mask_blend():
+    """A denoise mask that is not all ones gives the video rows their own timesteps: per-token modulation rows."""
+    mask = torch.ones(1, 1, 2, 4, 6)
+    mask[:, :, 0, :2] = 0.25
+    ref = hooked_forward(h3_model(), None, mask)
+    with sliced_calls() as slices:
+        out = hooked_forward(h3_model(), 7, mask)
+    assert slices and relative(out, ref) <= TOL
+    assert relative(out, hooked_forward(h3_model(), None)) > 1e-3  # the mask changed the output
+
+
+# -- through KSampler ---------------------------------------------------------------------------------------
+
+def test_streamline_model_patch_through_ksampler(caplog):
+    caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)
+    with sliced_calls() as slices:
+        out = sample(streamline(h3_model()))
+    assert slices and all(chunk < tokens for tokens, chunk in slices), slices
+    assert len(slices) == STEPS * 2 * BLOCKS  # cond and uncond: H3 runs batch 1
+    assert relative(out, plain()) <= TOL, relative(out, plain())
+    assert not warnings(caplog)
+
+
+def test_an_attention_override_runs_the_hosts_block_with_one_line(caplog):
+    """An optimized_attention_override may need whole query sequences: ComfyUI's own block, bit for bit,
+    and one line saying why."""
+    caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)
+
+    def with_override(model):
+        model = model.clone()
+        model.model_options["transformer_options"]["optimized_attention_override"] = \
+            lambda func, *args, **kwargs: func(*args, **kwargs)
+        return model
+
+    reference = sample(with_override(h3_model()))
+    with sliced_calls() as slices:
+        out = sample(with_override(streamline(h3_model())))
+    assert equal(out, reference) and not slices
+    said = warnings(caplog)
+    assert len(said) == 1 and "attention override" in said[0] and "MiniMax block" in said[0], said
+
+
+def test_memory_budget_says_why_it_runs_unchanged(caplog):
+    """No MiniMax laws yet: Memory Budget leaves H3 to ComfyUI, bit for bit, one line."""
+    from comfyui_streamline.nodes.memory_budget import MemoryBudget
+
+    caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)
+    patched, text = MemoryBudget.execute(h3_model(), 0.002, 64, 64, 5).result
+    assert "cannot plan" in text and "MiniMaxH3Model" in text
+    with sliced_calls() as slices:
+        out = sample(patched)
+    assert equal(out, plain()) and not slices
+    said = warnings(caplog)
+    assert len(said) == 1 and "MiniMaxH3Model" in said[0] and "no memory laws" in said[0], said
+
+
+# -- Step Rehash --------------------------------------------------------------------------------------------
+
+def rehash(model, **overrides):
+    from comfyui_streamline.nodes.step_rehash import StepRehashModelPatch
+
+    settings = dict(rehash_mode="fixed", interval=2, warmup_steps=1, tail_steps=1, threshold=0.15, full_steps=3,
+                    cache_block=-1, start_percent=0.0, end_percent=1.0, reuse="extrapolate")
+    return StepRehashModelPatch.execute(model, **{**settings, **overrides}).result[0]
+
+
+def report_of(model):
+    from comfyui_streamline.host.options import REHASH_KEY
+
+    return model.model_options["transformer_options"][REHASH_KEY].last.report
+
+
+@contextmanager
+def block_calls(model):
+    """[(step, block index, input, output)] of every DiTBlock call (the block writes x in place: its input is
+    taken before it runs)."""
+    calls, handles, inputs = [], [], {}
+    for index, block in enumerate(model.model.diffusion_model.blocks):
+        def pre(module, args, kwargs, index=index):
+            inputs[index] = args[0].clone()
+
+        def post(module, args, kwargs, out, index=index):
+            to = kwargs.get("transformer_options", {})
+            step = int((to["sample_sigmas"] == to["sigmas"].max()).nonzero()[0, 0])
+            calls.append((step, index, inputs.pop(index), out.clone()))
+        handles += [block.register_forward_pre_hook(pre, with_kwargs=True),
+                    block.register_forward_hook(post, with_kwargs=True)]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_step_rehash_split_runs_the_shallow_blocks_on_rehash_steps(caplog):
+    caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)
+    patched = rehash(h3_model())
+    with block_calls(h3_model()) as calls:
+        out = sample(patched)
+    per_step = defaultdict(list)
+    for step, index, _, _ in calls:
+        per_step[step].append(index)
+    for step in FULL:  # cond and uncond: two calls
+        assert per_step[step] == list(range(BLOCKS)) * 2, (step, per_step[step])
+    for step in REHASHED:
+        assert per_step[step] == [0, BLOCKS - 1] * 2, (step, per_step[step])
+    report = report_of(patched)
+    assert (report.steps, report.full, report.rehashed) == (STEPS, len(FULL), len(REHASHED))
+    assert all(torch.isfinite(t).all() for t in out) and not equal(out, plain())
+    assert not warnings(caplog)
+
+
+def test_step_rehash_with_nothing_reused_is_comfyuis_forward():
+    assert equal(sample(rehash(h3_model(), warmup_steps=STEPS)), plain())
+    sliced = sample(streamline(h3_model()))
+    assert relative(sample(rehash(streamline(h3_model()), warmup_steps=STEPS)), sliced) <= 1e-6
+
+
+def test_the_reused_residual_is_the_extrapolated_deep_residual(monkeypatch):
+    """The rehash step's last block gets x leaving block 0 plus the reused residual: the line through the
+    deep residuals (x leaving block 2 minus x entering block 1) of the last two full steps, per cond."""
+    from comfyui_streamline.core.rehash import reused_feature
+    from comfyui_streamline.techniques import rehash as step_rehash
+
+    stored, reused = [], []
+    real_store, real_reuse = step_rehash.RehashCallState.store, step_rehash.RehashCallState.reuse
+
+    def store(self, deep):
+        stored.append((list(self.keys), self.sigma, deep.clone()))
+        return real_store(self, deep)
+
+    def reuse(self, shallow):
+        out = real_reuse(self, shallow)
+        if out is not None:
+            reused.append((list(self.keys), self.sigma, out.clone()))
+        return out
+
+    monkeypatch.setattr(step_rehash.RehashCallState, "store", store)
+    monkeypatch.setattr(step_rehash.RehashCallState, "reuse", reuse)
+    with block_calls(h3_model()) as calls:
+        sample(rehash(h3_model()))
+    assert len(stored) == 2 * len(FULL) and len(reused) == 2 * len(REHASHED)
+    full_calls = defaultdict(list)  # step -> [{index: (in, out)}] per call
+    for step, index, x_in, x_out in calls:
+        if index == 0:
+            full_calls[step].append({})
+        full_calls[step][-1][index] = (x_in, x_out)
+    deep = [(keys, sigma, d) for keys, sigma, d in stored]
+    for (keys, sigma, d), (step, n) in zip(deep, [(s, n) for s in FULL for n in range(2)]):
+        by_index = full_calls[step][n]
+        assert torch.equal(d, by_index[2][1] - by_index[1][0])
+    for keys, sigma, cached in reused:
+        history = [(s, d) for k, s, d in stored if k == keys and s > sigma][-2:]
+        assert len(history) == 2
+        assert torch.allclose(cached, reused_feature(history, sigma, "extrapolate"), rtol=0, atol=1e-6)
+    for n, (keys, sigma, cached) in enumerate(reused):
+        by_index = full_calls[REHASHED[0]][n]
+        assert torch.allclose(by_index[BLOCKS - 1][0], by_index[0][1] + cached, rtol=0, atol=1e-6)
