@@ -37,7 +37,10 @@ def packed_input(model, x, context, payload: dict | None) -> torch.Tensor:
 
     tokens = packed_tokens(model, video, audio.shape[-1], context.shape[1], payload)
     packed = torch.empty((1, 1, 1), dtype=context.dtype, device=video.device).expand(1, tokens, model.hidden_size)
-    packed.tokens_per_frame = video_tokens_per_frame(model, video)  # what frame_chunk counts in (patch.py's too)
+    # what the laws (laws.packed_work) and frame_chunk (patch.py's too) read besides the shape
+    packed.tokens_per_frame = video_tokens_per_frame(model, video)
+    packed.video_tokens = video.shape[2] * packed.tokens_per_frame
+    packed.audio_rows = 2 * audio.shape[-1]
     return packed
 
 
@@ -68,12 +71,7 @@ class MiniMaxFamily(Family):
             return None
         from .patch import unsupported_minimax_reason
 
-        reason = unsupported_minimax_reason(diffusion_model)
-        if reason is None and purpose == "plan":
-            from .laws import PLAN_REASON
-
-            return PLAN_REASON
-        return reason
+        return unsupported_minimax_reason(diffusion_model)
 
     def call_input(self, diffusion_model, args: tuple, kwargs: dict) -> torch.Tensor:
         x = args[0] if args else kwargs["x"]
@@ -85,12 +83,12 @@ class MiniMaxFamily(Family):
     def plan(self, model, x, context, budget, held, set_budget, video_norm, frames, offload) -> Plan:
         from .laws import plan_minimax
 
-        return plan_minimax(model, tuple(x.shape), x.element_size(), budget)
+        return plan_minimax(model, x, budget)
 
     def peaks(self, model, x, context, config, video_norm=False, frames=None) -> tuple[int, int]:
         from .laws import minimax_peaks
 
-        return minimax_peaks(model, tuple(x.shape), x.element_size(), config)
+        return minimax_peaks(model, x, config)
 
     def estimate(self, base_model, input_shape, dtype_bytes, config, planned_budget, motion_models, offload) -> int:
         from .laws import estimate_minimax
