@@ -6,9 +6,11 @@
   families/svd/laws.py);
 - Wan: WanModel's plain WanAttentionBlocks, sliced over tokens through ComfyUI's block-replace hook
   (families/wan/; laws in families/wan/laws.py); of its subclasses, VaceWanModel, CameraWanModel and
-  AnimateWanModel too; WanModel_S2V and HumoWanModel run unchanged (families/wan/adapter.py wan_reason).
+  AnimateWanModel too; WanModel_S2V and HumoWanModel run unchanged (families/wan/adapter.py wan_reason);
+- MiniMax: ComfyUI 0.33's MiniMaxH3Model, its DiTBlocks sliced over the packed text/audio/video tokens through
+  the same hook (families/minimax/; laws in families/minimax/laws.py).
 
-Slicing, memory planning and Step Rehash's shallow/deep split for all three (Wan's: first and last blocks
+Slicing, memory planning and Step Rehash's shallow/deep split for all four (Wan's and MiniMax's: first and last blocks
 shallow, the residual of the blocks between deep; families/wan/rehash.py), except Step Rehash on the Wan
 subclasses that add to x between blocks (VACE, Animate), which it runs in full.
 """
