@@ -454,3 +454,24 @@ def test_the_budget_preview_lays_out_clips_as_comfyuis_empty_latent():
     for frames in (1, 5, 6, 22, 100, 124, 362):
         _, video_t, audio_t = nodes_h3.temporal_shape(frames)
         assert temporal_shape(frames) == (video_t, audio_t), frames
+
+
+def test_comfyuis_memory_estimate_under_the_patch():
+    """From the run's latent shapes when the model has them (the laws for a TEXT_TOKENS prompt), else an upper
+    bound from the packed size; per sequence of the batch asked about."""
+    from types import SimpleNamespace
+
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.families.minimax import laws
+
+    dm = h3_model().model.diffusion_model
+    shapes = [(1, 24, 2, 4, 6), (1, 32, 2, 6)]
+    base = SimpleNamespace(diffusion_model=dm, latent_shapes=shapes)
+    work = laws.latent_work(dm, shapes[0], 6, 4)
+    assert work.tokens == laws.TEXT_TOKENS + 12 + 12
+    config = SliceConfig(token_chunk=5)
+    expected = laws.forward_peak_bytes(laws.h3_shape(dm), work, 5, laws.kernel_has_scores())
+    assert laws.estimate_minimax(base, [1, 1, 1536], 4, config, None) == expected
+    assert laws.estimate_minimax(base, [2, 1, 1536], 4, config, None) == 2 * expected
+    bound = laws.estimate_minimax(SimpleNamespace(diffusion_model=dm), [1, 1, 1536], 4, config, None)
+    assert bound > expected  # 1536 / 32 = 48 rows for the 24 the latents pack

@@ -191,21 +191,23 @@ def latent_work(model, video_shape, audio_t: int, dtype_bytes: int, text_tokens:
 
 def estimate_minimax(base_model, input_shape, dtype_bytes: int, config: SliceConfig, planned_budget) -> int:
     """ComfyUI's memory estimate under the patch: from the sampling run's latent shapes (video, audio) when the
-    model has them, else from the packed latent's size (every 32 values a row: an upper bound)."""
+    model has them, else from the packed latent's size (every 32 values a row: an upper bound); per sequence of
+    the batch ComfyUI asks about (H3 runs one at a time: an upper bound for a batch)."""
     model = base_model.diffusion_model
     shapes = getattr(base_model, "latent_shapes", None)
     if shapes is not None and len(shapes) >= 2:
         work = latent_work(model, shapes[0], shapes[1][-1], dtype_bytes)
+        per_frame = work.video_tokens // max(1, shapes[0][2])
     else:
         rows = math.prod(input_shape[1:]) // 32
         work = H3Work(TEXT_TOKENS + rows, rows, 0, dtype_bytes, builds_layout=False)
+        per_frame = rows
     shape, scores = h3_shape(model), kernel_has_scores()
     if planned_budget is not None:
         chunk = largest_token_chunk(shape, work, planned_budget(), scores) or 1
     else:
-        chunk = token_chunk_size(config, batch=1, tokens=work.tokens, tokens_per_frame=work.video_tokens,
-                                 dim=shape.hidden)
-    return forward_peak_bytes(shape, work, chunk, scores)
+        chunk = token_chunk_size(config, batch=1, tokens=work.tokens, tokens_per_frame=per_frame, dim=shape.hidden)
+    return forward_peak_bytes(shape, work, chunk, scores) * max(1, input_shape[0])
 
 
 def temporal_shape(frames: int) -> tuple[int, int]:
