@@ -405,6 +405,14 @@ def test_step_rehash_with_nothing_reused_is_comfyuis_forward():
     assert relative(sample(rehash(streamline(h3_model()), warmup_steps=STEPS)), sliced) <= 1e-6
 
 
+def test_streamline_slicing_and_step_rehash_compose():
+    """Both on one model: the same split, its blocks sliced (within 1e-5 of the unsliced split)."""
+    with sliced_calls() as slices:
+        out = sample(rehash(streamline(h3_model())))
+    assert slices and all(chunk < tokens for tokens, chunk in slices)
+    assert relative(out, sample(rehash(h3_model()))) <= TOL
+
+
 def test_the_reused_residual_is_the_extrapolated_deep_residual(monkeypatch):
     """The rehash step's last block gets x leaving block 0 plus the reused residual: the line through the
     deep residuals (x leaving block 2 minus x entering block 1) of the last two full steps, per cond."""

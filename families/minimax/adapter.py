@@ -9,7 +9,7 @@ import torch
 
 from ...core.budget import Plan
 from ...core.slicing import SliceConfig
-from ..family import Family, plan_text
+from ..family import Family
 
 
 def packed_tokens(model, video, audio_t: int, text_len: int, payload: dict | None) -> int:
