@@ -20,16 +20,19 @@ from comfyui_streamline.core.budget import (
     sd15_shape,
 )
 from comfyui_streamline.core.slicing import SliceConfig
+from comfyui_streamline.testing.matrix import FULL_MATRIX, MECHANICS_WIDTH
+from comfyui_streamline.testing.synthetic import SD15_WIDTH
 
-MEASURED_GRID = [  # (frames, latent side, chunks); CFG batched: batch = 2 x frames
-    (8, 8, None), (8, 8, (2, 32)), (16, 8, (4, 64)), (8, 16, None), (8, 16, (3, 7)),
-]
-# the rest of the grid (batch 32 at 16x16: 5 minutes and 16 GB on a 2-core CPU): STREAMLINE_FULL_MATRIX=1.
-# The points above keep unsliced and sliced calls, frame and spatial slices, both latent sides and both
-# frame counts; test_predictions_hold_for_another_model_family checks the laws on other widths.
+# (frames, latent side, chunks, model_channels); CFG batched: batch = 2 x frames. SD1.5's own width at the
+# cheap points (the laws were read off its layers), the rest at SD1.5's layout a fifth as wide (testing/matrix.py):
+# unsliced and sliced calls, frame and spatial slices, both latent sides and both frame counts;
+# test_predictions_hold_for_another_model_family checks the laws on TinyVideo's widths and heads too.
+MEASURED_GRID = [(8, 8, None, SD15_WIDTH), (8, 8, (2, 32), SD15_WIDTH), (16, 8, (4, 64), MECHANICS_WIDTH),
+                 (8, 16, None, MECHANICS_WIDTH), (8, 16, (3, 7), MECHANICS_WIDTH)]
+# the rest of the grid, all at SD1.5's width (batch 32 at 16x16: 5 minutes and 16 GB on a 2-core CPU)
 FULL_GRID = [(16, 8, None), (16, 16, None), (16, 16, (2, 32)), (16, 16, (8, 128))]
-if os.environ.get("STREAMLINE_FULL_MATRIX"):
-    MEASURED_GRID += FULL_GRID
+if FULL_MATRIX:
+    MEASURED_GRID = [(f, s, c, SD15_WIDTH) for f, s, c, _ in MEASURED_GRID] + [p + (SD15_WIDTH,) for p in FULL_GRID]
 
 
 @pytest.mark.parametrize("frames, side", [(16, 64), (32, 96), (128, 64), (4, 8)])
@@ -177,20 +180,24 @@ PREDICTION_TOLERANCE = 0.15
 def test_predictions_match_measured_peaks():
     from comfyui_streamline.families.unet.structure import unet_shape
 
-    unet, motion = sd15_with_motion()
-    shape = unet_shape(unet)
-    assert shape == sd15_shape()
+    assert unet_shape(sd15_with_motion(SD15_WIDTH)[0]) == sd15_shape()
     errors = []
-    try:
-        measured = [measure(unet, motion, *point) for point in MEASURED_GRID]
-    finally:
-        motion.set_video_length(FRAMES, FRAMES)  # as the module's fixture hands it to the other tests
-    for (frames, side, chunks), peak in zip(MEASURED_GRID, measured):
-        predicted = predict_peak_bytes(shape, Workload(2 * frames, frames, side, side),
-                                       SliceConfig(*chunks) if chunks else None)
-        errors.append((frames, side, chunks, peak, predicted, predicted / peak - 1))
-    table = "\n".join(f"{f}x{s}x{s} {c}: measured {m / 2**20:.1f} MiB, predicted {p / 2**20:.1f} MiB ({e:+.1%})"
-                      for f, s, c, m, p, e in errors)
+    for width in sorted({point[-1] for point in MEASURED_GRID}, reverse=True):  # one model at a time
+        unet, motion = sd15_with_motion(width)
+        shape = unet_shape(unet)
+        try:
+            for frames, side, chunks, _ in [p for p in MEASURED_GRID if p[-1] == width]:
+                peak = measure(unet, motion, frames, side, chunks)
+                predicted = predict_peak_bytes(shape, Workload(2 * frames, frames, side, side),
+                                               SliceConfig(*chunks) if chunks else None)
+                errors.append((width, frames, side, chunks, peak, predicted, predicted / peak - 1))
+        finally:
+            motion.set_video_length(FRAMES, FRAMES)  # as the module's fixture hands it to the other tests
+        del unet, motion
+        if width != MECHANICS_WIDTH:
+            sd15_with_motion.cache_clear()  # 5 GB at SD1.5's width: not kept for the other tests
+    table = "\n".join(f"width {w} {f}x{s}x{s} {c}: measured {m / 2**20:.1f} MiB, predicted {p / 2**20:.1f} MiB "
+                      f"({e:+.1%})" for w, f, s, c, m, p, e in errors)
     print("\n" + table)
     assert all(abs(e) <= PREDICTION_TOLERANCE for *_, e in errors), table
 
@@ -241,12 +248,12 @@ FRAMES, BATCH = 4, 8  # CFG batched
 
 
 @functools.lru_cache(maxsize=1)
-def sd15_with_motion():
-    """A random-weight SD1.5 UNet with mm_sd_v15_v2 motion modules injected, and those modules: one copy for
-    the whole file (5 GB in fp32; cleared with the file)."""
+def sd15_with_motion(width: int = MECHANICS_WIDTH):
+    """A random-weight SD1.5 UNet (model_channels `width`) with mm_sd_v15_v2 motion modules injected, and those
+    modules: one copy for the whole file (cleared with the file; 5 GB in fp32 at SD1.5's width)."""
     from comfyui_streamline.testing import synthetic
 
-    unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
+    unet, motion = synthetic.sd15_unet(width=width), synthetic.sd15_motion_model(width=width)
     synthetic.inject(unet, motion)
     return unet, motion
 
@@ -391,18 +398,20 @@ def test_patched_model_reports_its_need_to_comfyui():
     import comfy.model_management
     import comfy.sd
 
+    from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
-    from comfyui_streamline.testing.synthetic import sd15_unet
+    from comfyui_streamline.testing.synthetic import load_sd15
 
-    model = comfy.sd.load_diffusion_model_state_dict(sd15_unet().state_dict())
+    model = load_sd15(MECHANICS_WIDTH)
     patched = StreamlineModelPatch.execute(model, frame_chunk=2, spatial_chunk=64).result[0]
     shape = [32, 4, 64, 64]
     default = model.model.memory_required(shape)
     comfy.model_management.load_models_gpu([patched])  # object patches take effect when the model loads
     try:
         reported = patched.model.memory_required(shape)
-        image_unet = sd15_shape(motion_modules=False)  # no AnimateDiff motion models on this MODEL
+        image_unet = unet_shape(model.model.diffusion_model)  # no AnimateDiff motion models on this MODEL
+        assert all(layer.kind != "motion" for block in image_unet.input_blocks for layer in block.layers)
         expected = predict_peak_bytes(image_unet, Workload(32, 16, 64, 64), SliceConfig(2, 64)) * 1.1
         assert reported == int(expected)
         assert reported < predict_peak_bytes(image_unet, Workload(32, 16, 64, 64), None)
@@ -429,10 +438,11 @@ def test_comfyui_plans_the_run_with_the_streamlined_estimate(monkeypatch):
     import comfy.sampler_helpers
     import comfy.sd
 
+    from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
-    from comfyui_streamline.testing.synthetic import sd15_unet
+    from comfyui_streamline.testing.synthetic import load_sd15
 
-    model = comfy.sd.load_diffusion_model_state_dict(sd15_unet().state_dict())
+    model = load_sd15(MECHANICS_WIDTH)
     patched = StreamlineModelPatch.execute(model, frame_chunk=2, spatial_chunk=64).result[0]
     estimates = []
     real_estimate = comfy.sampler_helpers.estimate_memory
@@ -443,7 +453,7 @@ def test_comfyui_plans_the_run_with_the_streamlined_estimate(monkeypatch):
     positive = [[torch.zeros(1, 77, 768), {}]]
     with torch.inference_mode():
         comfy.sample.sample(patched, noise, 1, 5.0, "euler", "normal", positive, positive, noise, seed=0)
-    expected = predict_peak_bytes(sd15_shape(motion_modules=False), Workload(16, 8, 8, 8), SliceConfig(2, 64)) * 1.1
+    expected = predict_peak_bytes(unet_shape(model.model.diffusion_model), Workload(16, 8, 8, 8), SliceConfig(2, 64)) * 1.1
     assert estimates and estimates[0][0] == int(expected)
     assert estimates[0][0] != default
     patched.unpatch_model()
@@ -611,7 +621,12 @@ def ade_model(tmp_path_factory):
     from comfyui_streamline.testing.synthetic import ade_model_patcher
 
     return ade_model_patcher(tmp_path_factory.mktemp("animatediff_models"), context_length=CONTEXT_LENGTH,
-                             context_overlap=2)
+                             context_overlap=2, width=MECHANICS_WIDTH)
+
+
+# SD1.5's activations at 64x64 x 4 frames are ~16 MiB: the budgets below straddle its plans; at a narrower width
+# they scale with it (the same plans are exercised)
+SCALE = MECHANICS_WIDTH / SD15_WIDTH
 
 
 @pytest.mark.host
@@ -624,12 +639,14 @@ def test_the_node_shows_the_plan_the_run_uses_with_animatediff(ade_model, monkey
     from comfyui_streamline.techniques import budget as budget_technique
     from comfyui_streamline.testing.synthetic import random_conds
 
-    monkeypatch.setattr(budget_technique, "free_activation_bytes", lambda device, patcher=None: int(0.012 * 2**30))  # "auto"
-    patched, text = memory_budget.MemoryBudget.execute(ade_model, budget_gb=budget_gib, width=64, height=64,
+    monkeypatch.setattr(budget_technique, "free_activation_bytes",
+                        lambda device, patcher=None: int(0.012 * SCALE * 2**30))  # "auto"
+    patched, text = memory_budget.MemoryBudget.execute(ade_model, budget_gb=budget_gib * SCALE, width=64, height=64,
                                                        frames=frames).result
     assert ("context windows of 4 frames" in text) == (frames > CONTEXT_LENGTH), text
     positive, negative = random_conds()
     used = first_forward_config(patched, positive, negative, {"samples": torch.zeros(frames, 4, 8, 8)}, monkeypatch)
+    print(f"\n[{frames} frames, {budget_gib * SCALE:.4f} GiB] {text}")
     assert shown_config(text) == used, text
 
 

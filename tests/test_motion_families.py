@@ -19,9 +19,11 @@ nothing, or, where a feature cannot be sliced (AnimateLCM-I2V image features, Ca
 ADE builds motion modules from a fixed channel table and refuses other widths
 (test_reduced_width_motion_model_is_refused), so the UNets have real widths: SD1.5, and the smallest SDXL
 layout ComfyUI detects. An SD1.5 UNet call costs seconds on one thread whatever the latent, so each case
-costs 10-20 s. By default every family runs once (Gen2, or its own apply node), the legacy loader on v1 and
-(apply_v2_models_properly off) on v2, and the looped-uniform context windows; STREAMLINE_FULL_MATRIX=1 adds
-every family through every loader and standard static context windows (15 cases, about 3 minutes more).
+costs 10-20 s. By default every family the pack sees as distinct runs once (Gen2, or its own apply node; v3 and
+AnimateDiff-SDXL, whose motion modules are v2's without the mid block and HotshotXL's, only in the full matrix),
+the legacy loader (apply_v2_models_properly off) on v2, and the looped-uniform context windows;
+STREAMLINE_FULL_MATRIX=1 adds every family through every loader, CFG 1 and standard static context windows
+(19 cases, about 4 minutes more).
 In the full matrix the three loaders give the same samples for a family in the same mode; they differ in how
 the MODEL is put together, which is what those cases check. The latent is 8x8: levels of 64, 16, 4 (and 1) positions.
 """
@@ -349,13 +351,19 @@ def test_reduced_width_motion_model_is_refused(tmp_path):
 FULL_MATRIX_ONLY = pytest.mark.skipif(not FULL_MATRIX, reason="covered by the default cases; all: STREAMLINE_FULL_MATRIX=1")
 
 
+# Families whose motion modules are, to the pack, another family's: v3 is v2 without the mid block (v1 has none
+# either), AnimateDiff-SDXL is HotshotXL's layout in other key names (ADE converts them). Full matrix only.
+FULL_MATRIX_FAMILIES = {"v3", "AnimateDiff-SDXL"}
+
+
 def loader_cases(layout: str) -> list:
     """(family, loader, apply_v2_models_properly) cases. By default each family once through Gen2 (PIA: with
-    its image, test_pia_*), v1 (hack mode) through the legacy loader too, and v2 through the legacy loader
-    with apply_v2_models_properly off (hack mode); every family through every loader with STREAMLINE_FULL_MATRIX."""
+    its image, test_pia_*; not FULL_MATRIX_FAMILIES), and v2 through the legacy loader with
+    apply_v2_models_properly off (hack mode, and the legacy loader's MODEL); every family through every loader
+    with STREAMLINE_FULL_MATRIX."""
     from comfyui_streamline.testing.motion_families import FAMILIES
 
-    also_by_default = {("v1", "legacy", True), ("v2", "legacy", False)}
+    also_by_default = {("v2", "legacy", False)}
     cases = []
     for family in FAMILIES.values():
         if family.layout != layout or family.extra == "i2v":  # AnimateLCM-I2V: test_animatelcm_i2v_*
@@ -363,7 +371,8 @@ def loader_cases(layout: str) -> list:
         for loader, properly in (("gen2", True), ("gen1", True), ("legacy", True), ("legacy", False)):
             if loader == "legacy" and not properly and family.name != "v2":
                 continue
-            runs = (loader == "gen2" and family.extra != "pia") or (family.name, loader, properly) in also_by_default
+            runs = ((loader == "gen2" and family.extra != "pia" and family.name not in FULL_MATRIX_FAMILIES)
+                    or (family.name, loader, properly) in also_by_default)
             cases.append(pytest.param(family.name, loader, properly, marks=() if runs else FULL_MATRIX_ONLY,
                                       id=case_id(family.name, loader, properly)))
     return cases
@@ -418,6 +427,7 @@ def test_odd_frame_count_matches_unpatched(bases, motion_files, caplog):
     check(outcome, hack=True)
 
 
+@FULL_MATRIX_ONLY  # single-video calls in hack mode: tests/test_video_norm.py's single-cond cases check the same
 def test_cfg_1_matches_unpatched(bases, motion_files, caplog):
     """v1 (hack mode), CFG 1: ComfyUI leaves out the uncond, each UNet call holds a single video."""
     outcome, _ = measure(bases, motion_files, caplog, "v1-cfg1", "v1", cfg=1.0)

@@ -4,7 +4,8 @@ composition the pack supports; the skips and the features between blocks really 
 tensors released); the planner's predictions with offload against the counter; when the Memory Budget
 chooses offload; what the node and the report say.
 
-CPU, fp32: random SD1.5 + mm_sd_v15_v2 at an 8x8 latent for single forwards and ADE sampling, TinyVideo
+CPU, fp32: random SD1.5 + mm_sd_v15_v2 at an 8x8 latent for single forwards (SD1.5's layout at a fifth of its width,
+testing/matrix.py; its real width with STREAMLINE_FULL_MATRIX=1), the same through ADE's loaders for ADE sampling, TinyVideo
 through ComfyUI's KSampler path with ComfyUI's real FreeU, Context Windows (Manual) and Step Rehash.
 """
 from __future__ import annotations
@@ -46,12 +47,11 @@ def features_moved(moved: dict, features: bool) -> bool:
 
 @pytest.fixture(scope="module")
 def sd15():
+    """SD1.5 + mm_sd_v15_v2's layout (testing/matrix.py: narrow by default, SD1.5's width in the full matrix)."""
     from comfyui_streamline.testing import synthetic
+    from comfyui_streamline.testing.matrix import MECHANICS_WIDTH
 
-    unet, motion = synthetic.sd15_unet(seed=0), synthetic.sd15_motion_model(seed=1)
-    synthetic.inject(unet, motion)
-    motion.set_video_length(FRAMES, FRAMES)
-    return unet, synthetic
+    return synthetic.sd15_with_motion(width=MECHANICS_WIDTH, frames=FRAMES), synthetic
 
 
 def inputs(batch: int, size: int = SIZE, seed: int = 0):

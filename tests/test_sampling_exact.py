@@ -14,7 +14,10 @@ the unpatched reference did not run the pack at all, and that the pack logged no
 
 The latent is 8x8 (a 64x64 image), not 16x16: an SD1.5 UNet call on 8 samples at 16x16 takes about
 10 s on 2 CPU cores, at 8x8 a few seconds, and 8x8 still gives four UNet levels (8, 4, 2, 1) with
-slicing at the first two.
+slicing at the first two. The UNet, motion model and ControlNet have SD1.5's layout at a fifth of its width
+(WIDTH, testing/matrix.py): the same blocks, levels and motion modules through the same loaders, each call ~16x
+faster; tests/test_motion_families.py and tests/test_server_e2e.py run real-width SD1.5 through these loaders,
+and STREAMLINE_FULL_MATRIX=1 runs this file at the real width too.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+
+from comfyui_streamline.testing.matrix import MECHANICS_WIDTH
 
 pytestmark = pytest.mark.host
 
@@ -35,6 +40,9 @@ CFG = 5.0
 SEED = 1234
 TOL = 1e-5
 MM_NAME = "streamline-test-mm_sd_v15_v2.safetensors"
+# SD1.5's layout at a fifth of its width through the same loaders (testing/matrix.py; real-width SD1.5 through them:
+# tests/test_motion_families.py, tests/test_server_e2e.py, and here with STREAMLINE_FULL_MATRIX=1)
+WIDTH = MECHANICS_WIDTH
 STREAMLINE_LOGGER = "ComfyUI-Streamline"
 
 MEASURED: dict[str, float] = {}  # case -> max|diff| / max|ref|, printed at the end of the module
@@ -140,15 +148,10 @@ def run_node(mapping: dict, name: str, **inputs):
 
 @pytest.fixture(scope="module")
 def base_model():
-    """SD1.5-shaped UNet with random weights, through ComfyUI's diffusion-model loader."""
-    import comfy.sd
+    """SD1.5-layout UNet with random weights (WIDTH), through ComfyUI's diffusion-model loader."""
+    from comfyui_streamline.testing.synthetic import load_sd15
 
-    from comfyui_streamline.testing.synthetic import sd15_unet
-
-    state_dict = sd15_unet(seed=0).state_dict()
-    patcher = comfy.sd.load_diffusion_model_state_dict(state_dict)
-    del state_dict
-    assert patcher is not None and type(patcher.model.model_config).__name__ == "SD15"
+    patcher = load_sd15(WIDTH, seed=0)
     assert patcher.model.get_dtype() == torch.float32
     yield patcher
 
@@ -167,13 +170,14 @@ def motion_model(tmp_path_factory, ade_nodes):
     from animatediff.utils_model import Folders
     from safetensors.torch import save_file
 
-    from comfyui_streamline.testing.synthetic import mm_sd15_v2_state_dict
+    from comfyui_streamline.testing.synthetic import loaders_read_width, mm_sd15_v2_state_dict
 
     folder = tmp_path_factory.mktemp("animatediff_models")
-    save_file(mm_sd15_v2_state_dict(pe_len=32, seed=1), str(folder / MM_NAME))
+    save_file(mm_sd15_v2_state_dict(pe_len=32, seed=1, width=WIDTH), str(folder / MM_NAME))
     folder_paths.add_model_folder_path(Folders.ANIMATEDIFF_MODELS, str(folder))
     try:
-        (motion,) = run_node(ade_nodes, "ADE_LoadAnimateDiffModel", model_name=MM_NAME)
+        with loaders_read_width(WIDTH):
+            (motion,) = run_node(ade_nodes, "ADE_LoadAnimateDiffModel", model_name=MM_NAME)
         assert motion.model.mm_info.mm_version == "v2"
         (m_models,) = run_node(ade_nodes, "ADE_ApplyAnimateDiffModelSimple", motion_model=motion)
         yield m_models
@@ -208,17 +212,19 @@ def controlnet():
     import comfy.controlnet
     import comfy.ops
 
+    from comfyui_streamline.testing.synthetic import loaders_read_width
     from comfyui_streamline.testing.weights import randomize_
 
     net = comfy.cldm.cldm.ControlNet(
-        image_size=32, in_channels=4, model_channels=320, hint_channels=3, num_res_blocks=[2, 2, 2, 2],
+        image_size=32, in_channels=4, model_channels=WIDTH, hint_channels=3, num_res_blocks=[2, 2, 2, 2],
         channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
         transformer_depth_middle=1, context_dim=768, num_heads=8, num_head_channels=-1, legacy=False,
         use_linear_in_transformer=False, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init,
     )
     state_dict = randomize_(net, seed=2).state_dict()
     del net
-    control = comfy.controlnet.load_controlnet_state_dict(state_dict)
+    with loaders_read_width(WIDTH):
+        control = comfy.controlnet.load_controlnet_state_dict(state_dict)
     del state_dict
     assert isinstance(control, comfy.controlnet.ControlNet)
     return control
@@ -286,13 +292,13 @@ def assert_sliced(record: Probe, frame_chunk: int, spatial_chunk: int, scale_wit
     # scaled: a group with more channels at full resolution (an output block's input with its skip)
     # gets proportionally fewer samples per slice, so frame_chunk is the most the top level gets
     assert min(c for _, c in frame_groups) <= frame_chunk
-    top = [c for _, ch, _, c in motion_modules if ch == 320]
-    deep = [c for _, ch, _, c in motion_modules if ch > 320]
+    top = [c for _, ch, _, c in motion_modules if ch == WIDTH]
+    deep = [c for _, ch, _, c in motion_modules if ch > WIDTH]
     assert top and set(top) == {spatial_chunk}, sorted(set(record.spatial_slices))
     assert deep, f"no motion module below full resolution ran in slices: {sorted(set(record.spatial_slices))}"
     if scale_with_level:
         assert max(c for _, c in record.frame_slices) > frame_chunk
-        assert all(c == spatial_chunk * 320 // ch for _, ch, _, c in motion_modules), sorted(set(motion_modules))
+        assert all(c == spatial_chunk * WIDTH // ch for _, ch, _, c in motion_modules), sorted(set(motion_modules))
     else:
         assert all(c == min(frame_chunk, b) for b, c in record.frame_slices), sorted(set(record.frame_slices))
         assert set(deep) == {spatial_chunk}

@@ -58,12 +58,11 @@ FRAMES, SIZE = 4, 8
 
 @pytest.fixture(scope="module")
 def host():
+    """SD1.5 + mm_sd_v15_v2's layout (testing/matrix.py: narrow by default, SD1.5's width in the full matrix)."""
     from comfyui_streamline.testing import synthetic
+    from comfyui_streamline.testing.matrix import MECHANICS_WIDTH
 
-    unet, motion = synthetic.sd15_unet(seed=0), synthetic.sd15_motion_model(seed=1)
-    synthetic.inject(unet, motion)
-    motion.set_video_length(FRAMES, FRAMES)
-    return unet, synthetic
+    return synthetic.sd15_with_motion(width=MECHANICS_WIDTH, frames=FRAMES), synthetic
 
 
 def call(unet, synthetic, conds, config=None, seed=0):
@@ -165,7 +164,7 @@ def test_mirrored_layer_forwards_equal_comfyuis_with_per_frame_statistics(host):
     from comfyui_streamline.families.unet_common.layer_roles import Role
 
     unet, _ = host
-    res = unet.output_blocks[3][0]  # a ResBlock with a skip convolution (1920 -> 1280 channels)
+    res = unet.output_blocks[3][0]  # a ResBlock with a skip convolution (SD1.5: 1920 -> 1280 channels)
     attn = unet.input_blocks[1][1]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, res.channels, 4, 4, generator=g)
@@ -175,7 +174,7 @@ def test_mirrored_layer_forwards_equal_comfyuis_with_per_frame_statistics(host):
         out_stats = video_norm.resblock_out_stats(res, lambda s, e: x[s:e], emb, in_stats, 3, 2, 1)
         mirrored = video_norm.resblock_forward(res, x, emb, in_stats, out_stats)
         assert torch.allclose(mirrored, res(x, emb), rtol=0, atol=1e-5 * res(x, emb).abs().max())
-        y = torch.randn(3, 320, 4, 4, generator=g)
+        y = torch.randn(3, unet.model_channels, 4, 4, generator=g)
         context = torch.randn(3, 77, 768, generator=g)
         stats = video_norm.input_stats([y], attn.norm, 1, None)
         host_out = attn(y, context, {})
@@ -186,16 +185,14 @@ def test_mirrored_layer_forwards_equal_comfyuis_with_per_frame_statistics(host):
 
 @pytest.mark.host
 @pytest.mark.parametrize("frames, side, chunks", [(4, 8, (2, 16)), (8, 16, (3, 7)), (8, 16, None)])
-def test_memory_predictions_hold_in_the_whole_video_mode(frames, side, chunks):
+def test_memory_predictions_hold_in_the_whole_video_mode(host, frames, side, chunks):
     from comfyui_streamline.core.budget import Workload, predict_peak_bytes
     from comfyui_streamline.core.memtrace import LiveTensorMeter
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.families.unet.structure import unet_shape
-    from comfyui_streamline.testing import synthetic
 
-    unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
-    synthetic.inject(unet, motion)
-    motion.set_video_length(frames, frames)
+    unet, synthetic = host
+    set_video_length(unet, frames)
     batch = 2 * frames
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 77, 768, generator=g)
@@ -203,10 +200,20 @@ def test_memory_predictions_hold_in_the_whole_video_mode(frames, side, chunks):
     to = synthetic.ade_video_norm_options(synthetic.ade_transformer_options(2), frames)
     if config:
         synthetic.with_streamline(to, config)
-    with torch.inference_mode(), LiveTensorMeter() as meter:
-        unet(x, torch.full((batch,), 500.0), c, transformer_options=to)
+    try:
+        with torch.inference_mode(), LiveTensorMeter() as meter:
+            unet(x, torch.full((batch,), 500.0), c, transformer_options=to)
+    finally:
+        set_video_length(unet, FRAMES)  # as the module's fixture hands it to the other tests
     predicted = predict_peak_bytes(unet_shape(unet), Workload(batch, frames, side, side, video_norm=True), config)
     assert abs(predicted / meter.peak_bytes - 1) <= 0.15, (predicted, meter.peak_bytes)
+
+
+def set_video_length(unet, frames: int) -> None:
+    """Set the injected motion modules of `unet` to `frames` per video (as ADE does per run)."""
+    for module in unet.modules():
+        if type(module).__name__ == "VanillaTemporalModule":
+            module.set_video_length(frames, frames)
 
 
 def float64_unet(model: str):

@@ -414,8 +414,9 @@ def check_forwards(args: argparse.Namespace, row) -> None:
     device, cuda = args.device, args.device == "cuda"
     (width, height, frames), chunks = ((64, 64, 4), (2, 16)) if args.quick else ((256, 256, 16), (4, 256))
     start = time.perf_counter()
-    unet = synthetic.sd15_unet(dtype=torch.float32, device=device, seed=0)
-    motion = synthetic.sd15_motion_model(pe_len=32, dtype=torch.float32, device=device, seed=1)
+    channels = synthetic.NARROW if args.quick else synthetic.SD15_WIDTH  # --quick: SD1.5's layout, narrow
+    unet = synthetic.sd15_unet(dtype=torch.float32, device=device, seed=0, width=channels)
+    motion = synthetic.sd15_motion_model(pe_len=32, dtype=torch.float32, device=device, seed=1, width=channels)
     synthetic.inject(unet, motion)
     motion.set_video_length(frames, frames)
     batch = 2 * frames
@@ -423,7 +424,8 @@ def check_forwards(args: argparse.Namespace, row) -> None:
     x = torch.randn(batch, 4, height // 8, width // 8, generator=g).to(device)
     c = torch.randn(batch, 77, 768, generator=g).to(device)
     t = torch.full((batch,), 500.0, device=device)
-    row("model", None, f"SD1.5 + mm_sd_v15_v2 shapes, random, fp32, {width}x{height}x{frames} (batch {batch}), "
+    row("model", None, f"SD1.5 + mm_sd_v15_v2 shapes (model_channels {channels}), random, fp32, "
+                       f"{width}x{height}x{frames} (batch {batch}), "
                        f"built in {time.perf_counter() - start:.1f} s")
 
     def forward(config=None, state=None):
@@ -517,9 +519,10 @@ def offload_bench(args: argparse.Namespace) -> None:
     cuda = args.device == "cuda"
     dtype = torch.float16 if cuda else torch.float32
     cases = QUICK_CASES if args.quick else GPU_CASES
-    unet = synthetic.sd15_unet(dtype=dtype, device=args.device, seed=0)
+    channels = synthetic.NARROW if args.quick else synthetic.SD15_WIDTH  # --quick: SD1.5's layout, narrow
+    unet = synthetic.sd15_unet(dtype=dtype, device=args.device, seed=0, width=channels)
     motion = synthetic.sd15_motion_model(pe_len=max(32, max(c[0][2] for c in cases)), dtype=dtype, device=args.device,
-                                         seed=1)
+                                         seed=1, width=channels)
     synthetic.inject(unet, motion)
     shape, laws = unet_shape(unet), attention_laws()
     meter = "CUDA active bytes above the forward's start, exact" if cuda else "live tensors"
