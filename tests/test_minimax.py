@@ -179,7 +179,7 @@ def test_segments_in_cuts_rows_and_per_token_rows():
     assert cut[0] == (0, 2, 2) and cut[1][:2] == (2, 6) and torch.equal(cut[1][2], torch.arange(10, 14))
 
 
-def hooked_forward(model, chunk: int | None, denoise_mask=None):
+def hooked_forward(model, chunk: int | None, denoise_mask=None, payload=None):
     """The diffusion model's output (video, audio) with the pack's block hooks slicing `chunk` tokens
     (None: ComfyUI's forward)."""
     from comfyui_streamline.families.minimax.patch import install_minimax_slicing
@@ -196,7 +196,8 @@ def hooked_forward(model, chunk: int | None, denoise_mask=None):
         options = {**clone.model_options["transformer_options"], "wrappers": clone.wrappers}
         assert DIT_WRAPPER_KEY in str(clone.wrappers)
     with torch.inference_mode():
-        return dm(x, torch.tensor([600.0]), context, transformer_options=options, denoise_mask=denoise_mask)
+        return dm(x, torch.tensor([600.0]), context, transformer_options=options, denoise_mask=denoise_mask,
+                  minimax_payload=payload)
 
 
 @pytest.mark.parametrize("chunk", [3, 8, 11])
@@ -218,6 +219,22 @@ def test_whole_forward_with_a_denoise_mask_blend():
         out = hooked_forward(h3_model(), 7, mask)
     assert slices and relative(out, ref) <= TOL
     assert relative(out, hooked_forward(h3_model(), None)) > 1e-3  # the mask changed the output
+
+
+def test_whole_forward_with_keyframe_rows():
+    """A keyframe (MiniMaxH3ImageToVideo's payload: its latent and audio packed as condition rows after the text,
+    at their own timesteps): more packed tokens, more segments; the same exactness."""
+    g = torch.Generator().manual_seed(2)
+    keyframe = {"resolved_frame_index": 0, "latent": torch.randn(1, 24, 1, 4, 6, generator=g),
+                "audio_latent": torch.randn(1, 32, 2, 2, generator=g)}
+    payload = {"keyframes": [keyframe], "cond_video_latents": [keyframe["latent"]],
+               "cond_audio_latents": [keyframe["audio_latent"]]}
+    ref = hooked_forward(h3_model(), None, payload=payload)
+    with sliced_calls() as slices:
+        out = hooked_forward(h3_model(), 7, payload=payload)
+    assert slices == [(30 + 6 + 4, 7)] * BLOCKS  # + 6 keyframe video rows, + 4 keyframe audio rows
+    assert relative(out, ref) <= TOL
+    assert relative(out, hooked_forward(h3_model(), None)) > 1e-3  # the keyframe changed the output
 
 
 # -- through KSampler ---------------------------------------------------------------------------------------

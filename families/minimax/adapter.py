@@ -12,10 +12,10 @@ from ...core.slicing import SliceConfig
 from ..family import Family
 
 
-def packed_tokens(model, video, audio_t: int, text_len: int, payload: dict | None) -> int:
-    """The packed sequence's length S of one call, as MiniMaxH3Model._forward lays it out: the layout
-    extra_conds built for the run when it matches the call, else the one _forward builds (text, keyframe and
-    reference rows, audio, video)."""
+def packed_tokens(model, video, audio_t: int, text_len: int, payload: dict | None) -> tuple[int, bool]:
+    """(the packed sequence's length S of one call, whether _forward builds its layout), as
+    MiniMaxH3Model._forward lays it out: the layout extra_conds built for the run when it matches the call, else
+    the one _forward builds (text, keyframe and reference rows, audio, video)."""
     from comfy.ldm.minimax.model import PackedLayout
 
     _, _, t, h, w = video.shape
@@ -23,9 +23,9 @@ def packed_tokens(model, video, audio_t: int, text_len: int, payload: dict | Non
     payload = payload or {}
     layout = payload.get("layout")
     if layout is not None and layout.signature == (text_len, t, h, w, audio_t):
-        return layout.seq_len
+        return layout.seq_len, False
     return PackedLayout(text_len, t, h, w, audio_t, keyframes=payload.get("keyframes"),
-                        refs=payload.get("refs")).seq_len
+                        refs=payload.get("refs")).seq_len, True
 
 
 def packed_input(model, x, context, payload: dict | None) -> torch.Tensor:
@@ -35,12 +35,14 @@ def packed_input(model, x, context, payload: dict | None) -> torch.Tensor:
     video, audio = streams[0], streams[1]
     from .patch import video_tokens_per_frame
 
-    tokens = packed_tokens(model, video, audio.shape[-1], context.shape[1], payload)
+    tokens, builds_layout = packed_tokens(model, video, audio.shape[-1], context.shape[1], payload)
     packed = torch.empty((1, 1, 1), dtype=context.dtype, device=video.device).expand(1, tokens, model.hidden_size)
     # what the laws (laws.packed_work) and frame_chunk (patch.py's too) read besides the shape
     packed.tokens_per_frame = video_tokens_per_frame(model, video)
     packed.video_tokens = video.shape[2] * packed.tokens_per_frame
     packed.audio_rows = 2 * audio.shape[-1]
+    packed.text_tokens = context.shape[1]
+    packed.builds_layout = builds_layout
     return packed
 
 

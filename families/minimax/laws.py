@@ -4,7 +4,7 @@ or with its blocks sliced over the packed tokens (block.py), for Memory Budget.
 Read off the operator sequences (values, batch 1, S packed rows of C channels, inner width I = heads x d,
 MLP width F, M distinct timesteps):
 - before the blocks, _forward keeps the padded video latent and its patch rows (V x 96 values each, V video
-  tokens), the video and audio embeddings (V x C, A x C), h (S x C), the time embedding, the layout's position
+  tokens), the embeddings of every row but the text's (keyframe and reference rows too), h (S x C), the time embedding, the layout's position
   tensors when it builds the layout itself (8.25 S) and the RoPE rotation table (12 r S, r inverse
   frequencies per axis); building that table is the largest transient there (cos, sin, -sin, the angle
   table: 15 r S more);
@@ -16,7 +16,9 @@ MLP width F, M distinct timesteps):
 - attention: ComfyUI's sub-quadratic kernel (its CPU default) holds scores and their softmax (2 H q S for q
   queries, in chunks of 4096 queries), then its output and the copy back to (q, I); PyTorch SDPA (its CUDA
   default) holds no scores, only its output (whose reshape back is a view).
-Nothing is fitted: tests/test_minimax.py checks whole forwards against the live-tensor meter (core/memtrace.py).
+Not counted: the latent copies of keyframe and reference rows (about 3 x 96 values per such row, against the C
+values of its embedding: under 6% of those rows' share at H3's C = 5376). Nothing is fitted: tests/test_minimax.py
+checks whole text-to-audio-video forwards against the live-tensor meter (core/memtrace.py).
 """
 from __future__ import annotations
 
@@ -58,6 +60,13 @@ class H3Work:
     dtype_bytes: int = 4
     timesteps: int = 2  # M: distinct timesteps (video and text; audio)
     builds_layout: bool = True  # _forward builds the packed layout (no matching one in the call's payload)
+    text_tokens: int | None = None  # L (None: S - V - A, no keyframe or reference rows)
+
+    @property
+    def embedded_rows(self) -> int:
+        """The rows _forward embeds from latents (target video and audio, keyframe and reference rows)."""
+        text = self.tokens - self.video_tokens - self.audio_rows if self.text_tokens is None else self.text_tokens
+        return self.tokens - text
 
 
 def h3_shape(model) -> H3Shape:
@@ -101,9 +110,9 @@ def block_values(shape: H3Shape, work: H3Work, token_chunk: int | None, scores: 
 
 def held_values(shape: H3Shape, work: H3Work) -> float:
     """Values _forward keeps alive while the blocks run (besides the caller's inputs)."""
-    v, a, s, c, r = work.video_tokens, work.audio_rows, work.tokens, shape.hidden, shape.rope_len
+    v, s, c, r = work.video_tokens, work.tokens, shape.hidden, shape.rope_len
     layout = 8.25 * s if work.builds_layout else 0.0
-    return 2 * v * LATENT_VALUES + (v + a + s) * c + work.timesteps * shape.time_dim + layout + 12 * r * s
+    return 2 * v * LATENT_VALUES + (work.embedded_rows + s) * c + work.timesteps * shape.time_dim + layout + 12 * r * s
 
 
 def head_values(shape: H3Shape, work: H3Work) -> float:
@@ -130,9 +139,6 @@ def kernel_has_scores() -> bool:
     return attention_laws().scores > 0
 
 
-def work_of(packed_shape, dtype_bytes: int, video_tokens: int | None = None, audio_rows: int = 0) -> H3Work:
-    tokens = packed_shape[1]
-    return H3Work(tokens, tokens if video_tokens is None else video_tokens, audio_rows, dtype_bytes)
 
 
 def minimax_peaks(model, packed, config: SliceConfig) -> tuple[int, int]:
@@ -144,9 +150,12 @@ def minimax_peaks(model, packed, config: SliceConfig) -> tuple[int, int]:
 
 
 def packed_work(packed) -> H3Work:
-    """The H3Work of a packed call input (adapter.packed_input carries its video tokens and audio rows)."""
-    return work_of(tuple(packed.shape), packed.element_size(), getattr(packed, "video_tokens", None),
-                   getattr(packed, "audio_rows", 0))
+    """The H3Work of a packed call input (adapter.packed_input carries its video tokens, audio rows, text tokens
+    and whether _forward builds the layout; without them: every row a video token)."""
+    tokens = packed.shape[1]
+    return H3Work(tokens, getattr(packed, "video_tokens", tokens), getattr(packed, "audio_rows", 0),
+                  packed.element_size(), builds_layout=getattr(packed, "builds_layout", True),
+                  text_tokens=getattr(packed, "text_tokens", None))
 
 
 def token_chunk_for(config: SliceConfig, packed) -> int:
@@ -186,7 +195,8 @@ def latent_work(model, video_shape, audio_t: int, dtype_bytes: int, text_tokens:
     _, _, t, h, w = video_shape
     per_frame = -(-h // model.patch_size[1]) * -(-w // model.patch_size[2])
     video, audio = t * per_frame, 2 * audio_t
-    return H3Work(text_tokens + audio + video, video, audio, dtype_bytes, builds_layout=False)
+    return H3Work(text_tokens + audio + video, video, audio, dtype_bytes, builds_layout=False,
+                  text_tokens=text_tokens)
 
 
 def estimate_minimax(base_model, input_shape, dtype_bytes: int, config: SliceConfig, planned_budget) -> int:
@@ -200,7 +210,7 @@ def estimate_minimax(base_model, input_shape, dtype_bytes: int, config: SliceCon
         per_frame = work.video_tokens // max(1, shapes[0][2])
     else:
         rows = math.prod(input_shape[1:]) // 32
-        work = H3Work(TEXT_TOKENS + rows, rows, 0, dtype_bytes, builds_layout=False)
+        work = H3Work(TEXT_TOKENS + rows, rows, 0, dtype_bytes, builds_layout=False, text_tokens=TEXT_TOKENS)
         per_frame = rows
     shape, scores = h3_shape(model), kernel_has_scores()
     if planned_budget is not None:
