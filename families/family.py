@@ -33,11 +33,6 @@ class Family:
         """Why a model of this family is left to ComfyUI for `purpose` ("slice", "plan", "rehash"); None: handled."""
         return None
 
-    def call_latent(self, x):
-        """The tensor of a diffusion-model call's x that its slicing is planned, keyed and reported on (LTX-2's x
-        is [video, audio]: its video latent)."""
-        return x
-
     # -- Memory Budget ----------------------------------------------------------------------------------------
 
     def video_length(self, diffusion_model: nn.Module) -> int | None:
@@ -94,6 +89,11 @@ class Family:
     def verdict_sliced(self) -> bool:
         """The host verdict on the host functions the family's sliced forward mirrors."""
         return True
+
+    def call_input(self, diffusion_model, args: tuple, kwargs: dict) -> Tensor:
+        """The tensor that stands for one call of the model to the planner, the laws and the run's report (its
+        shape, dtype, device): the latent (the forward's first argument), where the family's laws read that."""
+        return args[0] if args else kwargs["x"]
 
     def unknown_inputs(self, transformer_options: dict, kwargs: dict) -> list[str]:
         """What a call hands the model that the family's sliced forward does not know."""

@@ -7,10 +7,14 @@
 - Wan: WanModel's plain WanAttentionBlocks, sliced over tokens through ComfyUI's block-replace hook
   (families/wan/; laws in families/wan/laws.py); of its subclasses, VaceWanModel, CameraWanModel and
   AnimateWanModel too; WanModel_S2V and HumoWanModel run unchanged (families/wan/adapter.py wan_reason);
+- HunyuanVideo: 1.0, its I2V variants and 1.5, double and single blocks sliced over tokens through the same hook
+  (families/hunyuan_video/; laws in families/hunyuan_video/laws.py);
 - LTX: LTXVModel and LTX-2's LTXAVModel (video and audio streams), their transformer blocks sliced over video
-  tokens through the same hook (families/ltxv/; laws in families/ltxv/laws.py).
+  tokens through the same hook (families/ltxv/; laws in families/ltxv/laws.py);
+- MiniMax: ComfyUI 0.33's MiniMaxH3Model, its DiTBlocks sliced over the packed text/audio/video tokens through
+  the same hook (families/minimax/; laws in families/minimax/laws.py).
 
-Slicing, memory planning and Step Rehash's shallow/deep split for all four (Wan's: first and last blocks
+Slicing, memory planning and Step Rehash's shallow/deep split for all of them (the DiTs': first and last blocks
 shallow, the residual of the blocks between deep; families/wan/rehash.py), except Step Rehash on the Wan
 subclasses that add to x between blocks (VACE, Animate), which it runs in full.
 """
@@ -26,9 +30,10 @@ from .svd.adapter import SVD
 from .unet.adapter import UNET
 from .hunyuan_video.adapter import HUNYUAN_VIDEO
 from .ltxv.adapter import LTXV
+from .minimax.adapter import MINIMAX
 from .wan.adapter import WAN
 
-FAMILIES: tuple[Family, ...] = (SVD, UNET, WAN, HUNYUAN_VIDEO, LTXV)  # SVD's video UNet is a UNetModel too: asked first
+FAMILIES: tuple[Family, ...] = (SVD, UNET, WAN, HUNYUAN_VIDEO, LTXV, MINIMAX)  # SVD's video UNet is a UNetModel too: asked first
 
 
 def family_of(diffusion_model: nn.Module) -> Family | None:
@@ -52,14 +57,30 @@ def unsupported_reason(diffusion_model: nn.Module, purpose: str = "slice") -> st
         reason = candidate.reason(diffusion_model, purpose)
         if reason is not None:
             return reason
+    foreign = foreign_reason(diffusion_model)
+    if foreign is not None:
+        return foreign
     if family is None:
         if isinstance(diffusion_model, UNetModel):
             blocks = [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]
             video = sorted({type(layer).__name__ for block in blocks if block is not None for layer in block
                             if role_of(layer, ()) is Role.UNSUPPORTED})
             return f"this UNet has {', '.join(video)} (video UNet layers) the pack does not know"
-        return f"{type(diffusion_model).__name__} is not a model this pack can slice"
     return None
+
+
+def foreign_reason(diffusion_model: nn.Module) -> str | None:
+    """Why the pack leaves a model of no family it handles to ComfyUI, for every purpose (None: a UNetModel, or
+    a model of a family it handles). Known before a run starts (what a run injects, motion modules, changes a
+    UNet, never this): Step Rehash says it where a run starts, as some such forwards run no DIFFUSION_MODEL
+    wrapper (Mochi, SeedVR2)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    if isinstance(diffusion_model, UNetModel) or family_of(diffusion_model) is not None or \
+            any(family.reason(diffusion_model, "slice") is not None for family in FAMILIES):  # a Wan subclass
+        return None
+    handled = ", ".join(family.name for family in FAMILIES)
+    return f"{type(diffusion_model).__name__} is not of a model family the pack handles ({handled})"
 
 
 def identity_weights(diffusion_model: nn.Module) -> list[Tensor]:

@@ -57,6 +57,19 @@ def wan(i2v: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32) ->
     return randomize(model, seed)
 
 
+def minimax(seed: int = 0) -> nn.Module:
+    """A three-block MiniMaxH3Model (ComfyUI 0.33's), 2 heads of 16 channels, RoPE on 12 of them, float32 (the
+    host's in-place RoPE kernel takes no float64 and no weights that need gradients)."""
+    import comfy.ops
+    from comfy.ldm.minimax.model import MiniMaxH3Model
+
+    model = MiniMaxH3Model(hidden_size=32, num_layers=3, token_refiner_num_layers=1, num_attention_heads=2,
+                           attention_head_dim=16, ffn_hidden_size=48, text_dim=8, timestep_input_dim=16,
+                           time_embed_hidden_size=32, time_embed_dim=16, rope_inv_freq_len=2,
+                           dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    return randomize(model, seed).requires_grad_(False)
+
+
 def inputs(shape: tuple[int, ...], seed: int, dtype: torch.dtype = DTYPE) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
 

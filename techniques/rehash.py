@@ -42,7 +42,7 @@ from ..core.rehash import (
 )
 from ..core.slicing import UNSLICED
 from ..families import registry as families
-from ..families.registry import unsupported_reason
+from ..families.registry import foreign_reason, unsupported_reason
 from ..host.log import LogOnce
 from ..host.options import (
     DIT_REHASH_CALL_KEY, REHASH_CALL_KEY, REHASH_KEY as STATE_KEY, REHASH_WRAPPER_KEY as WRAPPER_KEY,
@@ -398,6 +398,9 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
     run = _start_run(state, guider, sigmas, sampler, disable_pbar)
     run_state = RehashState(state.config, state.keystep_store, state.log, state.last, run, state.node_id)
     guider.model_options["transformer_options"][STATE_KEY] = run_state
+    foreign = foreign_reason(guider.model_patcher.model.diffusion_model)
+    if foreign is not None and not run.all_full:  # said here: some such forwards run no DIFFUSION_MODEL wrapper
+        _say_full(run_state, foreign, "model-unsupported")
 
     def step_done(step, x0, x, total_steps):  # the sampler's count of finished steps, on the host
         run.clock.step_done(step)
@@ -476,7 +479,11 @@ def _sigma_of(transformer_options: dict) -> float:
 
 
 def _input_of(args: tuple, kwargs: dict):
-    return args[0] if args else kwargs.get("x")
+    """The call's first input tensor (a model that takes several latents, MiniMax H3's [video, audio]: the first)."""
+    x = args[0] if args else kwargs.get("x")
+    while x is not None and not isinstance(x, Tensor):
+        x = x.tensors[0] if hasattr(x, "tensors") else x[0]
+    return x
 
 
 def predict_noise_wrapper(executor, *args, **kwargs):
@@ -492,6 +499,11 @@ def predict_noise_wrapper(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
+def _say_full(state: RehashState, why: str, log_key: str) -> None:
+    state.log.warn(log_key, f"Step Rehash: {why}; every step runs in full.")
+    state.run.note(f"{why}: every step ran in full.")
+
+
 def diffusion_model_wrapper(executor, *args, **kwargs):
     """Runs a UNet call with Step Rehash. A call it cannot split runs as received, `executor(*args,
     **kwargs)` (other models' forwards take other arguments), and counts as a full step. With rehash_mode
@@ -504,8 +516,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     plan = _rehash_plan(run, executor.class_obj)
     if plan.split_point is None:
         if plan.why_not:
-            state.log.warn(plan.log_key, f"Step Rehash: {plan.why_not}; every step runs in full.")
-            run.note(f"{plan.why_not}: every step ran in full.")
+            _say_full(state, plan.why_not, plan.log_key)
         step, _ = _step_and_sigma(transformer_options)
         started = run.timer.start(_input_of(args, kwargs))
         out = executor(*args, **kwargs)
@@ -522,7 +533,7 @@ def _rehash_block_stack_call(executor, state: RehashState, family, shallow: int,
     """A DiT call (Wan) with the family's rehash call in a per-call copy of transformer_options: the pack's
     block replacements (families/wan/patch.py) run the shallow blocks, and the deep ones or the reused residual."""
     run, model = state.run, executor.class_obj
-    x = family.call_latent(args[0] if args else kwargs["x"])
+    x = family.call_input(model, args, kwargs)
     step, sigma = _step_and_sigma(transformer_options)
     first_deep, last_deep = shallow, family.block_stack_length(model) - 1 - shallow
     rehash_call = RehashCallState(run, shallow, step, sigma, _cache_keys(transformer_options, x.shape[0]))

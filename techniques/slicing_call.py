@@ -118,7 +118,8 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
         copy of transformer_options, and the run's report records it."""
         import comfy.model_management
 
-        model, x = executor.class_obj, family.call_latent(args[0] if args else kwargs["x"])
+        model = executor.class_obj
+        x = family.call_input(model, args, kwargs)
         options = next((v for v in (kwargs.get("transformer_options"), *args) if isinstance(v, dict)
                         and get_state(v) is state), None)
         context = args[2] if len(args) > 2 else kwargs.get("context")

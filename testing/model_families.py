@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,6 +45,9 @@ class Family:
     transformer_config: dict | None = field(default=None, compare=False)
     needs: tuple[str, ...] = ()  # "module:attribute" the host must have (variants newer hosts added); see host_lacks
     random_latent: bool = False  # latent(): random, not zeros (image-to-image flow models start from the input)
+    # sizes merged over what detection reads from the keys, where its key reader fixes sizes no tiny model has
+    # (Mochi's 48 blocks 3072 wide): the family, its supported_models and model_base classes stay detection's
+    detected: dict | None = field(default=None, compare=False)
 
     @property
     def rehashes(self) -> bool:
@@ -251,9 +255,23 @@ def host_lacks(family: Family) -> str | None:
         except ImportError:
             found = False
         if not found:
-            return (f"{host_name()} has no {module}.{attribute}: {family.name} is a variant of a newer host "
+            return (f"{host_name()} has no {module}.{attribute}: {family.name} is a model of a newer host "
                     "(ComfyUI 0.33.0 loads it)")
     return None
+
+
+@contextmanager
+def _detected_sizes(sizes: dict | None):
+    """ComfyUI's detection with `sizes` merged over the config it reads from the keys (None: as it is)."""
+    import comfy.model_detection as detection
+
+    real = detection.detect_unet_config
+    if sizes is not None:
+        detection.detect_unet_config = lambda *args, **kwargs: {**real(*args, **kwargs), **sizes}
+    try:
+        yield
+    finally:
+        detection.detect_unet_config = real
 
 
 def load(family: Family, seed: int = 0):
@@ -266,7 +284,8 @@ def load(family: Family, seed: int = 0):
     options = {"model_options": {"dtype": torch.float32}}
     if family.transformer_config is not None:
         options["metadata"] = {"config": json.dumps({"transformer": family.transformer_config})}
-    patcher = comfy.sd.load_diffusion_model_state_dict(state_dict(family, seed), **options)
+    with _detected_sizes(family.detected):
+        patcher = comfy.sd.load_diffusion_model_state_dict(state_dict(family, seed), **options)
     detected = type(patcher.model.model_config).__name__ if patcher is not None else None
     if detected != family.name:
         raise RuntimeError(f"ComfyUI detected {detected} from the tiny {family.name} weights")

@@ -28,7 +28,12 @@ class LtxvFamily(Family):
 
         return unsupported_ltxv_reason(diffusion_model) if is_ltx(diffusion_model) else None
 
-    def call_latent(self, x):
+    def call_input(self, diffusion_model, args: tuple, kwargs: dict):
+        """LTX-2's x is [video, audio]: its video latent stands for the call."""
+        return self._video(args[0] if args else kwargs["x"])
+
+    @staticmethod
+    def _video(x):
         from .patch import video_latent
 
         return video_latent(x)
@@ -40,11 +45,11 @@ class LtxvFamily(Family):
 
     def plan(self, model, x, context, budget, held, set_budget, video_norm, frames, offload) -> Plan:
         tokens = context.shape[1] if context is not None and context.ndim == 3 else None
-        x = self.call_latent(x)
+        x = self._video(x)
         return plan_ltx(model, tuple(x.shape), x.element_size(), budget, tokens)
 
     def peaks(self, model, x, context, config, video_norm=False, frames=None) -> tuple[int, int]:
-        return ltx_peaks(model, self.call_latent(x), context, config)
+        return ltx_peaks(model, self._video(x), context, config)
 
     def estimate(self, base_model, input_shape, dtype_bytes, config, planned_budget, motion_models, offload) -> int:
         model = base_model.diffusion_model
@@ -83,13 +88,13 @@ class LtxvFamily(Family):
         remove_ltxv_slicing(patcher)
 
     def slice_text(self, model, x, context, config: SliceConfig) -> str:
-        chunk, tokens = self._chunk(model, config, self.call_latent(x))
+        chunk, tokens = self._chunk(model, config, self._video(x))
         auto = " (automatic)" if not (config.token_chunk or config.frame_chunk) else ""
         return f"slices of {chunk} of {tokens} video tokens in each LTX block{auto}"
 
     def finer_after_oom(self, model, config: SliceConfig, x, context) -> SliceConfig | None:
         """Half the tokens per slice (None: one token per slice already)."""
-        chunk, _ = self._chunk(model, config, self.call_latent(x))
+        chunk, _ = self._chunk(model, config, self._video(x))
         if chunk <= 1:
             return None
         return dataclasses.replace(config, token_chunk=chunk // 2)
