@@ -45,7 +45,7 @@ class Family:
 
     def plan(self, diffusion_model, x: Tensor, context: Tensor | None, budget: int, held: int, set_budget: int,
              video_norm: bool, frames: int | None, offload: Callable[[], bool]) -> Plan:
-        """The coarsest slicing predicted to fit `budget` for one call (raises core.budget.BudgetError)."""
+        """The coarsest slicing predicted to fit `budget` for one call (raises core.plan_search.BudgetError)."""
         raise NotImplementedError
 
     def peaks(self, diffusion_model, x: Tensor, context: Tensor | None, config: SliceConfig, video_norm: bool,
@@ -80,6 +80,10 @@ class Family:
     def slice_text(self, diffusion_model, x: Tensor, context: Tensor | None, config: SliceConfig) -> str:
         """The slices a call of `x` runs with, for the run's report."""
         raise NotImplementedError
+
+    def call_slicing(self, diffusion_model, x: Tensor, context: Tensor | None, config: SliceConfig) -> SliceConfig:
+        """The slicing a call's block hooks get (DiT): `config`, its automatic slice chosen by the family's laws."""
+        return config
 
     def finer_after_oom(self, diffusion_model, config: SliceConfig, x: Tensor,
                         context: Tensor | None) -> SliceConfig | None:
@@ -143,7 +147,7 @@ class Shaped:
 
 def plan_text(plan: Plan) -> str:
     """A plan as the pack prints it; a DiT's slicing is in tokens."""
-    from ..core.budget import format_bytes
+    from ..core.plan_search import format_bytes
 
     if plan.config.token_chunk:
         return (f"token_chunk {plan.config.token_chunk}: predicted peak activation "

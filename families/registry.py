@@ -78,7 +78,7 @@ def remove_slicing(patcher) -> None:
 def plan_for(family: Family, diffusion_model, latent_shape, dtype_bytes: int, budget: int, laws=None,
              context_tokens: int | None = None, frames: int | None = None) -> Plan:
     """The coarsest slicing predicted to fit `budget` for one call of a latent shaped `latent_shape`. Raises
-    core.budget.BudgetError. (laws: the host's, read by the family itself.)"""
+    core.plan_search.BudgetError. (laws: the host's, read by the family itself.)"""
     from .family import Shaped
 
     x = Shaped(latent_shape, dtype_bytes)

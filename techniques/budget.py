@@ -18,14 +18,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..core.budget import BudgetError, Plan, format_bytes
+from ..core.budget import Plan
+from ..core.plan_search import BudgetError, format_bytes
 from ..core.slicing import SliceConfig
 from ..families import registry as families
 from ..families.registry import unsupported_reason
 from ..host.log import logger
 from ..host.options import STREAMLINE_KEY as STATE_KEY
 
-SAFETY_BYTES = 256 * 2**20  # "auto": free memory minus this; plans keep allocator headroom too (core/budget.py)
+SAFETY_BYTES = 256 * 2**20  # "auto": free memory minus this; plans keep allocator headroom too (core/plan_search.py)
 HELD_STEP = 64 * 2**20  # memory held across calls is budgeted in steps of at most this (a plan per step, not per byte)
 HELD_STEPS_PER_BUDGET = 16  # ... and of at most 1/16 of the budget, so small budgets are not eaten by the rounding
 FREE_STEPS_PER_DOUBLING = 8  # "auto" plans for free memory rounded down to one of 8 steps per doubling (~9%)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..core.budget import format_bytes
+from ..core.plan_search import format_bytes
 from ..core.meter import Peak, PeakWindow, measure_peak
 from ..core.slicing import SliceConfig
 from ..families import registry as families

@@ -128,8 +128,8 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
             held += family.rehash_split_bytes(model, tuple(x.shape), x.element_size())
         config = state.config_for(model, x, context, held, False)
         report = getattr(state, "report", None)
-        while True:
-            call_options = {**(options or {}), CALL_CONFIG_KEY: config}
+        while True:  # the block hooks get the call's slice (an automatic one chosen by the family's laws)
+            call_options = {**(options or {}), CALL_CONFIG_KEY: family.call_slicing(model, x, context, config)}
             call_args = tuple(call_options if a is options else a for a in args)
             call_kwargs = {k: call_options if v is options else v for k, v in kwargs.items()}
             try:

@@ -13,12 +13,12 @@ import torch
 from comfyui_streamline.core.budget import (
     ALLOCATOR_HEADROOM,
     SDPA,
-    BudgetError,
     Workload,
     plan,
     predict_peak_bytes,
     sd15_shape,
 )
+from comfyui_streamline.core.plan_search import BudgetError
 from comfyui_streamline.core.slicing import SliceConfig
 
 MEASURED_GRID = [  # (frames, latent side, chunks); CFG batched: batch = 2 x frames
@@ -158,7 +158,7 @@ def test_errors_have_a_readable_module_under_comfyuis_import():
     sys.modules[name] = package
     try:
         spec.loader.exec_module(package)
-        budget = importlib.import_module(f"{name}.core.budget")
+        budget = importlib.import_module(f"{name}.core.plan_search")
         slicing = importlib.import_module(f"{name}.core.slicing")
         assert "/" in budget.__name__  # the module really is named after the path
         for error in (budget.BudgetError, slicing.SliceConfigError):

@@ -23,7 +23,7 @@ def _svd(unet, x: Tensor, context: Tensor | None, frames: int):
 
 def plan_svd_call(unet, latent_shape, dtype_bytes: int, budget: int, laws, context_tokens: int | None = None,
                   frames: int | None = None) -> Plan:
-    """The coarsest slicing predicted to fit `budget` for one SVD call. Raises core.budget.BudgetError."""
+    """The coarsest slicing predicted to fit `budget` for one SVD call. Raises core.plan_search.BudgetError."""
     x = Shaped(latent_shape, dtype_bytes)
     context = Shaped((latent_shape[0], context_tokens or 1, 1), dtype_bytes)
     structure, work = _svd(unet, x, context, frames or SVD_DEFAULT_FRAMES)
@@ -70,7 +70,7 @@ class SVDFamily(UNetLike):
 
     def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
                 cond_batching) -> str:
-        from ...core.budget import BudgetError
+        from ...core.plan_search import BudgetError
 
         latent = preview_latent(width, height, frames)
         try:

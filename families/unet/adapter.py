@@ -64,7 +64,7 @@ class UNetFamily(UNetLike):
 
     def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
                 cond_batching) -> str:
-        from ...core.budget import BudgetError
+        from ...core.plan_search import BudgetError
 
         per_call = frames_per_call(model, frames)
         shape = planned_shape(model.model.diffusion_model, ade_motion_models(model))

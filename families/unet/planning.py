@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ...core.budget import Block, BudgetError, Layer, Plan, UNetShape, Workload, format_bytes, plan
+from ...core.budget import Block, Layer, Plan, UNetShape, Workload, plan
+from ...core.plan_search import BudgetError, format_bytes
 from ...host.attention import attention_laws
 from ..unet_common.layer_roles import is_ade_motion_module
 from .structure import _heads, unet_shape
