@@ -176,13 +176,14 @@ PREDICTION_TOLERANCE = 0.15
 @pytest.mark.host
 def test_predictions_match_measured_peaks():
     from comfyui_streamline.families.unet.structure import unet_shape
+    from comfyui_streamline.testing.synthetic import sd15_video_call_peak_bytes
 
     unet, motion = sd15_with_motion()
     shape = unet_shape(unet)
     assert shape == sd15_shape()
     errors = []
     try:
-        measured = [measure(unet, motion, *point) for point in MEASURED_GRID]
+        measured = [sd15_video_call_peak_bytes(unet, motion, *point) for point in MEASURED_GRID]
     finally:
         motion.set_video_length(FRAMES, FRAMES)  # as the module's fixture hands it to the other tests
     for (frames, side, chunks), peak in zip(MEASURED_GRID, measured):
@@ -195,46 +196,23 @@ def test_predictions_match_measured_peaks():
     assert all(abs(e) <= PREDICTION_TOLERANCE for *_, e in errors), table
 
 
-def measure(unet, motion, frames: int, side: int, chunks) -> int:
-    """The live-tensor peak of one SD1.5 + motion-module call at `frames` x side x side, CFG batched."""
-    from comfyui_streamline.core.memtrace import LiveTensorMeter
-    from comfyui_streamline.testing import synthetic
-
-    motion.set_video_length(frames, frames)
-    batch = 2 * frames
-    g = torch.Generator().manual_seed(0)
-    x, c = torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 77, 768, generator=g)
-    to = synthetic.ade_transformer_options(2)
-    if chunks:
-        synthetic.with_streamline(to, SliceConfig(*chunks))
-    with torch.inference_mode(), LiveTensorMeter() as meter:
-        unet(x, torch.full((batch,), 500.0), c, transformer_options=to)
-    return meter.peak_bytes
-
-
 @pytest.mark.host
 @pytest.mark.parametrize("frames, chunks", [(8, None), (8, (1, 16)), (16, (6, 300))])
 def test_predictions_hold_for_another_model_family(frames, chunks):
     """TinyVideo: other widths (32/64/128), 1-4 heads, 3 context tokens, three levels. The laws were
     read off SD1.5 layers only."""
-    from comfyui_streamline.core.memtrace import LiveTensorMeter
     from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.tinyvideo import model as tinyvideo
-    from comfyui_streamline.testing.synthetic import with_streamline
+    from comfyui_streamline.testing.synthetic import video_call_peak_bytes
 
     unet = tinyvideo.load_model_patcher().model.diffusion_model.float()
     tinyvideo.set_video_length(unet, frames)
     batch = 2 * frames
-    g = torch.Generator().manual_seed(0)
-    x, c = torch.randn(batch, 4, 32, 32, generator=g), torch.randn(batch, 3, tinyvideo.CONTEXT_DIM, generator=g)
-    to = tinyvideo.motion_transformer_options(2)
-    if chunks:
-        with_streamline(to, SliceConfig(*chunks))
-    with torch.inference_mode(), LiveTensorMeter() as meter:
-        unet(x, torch.full((batch,), 500.0), c, transformer_options=to)
+    measured = video_call_peak_bytes(unet, frames, 32, tinyvideo.motion_transformer_options(2), chunks,
+                                     context=(3, tinyvideo.CONTEXT_DIM))
     predicted = predict_peak_bytes(unet_shape(unet), Workload(batch, frames, 32, 32, context_tokens=3),
                                    SliceConfig(*chunks) if chunks else None)
-    assert abs(predicted / meter.peak_bytes - 1) <= PREDICTION_TOLERANCE, (predicted, meter.peak_bytes)
+    assert abs(predicted / measured - 1) <= PREDICTION_TOLERANCE, (predicted, measured)
 
 
 FRAMES, BATCH = 4, 8  # CFG batched
