@@ -52,7 +52,7 @@ class UNetShape:
 @dataclass(frozen=True)
 class Workload:
     batch: int  # samples per UNet call (conds x frames)
-    frames: int  # video length the motion modules attend over
+    video_length: int  # frames per video: what the motion modules attend over
     height: int  # latent
     width: int
     context_tokens: int = 77
@@ -154,7 +154,7 @@ class _Walk:
         (AnimateDiff-Evolved's own forward) or one spatial chunk of the sliced module."""
         k, tokens = self.laws, self.work.batch * positions
         per_token = k.motion if positions >= self.positions(level) else k.motion_chunk
-        attention = k.motion_attention * layer.channels_in + k.scores * layer.heads * self.work.frames
+        attention = k.motion_attention * layer.channels_in + k.scores * layer.heads * self.work.video_length
         return tokens * max(per_token * layer.channels_in, attention)
 
     def next_level(self, layer: Layer, level: int) -> int:
@@ -440,17 +440,17 @@ class Plan:
 def candidate_configs(work) -> list[SliceConfig]:
     """Chunk settings from coarse (fast) to fine (small), for a UNet's or SVD's work (batch, height, width)."""
     positions = work.height * work.width
-    frames = sorted({work.batch, *(f for f in (32, 16, 8, 4, 2, 1) if f < work.batch)}, reverse=True)
+    frame_chunks = sorted({work.batch, *(f for f in (32, 16, 8, 4, 2, 1) if f < work.batch)}, reverse=True)
     spatial = sorted({positions, *(s for s in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16) if s < positions)},
                      reverse=True)
-    return [SliceConfig(frame_chunk=f, spatial_chunk=s) for f in frames for s in spatial]
+    return [SliceConfig(frame_chunk=f, spatial_chunk=s) for f in frame_chunks for s in spatial]
 
 
 def chunk_count(work, config: SliceConfig) -> float:
     """A proxy for slowdown: kernel launches grow with the number of chunks at full resolution."""
-    frames = -(-work.batch // config.frame_chunk)
-    positions = -(-(work.height * work.width) // config.spatial_chunk)
-    return frames + 0.25 * positions
+    sample_chunks = -(-work.batch // config.frame_chunk)
+    position_chunks = -(-(work.height * work.width) // config.spatial_chunk)
+    return sample_chunks + 0.25 * position_chunks
 
 
 # Skip offload's time, in the unit of chunk_count: its copies run on a side stream, overlapped with the

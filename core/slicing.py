@@ -99,11 +99,11 @@ def spatial_chunk_size(config: SliceConfig, batch: int, positions: int, channels
 def finer(config: SliceConfig, batch: int, positions: int, top_channels: int, top_sample_values: int) -> SliceConfig | None:
     """Half the slice sizes `config` gives at full resolution (automatic sizes resolved first), or None
     when both are already 1 sample / 1 position."""
-    frames = frame_chunk_size(config, batch, top_sample_values, top_sample_values)
+    samples = frame_chunk_size(config, batch, top_sample_values, top_sample_values)
     spatial = spatial_chunk_size(config, batch, positions, top_channels, top_channels)
-    if frames <= 1 and spatial <= 1:
+    if samples <= 1 and spatial <= 1:
         return None
-    return SliceConfig(frame_chunk=max(1, frames // 2), spatial_chunk=max(1, spatial // 2),
+    return SliceConfig(frame_chunk=max(1, samples // 2), spatial_chunk=max(1, spatial // 2),
                        scale_with_level=config.scale_with_level, offload_skips=config.offload_skips,
                        offload_features=config.offload_features)
 
@@ -117,8 +117,8 @@ def frame_slices(tokens: int, tokens_per_frame: int) -> list[int]:
     """A DiT's candidate slices of whole latent frames, coarse to fine: all tokens, then one frame fewer each,
     down to one frame (a clip of one frame: all tokens only)."""
     per_frame = max(1, tokens_per_frame)
-    frames = -(-tokens // per_frame)
-    return [min(tokens, k * per_frame) for k in range(frames, 0, -1)]
+    latent_frames = -(-tokens // per_frame)
+    return [min(tokens, k * per_frame) for k in range(latent_frames, 0, -1)]
 
 
 def token_chunk_size(config: SliceConfig, batch: int, tokens: int, tokens_per_frame: int, dim: int) -> int:

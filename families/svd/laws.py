@@ -64,7 +64,7 @@ class SVDStructure:
 @dataclass(frozen=True)
 class SVDWork:
     batch: int  # videos x frames (cond/uncond batched: 2 videos)
-    frames: int
+    video_length: int  # frames per video
     height: int  # latent
     width: int
     context_tokens: int = 1  # SVD: one CLIP-image token
@@ -138,9 +138,9 @@ class _SVDWalk:
     def time_context_values(self, p: int) -> float:
         """The time_context repeated for p positions of each video, per sample (einops makes the repeat
         a view, no copy, for a single video)."""
-        if self.work.batch <= self.work.frames:
+        if self.work.batch <= self.work.video_length:
             return 0.0
-        return p * self.work.context_tokens * self.s.context_dim / self.work.frames
+        return p * self.work.context_tokens * self.s.context_dim / self.work.video_length
 
     def whole_values(self, layer: SVDLayer, level: int) -> float:
         """ComfyUI's forward of one layer, per sample (output included, input not)."""
@@ -280,12 +280,12 @@ def plan_svd(structure: SVDStructure, work: SVDWork, budget_bytes: int, laws: Wo
 SVD_DEFAULT_FRAMES = 14  # what the estimate assumes when a call's frame count is unknown (SVD's own default)
 
 
-def svd_frames(kwargs: dict, x: Tensor, unet) -> int:
+def svd_video_length(kwargs: dict, x: Tensor, unet) -> int:
     """Frames per video of one SVD call (the model passes num_video_frames; the batch is videos x frames)."""
     frames = kwargs.get("num_video_frames") or getattr(unet, "default_num_video_frames", None) or x.shape[0]
     return int(frames) if x.shape[0] % int(frames) == 0 else x.shape[0]
 
 
-def preview_latent(width: int, height: int, frames: int) -> tuple[int, ...]:
+def preview_latent(width: int, height: int, clip_frames: int) -> tuple[int, ...]:
     """The latent of one sampling call with cond and uncond batched (SVD's frames are its batch)."""
-    return (2 * frames, 4, height // 8, width // 8)
+    return (2 * clip_frames, 4, height // 8, width // 8)

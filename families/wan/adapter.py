@@ -55,11 +55,11 @@ class WanFamily(Family):
 
     # -- Memory Budget ----------------------------------------------------------------------------------------
 
-    def plan(self, model, x, context, budget, held, set_budget, video_norm, frames, offload) -> Plan:
+    def plan(self, model, x, context, budget, held, set_budget, video_norm, video_length, offload) -> Plan:
         tokens = context.shape[1] if context is not None and context.ndim == 3 else None
         return plan_wan(model, tuple(x.shape), x.element_size(), budget, tokens)
 
-    def peaks(self, model, x, context, config, video_norm=False, frames=None) -> tuple[int, int]:
+    def peaks(self, model, x, context, config, video_norm=False, video_length=None) -> tuple[int, int]:
         return wan_peaks(model, x, context, config)
 
     def estimate(self, base_model, input_shape, dtype_bytes, config, planned_budget, motion_models, offload) -> int:
@@ -73,17 +73,17 @@ class WanFamily(Family):
         context = Shaped((input_shape[0], WAN_TEXT_TOKENS, 1), dtype_bytes)
         return wan_peaks(model, shaped, context, config)[0]
 
-    def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
+    def preview(self, model, planned, budget, budget_text, width, height, clip_frames, dtype_bytes, offload,
                 cond_batching) -> str:
         from ...core.plan_search import BudgetError
 
         dm = model.model.diffusion_model
-        latent = preview_latent(dm, width, height, frames)
+        latent = preview_latent(dm, width, height, clip_frames)
         try:
             chosen = plan_wan(dm, latent, dtype_bytes, planned, None)
         except BudgetError as e:
             return f"budget {budget_text}: {e}"
-        return (f"budget {budget_text}, {width}x{height}x{frames} with CFG batched ({self}, latent "
+        return (f"budget {budget_text}, {width}x{height}x{clip_frames} with CFG batched ({self}, latent "
                 f"{'x'.join(map(str, latent))}): {plan_text(chosen)}")
 
     # -- Streamline Model Patch -------------------------------------------------------------------------------

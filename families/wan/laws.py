@@ -393,8 +393,8 @@ def wan_peaks(diffusion_model, x: Tensor, context: Tensor | None, config: SliceC
     return int(forward_peak_bytes(shape, work, chunk, kernel)), int(forward_peak_bytes(shape, work, None, kernel))
 
 
-def preview_latent(diffusion_model, width: int, height: int, frames: int) -> tuple[int, ...]:
+def preview_latent(diffusion_model, width: int, height: int, clip_frames: int) -> tuple[int, ...]:
     """The latent of one sampling call with cond and uncond batched, for a width x height x frames clip."""
     shape = wan_shape(diffusion_model)
     scale = 16 if shape.out_dim == 48 else 8  # Wan 2.2's 5B VAE compresses 16x, Wan 2.1's 8x
-    return (2, shape.out_dim, 1 + (frames - 1) // 4, height // scale, width // scale)
+    return (2, shape.out_dim, 1 + (clip_frames - 1) // 4, height // scale, width // scale)
