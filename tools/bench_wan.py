@@ -18,10 +18,10 @@ no memory, instant), and the speedup that bounds for K full steps of 25, N / (K 
 A token_chunk of None is the automatic slice (families/wan/laws.py automatic_token_chunk: the most latent
 frames per slice whose predicted peak is within core/plan_search.py's AUTO_PEAK_CLOSENESS of one frame's), as
 Streamline Model Patch left at 0 runs it. --case picks cases; "1.3B 480x832x17" is issue 24's defaults case
-(7800 tokens: about 8 GB and a few minutes in fp32 on the CPU with --repeats 1 --no-flops).
+(7800 tokens: about 8 GB in fp32 on the CPU; --repeats 0 runs one forward per variant).
 
     python tools/bench_wan.py --device cuda --markdown wan.md
-    python tools/bench_wan.py --device cpu --case "1.3B 480x832x17" --repeats 1 --no-flops
+    python tools/bench_wan.py --device cpu --case "1.3B 480x832x17" --repeats 0 --no-flops
     python tools/bench_wan.py --device cpu --quick       # tiny shapes: the plumbing (tests)
 """
 from __future__ import annotations
@@ -83,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--quick", action="store_true", help="tiny shapes (the plumbing; used by the tests)")
     p.add_argument("--layers", type=int, default=2, help="blocks built (all Wan blocks have the same shapes)")
-    p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (after one warm-up); 0: one forward, metered and timed (the meter's "
+                   "overhead included)")
     p.add_argument("--markdown", help="append each row to this markdown file as it is measured")
     p.add_argument("--case", action="append", help="only these cases (repeat the flag; default: all)")
     p.add_argument("--no-flops", action="store_true", help="skip the Step Rehash FLOP rows")
@@ -152,11 +153,13 @@ def main(argv=None) -> None:
 
         def measure(token_chunk):
             with torch.no_grad():
-                model(x, t, context, transformer_options=options(token_chunk))  # warm-up
+                if args.repeats:
+                    model(x, t, context, transformer_options=options(token_chunk))  # warm-up
+                start = time.perf_counter()
                 with measure_peak(device, ballast=True) as window:  # core/meter.py: exact, never reset
                     out = model(x, t, context, transformer_options=options(token_chunk))
                 peak = window.peak.bytes
-                seconds = []
+                seconds = [] if args.repeats else [time.perf_counter() - start]  # 0 repeats: the metered one
                 for _ in range(args.repeats):
                     start = time.perf_counter()
                     model(x, t, context, transformer_options=options(token_chunk))
