@@ -22,22 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
+from .plan_search import ALLOCATOR_HEADROOM, Fit, PlanSearch, cheapest_fit, format_bytes
 from .slicing import SliceConfig, frame_chunk_size, spatial_chunk_size
-
-
-def format_bytes(n: float) -> str:
-    """A size as the pack prints it: GiB from 1 GiB up, MiB below (a budget of 0.05 GiB is 51.2 MiB, not 0.05 GiB)."""
-    if abs(n) >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    if abs(n) >= 2**20:
-        return f"{n / 2**20:.1f} MiB"
-    return f"{n / 2**10:.1f} KiB"
-
-
-class BudgetError(ValueError):
-    """No slicing fits the budget; the message says the smallest budget that would."""
-
-    __module__ = "comfyui_streamline"  # ComfyUI imports the pack under its folder path; its error dialog shows this
 
 
 @dataclass(frozen=True)
@@ -66,7 +52,7 @@ class UNetShape:
 @dataclass(frozen=True)
 class Workload:
     batch: int  # samples per UNet call (conds x frames)
-    frames: int  # video length the motion modules attend over
+    video_length: int  # frames per video: what the motion modules attend over
     height: int  # latent
     width: int
     context_tokens: int = 77
@@ -168,7 +154,7 @@ class _Walk:
         (AnimateDiff-Evolved's own forward) or one spatial chunk of the sliced module."""
         k, tokens = self.laws, self.work.batch * positions
         per_token = k.motion if positions >= self.positions(level) else k.motion_chunk
-        attention = k.motion_attention * layer.channels_in + k.scores * layer.heads * self.work.frames
+        attention = k.motion_attention * layer.channels_in + k.scores * layer.heads * self.work.video_length
         return tokens * max(per_token * layer.channels_in, attention)
 
     def next_level(self, layer: Layer, level: int) -> int:
@@ -451,24 +437,23 @@ class Plan:
                 f"{format_bytes(self.baseline_peak_bytes)})")
 
 
-def candidate_configs(work: Workload) -> Iterable[SliceConfig]:
-    """Chunk settings from coarse (fast) to fine (small)."""
+def candidate_configs(work) -> list[SliceConfig]:
+    """Chunk settings from coarse (fast) to fine (small), for a UNet's or SVD's work (batch, height, width)."""
     positions = work.height * work.width
-    frames = sorted({work.batch, *(f for f in (32, 16, 8, 4, 2, 1) if f < work.batch)}, reverse=True)
+    frame_chunks = sorted({work.batch, *(f for f in (32, 16, 8, 4, 2, 1) if f < work.batch)}, reverse=True)
     spatial = sorted({positions, *(s for s in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16) if s < positions)},
                      reverse=True)
-    for f in frames:
-        for s in spatial:
-            yield SliceConfig(frame_chunk=f, spatial_chunk=s)
+    return [SliceConfig(frame_chunk=f, spatial_chunk=s) for f in frame_chunks for s in spatial]
 
 
-# Share of a budget a plan may fill with predicted live tensors: PyTorch's caching allocator needs
-# headroom for fragmentation. Measured on an H100 with the process capped at weights + 4 GiB: a plan
-# predicted at 3.94 GiB (98.5%) ran out of memory at 512x512x128; plans at 87% and below ran.
-ALLOCATOR_HEADROOM = 0.9
+def chunk_count(work, config: SliceConfig) -> float:
+    """A proxy for slowdown: kernel launches grow with the number of chunks at full resolution."""
+    sample_chunks = -(-work.batch // config.frame_chunk)
+    position_chunks = -(-(work.height * work.width) // config.spatial_chunk)
+    return sample_chunks + 0.25 * position_chunks
 
 
-# Skip offload's time, in the unit of _chunk_count: its copies run on a side stream, overlapped with the
+# Skip offload's time, in the unit of chunk_count: its copies run on a side stream, overlapped with the
 # compute, and cost about as much as this many more frame chunks. Not calibrated on a GPU yet
 # (tools/gpu_evidence.py measures it); offload is planned only where slicing alone cannot fit, or where
 # it fits the same budget with at least this many fewer chunks. Feature offload costs in proportion to
@@ -477,7 +462,7 @@ OFFLOAD_COST_CHUNKS = 2.0
 
 
 def offload_cost_chunks(shape: UNetShape, work: Workload, config: SliceConfig) -> float:
-    """Offload's cost in the unit of _chunk_count: OFFLOAD_COST_CHUNKS for skip offload's traffic, scaled
+    """Offload's cost in the unit of chunk_count: OFFLOAD_COST_CHUNKS for skip offload's traffic, scaled
     by the bytes moved (feature offload moves more)."""
     if not config.offload_skips:
         return 0.0
@@ -495,36 +480,18 @@ def offload_choices(sliced: SliceConfig, offload: bool) -> tuple[SliceConfig, ..
 def plan(shape: UNetShape, work: Workload, budget_bytes: int, laws: WorkingSets = SUB_QUADRATIC,
          headroom: float = ALLOCATOR_HEADROOM, offload: bool = False) -> Plan:
     """The coarsest slicing (fewest, largest chunks: the least slowdown) predicted to fit `headroom`
-    of the budget. offload: skip offload, and skip and feature offload, may be planned (a device with host
-    memory apart: CUDA); each is chosen when its slicing plus its cost (offload_cost_chunks) is cheaper
-    than every fitting plan with less offload."""
-    usable = budget_bytes * headroom
-    baseline = predict_peak_bytes(shape, work, None, laws)
-    best: tuple[float, Plan] | None = None
-    smallest = None
-    for sliced in candidate_configs(work):
-        for config in offload_choices(sliced, offload):
-            peak = predict_peak_bytes(shape, work, config, laws)
-            smallest = peak if smallest is None else min(smallest, peak)
-            if peak <= usable:
-                cost = _chunk_count(work, config) + offload_cost_chunks(shape, work, config)
-                if best is None or cost < best[0] or (cost == best[0] and peak < best[1].predicted_peak_bytes):
-                    best = (cost, Plan(config, peak, baseline, plan_traffic(shape, work, config)))
-    if best is None:
-        raise BudgetError(f"no slicing fits {format_bytes(budget_bytes)} of activation memory for "
-                          f"{work.batch} samples at {work.height}x{work.width} latent; the minimum feasible budget "
-                          f"is {format_bytes(smallest / headroom)} (a predicted peak of {format_bytes(smallest)} "
-                          f"with {1 - headroom:.0%} headroom for the allocator)")
-    return best[1]
+    of the budget (core/plan_search.py; BudgetError when none does). offload: skip offload, and skip and
+    feature offload, may be planned (a device with host memory apart: CUDA); each is chosen when its slicing
+    plus its cost (offload_cost_chunks) is cheaper than every fitting plan with less offload."""
+    candidates = [config for sliced in candidate_configs(work) for config in offload_choices(sliced, offload)]
+    search = PlanSearch(budget_bytes, f"{work.batch} samples at {work.height}x{work.width} latent", headroom)
+    fit: Fit[SliceConfig] = cheapest_fit(
+        candidates, lambda config: predict_peak_bytes(shape, work, config, laws), search,
+        cost=lambda config: chunk_count(work, config) + offload_cost_chunks(shape, work, config))
+    return Plan(fit.candidate, int(fit.peak_bytes), predict_peak_bytes(shape, work, None, laws),
+                plan_traffic(shape, work, fit.candidate))
 
 
 def plan_traffic(shape: UNetShape, work: Workload, config: SliceConfig) -> Traffic | None:
     """What a forward with `config` moves to host memory and back (None without offload)."""
     return offload_traffic(shape, work, config.offload_features) if config.offload_skips else None
-
-
-def _chunk_count(work: Workload, config: SliceConfig) -> float:
-    """A proxy for slowdown: kernel launches grow with the number of chunks at full resolution."""
-    frames = -(-work.batch // config.frame_chunk)
-    positions = -(-(work.height * work.width) // config.spatial_chunk)
-    return frames + 0.25 * positions

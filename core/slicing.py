@@ -99,23 +99,37 @@ def spatial_chunk_size(config: SliceConfig, batch: int, positions: int, channels
 def finer(config: SliceConfig, batch: int, positions: int, top_channels: int, top_sample_values: int) -> SliceConfig | None:
     """Half the slice sizes `config` gives at full resolution (automatic sizes resolved first), or None
     when both are already 1 sample / 1 position."""
-    frames = frame_chunk_size(config, batch, top_sample_values, top_sample_values)
+    samples = frame_chunk_size(config, batch, top_sample_values, top_sample_values)
     spatial = spatial_chunk_size(config, batch, positions, top_channels, top_channels)
-    if frames <= 1 and spatial <= 1:
+    if samples <= 1 and spatial <= 1:
         return None
-    return SliceConfig(frame_chunk=max(1, frames // 2), spatial_chunk=max(1, spatial // 2),
+    return SliceConfig(frame_chunk=max(1, samples // 2), spatial_chunk=max(1, spatial // 2),
                        scale_with_level=config.scale_with_level, offload_skips=config.offload_skips,
                        offload_features=config.offload_features)
 
 
+def is_automatic(config: SliceConfig) -> bool:
+    """Whether a DiT's slice is left to the pack (neither token_chunk nor frame_chunk given)."""
+    return not (config.token_chunk or config.frame_chunk)
+
+
+def frame_slices(tokens: int, tokens_per_frame: int) -> list[int]:
+    """A DiT's candidate slices of whole latent frames, coarse to fine: all tokens, then one frame fewer each,
+    down to one frame (a clip of one frame: all tokens only)."""
+    per_frame = max(1, tokens_per_frame)
+    latent_frames = -(-tokens // per_frame)
+    return [min(tokens, k * per_frame) for k in range(latent_frames, 0, -1)]
+
+
 def token_chunk_size(config: SliceConfig, batch: int, tokens: int, tokens_per_frame: int, dim: int) -> int:
     """Tokens per slice for a DiT block from the pack's SliceConfig. A slice holds all batch rows of
-    `n` consecutive tokens; frame_chunk counts samples (batch x latent frames) as for the UNet, so it
-    maps to frame_chunk x tokens_per_frame token rows; 0: about AUTO_CHUNK_VALUES values per slice.
-    (A `token_chunk` field, when SliceConfig gets one, takes precedence.)"""
-    explicit = getattr(config, "token_chunk", 0)
-    if explicit:
-        n = explicit
+    `n` consecutive tokens; token_chunk counts tokens; frame_chunk counts samples (batch x latent frames) as
+    for the UNet, so it maps to frame_chunk x tokens_per_frame token rows. Left automatic (is_automatic), the
+    family's laws choose a call's slice (families/wan/laws.py automatic_token_chunk, through the adapter's
+    call_slicing); where no laws were asked (a block hook installed without the slicing wrapper), about
+    AUTO_CHUNK_VALUES values per slice."""
+    if config.token_chunk:
+        n = config.token_chunk
     elif config.frame_chunk:
         n = config.frame_chunk * tokens_per_frame // max(batch, 1)
     else:

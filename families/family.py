@@ -44,19 +44,19 @@ class Family:
         return []
 
     def plan(self, diffusion_model, x: Tensor, context: Tensor | None, budget: int, held: int, set_budget: int,
-             video_norm: bool, frames: int | None, offload: Callable[[], bool]) -> Plan:
-        """The coarsest slicing predicted to fit `budget` for one call (raises core.budget.BudgetError)."""
+             video_norm: bool, video_length: int | None, offload: Callable[[], bool]) -> Plan:
+        """The coarsest slicing predicted to fit `budget` for one call (raises core.plan_search.BudgetError)."""
         raise NotImplementedError
 
     def peaks(self, diffusion_model, x: Tensor, context: Tensor | None, config: SliceConfig, video_norm: bool,
-              frames: int | None = None) -> tuple[int, int]:
+              video_length: int | None = None) -> tuple[int, int]:
         """(sliced with `config`, ComfyUI's forward) predicted peak bytes of one call."""
         raise NotImplementedError
 
     def settled_plan(self, diffusion_model, x: Tensor, context: Tensor | None, config: SliceConfig,
-                     video_norm: bool, frames: int | None) -> Plan:
+                     video_norm: bool, video_length: int | None) -> Plan:
         """`config` as a plan (after an out-of-memory retry settled on it)."""
-        return Plan(config, *self.peaks(diffusion_model, x, context, config, video_norm, frames))
+        return Plan(config, *self.peaks(diffusion_model, x, context, config, video_norm, video_length))
 
     def estimate(self, base_model, input_shape, dtype_bytes: int, config: SliceConfig,
                  planned_budget: Callable[[], int] | None, motion_models: list, offload: Callable[[], bool]) -> int:
@@ -64,9 +64,9 @@ class Family:
         run will make when `planned_budget` (the budget it will plan with) is given."""
         raise NotImplementedError
 
-    def preview(self, model, planned: int, budget: int, budget_text: str, width: int, height: int, frames: int,
+    def preview(self, model, planned: int, budget: int, budget_text: str, width: int, height: int, clip_frames: int,
                 dtype_bytes: int, offload: Callable[[], bool], cond_batching: Callable) -> str:
-        """The Memory Budget node's text: the plan the run makes for a width x height x frames clip."""
+        """The Memory Budget node's text: the plan the run makes for a width x height x clip_frames clip."""
         raise NotImplementedError
 
     # -- Streamline Model Patch -------------------------------------------------------------------------------
@@ -80,6 +80,10 @@ class Family:
     def slice_text(self, diffusion_model, x: Tensor, context: Tensor | None, config: SliceConfig) -> str:
         """The slices a call of `x` runs with, for the run's report."""
         raise NotImplementedError
+
+    def call_slicing(self, diffusion_model, x: Tensor, context: Tensor | None, config: SliceConfig) -> SliceConfig:
+        """The slicing a call's block hooks get (DiT): `config`, its automatic slice chosen by the family's laws."""
+        return config
 
     def finer_after_oom(self, diffusion_model, config: SliceConfig, x: Tensor,
                         context: Tensor | None) -> SliceConfig | None:
@@ -152,7 +156,7 @@ class Shaped:
 
 def plan_text(plan: Plan) -> str:
     """A plan as the pack prints it; a DiT's slicing is in tokens."""
-    from ..core.budget import format_bytes
+    from ..core.plan_search import format_bytes
 
     if plan.config.token_chunk:
         return (f"token_chunk {plan.config.token_chunk}: predicted peak activation "

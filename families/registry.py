@@ -101,17 +101,17 @@ def remove_slicing(patcher) -> None:
 
 
 def plan_for(family: Family, diffusion_model, latent_shape, dtype_bytes: int, budget: int, laws=None,
-             context_tokens: int | None = None, frames: int | None = None) -> Plan:
+             context_tokens: int | None = None, video_length: int | None = None) -> Plan:
     """The coarsest slicing predicted to fit `budget` for one call of a latent shaped `latent_shape`. Raises
-    core.budget.BudgetError. (laws: the host's, read by the family itself.)"""
+    core.plan_search.BudgetError. (laws: the host's, read by the family itself.)"""
     from .family import Shaped
 
     x = Shaped(latent_shape, dtype_bytes)
     context = Shaped((latent_shape[0], context_tokens, 1), dtype_bytes) if context_tokens else None
-    return family.plan(diffusion_model, x, context, budget, 0, budget, False, frames, lambda: False)
+    return family.plan(diffusion_model, x, context, budget, 0, budget, False, video_length, lambda: False)
 
 
 def peaks_for(family: Family, diffusion_model, x: Tensor, context: Tensor | None, config: SliceConfig, laws=None,
-              frames: int | None = None) -> tuple[int, int]:
+              video_length: int | None = None) -> tuple[int, int]:
     """(sliced with `config`, ComfyUI's forward) predicted peak bytes of one call."""
-    return family.peaks(diffusion_model, x, context, config, False, frames)
+    return family.peaks(diffusion_model, x, context, config, False, video_length)

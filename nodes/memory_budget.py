@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..core.budget import format_bytes
+from ..core.plan_search import format_bytes
 from ..core.slicing import SliceConfig
 from ..host.log import logger
 from ..techniques.budget import BudgetPlanner, preview_plan

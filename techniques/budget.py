@@ -18,14 +18,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..core.budget import BudgetError, Plan, format_bytes
+from ..core.budget import Plan
+from ..core.plan_search import BudgetError, format_bytes
 from ..core.slicing import SliceConfig
 from ..families import registry as families
 from ..families.registry import unsupported_reason
 from ..host.log import logger
 from ..host.options import STREAMLINE_KEY as STATE_KEY
 
-SAFETY_BYTES = 256 * 2**20  # "auto": free memory minus this; plans keep allocator headroom too (core/budget.py)
+SAFETY_BYTES = 256 * 2**20  # "auto": free memory minus this; plans keep allocator headroom too (core/plan_search.py)
 HELD_STEP = 64 * 2**20  # memory held across calls is budgeted in steps of at most this (a plan per step, not per byte)
 HELD_STEPS_PER_BUDGET = 16  # ... and of at most 1/16 of the budget, so small budgets are not eaten by the rounding
 FREE_STEPS_PER_DOUBLING = 8  # "auto" plans for free memory rounded down to one of 8 steps per doubling (~9%)
@@ -102,19 +103,19 @@ class BudgetPlanner:
         return self.budget_bytes - held, held
 
     def _key(self, unet, x: Tensor, context: Tensor | None, budget: int, video_norm: bool = False,
-             frames: int | None = None) -> tuple:
+             video_length: int | None = None) -> tuple:
         tokens = context.shape[1] if context is not None else 0
         family = families.family_of(unet)
-        video_length = family.video_length(unet) if family is not None else None
-        return tuple(x.shape), x.dtype, x.device.type, tokens, video_length, video_norm, frames, budget
+        model_length = family.video_length(unet) if family is not None else None  # its temporal layers' setting
+        return tuple(x.shape), x.dtype, x.device.type, tokens, model_length, video_norm, video_length, budget
 
     def __call__(self, unet, x: Tensor, context: Tensor | None, log, held_bytes: int = 0,
-                 video_norm: bool = False, frames: int | None = None) -> SliceConfig:
+                 video_norm: bool = False, video_length: int | None = None) -> SliceConfig:
         budget, held = self.budget(x.device, held_bytes)
-        key = self.last_key = self._key(unet, x, context, budget, video_norm, frames)
+        key = self.last_key = self._key(unet, x, context, budget, video_norm, video_length)
         if key not in self.plans:
             chosen = families.family_of(unet).plan(unet, x, context, budget, held, self.budget_bytes, video_norm,
-                                                   frames, lambda: offload_available(x.device))
+                                                   video_length, lambda: offload_available(x.device))
             self.plans[key] = chosen
             held_text = f" after {format_bytes(held)} held by Step Rehash's cache" if held else ""
             logger.info(f"Streamline Memory Budget ({format_bytes(budget)}{held_text} for {tuple(x.shape)}): "
@@ -122,11 +123,12 @@ class BudgetPlanner:
         return self.plans[key].config
 
     def settle(self, unet, x: Tensor, context: Tensor | None, config: SliceConfig, held_bytes: int = 0,
-               video_norm: bool = False, frames: int | None = None) -> None:
+               video_norm: bool = False, video_length: int | None = None) -> None:
         """After an out-of-memory retry: inputs shaped like `x`, at the budget the failed forward was
         planned for, use `config` for the rest of the run."""
-        key = self.last_key or self._key(unet, x, context, self.budget(x.device, held_bytes)[0], video_norm, frames)
-        self.plans[key] = families.family_of(unet).settled_plan(unet, x, context, config, video_norm, frames)
+        key = self.last_key or self._key(unet, x, context, self.budget(x.device, held_bytes)[0], video_norm,
+                                           video_length)
+        self.plans[key] = families.family_of(unet).settled_plan(unet, x, context, config, video_norm, video_length)
 
 
 class MemoryEstimate:
@@ -171,8 +173,8 @@ class MemoryEstimate:
         return int(estimate * ESTIMATE_MARGIN)
 
 
-def preview_plan(model, budget: int, width: int, height: int, frames: int) -> str:
-    """The plan the run makes for a width x height x frames clip with CFG batched (a prompt of one CLIP
+def preview_plan(model, budget: int, width: int, height: int, clip_frames: int) -> str:
+    """The plan the run makes for a width x height x clip_frames clip with CFG batched (a prompt of one CLIP
     chunk; ADE's context windows, if the clip is longer), for the node's display."""
     reason = unsupported_reason(model.model.diffusion_model, "plan")
     if reason is not None:
@@ -184,7 +186,7 @@ def preview_plan(model, budget: int, width: int, height: int, frames: int) -> st
         f"auto ({format_bytes(planned)} free now; planned again with what is free at run time)"
     dtype_bytes = torch.empty(0, dtype=compute_dtype(model.model)).element_size()
     family = families.family_of(model.model.diffusion_model)
-    return family.preview(model, planned, budget, budget_text, width, height, frames, dtype_bytes,
+    return family.preview(model, planned, budget, budget_text, width, height, clip_frames, dtype_bytes,
                           lambda: offload_available(model.load_device), cond_batching)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..core.budget import format_bytes
+from ..core.plan_search import format_bytes
 from ..core.meter import Peak, PeakWindow, measure_peak
 from ..core.slicing import SliceConfig
 from ..families import registry as families
@@ -62,10 +62,10 @@ def slice_sizes(unet, x: Tensor, context: Tensor | None, config: SliceConfig) ->
 
 
 def predicted_peaks(unet, x: Tensor, context: Tensor | None, config: SliceConfig,
-                    video_norm: bool, frames: int | None = None) -> tuple[int | None, int | None]:
+                    video_norm: bool, video_length: int | None = None) -> tuple[int | None, int | None]:
     """(sliced, unpatched) peak activation bytes the planner predicts for a forward of `x`."""
     try:
-        return families.family_of(unet).peaks(unet, x, context, config, video_norm, frames)
+        return families.family_of(unet).peaks(unet, x, context, config, video_norm, video_length)
     except Exception as e:  # a structure the planner does not describe: the report says so
         logger.debug(f"Streamline: no memory prediction for this UNet ({e!r})")
         return None, None
@@ -90,15 +90,15 @@ class RunReport:
         return measure_peak(x.device)
 
     def record(self, unet, x: Tensor, context: Tensor | None, config: SliceConfig, video_norm: bool,
-               peak: PeakWindow | None = None, transfers=None, frames: int | None = None) -> None:
-        """transfers: the call's core.offload.Transfers when it offloaded its skips; frames: SVD's frames
-        per video."""
+               peak: PeakWindow | None = None, transfers=None, video_length: int | None = None) -> None:
+        """transfers: the call's core.offload.Transfers when it offloaded its skips; video_length: SVD's
+        frames per video."""
         key = self._key(x, video_norm)
         entry = self.records.get(key)
         if entry is None or entry.config != config:  # new shape, or an out-of-memory retry settled finer
             calls = entry.calls if entry is not None else 0
             entry = self.records[key] = ShapeRecord(tuple(x.shape), config, slice_sizes(unet, x, context, config),
-                                                    *predicted_peaks(unet, x, context, config, video_norm, frames),
+                                                    *predicted_peaks(unet, x, context, config, video_norm, video_length),
                                                     video_norm, calls)
         entry.calls += 1
         if peak is not None:

@@ -66,20 +66,20 @@ class StreamlineState:
         return StreamlineState(self.config, LogOnce(), planner, self.source, self.node_id)
 
     def config_for(self, unet, x: Tensor, context: Tensor | None, held_bytes: int = 0,
-                   video_norm: bool = False, frames: int | None = None) -> SliceConfig:
+                   video_norm: bool = False, video_length: int | None = None) -> SliceConfig:
         """held_bytes: memory other parts of the pack keep alive across calls (Step Rehash's cache),
-        which a planned budget must leave to them; video_norm: ADE's GroupNorm-over-videos mode; frames:
-        SVD's frames per video."""
+        which a planned budget must leave to them; video_norm: ADE's GroupNorm-over-videos mode;
+        video_length: SVD's frames per video."""
         if self.planner is None:
             return self.config
-        return self.planner(unet, x, context, self.log, held_bytes, video_norm, frames=frames)
+        return self.planner(unet, x, context, self.log, held_bytes, video_norm, video_length=video_length)
 
     def settle(self, config: SliceConfig, unet, x: Tensor, context: Tensor | None, held_bytes: int = 0,
-               video_norm: bool = False, frames: int | None = None) -> None:
+               video_norm: bool = False, video_length: int | None = None) -> None:
         """Use `config` from now on (after an out-of-memory retry): for inputs shaped like `x` when a
         planner chooses per shape (other shapes keep their own plans), else for every input."""
         if self.planner is not None and hasattr(self.planner, "settle"):
-            self.planner.settle(unet, x, context, config, held_bytes, video_norm, frames=frames)
+            self.planner.settle(unet, x, context, config, held_bytes, video_norm, video_length=video_length)
         else:
             self.config, self.planner = config, None
 

@@ -77,8 +77,8 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
             return executor(*args, **kwargs)
         kwargs = call_kwargs
         held = held_across_calls(transformer_options)
-        video_norm_mode, frames = family.call_mode(unet, x, kwargs, transformer_options)
-        config = state.config_for(unet, x, context, held, video_norm_mode, frames=frames)
+        video_norm_mode, video_length = family.call_mode(unet, x, kwargs, transformer_options)
+        config = state.config_for(unet, x, context, held, video_norm_mode, video_length=video_length)
         report = getattr(state, "report", None)  # the run's (techniques/report.py)
         while True:
             oom = None
@@ -91,7 +91,7 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
                     forward, unet, executor.wrappers, idx=executor.idx + 1
                 ).execute(x, timesteps, context, y, attempt_control, transformer_options, **kwargs)
                 if report is not None:
-                    report.record(unet, x, context, config, video_norm_mode, peak, transfers, frames=frames)
+                    report.record(unet, x, context, config, video_norm_mode, peak, transfers, video_length=video_length)
                 return out
             except Exception as e:  # noqa: BLE001 — only what ComfyUI counts as out of memory is retried
                 if isinstance(e, offload.HostMemoryError) and config.offload_skips:
@@ -108,7 +108,7 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
             # out of the except block: its traceback no longer holds the failed attempt's tensors
             logger.warning(f"Streamline: out of memory ({oom}) with {config}; retrying with {smaller} and keeping "
                            "it for the rest of this run.")
-            state.settle(smaller, unet, x, context, held, video_norm_mode, frames=frames)
+            state.settle(smaller, unet, x, context, held, video_norm_mode, video_length=video_length)
             config = smaller
             comfy.model_management.soft_empty_cache()
 
@@ -129,8 +129,8 @@ def make_streamline_wrapper(get_state: Callable[[dict], "object | None"],
             held += family.rehash_split_bytes(model, tuple(x.shape), x.element_size())
         config = state.config_for(model, x, context, held, False)
         report = getattr(state, "report", None)
-        while True:
-            call_options = {**(options or {}), CALL_CONFIG_KEY: config}
+        while True:  # the block hooks get the call's slice (an automatic one chosen by the family's laws)
+            call_options = {**(options or {}), CALL_CONFIG_KEY: family.call_slicing(model, x, context, config)}
             call_args = tuple(call_options if a is options else a for a in args)
             call_kwargs = {k: call_options if v is options else v for k, v in kwargs.items()}
             try:

@@ -96,21 +96,18 @@ def _sdxl() -> torch.nn.Module:
 
 def _svd() -> torch.nn.Module:
     # SVD detection: 8 input channels, 320 channels, transformer depth [1]*6 + [0, 0], time_stack layers,
-    # 1024-d context, 768-d ADM (fps, motion bucket, augmentation)
-    return _unet(in_channels=8, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 1, 1, 1],
-                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
-                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0], context_dim=1024, num_head_channels=64,
-                 use_linear_in_transformer=True, adm_in_channels=768, num_classes="sequential",
-                 use_temporal_resblock=True, use_temporal_attention=True, extra_ff_mix_layer=True,
-                 use_spatial_context=True, merge_strategy="learned_with_images", merge_factor=0.0,
-                 video_kernel_size=[3, 1, 1], disable_temporal_crossattention=False)
+    # 1024-d context, 768-d ADM (fps, motion bucket, augmentation); attention in the output blocks of the
+    # two upper levels only (lighter than svd_reduced)
+    return _unet(**_svd_config([1, 1, 1, 1], transformer_depth_output=[1] * 6 + [0] * 6))
 
 
-def _svd_config(channel_mult: list[int]) -> dict:
+def _svd_config(channel_mult: list[int], transformer_depth_output: list[int] | None = None) -> dict:
+    """SVD's UNet config at `channel_mult`; transformer_depth_output (ComfyUI pops it from the end: the last
+    entry is the deepest output block) defaults to SVD's own, attention at the three upper levels."""
     return dict(in_channels=8, num_res_blocks=[2, 2, 2, 2], channel_mult=channel_mult,
                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
-                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=1024, num_head_channels=64,
-                use_linear_in_transformer=True, adm_in_channels=768, num_classes="sequential",
+                transformer_depth_output=transformer_depth_output or [1] * 9 + [0] * 3, context_dim=1024,
+                num_head_channels=64, use_linear_in_transformer=True, adm_in_channels=768, num_classes="sequential",
                 use_temporal_resblock=True, use_temporal_attention=True, extra_ff_mix_layer=True,
                 use_spatial_context=True, merge_strategy="learned_with_images", merge_factor=0.0,
                 video_kernel_size=[3, 1, 1], disable_temporal_crossattention=False)

@@ -266,6 +266,30 @@ def with_streamline(transformer_options: dict, config=None, state=None) -> dict:
     return transformer_options
 
 
+def video_call_peak_bytes(unet, frames: int, side: int, transformer_options: dict, chunks=None,
+                          context: tuple[int, int] = (77, 768)) -> int:
+    """The live-tensor peak (core/memtrace.py) of one call of a UNet with motion modules (set to `frames`) at
+    `frames` x side x side (latent), cond and uncond batched, `context` (tokens, dim) per sample: ComfyUI's
+    forward, or sliced with SliceConfig(*chunks)."""
+    from comfyui_streamline.core.memtrace import LiveTensorMeter
+    from comfyui_streamline.core.slicing import SliceConfig
+
+    batch = 2 * frames
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, *context, generator=g)
+    if chunks:
+        with_streamline(transformer_options, SliceConfig(*chunks))
+    with torch.inference_mode(), LiveTensorMeter() as meter:
+        unet(x, torch.full((batch,), 500.0), c, transformer_options=transformer_options)
+    return meter.peak_bytes
+
+
+def sd15_video_call_peak_bytes(unet, motion, frames: int, side: int, chunks=None) -> int:
+    """video_call_peak_bytes of an SD1.5 UNet with `motion` (mm_sd_v15_v2) injected."""
+    motion.set_video_length(frames, frames)
+    return video_call_peak_bytes(unet, frames, side, ade_transformer_options(2), chunks)
+
+
 def svd_vae() -> nn.Module:
     """SVD's video VAE (an image Encoder and a temporal VideoDecoder), as comfy.sd.VAE builds it for a
     checkpoint with SVD's VAE keys; weights not initialised."""

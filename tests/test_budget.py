@@ -13,12 +13,12 @@ import torch
 from comfyui_streamline.core.budget import (
     ALLOCATOR_HEADROOM,
     SDPA,
-    BudgetError,
     Workload,
     plan,
     predict_peak_bytes,
     sd15_shape,
 )
+from comfyui_streamline.core.plan_search import BudgetError
 from comfyui_streamline.core.slicing import SliceConfig
 from comfyui_streamline.testing.matrix import FULL_MATRIX, MECHANICS_WIDTH
 from comfyui_streamline.testing.synthetic import SD15_WIDTH
@@ -138,7 +138,7 @@ def test_impossible_budget_says_the_minimum(work):
 
 
 def test_sizes_print_in_gib_from_one_gib_and_in_mib_below():
-    from comfyui_streamline.core.budget import format_bytes
+    from comfyui_streamline.core.plan_search import format_bytes
 
     assert format_bytes(int(0.05 * 2**30)) == "51.2 MiB"
     assert format_bytes(2**30) == "1.00 GiB"
@@ -161,7 +161,7 @@ def test_errors_have_a_readable_module_under_comfyuis_import():
     sys.modules[name] = package
     try:
         spec.loader.exec_module(package)
-        budget = importlib.import_module(f"{name}.core.budget")
+        budget = importlib.import_module(f"{name}.core.plan_search")
         slicing = importlib.import_module(f"{name}.core.slicing")
         assert "/" in budget.__name__  # the module really is named after the path
         for error in (budget.BudgetError, slicing.SliceConfigError):
@@ -179,6 +179,7 @@ PREDICTION_TOLERANCE = 0.15
 @pytest.mark.host
 def test_predictions_match_measured_peaks():
     from comfyui_streamline.families.unet.structure import unet_shape
+    from comfyui_streamline.testing.synthetic import sd15_video_call_peak_bytes
 
     assert unet_shape(sd15_with_motion(SD15_WIDTH)[0]) == sd15_shape()
     errors = []
@@ -187,7 +188,7 @@ def test_predictions_match_measured_peaks():
         shape = unet_shape(unet)
         try:
             for frames, side, chunks, _ in [p for p in MEASURED_GRID if p[-1] == width]:
-                peak = measure(unet, motion, frames, side, chunks)
+                peak = sd15_video_call_peak_bytes(unet, motion, frames, side, chunks)
                 predicted = predict_peak_bytes(shape, Workload(2 * frames, frames, side, side),
                                                SliceConfig(*chunks) if chunks else None)
                 errors.append((width, frames, side, chunks, peak, predicted, predicted / peak - 1))
@@ -202,46 +203,23 @@ def test_predictions_match_measured_peaks():
     assert all(abs(e) <= PREDICTION_TOLERANCE for *_, e in errors), table
 
 
-def measure(unet, motion, frames: int, side: int, chunks) -> int:
-    """The live-tensor peak of one SD1.5 + motion-module call at `frames` x side x side, CFG batched."""
-    from comfyui_streamline.core.memtrace import LiveTensorMeter
-    from comfyui_streamline.testing import synthetic
-
-    motion.set_video_length(frames, frames)
-    batch = 2 * frames
-    g = torch.Generator().manual_seed(0)
-    x, c = torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 77, 768, generator=g)
-    to = synthetic.ade_transformer_options(2)
-    if chunks:
-        synthetic.with_streamline(to, SliceConfig(*chunks))
-    with torch.inference_mode(), LiveTensorMeter() as meter:
-        unet(x, torch.full((batch,), 500.0), c, transformer_options=to)
-    return meter.peak_bytes
-
-
 @pytest.mark.host
 @pytest.mark.parametrize("frames, chunks", [(8, None), (8, (1, 16)), (16, (6, 300))])
 def test_predictions_hold_for_another_model_family(frames, chunks):
     """TinyVideo: other widths (32/64/128), 1-4 heads, 3 context tokens, three levels. The laws were
     read off SD1.5 layers only."""
-    from comfyui_streamline.core.memtrace import LiveTensorMeter
     from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.tinyvideo import model as tinyvideo
-    from comfyui_streamline.testing.synthetic import with_streamline
+    from comfyui_streamline.testing.synthetic import video_call_peak_bytes
 
     unet = tinyvideo.load_model_patcher().model.diffusion_model.float()
     tinyvideo.set_video_length(unet, frames)
     batch = 2 * frames
-    g = torch.Generator().manual_seed(0)
-    x, c = torch.randn(batch, 4, 32, 32, generator=g), torch.randn(batch, 3, tinyvideo.CONTEXT_DIM, generator=g)
-    to = tinyvideo.motion_transformer_options(2)
-    if chunks:
-        with_streamline(to, SliceConfig(*chunks))
-    with torch.inference_mode(), LiveTensorMeter() as meter:
-        unet(x, torch.full((batch,), 500.0), c, transformer_options=to)
+    measured = video_call_peak_bytes(unet, frames, 32, tinyvideo.motion_transformer_options(2), chunks,
+                                     context=(3, tinyvideo.CONTEXT_DIM))
     predicted = predict_peak_bytes(unet_shape(unet), Workload(batch, frames, 32, 32, context_tokens=3),
                                    SliceConfig(*chunks) if chunks else None)
-    assert abs(predicted / meter.peak_bytes - 1) <= PREDICTION_TOLERANCE, (predicted, meter.peak_bytes)
+    assert abs(predicted / measured - 1) <= PREDICTION_TOLERANCE, (predicted, measured)
 
 
 FRAMES, BATCH = 4, 8  # CFG batched

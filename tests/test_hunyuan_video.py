@@ -342,7 +342,7 @@ def test_largest_token_chunk_fits_and_is_largest():
 def test_memory_budget_plans_hunyuan_video(slice_spy):
     """Memory Budget plans each call by the laws: the blocks run with the plan's slice, the output is ComfyUI's."""
     import nodes
-    from comfyui_streamline.core.budget import ALLOCATOR_HEADROOM
+    from comfyui_streamline.core.plan_search import ALLOCATOR_HEADROOM
     from comfyui_streamline.families.hunyuan_video.laws import (
         HunyuanWork, attention_kernel, forward_peak_bytes, hunyuan_shape, plan_hunyuan,
     )

@@ -374,7 +374,7 @@ def test_largest_token_chunk_fits_and_is_largest():
 def test_memory_budget_plans_and_slices_exactly(name, slice_spy, caplog):
     """The Memory Budget node under a budget ComfyUI's forward does not fit: it plans token slices (logged), the
     blocks run them, and the output is ComfyUI's; the plan fits the budget by the laws."""
-    from comfyui_streamline.core.budget import ALLOCATOR_HEADROOM
+    from comfyui_streamline.core.plan_search import ALLOCATOR_HEADROOM
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.families import registry
     from comfyui_streamline.families.ltxv import laws

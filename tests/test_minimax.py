@@ -344,7 +344,7 @@ def call_peaks(model) -> tuple[int, int]:
 def test_memory_budget_plans_and_slices_through_ksampler(caplog):
     """A budget between the finest slicing's predicted peak and ComfyUI's: the plan slices, the output stays
     within 1e-5 of the plain one, nothing logged."""
-    from comfyui_streamline.core.budget import ALLOCATOR_HEADROOM
+    from comfyui_streamline.core.plan_search import ALLOCATOR_HEADROOM
     from comfyui_streamline.nodes.memory_budget import MemoryBudget
 
     caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)

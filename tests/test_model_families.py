@@ -112,7 +112,9 @@ def rehash_sampler(model, spec) -> torch.Tensor:
 
 def slicing_budget(model, spec) -> int:
     """A budget under which the planner slices this model's forward (a set budget, or what "auto" finds free)."""
-    from comfyui_streamline.core.budget import ALLOCATOR_HEADROOM, BudgetError, Workload, plan, predict_peak_bytes
+    from comfyui_streamline.core.budget import Workload, plan, predict_peak_bytes
+    from comfyui_streamline.core.plan_search import ALLOCATOR_HEADROOM
+    from comfyui_streamline.core.plan_search import BudgetError
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.families import registry as families
     from comfyui_streamline.families.ltxv import laws as ltx_laws

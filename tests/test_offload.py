@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from comfyui_streamline.core.budget import (
-    ALLOCATOR_HEADROOM, SDPA, Workload, _chunk_count, offload_cost_chunks, offload_traffic, plan,
+    ALLOCATOR_HEADROOM, SDPA, Workload, chunk_count, offload_cost_chunks, offload_traffic, plan,
     predict_peak_bytes, sd15_shape,
 )
 from comfyui_streamline.core.slicing import SliceConfig
@@ -347,7 +347,7 @@ def cheapest(shape, work, budget, offload_skips, offload_features=False):
 
     from comfyui_streamline.core.budget import candidate_configs
 
-    costs = [_chunk_count(work, c) + offload_cost_chunks(shape, work, c)
+    costs = [chunk_count(work, c) + offload_cost_chunks(shape, work, c)
              for c in (replace(s, offload_skips=offload_skips, offload_features=offload_features)
                        for s in candidate_configs(work))
              if predict_peak_bytes(shape, work, c, SDPA) <= budget * ALLOCATOR_HEADROOM]
@@ -372,12 +372,12 @@ def test_offload_is_planned_only_where_slicing_alone_cannot_fit_or_costs_more(si
         assert chosen.predicted_peak_bytes <= budget * ALLOCATOR_HEADROOM
         config = chosen.config
         kinds.add((config.offload_skips, config.offload_features))
-        cost = _chunk_count(work, config) + offload_cost_chunks(shape, work, config)
+        cost = chunk_count(work, config) + offload_cost_chunks(shape, work, config)
         if config.offload_skips:
             text = "skips and block outputs offloaded" if config.offload_features else "skips offloaded"
             assert chosen.traffic == offload_traffic(shape, work, config.offload_features) and text in chosen.text()
             # ... because nothing without it fits, or it fits with fewer chunks than the best without
-            assert without is None or cost < _chunk_count(work, without.config)
+            assert without is None or cost < chunk_count(work, without.config)
             if config.offload_features:  # ... and the same against skip offload alone
                 assert cost < cheapest(shape, work, budget, True)
             else:

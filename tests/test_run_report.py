@@ -103,7 +103,7 @@ def test_model_patch_reports_each_run_once_with_its_slices_and_predicted_peaks(t
     sliced = predict_peak_bytes(shape, workload_for(x, context, FRAMES), SliceConfig(4, 64), attention_laws())
     whole = predict_peak_bytes(shape, workload_for(x, context, FRAMES), None, attention_laws())
     assert sliced < whole
-    from comfyui_streamline.core.budget import format_bytes
+    from comfyui_streamline.core.plan_search import format_bytes
 
     assert f"predicted peak activation {format_bytes(sliced)}, ComfyUI's forward {format_bytes(whole)}" in reports[0]
     assert "measured" not in reports[0]  # measured on CUDA only: a CPU run does not pretend

@@ -130,7 +130,7 @@ def test_whole_forward_predictions(unet, videos, frames, size):
 def test_plan_picks_the_coarsest_slicing_that_fits():
     """At SVD's real shapes (svd_xt, 576x1024, 14 and 25 frames, cond/uncond, fp16, SDPA): a 4 GiB budget
     is met, plans grow coarser as the budget grows, and an impossible budget says the minimum."""
-    from comfyui_streamline.core.budget import BudgetError
+    from comfyui_streamline.core.plan_search import BudgetError
     from comfyui_streamline.families.svd.laws import SDPA, SVDWork, plan_svd, predict_svd_peak_bytes, svd_structure
 
     structure = svd_structure(320)

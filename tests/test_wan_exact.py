@@ -245,13 +245,13 @@ MEMORY_SIZES = dict(dim=256, ffn_dim=1536)  # 2 heads; FFN 6x wide as Wan 2.1 1.
 MEMORY_LATENT = (2, 64, 64)  # 2 x 32 x 32 = 2048 tokens
 
 
-def measured_peak(model, batch: int, token_chunk: int | None, name: str = "WAN21_T2V") -> int:
+def measured_peak(model, batch: int, token_chunk: int | None, name: str = "WAN21_T2V", latent=MEMORY_LATENT) -> int:
     from comfyui_streamline.core.memtrace import LiveTensorMeter
 
     dm = model.model.diffusion_model
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, dm.in_dim, *MEMORY_LATENT, generator=g)
-    t = torch.rand(batch, *MEMORY_LATENT[:1] * (name == "WAN22_T2V"), generator=g) * 1000  # 5B: per frame
+    x = torch.randn(batch, dm.in_dim, *latent, generator=g)
+    t = torch.rand(batch, *latent[:1] * (name == "WAN22_T2V"), generator=g) * 1000  # 5B: per frame
     context = torch.randn(batch, 8, 4096, generator=g)
     kwargs = {"clip_fea": torch.randn(batch, 257, 1280, generator=g)} if name == "WAN21_I2V" else {}
     options = {} if token_chunk is None else call_options(patched_clone(model, token_chunk))
@@ -260,10 +260,10 @@ def measured_peak(model, batch: int, token_chunk: int | None, name: str = "WAN21
     return meter.peak_bytes
 
 
-def predicted_peak(name: str, batch: int, token_chunk: int | None) -> float:
+def predicted_peak(name: str, batch: int, token_chunk: int | None, latent=MEMORY_LATENT) -> float:
     from comfyui_streamline.families.wan.laws import SUB_QUADRATIC, WanShape, WanWork, forward_peak_bytes
 
-    frames, h, w = MEMORY_LATENT
+    frames, h, w = latent
     shape = WanShape(MEMORY_SIZES["dim"], MEMORY_SIZES["ffn_dim"], MEMORY_SIZES["dim"] // 128, layers=2,
                      in_dim={"WAN21_I2V": 36, "WAN22_T2V": 48}.get(name, 16), out_dim=48 if name == "WAN22_T2V" else 16,
                      i2v=name == "WAN21_I2V")
@@ -290,18 +290,98 @@ def test_memory_fine_slicing_and_predictions(name):
     assert ratio >= 3
 
 
-def test_largest_token_chunk_fits_and_is_largest():
-    from comfyui_streamline.families.wan.laws import SDPA, WanShape, WanWork, forward_peak_bytes, largest_token_chunk
+def test_planned_token_slice_fits_and_is_largest():
+    from comfyui_streamline.core.plan_search import BudgetError, PlanSearch
+    from comfyui_streamline.families.wan.laws import SDPA, WanShape, WanWork, forward_peak_bytes, plan_tokens
 
     shape = WanShape(1536, 8960, 12, layers=30)  # Wan 2.1 1.3B
     work = WanWork(2, 21 * 30 * 52, text_tokens=512, dtype_bytes=2)  # 480x832x81, CFG batched, fp16
     plain = forward_peak_bytes(shape, work, None, SDPA)
-    budget = plain / 3
-    n = largest_token_chunk(shape, work, budget, SDPA)
-    assert n is not None and forward_peak_bytes(shape, work, n, SDPA) <= budget
-    assert forward_peak_bytes(shape, work, n + 1, SDPA) > budget
-    assert largest_token_chunk(shape, work, plain, SDPA) == work.tokens
-    assert largest_token_chunk(shape, work, 1.0, SDPA) is None
+
+    def planned(budget: float) -> int:
+        return plan_tokens(shape, work, PlanSearch(budget, "a test", headroom=1.0), SDPA).candidate
+
+    n = planned(plain / 3)
+    assert forward_peak_bytes(shape, work, n, SDPA) <= plain / 3 < forward_peak_bytes(shape, work, n + 1, SDPA)
+    assert planned(plain) == work.tokens
+    with pytest.raises(BudgetError):
+        planned(1.0)
+
+
+@pytest.mark.parametrize("kernel_name", ["SDPA", "SUB_QUADRATIC"])
+def test_planned_token_slice_is_the_first_that_fits_in_a_scan(kernel_name):
+    """The plan search bisects: at Wan 2.1 1.3B's dims over one 480x832 latent frame, for budgets across the
+    range, it finds the slice a scan of every slice from all tokens down to one finds."""
+    from comfyui_streamline.core.plan_search import PlanSearch
+    from comfyui_streamline.families.wan import laws
+    from comfyui_streamline.families.wan.laws import WanShape, WanWork, forward_peak_bytes, plan_tokens, token_slices
+
+    kernel = getattr(laws, kernel_name)
+    shape, work = WanShape(1536, 8960, 12, layers=2), WanWork(2, 1560, text_tokens=512, input_copy=True)
+    peaks = [forward_peak_bytes(shape, work, n, kernel) for n in token_slices(work)]
+    for f in (0.0, 0.01, 0.1, 0.3, 0.6, 0.9, 0.999, 1.0):
+        budget = peaks[-1] + (peaks[0] - peaks[-1]) * f
+        scanned = next(n for n, p in zip(token_slices(work), peaks) if p <= budget)
+        assert plan_tokens(shape, work, PlanSearch(budget, "a test", headroom=1.0), kernel).candidate == scanned
+
+
+def test_automatic_slice_at_wan_1_3b_block_dims():
+    """Issue 24's case: Wan 2.1 1.3B's block dims, 2 blocks, 480x832 with 17 frames (5 latent frames of 1560
+    tokens: 7800), CFG batched, fp32, the CPU's sub-quadratic attention. The automatic slice is the most
+    latent frames per slice whose predicted peak is within AUTO_PEAK_CLOSENESS of one frame per slice's; the
+    next larger is not. Against the fixed count of values it replaces (6826 of 7800 tokens) and ComfyUI's
+    forward, it predicts over 2.4x less."""
+    from comfyui_streamline.core.plan_search import AUTO_PEAK_CLOSENESS
+    from comfyui_streamline.core.slicing import SliceConfig, frame_slices, token_chunk_size
+    from comfyui_streamline.families.wan.block import host_copies_block_input
+    from comfyui_streamline.families.wan.laws import (SUB_QUADRATIC, WanShape, WanWork, automatic_token_chunk,
+                                                      forward_peak_bytes)
+
+    shape = WanShape(1536, 8960, 12, layers=2)
+    work = WanWork(2, 7800, text_tokens=512, input_copy=host_copies_block_input())
+    slices = frame_slices(work.tokens, 1560)
+
+    def peak(n):
+        return forward_peak_bytes(shape, work, n, SUB_QUADRATIC)
+
+    chosen = automatic_token_chunk(shape, work, 1560, SUB_QUADRATIC)
+    bound = (1 + AUTO_PEAK_CLOSENESS) * peak(slices[-1])
+    assert chosen in slices and peak(chosen) <= bound
+    assert chosen == slices[0] or peak(slices[slices.index(chosen) - 1]) > bound
+    fixed = token_chunk_size(SliceConfig(), work.batch, work.tokens, 1560, shape.dim)  # the count it replaces
+    print(f"\nautomatic {chosen} tokens: {peak(chosen) / 2**30:.2f} GiB; fixed count {fixed}: "
+          f"{peak(fixed) / 2**30:.2f} GiB; ComfyUI: {peak(None) / 2**30:.2f} GiB")
+    assert peak(fixed) / peak(chosen) > 2.4 and peak(None) / peak(chosen) > 2.4
+
+
+def test_automatic_slice_measured_is_exact_and_its_law(slice_spy):
+    """Streamline Model Patch left automatic, through the node's wrappers: the block hooks get the slice the
+    laws choose (5 latent frames of 256 tokens at these dims), the output is bit-identical to ComfyUI's
+    forward, and the live-tensor peak of that slice is within 1% of the law."""
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.families.wan.adapter import WAN
+    from comfyui_streamline.techniques.slicing import apply_streamline
+
+    latent = (5, 32, 32)  # 5 x 16 x 16 = 1280 tokens
+    model = loaded("WAN21_T2V", **MEMORY_SIZES)
+    dm = model.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 16, *latent, generator=g), torch.tensor([0.7, 0.7])
+    context = torch.randn(2, 8, 4096, generator=g)
+    tokens = 5 * 16 * 16
+    chunk = WAN.call_slicing(dm, x, context, SliceConfig()).token_chunk
+    assert chunk % 256 == 0 and chunk < tokens  # whole latent frames, sliced
+    clone = apply_streamline(model, SliceConfig())
+    with torch.no_grad():
+        plain = model.model.apply_model(x, sigma, c_crossattn=context)
+        out = model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=call_options(clone))
+    assert torch.equal(out, plain)
+    assert slice_spy == [(tokens, chunk)] * 2  # both blocks, at the automatic slice
+    measured = measured_peak(model, 2, chunk, latent=latent)
+    predicted = predicted_peak("WAN21_T2V", 2, chunk, latent)
+    print(f"\nautomatic {chunk} of {tokens} tokens: measured {measured / 2**20:.2f} MiB, predicted "
+          f"{predicted / 2**20:.2f} MiB ({predicted / measured - 1:+.2%})")
+    assert abs(predicted / measured - 1) <= 0.01
 
 
 def test_token_chunk_from_slice_config():

@@ -267,7 +267,7 @@ def budget_gb(model, name: str) -> float:
     (CFG-batched latent with its concat channels, TOKENS text tokens), so the plan slices. Any other: 2 MiB."""
     if expect(name).budget != SLICED:
         return 0.002
-    from comfyui_streamline.core.budget import ALLOCATOR_HEADROOM
+    from comfyui_streamline.core.plan_search import ALLOCATOR_HEADROOM
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.families import registry as families
     from comfyui_streamline.host.attention import attention_laws

@@ -103,7 +103,7 @@ def measure(forward, device: str, repeats: int):
 
 
 def forward_rows(rows: Rows, unet, spec: dict, args, dtype) -> None:
-    from comfyui_streamline.core.budget import BudgetError, format_bytes
+    from comfyui_streamline.core.plan_search import BudgetError, format_bytes
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.families.svd.laws import SDPA, SUB_QUADRATIC, plan_svd, predict_svd_peak_bytes
     from comfyui_streamline.host.log import LogOnce

@@ -15,7 +15,13 @@ First, what a Step Rehash step costs at these shapes with all the model's blocks
 against a full call's (torch's FlopCounterMode over ComfyUI's WanModel on the meta device: shapes only,
 no memory, instant), and the speedup that bounds for K full steps of 25, N / (K + (N - K) * share).
 
+A token_chunk of None is the automatic slice (families/wan/laws.py automatic_token_chunk: the most latent
+frames per slice whose predicted peak is within core/plan_search.py's AUTO_PEAK_CLOSENESS of one frame's), as
+Streamline Model Patch left at 0 runs it. --case picks cases; "1.3B 480x832x17" is issue 24's defaults case
+(7800 tokens: about 8 GB in fp32 on the CPU; --repeats 0 runs one forward per variant).
+
     python tools/bench_wan.py --device cuda --markdown wan.md
+    python tools/bench_wan.py --device cpu --case "1.3B 480x832x17" --repeats 0 --no-flops
     python tools/bench_wan.py --device cpu --quick       # tiny shapes: the plumbing (tests)
 """
 from __future__ import annotations
@@ -29,11 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hostenv  # noqa: E402
 from markdown_rows import Rows  # noqa: E402
 
-# name: (dim, ffn_dim, heads, width, height, frames, token_chunk)
+# name: (dim, ffn_dim, heads, width, height, frames, token_chunk; None: the automatic slice)
 CASES = {"1.3B 480x832x81": (1536, 8960, 12, 832, 480, 81, 4096),
-         "14B 720x1280x81": (5120, 13824, 40, 1280, 720, 81, 2048)}
-QUICK = {"tiny 128x128x5": (256, 1024, 2, 128, 128, 5, 16)}
-FULL_DEPTH = {"1.3B 480x832x81": 30, "14B 720x1280x81": 40, "tiny 128x128x5": 4}
+         "14B 720x1280x81": (5120, 13824, 40, 1280, 720, 81, 2048),
+         "1.3B 480x832x17": (1536, 8960, 12, 832, 480, 17, None)}
+QUICK = {"tiny 128x128x5": (256, 1024, 2, 128, 128, 5, 16), "tiny 128x128x17": (256, 1024, 2, 128, 128, 17, None)}
+FULL_DEPTH = {"1.3B 480x832x81": 30, "14B 720x1280x81": 40, "1.3B 480x832x17": 30, "tiny 128x128x5": 4,
+              "tiny 128x128x17": 4}
 TEXT_TOKENS = 512
 
 
@@ -75,9 +83,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--quick", action="store_true", help="tiny shapes (the plumbing; used by the tests)")
     p.add_argument("--layers", type=int, default=2, help="blocks built (all Wan blocks have the same shapes)")
-    p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (after one warm-up); 0: one forward, metered and timed (the meter's "
+                   "overhead included)")
     p.add_argument("--markdown", help="append each row to this markdown file as it is measured")
+    p.add_argument("--case", action="append", help="only these cases (repeat the flag; default: all)")
+    p.add_argument("--no-flops", action="store_true", help="skip the Step Rehash FLOP rows")
     return p.parse_args(argv)
+
+
+def chosen_cases(args: argparse.Namespace) -> dict:
+    cases = QUICK if args.quick else CASES
+    unknown = sorted(set(args.case or ()) - set(cases))
+    if unknown:
+        raise SystemExit(f"bench_wan: unknown case(s) {unknown}; known: {sorted(cases)}")
+    return {name: case for name, case in cases.items() if not args.case or name in args.case}
 
 
 def main(argv=None) -> None:
@@ -88,8 +107,9 @@ def main(argv=None) -> None:
     import torch
     from comfy.ldm.wan.model import WanModel
 
-    from comfyui_streamline.core.budget import format_bytes
-    from comfyui_streamline.families.wan.laws import SDPA, SUB_QUADRATIC, WanShape, WanWork, forward_peak_bytes
+    from comfyui_streamline.core.plan_search import format_bytes
+    from comfyui_streamline.families.wan.laws import (SDPA, SUB_QUADRATIC, WanShape, WanWork, automatic_token_chunk,
+                                                      forward_peak_bytes)
     from comfyui_streamline.families.wan.block import host_copies_block_input
     from comfyui_streamline.core.meter import measure_peak
     from comfyui_streamline.families.wan.patch import CALL_KEY, SlicedWanBlock, WanCall
@@ -98,10 +118,12 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     kernel = SDPA if args.device == "cuda" else SUB_QUADRATIC
     rows = Rows(args.markdown)
-    rehash_share_rows(rows, QUICK if args.quick else CASES)
+    cases = chosen_cases(args)
+    if not args.no_flops:
+        rehash_share_rows(rows, cases)
     rows.line("| case | blocks | variant | peak activation | predicted | s / forward | memory ratio | time ratio | max diff |")
     rows.line("|---|---|---|---|---|---|---|---|---|")
-    for name, (dim, ffn, heads, width, height, frames, chunk) in (QUICK if args.quick else CASES).items():
+    for name, (dim, ffn, heads, width, height, frames, chunk) in cases.items():
         torch.manual_seed(0)
         model = WanModel(model_type="t2v", dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=args.layers, in_dim=16,
                          out_dim=16, cross_attn_norm=True, dtype=dtype, device=device,
@@ -117,6 +139,10 @@ def main(argv=None) -> None:
         tokens = latent_frames * per_frame
         shape = WanShape(dim, ffn, heads, args.layers)
         work = WanWork(2, tokens, 512, dtype_bytes=x.element_size(), input_copy=host_copies_block_input())
+        variant = f"token_chunk {chunk}"
+        if chunk is None:
+            chunk = automatic_token_chunk(shape, work, per_frame, kernel)
+            variant = f"automatic, {chunk} of {tokens} tokens"
 
         def options(token_chunk):
             if token_chunk is None:
@@ -127,11 +153,13 @@ def main(argv=None) -> None:
 
         def measure(token_chunk):
             with torch.no_grad():
-                model(x, t, context, transformer_options=options(token_chunk))  # warm-up
+                if args.repeats:
+                    model(x, t, context, transformer_options=options(token_chunk))  # warm-up
+                start = time.perf_counter()
                 with measure_peak(device, ballast=True) as window:  # core/meter.py: exact, never reset
                     out = model(x, t, context, transformer_options=options(token_chunk))
                 peak = window.peak.bytes
-                seconds = []
+                seconds = [] if args.repeats else [time.perf_counter() - start]  # 0 repeats: the metered one
                 for _ in range(args.repeats):
                     start = time.perf_counter()
                     model(x, t, context, transformer_options=options(token_chunk))
@@ -154,7 +182,7 @@ def main(argv=None) -> None:
         ratios = ("| | |" if base is None else
                   f"| {base_peak / peak:.2f}x less | {seconds / base_s:.2f}x | "
                   f"{((out - base).abs().max() / base.abs().max()).item():.1e} |")
-        rows.line(f"| {name} ({tokens} tokens) | {args.layers} | Streamline, token_chunk {chunk} | {format_bytes(peak)} | "
+        rows.line(f"| {name} ({tokens} tokens) | {args.layers} | Streamline, {variant} | {format_bytes(peak)} | "
                   f"{format_bytes(predicted)} ({predicted / peak - 1:+.1%}) | {seconds:.3f} " + ratios)
         model = base = out = None  # free the weights before the next case
         if device.type == "cuda":

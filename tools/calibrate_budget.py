@@ -101,24 +101,14 @@ def layer_rows(laws) -> list[tuple[str, float, float]]:
 
 
 def measure_grid(points) -> list[dict]:
-    import torch
-
-    from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.testing import synthetic
 
     unet, motion = synthetic.sd15_unet(), synthetic.sd15_motion_model()
     synthetic.inject(unet, motion)
     rows = []
     for frames, side, chunks in points:
-        motion.set_video_length(frames, frames)
-        batch = 2 * frames
-        g = torch.Generator().manual_seed(0)
-        x, c = torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 77, 768, generator=g)
-        to = synthetic.ade_transformer_options(2)
-        if chunks:
-            synthetic.with_streamline(to, SliceConfig(*chunks))
-        peak = peak_values(lambda: unet(x, torch.full((batch,), 500.0), c, transformer_options=to)) * 4
-        rows.append({"frames": frames, "side": side, "chunks": chunks, "peak_bytes": int(peak)})
+        peak = synthetic.sd15_video_call_peak_bytes(unet, motion, frames, side, chunks)
+        rows.append({"frames": frames, "side": side, "chunks": chunks, "peak_bytes": peak})
         print(f"  measured {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
@@ -126,25 +116,19 @@ def measure_grid(points) -> list[dict]:
 def tinyvideo_rows(laws) -> list[tuple[str, float, float]]:
     """(case, measured bytes, predicted bytes) for the pack's TinyVideo model: other widths, heads, context
     tokens and levels than SD1.5, so a check of the laws on a model they were not read off."""
-    import torch
-
     from comfyui_streamline.core.budget import Workload, predict_peak_bytes
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.families.unet.structure import unet_shape
     from comfyui_streamline.tinyvideo import model as tinyvideo
-    from comfyui_streamline.testing.synthetic import with_streamline
+    from comfyui_streamline.testing.synthetic import video_call_peak_bytes
 
     unet = tinyvideo.load_model_patcher().model.diffusion_model.float()
     shape, rows = unet_shape(unet), []
     for frames, chunks in TINYVIDEO:
         tinyvideo.set_video_length(unet, frames)
         batch = 2 * frames
-        g = torch.Generator().manual_seed(0)
-        x, c = torch.randn(batch, 4, 32, 32, generator=g), torch.randn(batch, 3, tinyvideo.CONTEXT_DIM, generator=g)
-        to = tinyvideo.motion_transformer_options(2)
-        if chunks:
-            with_streamline(to, SliceConfig(*chunks))
-        measured = peak_values(lambda: unet(x, torch.full((batch,), 500.0), c, transformer_options=to)) * 4
+        measured = video_call_peak_bytes(unet, frames, 32, tinyvideo.motion_transformer_options(2), chunks,
+                                         context=(3, tinyvideo.CONTEXT_DIM))
         predicted = predict_peak_bytes(shape, Workload(batch, frames, 32, 32, context_tokens=3),
                                        SliceConfig(*chunks) if chunks else None, laws)
         name = "unpatched" if not chunks else f"{chunks[0]} / {chunks[1]}"

@@ -56,7 +56,7 @@ class HunyuanVideoFamily(Family):
 
     def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
                 cond_batching) -> str:
-        from ...core.budget import BudgetError
+        from ...core.plan_search import BudgetError
         from ..family import plan_text
         from .laws import plan_hunyuan, preview_latent
 

@@ -353,7 +353,7 @@ def hunyuan_work(diffusion_model, latent_shape, dtype_bytes: int, text_tokens: i
 
 def plan_hunyuan(diffusion_model, latent_shape, dtype_bytes: int, budget: int, text_tokens: int | None) -> Plan:
     """The coarsest token slicing predicted to fit `budget` for one call. Raises core.budget.BudgetError."""
-    from ...core.budget import ALLOCATOR_HEADROOM, BudgetError, format_bytes
+    from ...core.plan_search import ALLOCATOR_HEADROOM, BudgetError, format_bytes
 
     shape, kernel = hunyuan_shape(diffusion_model), attention_kernel()
     work = hunyuan_work(diffusion_model, latent_shape, dtype_bytes, text_tokens)

@@ -64,7 +64,7 @@ class LtxvFamily(Family):
 
     def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
                 cond_batching) -> str:
-        from ...core.budget import BudgetError
+        from ...core.plan_search import BudgetError
 
         dm = model.model.diffusion_model
         latent = preview_latent(dm, width, height, frames)

@@ -316,7 +316,7 @@ def ltx_kernel() -> Kernel:
 
 def plan_ltx(diffusion_model, latent_shape, dtype_bytes: int, budget: int, context_tokens: int | None = None) -> Plan:
     """The coarsest token slicing predicted to fit `budget` for one call. Raises core.budget.BudgetError."""
-    from ...core.budget import ALLOCATOR_HEADROOM, BudgetError, format_bytes
+    from ...core.plan_search import ALLOCATOR_HEADROOM, BudgetError, format_bytes
 
     shape, kernel = ltx_shape(diffusion_model), ltx_kernel()
     work = ltx_work(diffusion_model, latent_shape, dtype_bytes, context_tokens or LTX_TEXT_TOKENS)

@@ -25,7 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ...core.budget import BudgetError, Plan
+from ...core.budget import Plan
+from ...core.plan_search import BudgetError
 from ...core.slicing import SliceConfig, token_chunk_size
 
 QUERY_CHUNK = 4096  # the sub-quadratic kernel's queries per score block (with the memory a CPU has)
@@ -232,7 +233,7 @@ def temporal_shape(frames: int) -> tuple[int, int]:
 def preview_minimax(model, planned: int, budget_text: str, width: int, height: int, frames: int,
                     dtype_bytes: int) -> str:
     """The Memory Budget node's text for a width x height x frames clip (t2va, TEXT_TOKENS text rows)."""
-    from ...core.budget import format_bytes
+    from ...core.plan_search import format_bytes
 
     t, audio_t = temporal_shape(frames)
     video = (1, 24, t, max(height // 16, 1), max(width // 16, 1))

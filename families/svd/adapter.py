@@ -13,27 +13,27 @@ from ..unet_common.adapter import UNetLike
 from ..unet_common.layer_roles import is_svd_unet
 from . import forward as svd_forward_module
 from .forward import svd_forward
-from .laws import SVD_DEFAULT_FRAMES, plan_svd, predict_svd_peak_bytes, preview_latent, svd_frames
+from .laws import SVD_DEFAULT_FRAMES, plan_svd, predict_svd_peak_bytes, preview_latent, svd_video_length
 from .structure import read_svd_structure, svd_work
 
 
-def _svd(unet, x: Tensor, context: Tensor | None, frames: int):
-    return read_svd_structure(unet), svd_work(x, context, frames)
+def _svd(unet, x: Tensor, context: Tensor | None, video_length: int):
+    return read_svd_structure(unet), svd_work(x, context, video_length)
 
 
 def plan_svd_call(unet, latent_shape, dtype_bytes: int, budget: int, laws, context_tokens: int | None = None,
-                  frames: int | None = None) -> Plan:
-    """The coarsest slicing predicted to fit `budget` for one SVD call. Raises core.budget.BudgetError."""
+                  video_length: int | None = None) -> Plan:
+    """The coarsest slicing predicted to fit `budget` for one SVD call. Raises core.plan_search.BudgetError."""
     x = Shaped(latent_shape, dtype_bytes)
     context = Shaped((latent_shape[0], context_tokens or 1, 1), dtype_bytes)
-    structure, work = _svd(unet, x, context, frames or SVD_DEFAULT_FRAMES)
+    structure, work = _svd(unet, x, context, video_length or SVD_DEFAULT_FRAMES)
     return plan_svd(structure, work, budget, laws)
 
 
 def svd_peaks(unet, x: Tensor, context: Tensor | None, config: SliceConfig, laws,
-              frames: int | None = None) -> tuple[int, int]:
+              video_length: int | None = None) -> tuple[int, int]:
     """(sliced with `config`, ComfyUI's forward) predicted peak bytes of one SVD call."""
-    structure, work = _svd(unet, x, context, frames or SVD_DEFAULT_FRAMES)
+    structure, work = _svd(unet, x, context, video_length or SVD_DEFAULT_FRAMES)
     return (predict_svd_peak_bytes(structure, work, config, laws),
             predict_svd_peak_bytes(structure, work, None, laws))
 
@@ -48,37 +48,37 @@ class SVDFamily(UNetLike):
 
     # -- Memory Budget: SVD's frames are its batch ------------------------------------------------------------
 
-    def plan(self, unet, x, context, budget, held, set_budget, video_norm, frames, offload) -> Plan:
+    def plan(self, unet, x, context, budget, held, set_budget, video_norm, video_length, offload) -> Plan:
         tokens = context.shape[1] if context is not None and context.ndim == 3 else None
-        return plan_svd_call(unet, tuple(x.shape), x.element_size(), budget, attention_laws(), tokens, frames)
+        return plan_svd_call(unet, tuple(x.shape), x.element_size(), budget, attention_laws(), tokens, video_length)
 
-    def peaks(self, unet, x, context, config, video_norm, frames=None) -> tuple[int, int]:
-        return svd_peaks(unet, x, context, config, attention_laws(), frames)
+    def peaks(self, unet, x, context, config, video_norm, video_length=None) -> tuple[int, int]:
+        return svd_peaks(unet, x, context, config, attention_laws(), video_length)
 
     def estimate(self, base_model, input_shape, dtype_bytes, config, planned_budget, motion_models, offload) -> int:
         """The estimate takes the batch as one video (its frames are the batch; two videos of half the frames
         differ only in the small temporal-attention scores)."""
-        unet, frames, laws = base_model.diffusion_model, input_shape[0], attention_laws()
+        unet, video_length, laws = base_model.diffusion_model, input_shape[0], attention_laws()
         if planned_budget is not None:
             try:
                 return plan_svd_call(unet, tuple(input_shape), dtype_bytes, planned_budget(), laws, None,
-                                     frames).predicted_peak_bytes
+                                     video_length).predicted_peak_bytes
             except ValueError:
                 config = SliceConfig(1, 1, token_chunk=1)
         shaped, context = Shaped(input_shape, dtype_bytes), Shaped((input_shape[0], 1, 1), dtype_bytes)
-        return svd_peaks(unet, shaped, context, config, laws, frames)[0]
+        return svd_peaks(unet, shaped, context, config, laws, video_length)[0]
 
-    def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
+    def preview(self, model, planned, budget, budget_text, width, height, clip_frames, dtype_bytes, offload,
                 cond_batching) -> str:
-        from ...core.budget import BudgetError
+        from ...core.plan_search import BudgetError
 
-        latent = preview_latent(width, height, frames)
+        latent = preview_latent(width, height, clip_frames)
         try:
             chosen = plan_svd_call(model.model.diffusion_model, latent, dtype_bytes, planned, attention_laws(), None,
-                                   frames)
+                                   clip_frames)
         except BudgetError as e:
             return f"budget {budget_text}: {e}"
-        return (f"budget {budget_text}, {width}x{height}x{frames} with CFG batched ({self}, latent "
+        return (f"budget {budget_text}, {width}x{height}x{clip_frames} with CFG batched ({self}, latent "
                 f"{'x'.join(map(str, latent))}): {plan_text(chosen)}")
 
     # -- Streamline Model Patch -------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ class SVDFamily(UNetLike):
         return svd_forward_module.svd_verdict().sliced
 
     def call_mode(self, unet, x, kwargs, transformer_options) -> tuple[bool, int | None]:
-        return False, svd_frames(kwargs, x, unet)
+        return False, svd_video_length(kwargs, x, unet)
 
     def sliced_forward(self, unet, config, log, x):
         # skip offload is the UNet forward's (SVD's forward keeps its skips)

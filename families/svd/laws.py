@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ...core.budget import (ALLOCATOR_HEADROOM, SDPA, SUB_QUADRATIC, BudgetError, Plan, WorkingSets, conv_layer_values,
-                           format_bytes, res_block_values, transformer_block_values)
+from ...core.budget import (SDPA, SUB_QUADRATIC, Plan, WorkingSets, candidate_configs, chunk_count, conv_layer_values,
+                           res_block_values, transformer_block_values)
+from ...core.plan_search import ALLOCATOR_HEADROOM, PlanSearch, cheapest_fit
 from ...core.slicing import SliceConfig, frame_chunk_size, spatial_chunk_size
 
 __all__ = ["SVDLayer", "SVDStructure", "SVDWork", "predict_svd_peak_bytes", "plan_svd", "SUB_QUADRATIC", "SDPA"]
@@ -63,7 +64,7 @@ class SVDStructure:
 @dataclass(frozen=True)
 class SVDWork:
     batch: int  # videos x frames (cond/uncond batched: 2 videos)
-    frames: int
+    video_length: int  # frames per video
     height: int  # latent
     width: int
     context_tokens: int = 1  # SVD: one CLIP-image token
@@ -137,9 +138,9 @@ class _SVDWalk:
     def time_context_values(self, p: int) -> float:
         """The time_context repeated for p positions of each video, per sample (einops makes the repeat
         a view, no copy, for a single video)."""
-        if self.work.batch <= self.work.frames:
+        if self.work.batch <= self.work.video_length:
             return 0.0
-        return p * self.work.context_tokens * self.s.context_dim / self.work.frames
+        return p * self.work.context_tokens * self.s.context_dim / self.work.video_length
 
     def whole_values(self, layer: SVDLayer, level: int) -> float:
         """ComfyUI's forward of one layer, per sample (output included, input not)."""
@@ -266,51 +267,25 @@ def predict_svd_peak_bytes(structure: SVDStructure, work: SVDWork, config: Slice
     return int(_SVDWalk(structure, work, config, laws).walk() * work.dtype_bytes)
 
 
-def candidate_svd_configs(work: SVDWork):
-    """Chunk settings from coarse (fast) to fine (small), as core/budget.candidate_configs."""
-    positions = work.height * work.width
-    frames = sorted({work.batch, *(f for f in (32, 16, 8, 4, 2, 1) if f < work.batch)}, reverse=True)
-    spatial = sorted({positions, *(s for s in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16) if s < positions)},
-                     reverse=True)
-    for f in frames:
-        for s in spatial:
-            yield SliceConfig(frame_chunk=f, spatial_chunk=s)
-
-
-def _chunk_count(work: SVDWork, config: SliceConfig) -> float:
-    """core/budget.py's proxy for slowdown: chunks at full resolution."""
-    return -(-work.batch // config.frame_chunk) + 0.25 * -(-(work.height * work.width) // config.spatial_chunk)
-
-
 def plan_svd(structure: SVDStructure, work: SVDWork, budget_bytes: int, laws: WorkingSets = SUB_QUADRATIC,
              headroom: float = ALLOCATOR_HEADROOM) -> Plan:
-    """The coarsest slicing predicted to fit `headroom` of the budget (BudgetError when none does)."""
-    usable = budget_bytes * headroom
-    baseline = predict_svd_peak_bytes(structure, work, None, laws)
-    best, smallest = None, None
-    for config in candidate_svd_configs(work):
-        peak = predict_svd_peak_bytes(structure, work, config, laws)
-        smallest = peak if smallest is None else min(smallest, peak)
-        if peak <= usable:
-            cost = _chunk_count(work, config)
-            if best is None or cost < best[0] or (cost == best[0] and peak < best[1].predicted_peak_bytes):
-                best = (cost, Plan(config, peak, baseline))
-    if best is None:
-        raise BudgetError(f"no slicing fits {format_bytes(budget_bytes)} of activation memory for "
-                          f"{work.batch} SVD samples at {work.height}x{work.width} latent; the minimum feasible "
-                          f"budget is {format_bytes(smallest / headroom)}")
-    return best[1]
+    """The coarsest slicing predicted to fit `headroom` of the budget: core/budget.py's candidates and
+    chunk count, searched by core/plan_search.py (BudgetError when none fits)."""
+    search = PlanSearch(budget_bytes, f"{work.batch} SVD samples at {work.height}x{work.width} latent", headroom)
+    fit = cheapest_fit(candidate_configs(work), lambda config: predict_svd_peak_bytes(structure, work, config, laws),
+                       search, cost=lambda config: chunk_count(work, config))
+    return Plan(fit.candidate, int(fit.peak_bytes), predict_svd_peak_bytes(structure, work, None, laws))
 
 
 SVD_DEFAULT_FRAMES = 14  # what the estimate assumes when a call's frame count is unknown (SVD's own default)
 
 
-def svd_frames(kwargs: dict, x: Tensor, unet) -> int:
+def svd_video_length(kwargs: dict, x: Tensor, unet) -> int:
     """Frames per video of one SVD call (the model passes num_video_frames; the batch is videos x frames)."""
     frames = kwargs.get("num_video_frames") or getattr(unet, "default_num_video_frames", None) or x.shape[0]
     return int(frames) if x.shape[0] % int(frames) == 0 else x.shape[0]
 
 
-def preview_latent(width: int, height: int, frames: int) -> tuple[int, ...]:
+def preview_latent(width: int, height: int, clip_frames: int) -> tuple[int, ...]:
     """The latent of one sampling call with cond and uncond batched (SVD's frames are its batch)."""
-    return (2 * frames, 4, height // 8, width // 8)
+    return (2 * clip_frames, 4, height // 8, width // 8)

@@ -50,7 +50,7 @@ def read_svd_structure(unet: UNetModel) -> SVDStructure:
     return SVDStructure(unet.model_channels, tuple(inputs), middle, tuple(outputs), tuple(skip_channels), context_dim)
 
 
-def svd_work(x, context, frames: int) -> SVDWork:
+def svd_work(x, context, video_length: int) -> SVDWork:
     """One UNet call's workload: x (batch*frames, C, H, W), the context (batch*frames, tokens, dim)."""
     tokens = context.shape[1] if context is not None and context.ndim == 3 else 1
-    return SVDWork(x.shape[0], frames, x.shape[-2], x.shape[-1], tokens, x.element_size())
+    return SVDWork(x.shape[0], video_length, x.shape[-2], x.shape[-1], tokens, x.element_size())

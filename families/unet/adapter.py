@@ -35,16 +35,16 @@ class UNetFamily(UNetLike):
     def attached_models(self, patcher) -> list:
         return ade_motion_models(patcher)
 
-    def plan(self, unet, x, context, budget, held, set_budget, video_norm, frames, offload) -> Plan:
+    def plan(self, unet, x, context, budget, held, set_budget, video_norm, video_length, offload) -> Plan:
         return make_plan(unet_shape(unet), workload_for(x, context, _video_length(unet), video_norm),
                          budget, held, set_budget, offload())
 
-    def peaks(self, unet, x, context, config, video_norm, frames=None) -> tuple[int, int]:
+    def peaks(self, unet, x, context, config, video_norm, video_length=None) -> tuple[int, int]:
         shape, laws = unet_shape(unet), attention_laws()
         work = workload_for(x, context, _video_length(unet), video_norm)
         return predict_peak_bytes(shape, work, config, laws), predict_peak_bytes(shape, work, None, laws)
 
-    def settled_plan(self, unet, x, context, config, video_norm, frames) -> Plan:
+    def settled_plan(self, unet, x, context, config, video_norm, video_length) -> Plan:
         work = workload_for(x, context, _video_length(unet), video_norm)
         shape, laws = unet_shape(unet), attention_laws()
         return Plan(config, predict_peak_bytes(shape, work, config, laws), predict_peak_bytes(shape, work, None, laws),
@@ -53,7 +53,7 @@ class UNetFamily(UNetLike):
     def estimate(self, base_model, input_shape, dtype_bytes, config, planned_budget, motion_models, offload) -> int:
         unet = base_model.diffusion_model
         shape = planned_shape(unet, motion_models)
-        work = Workload(batch=input_shape[0], frames=max(1, input_shape[0] // 2), height=input_shape[-2],
+        work = Workload(batch=input_shape[0], video_length=max(1, input_shape[0] // 2), height=input_shape[-2],
                         width=input_shape[-1], dtype_bytes=dtype_bytes)
         if planned_budget is not None:  # the plan the run will make, offload included where it pays
             try:
@@ -62,16 +62,16 @@ class UNetFamily(UNetLike):
                 config = SliceConfig(1, 1, offload_skips=offload(), offload_features=offload())
         return predict_peak_bytes(shape, work, config, attention_laws())
 
-    def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
+    def preview(self, model, planned, budget, budget_text, width, height, clip_frames, dtype_bytes, offload,
                 cond_batching) -> str:
-        from ...core.budget import BudgetError
+        from ...core.plan_search import BudgetError
 
-        per_call = frames_per_call(model, frames)
+        per_call = frames_per_call(model, clip_frames)
         shape = planned_shape(model.model.diffusion_model, ade_motion_models(model))
         offload_skips = offload()
 
         def plan_for(conds: int) -> Plan:
-            work = Workload(batch=conds * per_call, frames=per_call, height=height // 8, width=width // 8,
+            work = Workload(batch=conds * per_call, video_length=per_call, height=height // 8, width=width // 8,
                             context_tokens=prompt_tokens(model), dtype_bytes=dtype_bytes)
             return make_plan(shape, work, planned, 0, budget, offload_skips)
 
@@ -79,8 +79,8 @@ class UNetFamily(UNetLike):
             chosen = plan_for(2)
         except BudgetError as e:
             return f"budget {budget_text}: {e}"
-        windows = f" in context windows of {per_call} frames" if per_call < frames else ""
-        return (f"budget {budget_text}, {width}x{height}x{frames}{windows} with CFG: {chosen.text()}; "
+        windows = f" in context windows of {per_call} frames" if per_call < clip_frames else ""
+        return (f"budget {budget_text}, {width}x{height}x{clip_frames}{windows} with CFG: {chosen.text()}; "
                 f"{cond_batching(model.load_device, chosen, plan_for, model)}")
 
     # -- Streamline Model Patch -------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ...core.budget import Block, BudgetError, Layer, Plan, UNetShape, Workload, format_bytes, plan
+from ...core.budget import Block, Layer, Plan, UNetShape, Workload, plan
+from ...core.plan_search import BudgetError, format_bytes
 from ...host.attention import attention_laws
 from ..unet_common.layer_roles import is_ade_motion_module
 from .structure import _heads, unet_shape
@@ -13,10 +14,10 @@ from .structure import _heads, unet_shape
 CLIP_TOKENS = 77  # the preview's prompt length: one CLIP chunk (SD1.5, SDXL)
 
 
-def workload_for(x: Tensor, context: Tensor | None, frames: int | None = None, video_norm: bool = False) -> Workload:
+def workload_for(x: Tensor, context: Tensor | None, video_length: int | None = None, video_norm: bool = False) -> Workload:
     """video_norm: the call runs in ADE's GroupNorm-over-videos mode (families/unet/video_norm.py)."""
     batch = x.shape[0]
-    return Workload(batch=batch, frames=frames or max(1, batch // 2), height=x.shape[-2], width=x.shape[-1],
+    return Workload(batch=batch, video_length=video_length or max(1, batch // 2), height=x.shape[-2], width=x.shape[-1],
                     context_tokens=context.shape[1] if context is not None and context.ndim == 3 else CLIP_TOKENS,
                     dtype_bytes=x.element_size(), video_norm=video_norm)
 
@@ -80,12 +81,12 @@ def planned_shape(unet, motion_models: list) -> UNetShape:
     return shape
 
 
-def frames_per_call(model, frames: int) -> int:
+def frames_per_call(model, clip_frames: int) -> int:
     """Frames one UNet call sees: the clip, or AnimateDiff-Evolved's context window when the clip is longer."""
     params = model.get_attachment("ADE_params") if hasattr(model, "get_attachment") else None
     contexts = getattr(getattr(params, "context_options", None), "contexts", None) or []
     length = getattr(contexts[0], "context_length", None) if contexts else None
-    return min(frames, length) if isinstance(length, int) and length > 0 else frames
+    return min(clip_frames, length) if isinstance(length, int) and length > 0 else clip_frames
 
 
 def prompt_tokens(model) -> int:

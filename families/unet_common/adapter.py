@@ -15,12 +15,12 @@ class UNetLike(Family):
         positions = x.shape[-2] * x.shape[-1]
         channels = getattr(unet, "model_channels", 1)
         top = channels * (positions + 2 * tokens)
-        frames = frame_chunk_size(config, x.shape[0], top, top)
+        samples = frame_chunk_size(config, x.shape[0], top, top)
         spatial = spatial_chunk_size(config, x.shape[0], positions, channels, channels)
         auto = " (automatic)" if config.frame_chunk == 0 or config.spatial_chunk == 0 else ""
         offload = (", skips and block outputs offloaded" if getattr(config, "offload_features", False) else
                    ", skips offloaded" if config.offload_skips else "")
-        return (f"slices of {frames} of {x.shape[0]} samples in per-frame layers, {spatial} of {positions} "
+        return (f"slices of {samples} of {x.shape[0]} samples in per-frame layers, {spatial} of {positions} "
                 f"positions in temporal layers{auto}{offload}")
 
     def finer_after_oom(self, unet, config: SliceConfig, x, context) -> SliceConfig | None:

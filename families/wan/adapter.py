@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 from ...core.budget import Plan
-from ...core.slicing import SliceConfig
+from ...core.slicing import SliceConfig, is_automatic
 from ..family import Family, Shaped, plan_text
 from .laws import (
-    WAN_TEXT_TOKENS, plan_wan, preview_latent, wan_peaks, wan_rehash_split_bytes, wan_shape, wan_token_chunk,
-    wan_tokens, wan_work,
+    WAN_TEXT_TOKENS, plan_wan, preview_latent, wan_peaks, wan_rehash_split_bytes, wan_kernel, wan_shape,
+    wan_token_chunk, wan_tokens, wan_work,
 )
 
 # Wan subclasses the pack slices but does not plan: work outside the sliced blocks that families/wan/laws.py's
@@ -55,11 +55,11 @@ class WanFamily(Family):
 
     # -- Memory Budget ----------------------------------------------------------------------------------------
 
-    def plan(self, model, x, context, budget, held, set_budget, video_norm, frames, offload) -> Plan:
+    def plan(self, model, x, context, budget, held, set_budget, video_norm, video_length, offload) -> Plan:
         tokens = context.shape[1] if context is not None and context.ndim == 3 else None
         return plan_wan(model, tuple(x.shape), x.element_size(), budget, tokens)
 
-    def peaks(self, model, x, context, config, video_norm=False, frames=None) -> tuple[int, int]:
+    def peaks(self, model, x, context, config, video_norm=False, video_length=None) -> tuple[int, int]:
         return wan_peaks(model, x, context, config)
 
     def estimate(self, base_model, input_shape, dtype_bytes, config, planned_budget, motion_models, offload) -> int:
@@ -73,17 +73,17 @@ class WanFamily(Family):
         context = Shaped((input_shape[0], WAN_TEXT_TOKENS, 1), dtype_bytes)
         return wan_peaks(model, shaped, context, config)[0]
 
-    def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
+    def preview(self, model, planned, budget, budget_text, width, height, clip_frames, dtype_bytes, offload,
                 cond_batching) -> str:
-        from ...core.budget import BudgetError
+        from ...core.plan_search import BudgetError
 
         dm = model.model.diffusion_model
-        latent = preview_latent(dm, width, height, frames)
+        latent = preview_latent(dm, width, height, clip_frames)
         try:
             chosen = plan_wan(dm, latent, dtype_bytes, planned, None)
         except BudgetError as e:
             return f"budget {budget_text}: {e}"
-        return (f"budget {budget_text}, {width}x{height}x{frames} with CFG batched ({self}, latent "
+        return (f"budget {budget_text}, {width}x{height}x{clip_frames} with CFG batched ({self}, latent "
                 f"{'x'.join(map(str, latent))}): {plan_text(chosen)}")
 
     # -- Streamline Model Patch -------------------------------------------------------------------------------
@@ -99,23 +99,30 @@ class WanFamily(Family):
         remove_wan_slicing(patcher)
 
     def slice_text(self, model, x, context, config: SliceConfig) -> str:
-        shape = wan_shape(model)
-        work = wan_work(model, x.shape, x.element_size())
-        _, per_frame = wan_tokens(model, x.shape)
-        chunk = wan_token_chunk(config, work, per_frame, shape.dim)
-        auto = " (automatic)" if not (config.token_chunk or config.frame_chunk) else ""
-        return f"slices of {chunk} of {work.tokens} tokens in each Wan block{auto}"
+        chunk, tokens = self.token_chunk(model, x, context, config), wan_tokens(model, x.shape)[0]
+        auto = " (automatic)" if is_automatic(config) else ""
+        return f"slices of {chunk} of {tokens} tokens in each Wan block{auto}"
+
+    def call_slicing(self, model, x, context, config: SliceConfig) -> SliceConfig:
+        """A config left automatic gets the slice Wan's laws choose for this call (laws.automatic_token_chunk)."""
+        if not is_automatic(config):
+            return config
+        return dataclasses.replace(config, token_chunk=self.token_chunk(model, x, context, config))
 
     def finer_after_oom(self, model, config: SliceConfig, x, context) -> SliceConfig | None:
         """Half the tokens per slice (None: one token per slice already)."""
-        from ...core.slicing import token_chunk_size
-
-        tokens, per_frame = wan_tokens(model, tuple(x.shape))
-        chunk = token_chunk_size(config, batch=x.shape[0], tokens=tokens, tokens_per_frame=per_frame,
-                                 dim=wan_shape(model).dim)
+        chunk = self.token_chunk(model, x, context, config)
         if chunk <= 1:
             return None
         return dataclasses.replace(config, token_chunk=chunk // 2)
+
+    @staticmethod
+    def token_chunk(model, x, context, config: SliceConfig) -> int:
+        """Tokens per slice of a call of `x` with `config` (laws.wan_token_chunk)."""
+        text_tokens = context.shape[1] if context is not None and context.ndim == 3 else WAN_TEXT_TOKENS
+        work = wan_work(model, tuple(x.shape), x.element_size(), text_tokens)
+        _, per_frame = wan_tokens(model, tuple(x.shape))
+        return wan_token_chunk(config, wan_shape(model), work, per_frame, wan_kernel())
 
     def rehash_split_bytes(self, model, latent_shape, dtype_bytes: int) -> int:
         return wan_rehash_split_bytes(model, latent_shape, dtype_bytes)

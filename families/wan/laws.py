@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ...core.budget import Plan
-from ...core.slicing import SliceConfig, token_chunk_size
-from ..dit.laws import SDPA, SUB_QUADRATIC, AttentionKernel, Live as _Live, attention, attention_kernel
+from ...core.plan_search import Fit, PlanSearch, automatic_slice, cheapest_fit
+from ...core.slicing import SliceConfig, frame_slices, is_automatic, token_chunk_size
+from ..dit.laws import SDPA, SUB_QUADRATIC, AttentionKernel, Live as _Live, attention, attention_kernel  # noqa: F401 (SDPA: the tests' name)
 from ..dit.laws import layer_norm as _layer_norm, rms_norm as _rms_norm
 
 
@@ -211,10 +212,11 @@ def rope_values(shape: WanShape, work: WanWork) -> float:
 
 def forward_peak_bytes(shape: WanShape, work: WanWork, token_chunk: int | None,
                        kernel: AttentionKernel = SUB_QUADRATIC) -> float:
-    """Peak activation bytes of one diffusion-model call (its inputs not counted)."""
+    """Peak activation bytes of one diffusion-model call (its inputs not counted); a slice of all tokens (or
+    None) is ComfyUI's block, as the block hook runs it."""
     held = held_values(shape, work)
     blocks = held + block_peak_values(shape, work, token_chunk, kernel)
-    if token_chunk is None and work.input_copy:
+    if (token_chunk is None or token_chunk >= work.tokens) and work.input_copy:  # the host's block runs
         blocks += work.rows * shape.dim
     return max(blocks, held + head_values(shape, work), rope_values(shape, work)) * work.dtype_bytes
 
@@ -236,22 +238,23 @@ def head_values(shape: WanShape, work: WanWork) -> float:
     return live.peak
 
 
-def largest_token_chunk(shape: WanShape, work: WanWork, budget_bytes: float,
-                        kernel: AttentionKernel = SUB_QUADRATIC) -> int | None:
-    """The largest token slice whose predicted forward peak fits `budget_bytes` (L: unsliced fits),
-    or None when not even one token per slice does. The peak grows with the slice, so bisect."""
-    def fits(n: int) -> bool:
-        return forward_peak_bytes(shape, work, n, kernel) <= budget_bytes
+def token_slices(work: WanWork) -> range:
+    """Tokens per slice from coarse (all of them: ComfyUI's block) to fine (one): the laws' peak shrinks along it."""
+    return range(work.tokens, 0, -1)
 
-    if forward_peak_bytes(shape, work, None, kernel) <= budget_bytes:
-        return work.tokens
-    if not fits(1):
-        return None
-    low, high = 1, work.tokens  # fits(low), not known for high
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return high if fits(high) else low
+
+def plan_tokens(shape: WanShape, work: WanWork, search: PlanSearch, kernel: AttentionKernel = SUB_QUADRATIC) -> Fit[int]:
+    """The largest token slice whose predicted forward peak fits `search` (core/plan_search.py, by bisection;
+    BudgetError when not even one token per slice does)."""
+    return cheapest_fit(token_slices(work), lambda n: forward_peak_bytes(shape, work, n, kernel), search)
+
+
+def automatic_token_chunk(shape: WanShape, work: WanWork, tokens_per_frame: int,
+                          kernel: AttentionKernel = SUB_QUADRATIC) -> int:
+    """The slice of a config left automatic: the most latent frames per slice whose predicted peak is close to
+    that of one frame per slice (core/plan_search.py automatic_slice)."""
+    slices = frame_slices(work.tokens, tokens_per_frame)
+    return automatic_slice(slices, lambda n: forward_peak_bytes(shape, work, n, kernel)).candidate
 
 
 WAN_TEXT_TOKENS = 512  # umT5 tokens after Wan's text embedding (ComfyUI pads prompts to this)
@@ -297,23 +300,22 @@ def wan_kernel():
     return attention_kernel()
 
 
-def wan_token_chunk(config: SliceConfig, work, tokens_per_frame: int, dim: int) -> int:
-    return token_chunk_size(config, work.batch, work.tokens, tokens_per_frame, dim)
+def wan_token_chunk(config: SliceConfig, shape: WanShape, work: WanWork, tokens_per_frame: int,
+                    kernel: AttentionKernel) -> int:
+    """Tokens per slice of one call: the config's (core/slicing.py token_chunk_size), or, left automatic,
+    the laws' choice (automatic_token_chunk)."""
+    if is_automatic(config):
+        return automatic_token_chunk(shape, work, tokens_per_frame, kernel)
+    return token_chunk_size(config, work.batch, work.tokens, tokens_per_frame, shape.dim)
 
 
 def plan_wan(diffusion_model, latent_shape, dtype_bytes: int, budget: int, context_tokens: int | None = None) -> Plan:
-    """The coarsest token slicing predicted to fit `budget` for one Wan call. Raises core.budget.BudgetError."""
-    from ...core.budget import ALLOCATOR_HEADROOM, BudgetError, format_bytes
-
+    """The coarsest token slicing predicted to fit `budget` for one Wan call. Raises BudgetError."""
     shape, kernel = wan_shape(diffusion_model), wan_kernel()
     work = wan_work(diffusion_model, latent_shape, dtype_bytes, context_tokens or WAN_TEXT_TOKENS)
-    whole = int(forward_peak_bytes(shape, work, None, kernel))
-    chunk = largest_token_chunk(shape, work, budget * ALLOCATOR_HEADROOM, kernel)
-    if chunk is None:
-        smallest = forward_peak_bytes(shape, work, 1, kernel) / ALLOCATOR_HEADROOM
-        raise BudgetError(f"no token slicing fits {format_bytes(budget)}: the finest needs about "
-                          f"{format_bytes(smallest)}")
-    return Plan(SliceConfig(token_chunk=chunk), int(forward_peak_bytes(shape, work, chunk, kernel)), whole)
+    fit = plan_tokens(shape, work, PlanSearch(budget, f"a Wan call of {work.batch} x {work.tokens} tokens"), kernel)
+    return Plan(SliceConfig(token_chunk=fit.candidate), int(fit.peak_bytes),
+                int(forward_peak_bytes(shape, work, None, kernel)))
 
 
 def wan_peaks(diffusion_model, x: Tensor, context: Tensor | None, config: SliceConfig) -> tuple[int, int]:
@@ -322,12 +324,12 @@ def wan_peaks(diffusion_model, x: Tensor, context: Tensor | None, config: SliceC
     work = wan_work(diffusion_model, x.shape, x.element_size(),
                     context.shape[1] if context is not None and context.ndim == 3 else WAN_TEXT_TOKENS)
     _, per_frame = wan_tokens(diffusion_model, x.shape)
-    chunk = wan_token_chunk(config, work, per_frame, shape.dim)
+    chunk = wan_token_chunk(config, shape, work, per_frame, kernel)
     return int(forward_peak_bytes(shape, work, chunk, kernel)), int(forward_peak_bytes(shape, work, None, kernel))
 
 
-def preview_latent(diffusion_model, width: int, height: int, frames: int) -> tuple[int, ...]:
+def preview_latent(diffusion_model, width: int, height: int, clip_frames: int) -> tuple[int, ...]:
     """The latent of one sampling call with cond and uncond batched, for a width x height x frames clip."""
     shape = wan_shape(diffusion_model)
     scale = 16 if shape.out_dim == 48 else 8  # Wan 2.2's 5B VAE compresses 16x, Wan 2.1's 8x
-    return (2, shape.out_dim, 1 + (frames - 1) // 4, height // scale, width // scale)
+    return (2, shape.out_dim, 1 + (clip_frames - 1) // 4, height // scale, width // scale)
