@@ -111,6 +111,10 @@ class Family:
 
     splits_block_stack = False  # Step Rehash splits a stack of blocks (DiT), not a UNet's skips
 
+    def block_stack_length(self, diffusion_model) -> int:
+        """The blocks of the stack Step Rehash splits (splits_block_stack), counted as rehash_call's positions."""
+        return len(diffusion_model.blocks)
+
     def rehash_split(self, diffusion_model, split_point: int) -> int:
         """Where Step Rehash splits a call, from RehashConfig.split_point (raises core.rehash.RehashConfigError)."""
         raise NotImplementedError

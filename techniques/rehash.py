@@ -524,7 +524,7 @@ def _rehash_block_stack_call(executor, state: RehashState, family, shallow: int,
     run, model = state.run, executor.class_obj
     x = args[0] if args else kwargs["x"]
     step, sigma = _step_and_sigma(transformer_options)
-    first_deep, last_deep = shallow, len(model.blocks) - 1 - shallow
+    first_deep, last_deep = shallow, family.block_stack_length(model) - 1 - shallow
     rehash_call = RehashCallState(run, shallow, step, sigma, _cache_keys(transformer_options, x.shape[0]))
     why = family.rehash_conflict(transformer_options, first_deep, last_deep)
     if why is not None:  # this call runs in full, as received

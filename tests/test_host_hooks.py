@@ -485,16 +485,17 @@ def test_block_quantised_attention_keeps_query_blocks_whole(monkeypatch, caplog,
     this host runs: what is tested is the pack's choice of slices.)"""
     import comfy.ldm.modules.attention as attention
 
+    from comfyui_streamline.families.dit import block_hook
     from comfyui_streamline.families.wan import block
 
     monkeypatch.setattr(attention, "attention_sage", block.optimized_attention, raising=False)
-    assert block.block_quantised_attention() == "attention_sage"
+    assert block_hook.block_quantised_attention() == "attention_sage"
     plain = wan_call(wan_clone(None))
     with caplog.at_level(logging.INFO, logger=LOGGER):
         out = wan_call(wan_clone(7))  # 90 tokens: no multiple of 128 fits in a slice of 7
     assert wan_slices == [] and torch.equal(out, plain)
     messages = streamline_records(caplog, logging.WARNING)
     assert len(messages) == 1 and "quantises queries in blocks of 128" in messages[0]
-    assert block.exact_token_chunk(300) == 256 and block.exact_token_chunk(127) == 0
+    assert block_hook.exact_token_chunk(300) == 256 and block_hook.exact_token_chunk(127) == 0
     monkeypatch.undo()
-    assert block.block_quantised_attention() is None and block.exact_token_chunk(300) == 300
+    assert block_hook.block_quantised_attention() is None and block_hook.exact_token_chunk(300) == 300

@@ -1,13 +1,30 @@
-"""ComfyUI's DiT block-replace hook (`patches_replace["dit"][("double_block", i)]`), as the pack installs and
-removes its own block replacements: blocks another node already replaces keep that replacement; a
-DIFFUSION_MODEL wrapper (under its key) hands the replacements what they need of each call."""
+"""ComfyUI's DiT block-replace hook (`patches_replace["dit"][(kind, i)]`), as the pack installs and removes its
+own block replacements: blocks another node already replaces keep that replacement; a DIFFUSION_MODEL wrapper
+(under its key) hands the replacements what they need of each call.
+
+API (a block is named by its hook key, (kind, index): ("double_block", 3), ("single_block", 0)):
+- block_keys(count, kind=DOUBLE) -> [(kind, 0), ..., (kind, count - 1)];
+- block_hooks(transformer_options) -> the "dit" replacements of a model's (or a call's) options;
+- install_block_hooks(model, keys, make_hook, hook_type, wrapper_key, call_wrapper) -> (keys replaced, kept);
+- remove_block_hooks(model, hook_type, wrapper_key);
+- foreign_blocks(transformer_options, first, last, hook_type, kind=DOUBLE) -> indices not run by hook_type.
+"""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import comfy.patcher_extension
 
-BLOCK = "double_block"
+DOUBLE = "double_block"
+SINGLE = "single_block"
+BLOCK = DOUBLE  # the kind a single-stream DiT (Wan) hooks its blocks under
+
+BlockKey = tuple[str, int]
+
+
+def block_keys(count: int, kind: str = DOUBLE) -> list[BlockKey]:
+    """The hook keys of `count` blocks of one kind."""
+    return [(kind, index) for index in range(count)]
 
 
 def block_hooks(transformer_options: dict) -> dict:
@@ -15,20 +32,20 @@ def block_hooks(transformer_options: dict) -> dict:
     return transformer_options.get("patches_replace", {}).get("dit", {})
 
 
-def install_block_hooks(model, blocks: int, make_hook: Callable[[int], object], hook_type: type,
-                        wrapper_key: str, call_wrapper) -> tuple[list[int], list[int]]:
-    """Replace each of the `blocks` blocks of `model` (a clone the caller owns) with make_hook(index), except
-    those another node replaces already (not a `hook_type`), and wrap its diffusion model's call with
-    `call_wrapper` under `wrapper_key`. Returns (the indices replaced, the indices kept)."""
+def install_block_hooks(model, keys: Iterable[BlockKey], make_hook: Callable[[BlockKey], object], hook_type: type,
+                        wrapper_key: str, call_wrapper) -> tuple[list[BlockKey], list[BlockKey]]:
+    """Replace each block `keys` names on `model` (a clone the caller owns) with make_hook(key), except those
+    another node replaces already (not a `hook_type`), and wrap its diffusion model's call with `call_wrapper`
+    under `wrapper_key`. Returns (the keys replaced, the keys kept)."""
     replaced = block_hooks(model.model_options.get("transformer_options", {}))
     patched, kept = [], []
-    for index in range(blocks):
-        earlier = replaced.get((BLOCK, index))
+    for key in keys:
+        earlier = replaced.get(key)
         if earlier is not None and not isinstance(earlier, hook_type):
-            kept.append(index)
+            kept.append(key)
             continue
-        model.set_model_patch_replace(make_hook(index), "dit", BLOCK, index)
-        patched.append(index)
+        model.set_model_patch_replace(make_hook(key), "dit", key[0], key[1])
+        patched.append(key)
     model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, wrapper_key)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, wrapper_key, call_wrapper)
     return patched, kept
@@ -42,7 +59,7 @@ def remove_block_hooks(model, hook_type: type, wrapper_key: str) -> None:
     model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, wrapper_key)
 
 
-def foreign_blocks(transformer_options: dict, first: int, last: int, hook_type: type) -> list[int]:
-    """Blocks first..last whose replacement is not a `hook_type` (another node's, or none)."""
+def foreign_blocks(transformer_options: dict, first: int, last: int, hook_type: type, kind: str = DOUBLE) -> list[int]:
+    """Blocks first..last of `kind` whose replacement is not a `hook_type` (another node's, or none)."""
     dit = block_hooks(transformer_options)
-    return [i for i in range(first, last + 1) if not isinstance(dit.get((BLOCK, i)), hook_type)]
+    return [i for i in range(first, last + 1) if not isinstance(dit.get((kind, i)), hook_type)]

@@ -147,9 +147,9 @@ class WanFamily(Family):
         return None
 
     def rehash_call(self, call_state, first_deep: int, last_deep: int):
-        from .rehash import WanRehashCall
+        from ..dit.rehash import DeepSpanCall
 
-        return WanRehashCall(call_state, first_deep, last_deep)
+        return DeepSpanCall(call_state, first_deep, last_deep)
 
 
 WAN = WanFamily()

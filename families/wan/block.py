@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ...core.slicing import chunk_ranges
 from ...host import fingerprints as host_fingerprints
-from ...host.attention import block_quantised_attention
+from ..dit.attention import head_major, key_value_buffers, sliced_attention
 
 # the modulation terms in the order the host unbinds them
 SHIFT_ATTN, SCALE_ATTN, GATE_ATTN, SHIFT_FFN, SCALE_FFN, GATE_FFN = range(6)
@@ -51,17 +51,6 @@ def modulation_terms(block: WanAttentionBlock, e: Tensor, x: Tensor) -> tuple[Te
 def host_calls_attn2_patch() -> bool:
     """Whether the host's WanAttentionBlock.forward calls attn2_patch patches (ComfyUI 0.33 does, 0.3.64 not)."""
     return host_fingerprints.source_mentions(WanAttentionBlock.forward, "attn2_patch", True)
-
-
-# SageAttention and ComfyUI's int8 attention (comfy-kitchen) quantise queries in blocks of up to this many
-# rows, counted from the start of the sequence: a slice that starts inside a block changes the result
-QUERY_BLOCK = 128
-
-
-def exact_token_chunk(chunk: int) -> int:
-    """The largest token slice <= chunk whose boundaries keep the attention kernel's query blocks whole: a
-    multiple of QUERY_BLOCK under a block-quantised kernel (0: none fits), else chunk itself."""
-    return chunk // QUERY_BLOCK * QUERY_BLOCK if block_quantised_attention() is not None else chunk
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,13 +154,8 @@ def sliced_block_forward(block: WanAttentionBlock, x: Tensor, e: Tensor, freqs: 
     terms = modulation_terms(block, e, x)
     rows = ModulationRows(terms[0].shape[1], tokens)
     sa = block.self_attn
-    # head-major (B, heads, L, C / heads): with skip_reshape=True (the layout flag Flux's attention uses)
-    # ComfyUI's kernels read these as they are. In the host's (B, L, C) layout ComfyUI's sub-quadratic
-    # attention (its CPU default) copies keys (transposed) and values whole on every call, which per
-    # query slice would bring back two whole tensors.
-    head_shape = (b, sa.num_heads, tokens, channels // sa.num_heads)
-    keys = torch.empty(head_shape, dtype=x.dtype, device=x.device)
-    values = torch.empty(head_shape, dtype=x.dtype, device=x.device)
+    # head-major (B, heads, L, C / heads), as families/dit/attention.py's sliced_attention reads them
+    keys, values = key_value_buffers(x, sa.num_heads, tokens, channels // sa.num_heads)
 
     def attention_input(start: int, end: int) -> Tensor:
         return modulated(block.norm1, x[:, start:end], rows.take(terms[SHIFT_ATTN], start, end),
@@ -180,7 +164,7 @@ def sliced_block_forward(block: WanAttentionBlock, x: Tensor, e: Tensor, freqs: 
     for start, end in chunk_ranges(tokens, token_chunk):  # group 1: keys and values of every token
         xm = attention_input(start, end)
         keys[:, :, start:end] = rope_heads(sa.norm_k(sa.k(xm)), freqs_for(freqs, start, end), sa.num_heads)
-        values[:, :, start:end] = sa.v(xm).unflatten(2, (sa.num_heads, -1)).transpose(1, 2)
+        values[:, :, start:end] = head_major(sa.v(xm), sa.num_heads)
         del xm
 
     ctx = cross_context(block.cross_attn, context, context_img_len)
@@ -188,8 +172,7 @@ def sliced_block_forward(block: WanAttentionBlock, x: Tensor, e: Tensor, freqs: 
     def attention(xs: Tensor, start: int, end: int) -> None:  # self- and cross-attention of one slice, in place
         q = rope_heads(sa.norm_q(sa.q(attention_input(start, end))), freqs_for(freqs, start, end),
                        sa.num_heads)
-        y = sa.o(optimized_attention(q, keys, values, heads=sa.num_heads, skip_reshape=True,
-                                     transformer_options=transformer_options))
+        y = sa.o(sliced_attention(q, keys, values, sa.num_heads, transformer_options))
         del q
         xs.addcmul_(y, rows.take(terms[GATE_ATTN], start, end))
         del y

@@ -9,7 +9,7 @@ Two pieces, both on the clone's model_options:
 - a "dit" / ("double_block", i) replacement for each block (model.set_model_patch_replace), which runs
   block i sliced when its class forward is exactly WanAttentionBlock.forward and the run asks for
   slices, else calls the host's own block (`original_block`), saying why once per run. With Step Rehash
-  on the call (a WanRehashCall, rehash.py), the same replacement runs, skips or stores the deep blocks.
+  on the call (a DeepSpanCall, families/dit/rehash.py), the same replacement runs, skips or stores the deep blocks.
 
 WanModel's subclasses with their own forward_orig (VACE, Camera, S2V, HuMo, Animate) are handled as
 WAN_SUBCLASSES records what their forward_orig does around the blocks; an unknown one is left to ComfyUI.
@@ -20,7 +20,7 @@ replaces this pack's (ComfyUI keeps one replacement per block).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -31,13 +31,12 @@ from comfy.model_patcher import ModelPatcher
 from torch import Tensor
 
 from ...host import fingerprints as host_fingerprints
-from ...host.log import logger
-from ...host.options import DIT_CALL_KEY as CALL_KEY, DIT_WRAPPER_KEY as WRAPPER_KEY, STREAMLINE_KEY as STATE_KEY
-from ...host.log import LogOnce
-from ...host.attention import block_quantised_attention
-from ..dit.hooks import install_block_hooks, remove_block_hooks
-from .block import QUERY_BLOCK, exact_token_chunk, sliced_block_forward
-from ...host.options import DIT_REHASH_CALL_KEY as WAN_REHASH_KEY
+from ...host.log import LogOnce, logger
+from ...host.options import DIT_CALL_KEY as CALL_KEY, DIT_REHASH_CALL_KEY as WAN_REHASH_KEY
+from ...host.options import DIT_WRAPPER_KEY as WRAPPER_KEY
+from ..dit.block_hook import SlicedBlockHook, TokenChunkFor, common_unsliced_reason, token_chunk_from_state
+from ..dit.hooks import block_keys, install_block_hooks, remove_block_hooks
+from .block import sliced_block_forward
 
 
 def wan_functions() -> dict[str, Callable]:
@@ -158,30 +157,13 @@ class WanCall:
     unknown_conds: tuple[str, ...] = ()  # conds the call hands the model that the pack does not know
 
 
-# (transformer_options, x (B, L, C), tokens_per_frame) -> tokens per slice, or None: run the block unsliced
-TokenChunkFor = Callable[[dict, Tensor, int], "int | None"]
-
-
-def token_chunk_from_state(transformer_options: dict, x: Tensor, tokens_per_frame: int) -> int | None:
-    """The slice size the run's StreamlineState (techniques/slicing.py) gives: its SliceConfig mapped to
-    tokens by core.slicing.token_chunk_size; None without a state."""
-    from ...core.slicing import token_chunk_size
-
-    state = transformer_options.get(STATE_KEY)
-    if state is None:
-        return None
-    return token_chunk_size(state.config, batch=x.shape[0], tokens=x.shape[1], tokens_per_frame=tokens_per_frame,
-                            dim=x.shape[2])
-
-
 # What the sliced blocks know of a call. Patch keys: attn2_patch (run on the whole x between the attention and
 # the feed-forward, block.py) and double_block (forward_orig calls those after each block, outside it); an
 # attn1_patch needs the whole self-attention output: that block runs unsliced. patches_replace: "dit" (the
 # block replacements). Conds: those WanModel's _forward / forward_orig read (context_latents: Bernini's
 # in-context reference tokens, appended to x and RoPE'd by the host; reference_latent), and those a checked
 # subclass's forward_orig names. Anything else: ComfyUI's own blocks for that call, with one log line.
-KNOWN_PATCHES = {"attn2_patch", "double_block"}
-KNOWN_REPLACES = {"dit"}
+KNOWN_PATCHES = frozenset({"attn2_patch", "double_block"})
 _WAN_CONDS = frozenset({"context_latents", "reference_latent"})
 
 
@@ -210,25 +192,19 @@ def add_call_info(executor, x, timestep, context, clip_fea=None, time_dim_concat
     return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
 
 
-def _log_of(transformer_options: dict, fallback: LogOnce) -> LogOnce:
-    state = transformer_options.get(STATE_KEY)
-    return getattr(state, "log", None) or fallback
-
-
 @dataclass
-class SlicedWanBlock:
+class SlicedWanBlock(SlicedBlockHook):
     """The ("double_block", index) replacement: block `index` sliced over tokens when it can be."""
 
-    index: int
-    token_chunk_for: TokenChunkFor
-    # where notices go when no run state carries a log (a bare install): one LogOnce shared by the
-    # blocks of one install, so each notice is said once per install
-    log: LogOnce = field(default_factory=LogOnce)
+    family = "Wan"
+
+    def verdict(self) -> "host_fingerprints.Verdict":
+        return wan_verdict()
 
     def __call__(self, args: dict, extra: dict) -> dict:
         if "transformer_options" not in args:  # a hook that passes none (WanModel_S2V): the host's own block
             return extra["original_block"](args)
-        rehash = args["transformer_options"].get(WAN_REHASH_KEY)  # Step Rehash's WanRehashCall (rehash.py), if any
+        rehash = args["transformer_options"].get(WAN_REHASH_KEY)  # Step Rehash's DeepSpanCall (dit/rehash.py)
         if rehash is None:
             return {"img": self.forward(args, extra)}
         return {"img": rehash.run(self.index, args["img"], lambda x: self.forward({**args, "img": x}, extra))}
@@ -236,23 +212,10 @@ class SlicedWanBlock:
     def forward(self, args: dict, extra: dict) -> Tensor:
         """Block `index` on args["img"]: sliced when the run asks for slices and it can be, else ComfyUI's."""
         to = args["transformer_options"]
-        log = _log_of(to, self.log)
         x, e, freqs = args["img"], args["vec"], args["pe"]
         call: WanCall | None = to.get(CALL_KEY)
-        reason = self.unsliced_reason(call, to, x, freqs)
-        chunk = None if call is None else self.token_chunk_for(to, x, call.tokens_per_frame)
-        if reason is None and chunk is not None and chunk < x.shape[1]:
-            exact = exact_token_chunk(chunk)
-            if exact == 0:
-                reason = (f"the attention kernel ({block_quantised_attention()}) quantises queries in blocks of "
-                          f"{QUERY_BLOCK} tokens, more than a slice of {chunk}")
-            chunk = exact or chunk
-        if reason or chunk is None or chunk >= x.shape[1]:
-            if reason and (call is None or chunk is not None):  # said only where slices were asked for
-                log.warn(f"wan-unsliced-{reason}", f"Streamline: Wan block {self.index}: {reason}; it runs unsliced "
-                         "(ComfyUI's own block).")
-            return extra["original_block"](args)["img"]
-        if not wan_verdict().sliced:  # its one line is the verdict's
+        chunk = self.slice_size(to, x, call, self.unsliced_reason(call, to, x, freqs))
+        if chunk is None:
             return extra["original_block"](args)["img"]
         block = call.blocks[self.index]
         if self.index == 0 and call.copy_first_input:  # the sliced block writes x in place
@@ -260,26 +223,13 @@ class SlicedWanBlock:
         return sliced_block_forward(block, x, e, freqs, args["txt"], call.context_img_len, to, chunk)
 
     def unsliced_reason(self, call: WanCall | None, to: dict, x: Tensor, freqs: Tensor) -> str | None:
-        if call is None:
-            return "the diffusion-model wrapper did not run (no context_img_len)"
-        if not is_plain_wan_block(call.blocks[self.index]):
+        if call is not None and not is_plain_wan_block(call.blocks[self.index]):
             return f"{type(call.blocks[self.index]).__name__} is not a plain WanAttentionBlock"
-        if call.unknown_conds:
-            return f"the call has conds the pack does not know ({', '.join(call.unknown_conds)})"
-        if "optimized_attention_override" in to:
-            return "an attention override is set (it may need whole query sequences)"
-        patches = to.get("patches", {})
-        if patches.get("attn1_patch"):
-            return "an attn1_patch is set (it reads the whole self-attention output)"
-        unknown = sorted(k for k, v in patches.items() if v and k not in KNOWN_PATCHES)
-        unknown += sorted(k for k, v in to.get("patches_replace", {}).items() if v and k not in KNOWN_REPLACES)
-        if unknown:
-            return f"patches the pack does not know are set ({', '.join(unknown)})"
-        if torch.is_grad_enabled() and x.requires_grad:
-            return "gradients are on"
-        if freqs is None or freqs.shape[1] not in (1, x.shape[1]):
+        reason = common_unsliced_reason(call, to, x, KNOWN_PATCHES,
+                                        no_call="the diffusion-model wrapper did not run (no context_img_len)")
+        if reason is None and (freqs is None or freqs.shape[1] not in (1, x.shape[1])):
             return "its RoPE frequencies do not match the tokens"
-        return None
+        return reason
 
 
 def wan_self_check() -> float:
@@ -328,13 +278,13 @@ def install_wan_slicing(model: ModelPatcher, token_chunk_for: TokenChunkFor = to
         logger.info(f"Streamline: {reason}; Wan slicing not installed.")
         return []
     log = LogOnce()
-    patched, kept = install_block_hooks(model, len(diffusion_model.blocks),
-                                        lambda index: SlicedWanBlock(index, token_chunk_for, log), SlicedWanBlock,
+    patched, kept = install_block_hooks(model, block_keys(len(diffusion_model.blocks)),
+                                        lambda key: SlicedWanBlock(key[1], token_chunk_for, log), SlicedWanBlock,
                                         WRAPPER_KEY, add_call_info)
     if kept:
-        logger.warning(f"Streamline: Wan blocks {kept} already have a block replacement (another node's); they run "
-                       "through it, unsliced.")
-    return patched
+        logger.warning(f"Streamline: Wan blocks {[i for _, i in kept]} already have a block replacement (another "
+                       "node's); they run through it, unsliced.")
+    return [i for _, i in patched]
 
 
 def remove_wan_slicing(model: ModelPatcher) -> None:
