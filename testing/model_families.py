@@ -48,6 +48,10 @@ class Family:
     # sizes merged over what detection reads from the keys, where its key reader fixes sizes no tiny model has
     # (Mochi's 48 blocks 3072 wide): the family, its supported_models and model_base classes stay detection's
     detected: dict | None = field(default=None, compare=False)
+    # max|sliced - plain| / max|plain| of a sampled clip, where sampling amplifies the forward's float32 reordering
+    # (None: the tests' 1e-5). SV3D: one forward differs by 2.3e-6 (SVD's: 2.9e-6, the same layers), its two sampled
+    # steps on random weights by 3.4e-5 to 7.4e-5; a dropped or misapplied operation differs by 1e-3 and more
+    sampled_tolerance: float | None = None
 
     @property
     def rehashes(self) -> bool:
@@ -99,6 +103,15 @@ def _svd() -> torch.nn.Module:
     # 1024-d context, 768-d ADM (fps, motion bucket, augmentation); attention in the output blocks of the
     # two upper levels only (lighter than svd_reduced)
     return _unet(**_svd_config([1, 1, 1, 1], transformer_depth_output=[1] * 6 + [0] * 6))
+
+
+def _sv3d(adm_in_channels: int):
+    # SV3D_u / SV3D_p detection: SVD's layout with an ADM of 256 (augmentation) or 1280 (+ elevation, azimuth)
+    def build() -> torch.nn.Module:
+        config = {**_svd_config([1, 1, 1, 1], transformer_depth_output=[1] * 6 + [0] * 6),
+                  "adm_in_channels": adm_in_channels}
+        return _unet(**config)
+    return build
 
 
 def _svd_config(channel_mult: list[int], transformer_depth_output: list[int] | None = None) -> dict:
@@ -205,6 +218,13 @@ def _svd_extras(g: torch.Generator, positive: bool) -> dict:
             "augmentation_level": 0.0}
 
 
+def _sv3d_extras(g: torch.Generator, positive: bool) -> dict:
+    """As SV3D_Conditioning gives them: the image latent, an augmentation level, the orbit's elevation and azimuth."""
+    image = torch.randn(1, 4, 8, 8, generator=g)
+    return {"concat_latent_image": image if positive else torch.zeros_like(image), "augmentation_level": 0.0,
+            "elevation": 10.0, "azimuth": 30.0}
+
+
 def _ltxv_extras(g: torch.Generator, positive: bool) -> dict:
     return {"attention_mask": torch.ones(1, TOKENS, dtype=torch.long), "frame_rate": 25}
 
@@ -217,6 +237,10 @@ FAMILIES = {f.name: f for f in (
     Family("SD15", _sd15, UNET_PREFIX, (2, 4, 8, 8), 768, _no_extras, sliced=True),
     Family("SDXL", _sdxl, UNET_PREFIX, (2, 4, 8, 8), 2048, _sdxl_extras, sliced=True),
     Family("SVD_img2vid", _svd, UNET_PREFIX, (2, 4, 8, 8), 1024, _svd_extras, sliced=True, cfg=2.5),
+    Family("SV3D_u", _sv3d(256), UNET_PREFIX, (2, 4, 8, 8), 1024, _sv3d_extras, sliced=True, cfg=2.5,
+           sampled_tolerance=1e-4),
+    Family("SV3D_p", _sv3d(1280), UNET_PREFIX, (2, 4, 8, 8), 1024, _sv3d_extras, sliced=True, cfg=2.5,
+           sampled_tolerance=1e-4),
     Family("WAN21_T2V", _wan21_t2v, "", (1, 16, 2, 4, 4), 4096, _no_extras, sliced=True, rehash_split=True),
     Family("LTXV", _ltxv, "", (1, 128, 2, 2, 2), 4096, _ltxv_extras, sliced=True),
     Family("Flux", _flux, "", (1, 16, 4, 4), 4096, _flux_extras, sliced=False, cfg=1.0),
