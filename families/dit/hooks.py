@@ -6,6 +6,9 @@ API (a block is named by its hook key, (kind, index): ("double_block", 3), ("sin
 - block_keys(count, kind=DOUBLE) -> [(kind, 0), ..., (kind, count - 1)];
 - block_hooks(transformer_options) -> the "dit" replacements of a model's (or a call's) options;
 - install_block_hooks(model, keys, make_hook, hook_type, wrapper_key, call_wrapper) -> (keys replaced, kept);
+- install_sliced_blocks(model, family, reason, keys, make_hook, hook_type, wrapper_key, call_wrapper) -> keys
+  replaced: a family's whole install (nothing and one info line where `reason` says why; one warning naming the
+  blocks another node replaces);
 - remove_block_hooks(model, hook_type, wrapper_key);
 - foreign_blocks(transformer_options, first, last, hook_type, kind=DOUBLE) -> indices not run by hook_type.
 """
@@ -49,6 +52,25 @@ def install_block_hooks(model, keys: Iterable[BlockKey], make_hook: Callable[[Bl
     model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, wrapper_key)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, wrapper_key, call_wrapper)
     return patched, kept
+
+
+def install_sliced_blocks(model, family: str, reason: str | None, keys: Iterable[BlockKey],
+                          make_hook: Callable[[BlockKey], object], hook_type: type, wrapper_key: str,
+                          call_wrapper) -> list[BlockKey]:
+    """A family's sliced blocks on `model` (a clone the caller owns): none where `reason` (why the pack leaves the
+    model to ComfyUI) is given, one info line; else install_block_hooks, one warning naming the blocks another
+    node already replaces (they run through that replacement, unsliced). Returns the keys replaced."""
+    from ...host.log import logger
+
+    if reason is not None:
+        logger.info(f"Streamline: {reason}; {family} slicing not installed.")
+        return []
+    patched, kept = install_block_hooks(model, keys, make_hook, hook_type, wrapper_key, call_wrapper)
+    if kept:
+        named = [i for _, i in kept] if len({kind for kind, _ in kept}) == 1 else kept
+        logger.warning(f"Streamline: {family} blocks {named} already have a block replacement (another node's); "
+                       "they run through it, unsliced.")
+    return patched
 
 
 def remove_block_hooks(model, hook_type: type, wrapper_key: str) -> None:

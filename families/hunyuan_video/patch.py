@@ -33,11 +33,11 @@ from torch import Tensor
 
 from ...host import fingerprints as host_fingerprints
 from ...host.fingerprints import HOST_0_3_64, HOST_0_33_0
-from ...host.log import LogOnce, logger
+from ...host.log import LogOnce
 from ...host.options import DIT_CALL_KEY as CALL_KEY, DIT_REHASH_CALL_KEY as REHASH_KEY
 from ...host.options import DIT_WRAPPER_KEY as WRAPPER_KEY
 from ..dit.block_hook import SlicedBlockHook, TokenChunkFor, common_unsliced_reason, token_chunk_from_state
-from ..dit.hooks import DOUBLE, SINGLE, block_keys, install_block_hooks, remove_block_hooks
+from ..dit.hooks import DOUBLE, SINGLE, block_keys, remove_block_hooks, install_sliced_blocks
 from .block import sliced_double_block, sliced_single_block
 
 
@@ -249,23 +249,15 @@ def install_hunyuan_slicing(model: ModelPatcher, token_chunk_for: TokenChunkFor 
     """Add the block replacements and the call wrapper to `model` (a clone the caller owns) for every double and
     single block of its HunyuanVideo. Blocks another pack already replaces keep that replacement (logged once).
     Returns the number of blocks patched."""
-    dm = model.model.diffusion_model
-    reason = unsupported_hunyuan_reason(dm)
-    if reason is not None:
-        logger.info(f"Streamline: {reason}; HunyuanVideo slicing not installed.")
-        return 0
-    log = LogOnce()
+    dm, log = model.model.diffusion_model, LogOnce()
 
     def make(key) -> SlicedHunyuanBlock:
         cls = SlicedSingleBlock if key[0] == SINGLE else SlicedDoubleBlock
         return cls(key[1], token_chunk_for, log)
 
     keys = block_keys(len(dm.double_blocks), DOUBLE) + block_keys(len(dm.single_blocks), SINGLE)
-    patched, kept = install_block_hooks(model, keys, make, SlicedHunyuanBlock, WRAPPER_KEY, add_call_info)
-    if kept:
-        logger.warning(f"Streamline: HunyuanVideo blocks {kept} already have a block replacement (another node's); "
-                       "they run through it, unsliced.")
-    return len(patched)
+    return len(install_sliced_blocks(model, "HunyuanVideo", unsupported_hunyuan_reason(dm), keys, make,
+                                     SlicedHunyuanBlock, WRAPPER_KEY, add_call_info))
 
 
 def remove_hunyuan_slicing(model: ModelPatcher) -> None:

@@ -25,11 +25,11 @@ from comfy.model_patcher import ModelPatcher
 from torch import Tensor
 
 from ...host import fingerprints as host_fingerprints
-from ...host.log import LogOnce, logger
+from ...host.log import LogOnce
 from ...host.options import DIT_CALL_KEY as CALL_KEY, DIT_REHASH_CALL_KEY as REHASH_KEY
 from ...host.options import DIT_WRAPPER_KEY as WRAPPER_KEY
 from ..dit.block_hook import SlicedBlockHook, TokenChunkFor, common_unsliced_reason, token_chunk_from_state
-from ..dit.hooks import block_keys, install_block_hooks, remove_block_hooks
+from ..dit.hooks import block_keys, remove_block_hooks, install_sliced_blocks
 from .block import sliced_av_block, sliced_ltxv_block, timestep_rows
 
 
@@ -267,18 +267,11 @@ def install_ltxv_slicing(model: ModelPatcher, token_chunk_for: TokenChunkFor = t
     """Add the block replacements and the call wrapper to `model` (a clone the caller owns) for every block of its
     LTX diffusion model. Blocks another pack already replaces keep that replacement (logged once). Returns the
     indices of the blocks patched."""
-    diffusion_model = model.model.diffusion_model
-    reason = unsupported_ltxv_reason(diffusion_model)
-    if reason is not None:
-        logger.info(f"Streamline: {reason}; LTX slicing not installed.")
-        return []
-    log = LogOnce()
-    patched, kept = install_block_hooks(model, block_keys(len(diffusion_model.transformer_blocks)),
-                                        lambda key: SlicedLtxBlock(key[1], token_chunk_for, log), SlicedLtxBlock,
-                                        WRAPPER_KEY, add_call_info)
-    if kept:
-        logger.warning(f"Streamline: LTX blocks {[i for _, i in kept]} already have a block replacement (another "
-                       "node's); they run through it, unsliced.")
+    diffusion_model, log = model.model.diffusion_model, LogOnce()
+    patched = install_sliced_blocks(model, "LTX", unsupported_ltxv_reason(diffusion_model),
+                                    block_keys(len(diffusion_model.transformer_blocks)),
+                                    lambda key: SlicedLtxBlock(key[1], token_chunk_for, log), SlicedLtxBlock,
+                                    WRAPPER_KEY, add_call_info)
     return [i for _, i in patched]
 
 

@@ -23,11 +23,10 @@ from comfy.model_patcher import ModelPatcher
 from torch import Tensor
 
 from ...host import fingerprints as host_fingerprints
-from ...host.log import logger
 from ...host.options import DIT_CALL_KEY as CALL_KEY, DIT_REHASH_CALL_KEY as REHASH_KEY
 from ...host.options import DIT_WRAPPER_KEY as WRAPPER_KEY
 from ..dit.block_hook import SlicedBlockHook, TokenChunkFor, common_unsliced_reason, token_chunk_from_state
-from ..dit.hooks import block_keys, install_block_hooks, remove_block_hooks
+from ..dit.hooks import block_keys, remove_block_hooks, install_sliced_blocks
 from .block import sliced_block_forward
 
 
@@ -177,21 +176,13 @@ def install_minimax_slicing(model: ModelPatcher, token_chunk_for: TokenChunkFor 
     """Add the block replacements and the call wrapper to `model` (a clone the caller owns) for every block of
     its MiniMax H3 model. Blocks another node already replaces keep that replacement (logged once). Returns the
     hook keys patched."""
-    diffusion_model = model.model.diffusion_model
-    reason = unsupported_minimax_reason(diffusion_model)
-    if reason is not None:
-        logger.info(f"Streamline: {reason}; MiniMax slicing not installed.")
-        return []
     from ...host.log import LogOnce
 
-    log = LogOnce()
-    patched, kept = install_block_hooks(model, block_keys(len(diffusion_model.blocks)),
-                                        lambda key: SlicedMiniMaxBlock(key[1], token_chunk_for, log),
-                                        SlicedMiniMaxBlock, WRAPPER_KEY, add_call_info)
-    if kept:
-        logger.warning(f"Streamline: MiniMax blocks {[k[1] for k in kept]} already have a block replacement "
-                       "(another node's); they run through it, unsliced.")
-    return patched
+    diffusion_model, log = model.model.diffusion_model, LogOnce()
+    return install_sliced_blocks(model, "MiniMax", unsupported_minimax_reason(diffusion_model),
+                                 block_keys(len(diffusion_model.blocks)),
+                                 lambda key: SlicedMiniMaxBlock(key[1], token_chunk_for, log), SlicedMiniMaxBlock,
+                                 WRAPPER_KEY, add_call_info)
 
 
 def remove_minimax_slicing(model: ModelPatcher) -> None:
