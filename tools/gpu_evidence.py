@@ -3,7 +3,7 @@ process under its own time limit, each row appended to a markdown file (flushed)
 measured, so an interrupted run keeps what it measured and one slow part cannot eat the rest.
 
     python tools/gpu_evidence.py --plan                                 # the parts, limits, expected GPU time
-    python tools/gpu_evidence.py --out $OUT/gpu_evidence.md            # H100/H200: at most 480 s
+    python tools/gpu_evidence.py --out $OUT/gpu_evidence.md            # H100/H200: at most 500 s
     python tools/gpu_evidence.py --out $OUT/e.md --dynamic-vram        # the paper metric with DynamicVRAM off and on
     python tools/gpu_evidence.py --device cpu --quick --out /tmp/e.md  # the plumbing, tiny cases (tests)
 
@@ -98,6 +98,10 @@ BENCHMARKS = [
     Benchmark("wan", "bench_wan.py", ("--repeats", "1"), ("--quick",), 35, 25,
               "Wan 2.1 1.3B 480x832x81 and 14B 720x1280x81, 2 blocks, ComfyUI vs token slices (3 forwards "
               "each, up to ~1.5 s at 14B), rehash FLOPs on the meta device"),
+    Benchmark("dit", "bench_dit.py", ("--measure", "--repeats", "1"), ("--quick", "--measure", "--repeats", "1"),
+              30, 25, "the video DiTs at real shapes: predicted table (meta device, ~2 s), then 2 real-dim blocks "
+              "per family with laws, ComfyUI vs the 24 / 12 GiB plans (Wan 2.1 14B 720x1280x81 ~1.5 s a forward, "
+              "Wan 2.2 5B 1280x704x121; 2 forwards each), 8 s start"),
     Benchmark("svd_process", "paper_metric.py",
               ("--model", "svd", "--steps", "3", "--limit-s", "35", "--total-s", "80", "--work", WORK),
               ("--model", "svd", "--quick", "--work", WORK), 85, 70,
@@ -124,7 +128,7 @@ BACKGROUND = [
 # fmt: on
 QUICK_LIMIT_S = 240
 MIN_PART_S = 10  # a part is not started with less of the budget left
-GPU_TOTAL_S = 480  # the budget the limits above add up to at most (an H100/H200; one device call is 600 s)
+GPU_TOTAL_S = 500  # the budget the limits above add up to at most (an H100/H200; one device call is 600 s)
 DYNAMIC_VRAM_ARGS = ("--variants", "comfyui", "streamline", "--dynamic-vram", "off", "on")
 
 
