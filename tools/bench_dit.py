@@ -175,6 +175,28 @@ def minimax_tokens(text: int):
     return tokens
 
 
+def hunyuan_call(case, model, latent, device, dtype, generator):
+    """HunyuanVideo 1.5's latent (65 channels: the video's 32, the image condition's 33) and its Qwen2.5-VL context."""
+    import torch
+
+    b = latent[0]
+    x = torch.randn(latent, device=device, dtype=dtype, generator=generator)
+    context = torch.randn(b, case.text_tokens, 3584, device=device, dtype=dtype, generator=generator)
+    return (x, torch.full((b,), 500.0, device=device), context), {}
+
+
+def minimax_call(case, model, latent, device, dtype, generator):
+    """EmptyMiniMaxH3LatentAV's [video, audio] (audio: 32 channels x 2 x its frames) and the text context."""
+    import torch
+    from comfy_extras.nodes_minimax_h3 import temporal_shape
+
+    b = latent[0]
+    video = torch.randn(latent, device=device, dtype=dtype, generator=generator)
+    audio = torch.randn(b, 32, 2, temporal_shape(case.frames)[2], device=device, dtype=dtype, generator=generator)
+    context = torch.randn(b, case.text_tokens, 5120, device=device, dtype=dtype, generator=generator)
+    return ([video, audio], torch.full((b,), 0.5, device=device), context), {}
+
+
 MINIMAX_FRAMES = 124  # EmptyMiniMaxH3LatentAV's default length (1344x768, 24 fps, ~5 s)
 MINIMAX_TEXT = 256  # an assumed prompt length (Qwen3-VL tokens vary with the prompt)
 
@@ -185,9 +207,10 @@ CASES = [
          patched_tokens((1, 2, 2)), 512, wan_call),
     Case("LTX-2 19B (video + audio)", 1920, 1088, 241, ltxav(), ltx_latent, patched_tokens((1, 1, 1)), None,
          ltxav_call),
-    Case("HunyuanVideo 1.5 720p", 1280, 720, 121, hunyuan15(), hunyuan15_latent, patched_tokens((1, 1, 1))),
+    Case("HunyuanVideo 1.5 720p", 1280, 720, 121, hunyuan15(), hunyuan15_latent, patched_tokens((1, 1, 1)), 256,
+         hunyuan_call),
     Case("MiniMax H3", 1344, 768, MINIMAX_FRAMES, minimax_h3(), minimax_latent, minimax_tokens(MINIMAX_TEXT),
-         batch=1, note=f"packed text ({MINIMAX_TEXT} tokens assumed) + audio + video rows, one sequence a call"),
+         MINIMAX_TEXT, minimax_call, batch=1, note=f"packed text ({MINIMAX_TEXT} tokens assumed) + audio + video rows, one sequence a call"),
 ]
 QUICK = [
     Case("tiny Wan", 256, 256, 9, wan(256, 1024, 4), wan_latent(16, 8), patched_tokens((1, 2, 2)), 32, wan_call),
@@ -209,6 +232,7 @@ class Prediction:
     family: str = ""
     comfy: int | None = None  # ComfyUI's predicted peak bytes
     plans: dict = field(default_factory=dict)  # budget bytes -> Plan, or the BudgetError's text
+    automatic: tuple | None = None  # (tokens per slice, predicted peak bytes): Model Patch left automatic
     why: str | None = None  # why there are no numbers (no adapter, no laws)
 
 
@@ -234,7 +258,7 @@ def meta_model(case: Case, layers: int | None = None):
 
 def predict(case: Case, budgets: tuple[int, ...], dtype_bytes: int = 2) -> Prediction:
     """The family adapter's plan for each budget, and ComfyUI's peak, for one call of the case's latent."""
-    from comfyui_streamline.core.budget import BudgetError
+    from comfyui_streamline.core.plan_search import BudgetError
     from comfyui_streamline.families.registry import family_of, plan_for, unsupported_reason
 
     model = meta_model(case)
@@ -248,9 +272,13 @@ def predict(case: Case, budgets: tuple[int, ...], dtype_bytes: int = 2) -> Predi
     found.why = family.reason(model, "plan")
     if found.why is not None:
         return found
+    x, context = call_input(case, family, model, latent)
     for budget in budgets:
         try:
-            plan = plan_for(family, model, latent, dtype_bytes, budget, context_tokens=case.text_tokens)
+            if x is None:
+                plan = plan_for(family, model, latent, dtype_bytes, budget, context_tokens=case.text_tokens)
+            else:
+                plan = family.plan(model, x, context, budget, 0, budget, False, None, lambda: False)
         except NotImplementedError:
             found.why = f"the {family} adapter has no memory laws yet"
             return found
@@ -259,17 +287,33 @@ def predict(case: Case, budgets: tuple[int, ...], dtype_bytes: int = 2) -> Predi
             continue
         found.plans[budget] = plan
         found.comfy = plan.baseline_peak_bytes
+    if x is not None:  # Streamline Model Patch with its slices left automatic (the family's laws choose them)
+        from comfyui_streamline.core.slicing import SliceConfig
+
+        auto = family.call_slicing(model, x, context, SliceConfig())
+        found.automatic = (auto.token_chunk, family.peaks(model, x, context, auto)[0])
     return found
 
 
+def call_input(case: Case, family, model, latent: tuple[int, ...]):
+    """(what stands for one call of the case's latent to the family's laws, its context) on the meta device, as
+    the family reads a real call (Family.call_input); (None, None) for a case without a call."""
+    import torch
+
+    if case.call is None:
+        return None, None
+    args, kwargs = case.call(case, model, latent, "meta", torch.bfloat16, None)
+    return family.call_input(model, args, kwargs), args[2]
+
+
 def prediction_rows(rows: Rows, cases: list[Case], budgets: tuple[int, ...]) -> list[Prediction]:
-    from comfyui_streamline.core.budget import format_bytes
+    from comfyui_streamline.core.plan_search import format_bytes
 
     gib = format_bytes
 
-    rows.line("| family | shape (WxHxF, batch) | tokens | ComfyUI predicted peak | " +
-              " | ".join(f"pack at {gib(b)}: slice | peak | ratio" for b in budgets) + " |")
-    rows.line("|---|---|---|---|" + "---|---|---|" * len(budgets))
+    rows.line("| family | shape (WxHxF, batch) | tokens | ComfyUI predicted peak | Model Patch (automatic): slice "
+              "| peak | ratio | " + " | ".join(f"Memory Budget {gib(b)}: slice | peak | ratio" for b in budgets) + " |")
+    rows.line("|---|---|---|---|---|---|---|" + "---|---|---|" * len(budgets))
     found = []
     with cuda_attention():
         for case in cases:
@@ -277,9 +321,10 @@ def prediction_rows(rows: Rows, cases: list[Case], budgets: tuple[int, ...]) -> 
             found.append(p)
             head = f"| {case.name} | {case.shape}, batch {case.batch} | {p.tokens} |"
             if p.why is not None:
-                rows.line(f"{head} {p.why} |" + " | | |" * len(budgets))
+                rows.line(f"{head} {p.why} |" + " | | |" * (len(budgets) + 1))
                 continue
-            cells = []
+            cells = ["not measured | | " if p.automatic is None else
+                     f"{p.automatic[0]} | {format_bytes(p.automatic[1])} | {p.comfy / p.automatic[1]:.2f}x less"]
             for b in budgets:
                 plan = p.plans[b]
                 if isinstance(plan, str):
@@ -347,7 +392,7 @@ def measure_rows(rows: Rows, cases: list[Case], budgets: tuple[int, ...], args) 
     import comfy.ops
     import torch
 
-    from comfyui_streamline.core.budget import BudgetError, format_bytes
+    from comfyui_streamline.core.plan_search import BudgetError, format_bytes
     from comfyui_streamline.core.slicing import SliceConfig
     from comfyui_streamline.families.registry import family_of, peaks_for, plan_for
 
