@@ -659,6 +659,13 @@ def _hunyuan15_extras(g: torch.Generator, positive: bool) -> dict:
             "clip_vision_output": _VisionOutput(torch.randn(1, 16, 1152, generator=g))}
 
 
+def _hunyuan15_sr_extras(g: torch.Generator, positive: bool) -> dict:
+    """1.5's super-resolution pass without its low-resolution latent (concat_cond then builds the 66 zero channels
+    itself): the vision output and the pooled vector."""
+    return {"pooled_output": torch.randn(1, 768, generator=g),
+            "clip_vision_output": _VisionOutput(torch.randn(1, 16, 1152, generator=g))}
+
+
 HUNYUAN_VARIANTS = {f.name: f for f in (
     Family("HunyuanVideo", hunyuan_video, "", (1, 16, 2, 4, 4), HUNYUAN_CONTEXT["1.0"], _hunyuan_extras,
            sliced=True, cfg=1.0),
@@ -666,6 +673,13 @@ HUNYUAN_VARIANTS = {f.name: f for f in (
            HUNYUAN_CONTEXT["1.0"], _hunyuan_extras, sliced=True, cfg=1.0),
     Family("HunyuanVideo15", functools.partial(hunyuan_video, "1.5"), "", (1, 32, 2, 4, 4), HUNYUAN_CONTEXT["1.5"],
            _hunyuan15_extras, sliced=True, needs=("comfy.supported_models:HunyuanVideo15",)),
+    # SkyReels I2V (32 input channels: the latent and its image) and 1.5's distilled super-resolution (98: the latent,
+    # a mask, the low-resolution latent, a mask): the same blocks, told apart by detection from the input width
+    Family("HunyuanVideoSkyreelsI2V", functools.partial(hunyuan_video, in_channels=32), "", (1, 16, 2, 4, 4),
+           HUNYUAN_CONTEXT["1.0"], _hunyuan_extras, sliced=True, cfg=1.0),
+    Family("HunyuanVideo15_SR_Distilled", functools.partial(hunyuan_video, "1.5", in_channels=98), "",
+           (1, 32, 2, 4, 4), HUNYUAN_CONTEXT["1.5"], _hunyuan15_sr_extras, sliced=True, cfg=1.0,
+           needs=("comfy.supported_models:HunyuanVideo15_SR_Distilled",)),
 )}
 # LTX variants for the LTX slicing tests (tests/test_ltxv.py); LTXAV: LTX-2, whose latent is [video, audio]
 # (ltxav_latent) and whose host may lack it (ComfyUI 0.3.64)

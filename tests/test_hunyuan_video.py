@@ -161,6 +161,28 @@ def test_apply_model_and_ksampler_under_streamline_model_patch(slice_spy):
     assert doubles and all(c[1:] == (60, 15) for c in doubles) and len(slice_spy) == 2 * 4
 
 
+@pytest.mark.parametrize("name", ["HunyuanVideoSkyreelsI2V", "HunyuanVideo15_SR_Distilled"])
+def test_variant_through_detection_and_ksampler(name, slice_spy):
+    """The variants told apart by their input width (SkyReels I2V, 1.5's super-resolution): ComfyUI detects
+    each, and KSampler under Streamline Model Patch equals the plain MODEL, with every block sliced."""
+    import nodes
+    from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
+
+    family, model = spec(name), loaded(name)
+    assert type(model.model.model_config).__name__ == name
+    positive, negative = family.conds()
+    latent = {"samples": torch.zeros(family.latent_shape)}
+
+    def sample(m):
+        (out,) = nodes.common_ksampler(m, 5, 2, family.cfg, "euler", "normal", positive, negative, latent)
+        return out["samples"]
+
+    plain = sample(model)
+    out = sample(StreamlineModelPatch.execute(model, frame_chunk=1, spatial_chunk=0).result[0])
+    assert relative_error(out, plain) <= TOL
+    assert {c[0] for c in slice_spy} == {"double", "single"} and all(c[2] < c[1] for c in slice_spy), slice_spy
+
+
 def test_hunyuan15_through_ksampler(slice_spy):
     import nodes
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
