@@ -23,6 +23,8 @@ try:  # ComfyUI's nodes.py, imported at collection, while the host leads sys.pat
 except ImportError:  # no host: the tests skip
     comfy_nodes = None
 
+from comfyui_streamline.testing.matrix import full_matrix_only  # noqa: E402
+
 pytestmark = pytest.mark.host
 
 TOL = 1e-5
@@ -336,8 +338,10 @@ def predicted_peak(audio: bool, batch: int, frames: int, side: int, chunk: int |
     return laws.forward_peak_bytes(laws.ltx_shape(model), work, chunk, laws.SUB_QUADRATIC)
 
 
-@pytest.mark.parametrize("audio", [False, True])
-@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("audio, per_token", [
+    (False, True), (True, False),
+    pytest.param(False, False, marks=full_matrix_only("the per-token case")),
+    pytest.param(True, True, marks=full_matrix_only("LTX-2's and the per-token cases"))])
 def test_memory_laws_within_one_percent_of_the_meter(audio, per_token):
     """Whole forwards (2 blocks), ComfyUI's and sliced (16, 64, 512 tokens), against the live-tensor counter:
     2048 tokens (the attention scores lead ComfyUI's peak), 256 (the prologue and head matter), batch 1 and 2."""

@@ -20,10 +20,10 @@ ADE builds motion modules from a fixed channel table and refuses other widths
 (test_reduced_width_motion_model_is_refused), so the UNets have real widths: SD1.5, and the smallest SDXL
 layout ComfyUI detects. An SD1.5 UNet call costs seconds on one thread whatever the latent, so each case
 costs 10-20 s. By default every family the pack sees as distinct runs once (Gen2, or its own apply node; v3 and
-AnimateDiff-SDXL, whose motion modules are v2's without the mid block and HotshotXL's, only in the full matrix),
-the legacy loader (apply_v2_models_properly off) on v2, and the looped-uniform context windows;
-STREAMLINE_FULL_MATRIX=1 adds every family through every loader, CFG 1 and standard static context windows
-(19 cases, about 4 minutes more).
+AnimateDiff-SDXL, whose motion modules are v2's without the mid block and HotshotXL's, only in the full matrix)
+and the looped-uniform context windows; STREAMLINE_FULL_MATRIX=1 adds every family through every loader (the
+legacy loader with apply_v2_models_properly off on v2 too), odd frame counts, CFG 1 and standard static context
+windows (21 cases, about 5 minutes more).
 In the full matrix the three loaders give the same samples for a family in the same mode; they differ in how
 the MODEL is put together, which is what those cases check. The latent is 8x8: levels of 64, 16, 4 (and 1) positions.
 """
@@ -358,12 +358,11 @@ FULL_MATRIX_FAMILIES = {"v3", "AnimateDiff-SDXL"}
 
 def loader_cases(layout: str) -> list:
     """(family, loader, apply_v2_models_properly) cases. By default each family once through Gen2 (PIA: with
-    its image, test_pia_*; not FULL_MATRIX_FAMILIES), and v2 through the legacy loader with
-    apply_v2_models_properly off (hack mode, and the legacy loader's MODEL); every family through every loader
-    with STREAMLINE_FULL_MATRIX."""
+    its image, test_pia_*; not FULL_MATRIX_FAMILIES); every family through every loader (the legacy loader with
+    apply_v2_models_properly off too) with STREAMLINE_FULL_MATRIX."""
     from comfyui_streamline.testing.motion_families import FAMILIES
 
-    also_by_default = {("v2", "legacy", False)}
+    also_by_default = set()
     cases = []
     for family in FAMILIES.values():
         if family.layout != layout or family.extra == "i2v":  # AnimateLCM-I2V: test_animatelcm_i2v_*
@@ -421,6 +420,7 @@ def test_cameractrl_matches_unpatched(bases, motion_files, caplog):
 # -- batches the hack mode must get right: odd frame counts, single-cond calls, context windows --------
 
 
+@FULL_MATRIX_ONLY  # slices that split videos in hack mode: tests/test_video_norm.py's f3 cases check the same
 def test_odd_frame_count_matches_unpatched(bases, motion_files, caplog):
     """v1 (hack mode), 5 frames: 10 samples with CFG, slices of 6 and 4 samples."""
     outcome, _ = measure(bases, motion_files, caplog, "v1-5-frames", "v1", frames=ODD_FRAMES)

@@ -498,9 +498,9 @@ def test_gpu_evidence_command_appends_rows_and_skips_what_is_missing(tmp_path):
     assert sum(b.limit_s for b in gpu_evidence.BENCHMARKS) <= gpu_evidence.GPU_TOTAL_S
     out = tmp_path / "evidence.md"
     subprocess.run([sys.executable, str(tools / "gpu_evidence.py"), "--device", "cpu", "--quick", "--only", "offload",
-                    "svd", "wan", "--out", str(out)], check=True, timeout=900)
+                    "wan", "--out", str(out)], check=True, timeout=900)
     text = out.read_text()
-    assert text.startswith("# GPU evidence") and "svd: ok" in text and "wan: ok" in text, text
+    assert text.startswith("# GPU evidence") and "wan: ok" in text, text  # bench_svd --quick: test_svd_bench.py
     rows = [line for line in text.splitlines() if line.startswith("| 64x64x4")]
     assert len(rows) == 4 and "bit-identical" in rows[-2] and "bit-identical" in rows[-1], text  # skips, features
     assert "| tiny 128x128x5" in text and "Streamline, token_chunk" in text

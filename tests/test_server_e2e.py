@@ -125,7 +125,7 @@ def sized_prompt(workflow: dict, patched: bool) -> dict:
     prompt["1"]["inputs"]["ckpt_name"] = CKPT
     prompt["2"]["inputs"]["model_name"] = MOTION
     prompt["6"]["inputs"].update(width=64, height=64, batch_size=4)
-    prompt["7"]["inputs"].update(steps=2, seed=7)
+    prompt["7"]["inputs"].update(steps=1, seed=7)  # one step: the API path is what this checks
     prompt["3"]["inputs"].update(frame_chunk=3, spatial_chunk=16, scale_with_level=False)
     prompt["9"]["inputs"]["filename_prefix"] = f"e2e/{'patched' if patched else 'plain'}"
     if not patched:

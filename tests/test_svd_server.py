@@ -22,7 +22,13 @@ import torch
 from comfy_server import REPO_ROOT, running_server
 from conftest import ADE_ROOT
 
-pytestmark = [pytest.mark.host, pytest.mark.server]
+from comfyui_streamline.testing.matrix import full_matrix_only
+
+# A second server with a 1.9 GB checkpoint: full matrix only. Faster tests check each part of it: SVD sliced and exact
+# through ComfyUI's KSampler path (tests/test_svd_exact.py), the shipped graph against the host's node definitions
+# (tests/test_workflows.py) and in the real frontend (tests/test_browser.py).
+pytestmark = [pytest.mark.host, pytest.mark.server,
+              full_matrix_only("test_svd_exact.py (KSampler), test_workflows.py and test_browser.py (the graph)")]
 
 WORKFLOW = REPO_ROOT / "workflows" / "api" / "svd_img2vid_streamline_api.json"
 CKPT = "streamline-random-svd.safetensors"
