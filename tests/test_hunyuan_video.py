@@ -161,6 +161,35 @@ def test_apply_model_and_ksampler_under_streamline_model_patch(slice_spy):
     assert doubles and all(c[1:] == (60, 15) for c in doubles) and len(slice_spy) == 2 * 4
 
 
+def test_streamline_model_patch_left_automatic_slices_as_the_laws_choose(slice_spy):
+    """Streamline Model Patch with its slices left automatic, through KSampler: each call's block hooks get the
+    slice the laws choose for it (the adapter's call_slicing: laws.automatic_token_chunk), and the output stays
+    within TOL of the plain MODEL's."""
+    import nodes
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.families.hunyuan_video.adapter import HUNYUAN_VIDEO
+    from comfyui_streamline.techniques.slicing import apply_streamline
+
+    family, model = spec("HunyuanVideo"), loaded("HunyuanVideo")
+    positive, negative = family.conds()
+    latent = {"samples": torch.zeros(1, 16, 4, HEIGHT, WIDTH)}  # 4 x 5 x 6 = 120 image tokens
+
+    def sample(m):
+        (out,) = nodes.common_ksampler(m, 5, 2, 5.0, "euler", "normal", positive, negative, latent)
+        return out["samples"]
+
+    plain = sample(model)
+    out = sample(apply_streamline(model, SliceConfig()))
+    assert relative_error(out, plain) <= TOL
+    dm = model.model.diffusion_model
+    x, context = torch.empty(2, 16, 4, HEIGHT, WIDTH), torch.empty(2, TEXT, 4096)
+    chunk = HUNYUAN_VIDEO.call_slicing(dm, x, context, SliceConfig()).token_chunk
+    assert chunk % 30 == 0  # whole latent frames of 5 x 6 tokens
+    assert HUNYUAN_VIDEO.call_slicing(dm, x, context, SliceConfig(token_chunk=7)).token_chunk == 7
+    doubles = [c for c in slice_spy if c[0] == "double"]
+    assert doubles and all(c[1:] == (120, chunk) for c in doubles), (doubles, chunk)
+
+
 def test_hunyuan15_through_ksampler(slice_spy):
     import nodes
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
