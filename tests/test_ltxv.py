@@ -227,6 +227,35 @@ def test_ksampler_under_streamline_model_patch_matches_without(name, slice_spy):
     assert slice_spy == [(60, 10)] * 2 * 2  # 2 steps x 2 blocks; 1 frame x 20 tokens / batch 2
 
 
+def test_streamline_model_patch_left_automatic_slices_as_the_laws_choose(slice_spy):
+    """Streamline Model Patch with its slices left automatic, through KSampler: each call's block hooks get the
+    slice the laws choose for it (the adapter's call_slicing: laws.automatic_token_chunk), whole latent frames,
+    and the output stays within TOL of the plain MODEL's."""
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.families.ltxv.adapter import LTXV
+    from comfyui_streamline.techniques.slicing import apply_streamline
+    from comfyui_streamline.testing.model_families import LTX_VARIANTS
+
+    model, family = loaded("LTXV"), LTX_VARIANTS["LTXV"]
+    positive, negative = family.conds()
+    video = (1, 128, FRAMES, HEIGHT, WIDTH)
+
+    def sample(m):
+        (out,) = comfy_nodes.common_ksampler(m, 5, 2, family.cfg, "euler", "normal", positive, negative,
+                                             {"samples": torch.zeros(video)})
+        return out["samples"]
+
+    plain = sample(model)
+    out = sample(apply_streamline(model, SliceConfig()))
+    assert relative_error(out, plain) <= TOL
+    dm = model.model.diffusion_model
+    x, context = torch.empty(2, *video[1:]), torch.empty(2, positive[0][0].shape[1], 1)
+    chunk = LTXV.call_slicing(dm, x, context, SliceConfig()).token_chunk
+    assert chunk % (HEIGHT * WIDTH) == 0  # whole latent frames
+    assert LTXV.call_slicing(dm, x, context, SliceConfig(token_chunk=7)).token_chunk == 7
+    assert slice_spy == [(60, chunk)] * 2 * 2, (slice_spy, chunk)  # 2 steps x 2 blocks
+
+
 def test_unknown_block_and_unknown_cond_run_unsliced_with_one_log_line(caplog, slice_spy):
     from comfy.ldm.lightricks.model import BasicTransformerBlock
     from comfyui_streamline.testing.model_families import load
