@@ -546,3 +546,25 @@ def test_automatic_slice_is_the_coarsest_close_to_one_frame(scores):
         bound = (1 + AUTO_PEAK_CLOSENESS) * peak(slices[-1])
         assert chosen in slices[1:] and peak(chosen) <= bound
         assert peak(slices[slices.index(chosen) - 1]) > bound
+
+
+def test_streamline_model_patch_left_automatic_slices_as_the_laws_choose():
+    """Streamline Model Patch with its slices left automatic, through KSampler: each call's block hooks get the
+    slice the laws choose for it (the adapter's call_slicing: laws.automatic_token_chunk), and the output stays
+    within TOL of the plain MODEL's."""
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.families import registry
+    from comfyui_streamline.families.minimax.adapter import packed_input
+    from comfyui_streamline.techniques.slicing import apply_streamline
+    from comfyui_streamline.testing.model_families import TOKENS
+    from comfyui_streamline.testing.video_families import minimax_latent
+
+    dm = h3_model().model.diffusion_model
+    video, audio = minimax_latent()["samples"].unbind()
+    packed = packed_input(dm, [video, audio], torch.empty(1, TOKENS, dm.hidden_size), None)
+    chunk = registry.MINIMAX.call_slicing(dm, packed, None, SliceConfig()).token_chunk
+    assert registry.MINIMAX.call_slicing(dm, packed, None, SliceConfig(token_chunk=7)).token_chunk == 7
+    with sliced_calls() as slices:
+        out = sample(apply_streamline(h3_model(), SliceConfig()))
+    assert relative(out, plain()) <= TOL
+    assert slices and all(c == (packed.shape[1], chunk) for c in slices), (slices, chunk, packed.shape)
