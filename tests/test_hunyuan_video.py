@@ -183,6 +183,35 @@ def test_variant_through_detection_and_ksampler(name, slice_spy):
     assert {c[0] for c in slice_spy} == {"double", "single"} and all(c[2] < c[1] for c in slice_spy), slice_spy
 
 
+def test_streamline_model_patch_left_automatic_slices_as_the_laws_choose(slice_spy):
+    """Streamline Model Patch with its slices left automatic, through KSampler: each call's block hooks get the
+    slice the laws choose for it (the adapter's call_slicing: laws.automatic_token_chunk), and the output stays
+    within TOL of the plain MODEL's."""
+    import nodes
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.families.hunyuan_video.adapter import HUNYUAN_VIDEO
+    from comfyui_streamline.techniques.slicing import apply_streamline
+
+    family, model = spec("HunyuanVideo"), loaded("HunyuanVideo")
+    positive, negative = family.conds()
+    latent = {"samples": torch.zeros(1, 16, 4, HEIGHT, WIDTH)}  # 4 x 5 x 6 = 120 image tokens
+
+    def sample(m):
+        (out,) = nodes.common_ksampler(m, 5, 2, 5.0, "euler", "normal", positive, negative, latent)
+        return out["samples"]
+
+    plain = sample(model)
+    out = sample(apply_streamline(model, SliceConfig()))
+    assert relative_error(out, plain) <= TOL
+    dm = model.model.diffusion_model
+    x, context = torch.empty(2, 16, 4, HEIGHT, WIDTH), torch.empty(2, TEXT, 4096)
+    chunk = HUNYUAN_VIDEO.call_slicing(dm, x, context, SliceConfig()).token_chunk
+    assert chunk % 30 == 0  # whole latent frames of 5 x 6 tokens
+    assert HUNYUAN_VIDEO.call_slicing(dm, x, context, SliceConfig(token_chunk=7)).token_chunk == 7
+    doubles = [c for c in slice_spy if c[0] == "double"]
+    assert doubles and all(c[1:] == (120, chunk) for c in doubles), (doubles, chunk)
+
+
 def test_hunyuan15_through_ksampler(slice_spy):
     import nodes
     from comfyui_streamline.nodes.model_patch import StreamlineModelPatch
@@ -344,21 +373,66 @@ def test_memory_laws_match_the_live_tensor_meter(depth, single):
     assert rows[0] / rows[1] >= 2.5  # ComfyUI's forward against slices of 64 tokens
 
 
-def test_largest_token_chunk_fits_and_is_largest():
+def test_planned_token_slice_fits_and_is_largest():
+    from comfyui_streamline.core.plan_search import BudgetError, PlanSearch
     from comfyui_streamline.families.dit.laws import SDPA
-    from comfyui_streamline.families.hunyuan_video.laws import (
-        HunyuanShape, HunyuanWork, forward_peak_bytes, largest_token_chunk,
-    )
+    from comfyui_streamline.families.hunyuan_video.laws import HunyuanShape, HunyuanWork, forward_peak_bytes, plan_tokens
 
     shape = HunyuanShape(3072, 24, 12288, doubles=20, singles=40)  # HunyuanVideo 1.0 (13B)
     work = HunyuanWork(2, 33 * 45 * 80, text_tokens=256, dtype_bytes=2)  # 720x1280x129, CFG batched, bf16
-    plain = forward_peak_bytes(shape, work, None, SDPA)
-    budget = plain / 3
-    n = largest_token_chunk(shape, work, budget, SDPA)
-    assert n is not None and forward_peak_bytes(shape, work, n, SDPA) <= budget
-    assert forward_peak_bytes(shape, work, n + 1, SDPA) > budget
-    assert largest_token_chunk(shape, work, plain, SDPA) == work.joint
-    assert largest_token_chunk(shape, work, 1.0, SDPA) is None
+
+    def planned(budget: float) -> int:
+        return plan_tokens(shape, work, PlanSearch(budget, "a test", headroom=1.0), SDPA).candidate
+
+    budget = forward_peak_bytes(shape, work, None, SDPA) / 3
+    n = planned(budget)
+    assert forward_peak_bytes(shape, work, n, SDPA) <= budget < forward_peak_bytes(shape, work, n + 1, SDPA)
+    assert planned(forward_peak_bytes(shape, work, work.joint, SDPA)) == work.joint
+    with pytest.raises(BudgetError):
+        planned(1.0)
+
+
+@pytest.mark.parametrize("kernel_name", ["SDPA", "SUB_QUADRATIC"])
+def test_planned_token_slice_is_the_first_that_fits_in_a_scan(kernel_name):
+    """The plan search bisects: for budgets across the range (those between ComfyUI's forward's peak and that of
+    its blocks under the hooks among them), it finds the slice a scan from the joint tokens down to one finds."""
+    from comfyui_streamline.core.plan_search import PlanSearch
+    from comfyui_streamline.families.dit import laws as dit_laws
+    from comfyui_streamline.families.hunyuan_video.laws import (
+        HunyuanShape, HunyuanWork, forward_peak_bytes, plan_tokens, token_slices,
+    )
+
+    kernel = getattr(dit_laws, kernel_name)
+    shape, work = HunyuanShape(64, 2, 256, doubles=2, singles=2), HunyuanWork(1, 3 * 8 * 8, text_tokens=7, dtype_bytes=4)
+    peaks = [forward_peak_bytes(shape, work, n, kernel) for n in token_slices(work)]
+    unhooked = forward_peak_bytes(shape, work, None, kernel)
+    assert unhooked < peaks[0]  # the hooks keep the image stream: a budget between the two is not the joint tokens
+    budgets = [peaks[-1] + (peaks[0] - peaks[-1]) * i / 40 for i in range(41)] + [(unhooked + peaks[0]) / 2]
+    for budget in budgets:
+        scanned = next(n for n, p in zip(token_slices(work), peaks) if p <= budget)
+        assert plan_tokens(shape, work, PlanSearch(budget, "a test", headroom=1.0), kernel).candidate == scanned
+
+
+def test_automatic_slice_is_the_coarsest_close_to_one_frame():
+    """A config left automatic: the most latent frames per slice whose predicted peak is within
+    AUTO_PEAK_CLOSENESS of one frame per slice's; the next coarser candidate is not."""
+    from comfyui_streamline.core.plan_search import AUTO_PEAK_CLOSENESS
+    from comfyui_streamline.core.slicing import frame_slices
+    from comfyui_streamline.families.dit.laws import SDPA, SUB_QUADRATIC
+    from comfyui_streamline.families.hunyuan_video.laws import (
+        HunyuanShape, HunyuanWork, automatic_token_chunk, forward_peak_bytes,
+    )
+
+    cases = [(HunyuanShape(3072, 24, 12288, doubles=20, singles=40), HunyuanWork(2, 33 * 45 * 80, 256, 2), 45 * 80),
+             (HunyuanShape(64, 2, 256, doubles=2, singles=2), HunyuanWork(1, 6 * 8 * 8, 7, 4), 8 * 8)]
+    for shape, work, per_frame in cases:
+        for kernel in (SDPA, SUB_QUADRATIC):
+            slices = frame_slices(work.tokens, per_frame)
+            peak = lambda n: forward_peak_bytes(shape, work, n, kernel)  # noqa: E731
+            chosen = automatic_token_chunk(shape, work, per_frame, kernel)
+            bound = (1 + AUTO_PEAK_CLOSENESS) * peak(slices[-1])
+            assert chosen in slices[1:] and peak(chosen) <= bound
+            assert peak(slices[slices.index(chosen) - 1]) > bound
 
 
 def test_memory_budget_plans_hunyuan_video(slice_spy):

@@ -229,6 +229,35 @@ def test_ksampler_under_streamline_model_patch_matches_without(name, slice_spy):
     assert slice_spy == [(60, 10)] * 2 * 2  # 2 steps x 2 blocks; 1 frame x 20 tokens / batch 2
 
 
+def test_streamline_model_patch_left_automatic_slices_as_the_laws_choose(slice_spy):
+    """Streamline Model Patch with its slices left automatic, through KSampler: each call's block hooks get the
+    slice the laws choose for it (the adapter's call_slicing: laws.automatic_token_chunk), whole latent frames,
+    and the output stays within TOL of the plain MODEL's."""
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.families.ltxv.adapter import LTXV
+    from comfyui_streamline.techniques.slicing import apply_streamline
+    from comfyui_streamline.testing.model_families import LTX_VARIANTS
+
+    model, family = loaded("LTXV"), LTX_VARIANTS["LTXV"]
+    positive, negative = family.conds()
+    video = (1, 128, FRAMES, HEIGHT, WIDTH)
+
+    def sample(m):
+        (out,) = comfy_nodes.common_ksampler(m, 5, 2, family.cfg, "euler", "normal", positive, negative,
+                                             {"samples": torch.zeros(video)})
+        return out["samples"]
+
+    plain = sample(model)
+    out = sample(apply_streamline(model, SliceConfig()))
+    assert relative_error(out, plain) <= TOL
+    dm = model.model.diffusion_model
+    x, context = torch.empty(2, *video[1:]), torch.empty(2, positive[0][0].shape[1], 1)
+    chunk = LTXV.call_slicing(dm, x, context, SliceConfig()).token_chunk
+    assert chunk % (HEIGHT * WIDTH) == 0  # whole latent frames
+    assert LTXV.call_slicing(dm, x, context, SliceConfig(token_chunk=7)).token_chunk == 7
+    assert slice_spy == [(60, chunk)] * 2 * 2, (slice_spy, chunk)  # 2 steps x 2 blocks
+
+
 def test_unknown_block_and_unknown_cond_run_unsliced_with_one_log_line(caplog, slice_spy):
     from comfy.ldm.lightricks.model import BasicTransformerBlock
     from comfyui_streamline.testing.model_families import load
@@ -358,20 +387,66 @@ def test_memory_laws_within_one_percent_of_the_meter(audio, per_token):
     assert rows[0] / rows[1] >= 3  # ComfyUI's peak against 16-token slices, 2048 tokens
 
 
-def test_largest_token_chunk_fits_and_is_largest():
+def test_planned_token_slice_fits_and_is_largest():
+    from comfyui_streamline.core.plan_search import BudgetError, PlanSearch
     from comfyui_streamline.families.ltxv.laws import SDPA, SUB_QUADRATIC, AudioShape, LtxShape, LtxWork, \
-        forward_peak_bytes, largest_token_chunk
+        forward_peak_bytes, plan_tokens
 
     shape = LtxShape(4096, 32, layers=48, ada_params=9, gated=True, audio=AudioShape(2048, 32))  # LTX-2.3-like
     work = LtxWork(2, 16 * 24 * 38, text_tokens=1024, dtype_bytes=2, audio_tokens=121)  # 768x1216x121, CFG batched
     for kernel in (SDPA, SUB_QUADRATIC):
+        def planned(budget: float) -> int:
+            return plan_tokens(shape, work, PlanSearch(budget, "a test", headroom=1.0), kernel).candidate
+
         plain = forward_peak_bytes(shape, work, None, kernel)
         budget = (plain + forward_peak_bytes(shape, work, 1, kernel)) / 2
-        n = largest_token_chunk(shape, work, budget, kernel)
-        assert n is not None and forward_peak_bytes(shape, work, n, kernel) <= budget
-        assert forward_peak_bytes(shape, work, n + 1, kernel) > budget
-        assert largest_token_chunk(shape, work, plain, kernel) == work.tokens
-        assert largest_token_chunk(shape, work, 1.0, kernel) is None
+        n = planned(budget)
+        assert forward_peak_bytes(shape, work, n, kernel) <= budget < forward_peak_bytes(shape, work, n + 1, kernel)
+        assert planned(plain) == work.tokens
+        with pytest.raises(BudgetError):
+            planned(1.0)
+
+
+@pytest.mark.parametrize("kernel_name", ["SDPA", "SUB_QUADRATIC"])
+def test_planned_token_slice_is_the_first_that_fits_in_a_scan(kernel_name):
+    """The plan search bisects: for budgets across the range, it finds the slice a scan of every slice from all
+    tokens down to one finds (LTX-2's dims, audio included, over 3 latent frames of 16x24)."""
+    from comfyui_streamline.core.plan_search import PlanSearch
+    from comfyui_streamline.families.ltxv import laws
+    from comfyui_streamline.families.ltxv.laws import AudioShape, LtxShape, LtxWork, forward_peak_bytes, \
+        plan_tokens, token_slices
+
+    kernel = getattr(laws, kernel_name)
+    shape = LtxShape(4096, 32, layers=2, ada_params=9, gated=True, audio=AudioShape(2048, 32))
+    work = LtxWork(2, 3 * 16 * 24, text_tokens=1024, dtype_bytes=2, audio_tokens=24)
+    peaks = [forward_peak_bytes(shape, work, n, kernel) for n in token_slices(work)]
+    assert peaks[-1] < peaks[0]
+    for i in range(41):
+        budget = peaks[-1] + (peaks[0] - peaks[-1]) * i / 40
+        scanned = next(n for n, p in zip(token_slices(work), peaks) if p <= budget)
+        assert plan_tokens(shape, work, PlanSearch(budget, "a test", headroom=1.0), kernel).candidate == scanned
+
+
+def test_automatic_slice_is_the_coarsest_close_to_one_frame():
+    """A config left automatic: the most latent frames per slice whose predicted peak is within
+    AUTO_PEAK_CLOSENESS of one frame per slice's; the next coarser candidate is not."""
+    from comfyui_streamline.core.plan_search import AUTO_PEAK_CLOSENESS
+    from comfyui_streamline.core.slicing import frame_slices
+    from comfyui_streamline.families.ltxv.laws import SDPA, SUB_QUADRATIC, AudioShape, LtxShape, LtxWork, \
+        automatic_token_chunk, forward_peak_bytes
+
+    cases = [(LtxShape(4096, 32, layers=48, ada_params=9, gated=True, audio=AudioShape(2048, 32)),
+              LtxWork(2, 16 * 24 * 38, text_tokens=1024, dtype_bytes=2, audio_tokens=121), 24 * 38),
+             (LtxShape(2048, 32, layers=28, ada_params=6, gated=False, audio=None),
+              LtxWork(2, 13 * 16 * 24, text_tokens=128, dtype_bytes=2), 16 * 24)]
+    for shape, work, per_frame in cases:
+        for kernel in (SDPA, SUB_QUADRATIC):
+            slices = frame_slices(work.tokens, per_frame)
+            peak = lambda n: forward_peak_bytes(shape, work, n, kernel)  # noqa: E731
+            chosen = automatic_token_chunk(shape, work, per_frame, kernel)
+            bound = (1 + AUTO_PEAK_CLOSENESS) * peak(slices[-1])
+            assert chosen in slices[1:] and peak(chosen) <= bound
+            assert peak(slices[slices.index(chosen) - 1]) > bound
 
 
 @pytest.mark.parametrize("name", ["LTXV", "LTXAV"])

@@ -500,3 +500,71 @@ def test_comfyuis_memory_estimate_under_the_patch():
     assert laws.estimate_minimax(base, [2, 1, 1536], 4, config, None) == 2 * expected
     bound = laws.estimate_minimax(SimpleNamespace(diffusion_model=dm), [1, 1, 1536], 4, config, None)
     assert bound > expected  # 1536 / 32 = 48 rows for the 24 the latents pack
+
+
+# -- The plan search and the automatic slice (core/plan_search.py) ------------------------------------------
+
+def _h3_laws_cases():
+    from comfyui_streamline.families.minimax.laws import H3Shape, H3Work
+
+    shape = H3Shape(3072, 24, 128, 8192, rope_len=16, time_dim=256, blocks=4)  # H3-like block dims
+    video = 8 * 30 * 40  # 8 latent frames of 30x40 tokens (480x640)
+    return [(shape, H3Work(512 + 200 + video, video, 200, 2, builds_layout=False, text_tokens=512), 30 * 40),
+            (shape, H3Work(700, 600, 50, 4), 100)]
+
+
+@pytest.mark.parametrize("scores", [False, True])
+def test_planned_token_slice_is_the_first_that_fits_in_a_scan(scores):
+    """The plan search bisects: for budgets across the range, it finds the slice a scan of every slice from all
+    packed tokens down to one finds; under the finest slice's peak, BudgetError."""
+    from comfyui_streamline.core.plan_search import BudgetError, PlanSearch
+    from comfyui_streamline.families.minimax.laws import forward_peak_bytes, plan_tokens, token_slices
+
+    for shape, work, _ in _h3_laws_cases():
+        peaks = [forward_peak_bytes(shape, work, n, scores) for n in token_slices(work)]
+        assert peaks[-1] < peaks[0]
+        for i in range(41):
+            budget = peaks[-1] + (peaks[0] - peaks[-1]) * i / 40
+            scanned = next(n for n, p in zip(token_slices(work), peaks) if p <= budget)
+            assert plan_tokens(shape, work, PlanSearch(budget, "a test", headroom=1.0), scores).candidate == scanned
+        with pytest.raises(BudgetError):
+            plan_tokens(shape, work, PlanSearch(peaks[-1] * 0.99, "a test", headroom=1.0), scores)
+
+
+@pytest.mark.parametrize("scores", [False, True])
+def test_automatic_slice_is_the_coarsest_close_to_one_frame(scores):
+    """A config left automatic: the most latent frames per slice whose predicted peak is within
+    AUTO_PEAK_CLOSENESS of one frame per slice's; the next coarser candidate is not."""
+    from comfyui_streamline.core.plan_search import AUTO_PEAK_CLOSENESS
+    from comfyui_streamline.core.slicing import frame_slices
+    from comfyui_streamline.families.minimax.laws import automatic_token_chunk, forward_peak_bytes
+
+    for shape, work, per_frame in _h3_laws_cases():
+        slices = frame_slices(work.tokens, per_frame)
+        peak = lambda n: forward_peak_bytes(shape, work, n, scores)  # noqa: E731
+        chosen = automatic_token_chunk(shape, work, per_frame, scores)
+        bound = (1 + AUTO_PEAK_CLOSENESS) * peak(slices[-1])
+        assert chosen in slices[1:] and peak(chosen) <= bound
+        assert peak(slices[slices.index(chosen) - 1]) > bound
+
+
+def test_streamline_model_patch_left_automatic_slices_as_the_laws_choose():
+    """Streamline Model Patch with its slices left automatic, through KSampler: each call's block hooks get the
+    slice the laws choose for it (the adapter's call_slicing: laws.automatic_token_chunk), and the output stays
+    within TOL of the plain MODEL's."""
+    from comfyui_streamline.core.slicing import SliceConfig
+    from comfyui_streamline.families import registry
+    from comfyui_streamline.families.minimax.adapter import packed_input
+    from comfyui_streamline.techniques.slicing import apply_streamline
+    from comfyui_streamline.testing.model_families import TOKENS
+    from comfyui_streamline.testing.video_families import minimax_latent
+
+    dm = h3_model().model.diffusion_model
+    video, audio = minimax_latent()["samples"].unbind()
+    packed = packed_input(dm, [video, audio], torch.empty(1, TOKENS, dm.hidden_size), None)
+    chunk = registry.MINIMAX.call_slicing(dm, packed, None, SliceConfig()).token_chunk
+    assert registry.MINIMAX.call_slicing(dm, packed, None, SliceConfig(token_chunk=7)).token_chunk == 7
+    with sliced_calls() as slices:
+        out = sample(apply_streamline(h3_model(), SliceConfig()))
+    assert relative(out, plain()) <= TOL
+    assert slices and all(c == (packed.shape[1], chunk) for c in slices), (slices, chunk, packed.shape)

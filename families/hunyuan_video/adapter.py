@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...core.slicing import SliceConfig
+from ...core.slicing import SliceConfig, is_automatic
 from ..family import Family
 from .laws import tokens_of
 
@@ -82,22 +82,32 @@ class HunyuanVideoFamily(Family):
         remove_hunyuan_slicing(patcher)
 
     def slice_text(self, model, x, context, config: SliceConfig) -> str:
-        from ...core.slicing import token_chunk_size
-
-        tokens, per_frame = tokens_of(model, tuple(x.shape))
-        chunk = token_chunk_size(config, x.shape[0], tokens, per_frame, model.hidden_size)
-        auto = " (automatic)" if not (config.token_chunk or config.frame_chunk) else ""
+        chunk, tokens = self.token_chunk(model, x, context, config), tokens_of(model, tuple(x.shape))[0]
+        auto = " (automatic)" if is_automatic(config) else ""
         return f"slices of {chunk} of {tokens} image tokens in each HunyuanVideo block{auto}"
+
+    def call_slicing(self, model, x, context, config: SliceConfig) -> SliceConfig:
+        """A config left automatic gets the slice the laws choose for this call (laws.automatic_token_chunk)."""
+        if not is_automatic(config):
+            return config
+        return dataclasses.replace(config, token_chunk=self.token_chunk(model, x, context, config))
 
     def finer_after_oom(self, model, config: SliceConfig, x, context) -> SliceConfig | None:
         """Half the tokens per slice (None: one token per slice already)."""
-        from ...core.slicing import token_chunk_size
-
-        tokens, per_frame = tokens_of(model, tuple(x.shape))
-        chunk = token_chunk_size(config, x.shape[0], tokens, per_frame, model.hidden_size)
+        chunk = self.token_chunk(model, x, context, config)
         if chunk <= 1:
             return None
         return dataclasses.replace(config, token_chunk=chunk // 2)
+
+    @staticmethod
+    def token_chunk(model, x, context, config: SliceConfig) -> int:
+        """Tokens per slice of a call of `x` with `config` (laws.hunyuan_token_chunk)."""
+        from ..dit.laws import attention_kernel
+        from .laws import hunyuan_shape, hunyuan_token_chunk, hunyuan_work
+
+        work = hunyuan_work(model, tuple(x.shape), x.element_size(), _text_tokens(context))
+        _, per_frame = tokens_of(model, tuple(x.shape))
+        return hunyuan_token_chunk(config, hunyuan_shape(model), work, per_frame, attention_kernel())
 
     def rehash_split_bytes(self, model, latent_shape, dtype_bytes: int) -> int:
         from .laws import TEXT_TOKENS

@@ -15,7 +15,8 @@ import functools
 from dataclasses import dataclass
 
 from ...core.budget import Plan
-from ...core.slicing import SliceConfig, token_chunk_size
+from ...core.plan_search import Fit, PlanSearch, automatic_slice, cheapest_fit
+from ...core.slicing import SliceConfig, frame_slices, is_automatic, token_chunk_size
 from ..dit.laws import SUB_QUADRATIC, AttentionKernel, Live, attention, attention_kernel, layer_norm, rms_norm
 
 TEXT_TOKENS = 256  # text tokens a HunyuanVideo prompt keeps after its encoder's template is cropped (a typical prompt)
@@ -305,22 +306,34 @@ def forward_peak_bytes(s: HunyuanShape, w: HunyuanWork, token_chunk: int | None,
     return max(held_bytes(s, w, False, hooked) + double, held_bytes(s, w, True, hooked) + single)
 
 
-def largest_token_chunk(s: HunyuanShape, w: HunyuanWork, budget_bytes: float,
-                        kernel: AttentionKernel = SUB_QUADRATIC) -> int | None:
-    """The largest token slice whose predicted forward peak fits `budget_bytes` (the joint tokens: unsliced fits),
-    or None when not even one token per slice does. The peak grows with the slice, so bisect."""
-    def fits(n: int) -> bool:
-        return forward_peak_bytes(s, w, n, kernel) <= budget_bytes
+def token_slices(w: HunyuanWork) -> range:
+    """Tokens per slice from coarse (the joint tokens: ComfyUI's blocks under the hooks) to fine (one): the laws'
+    peak shrinks along it."""
+    return range(w.joint, 0, -1)
 
-    if forward_peak_bytes(s, w, None, kernel) <= budget_bytes:
-        return w.joint
-    if not fits(1):
-        return None
-    low, high = 1, w.joint
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return high if fits(high) else low
+
+def plan_tokens(s: HunyuanShape, w: HunyuanWork, search: PlanSearch,
+                kernel: AttentionKernel = SUB_QUADRATIC) -> Fit[int]:
+    """The largest token slice whose predicted forward peak fits `search` (core/plan_search.py, by bisection;
+    BudgetError when not even one token per slice does)."""
+    return cheapest_fit(token_slices(w), lambda n: forward_peak_bytes(s, w, n, kernel), search)
+
+
+def automatic_token_chunk(s: HunyuanShape, w: HunyuanWork, tokens_per_frame: int,
+                          kernel: AttentionKernel = SUB_QUADRATIC) -> int:
+    """The slice of a config left automatic: the most latent frames per slice whose predicted peak is close to
+    that of one frame per slice (core/plan_search.py automatic_slice)."""
+    slices = frame_slices(w.tokens, tokens_per_frame)
+    return automatic_slice(slices, lambda n: forward_peak_bytes(s, w, n, kernel)).candidate
+
+
+def hunyuan_token_chunk(config: SliceConfig, s: HunyuanShape, w: HunyuanWork, tokens_per_frame: int,
+                        kernel: AttentionKernel) -> int:
+    """Tokens per slice of one call: the config's (core/slicing.py token_chunk_size), or, left automatic,
+    the laws' choice (automatic_token_chunk)."""
+    if is_automatic(config):
+        return automatic_token_chunk(s, w, tokens_per_frame, kernel)
+    return token_chunk_size(config, w.batch, w.tokens, tokens_per_frame, s.dim)
 
 
 def tokens_of(diffusion_model, latent_shape) -> tuple[int, int]:
@@ -352,18 +365,13 @@ def hunyuan_work(diffusion_model, latent_shape, dtype_bytes: int, text_tokens: i
 
 
 def plan_hunyuan(diffusion_model, latent_shape, dtype_bytes: int, budget: int, text_tokens: int | None) -> Plan:
-    """The coarsest token slicing predicted to fit `budget` for one call. Raises core.budget.BudgetError."""
-    from ...core.plan_search import ALLOCATOR_HEADROOM, BudgetError, format_bytes
-
+    """The coarsest token slicing predicted to fit `budget` for one call. Raises BudgetError."""
     shape, kernel = hunyuan_shape(diffusion_model), attention_kernel()
     work = hunyuan_work(diffusion_model, latent_shape, dtype_bytes, text_tokens)
-    whole = int(forward_peak_bytes(shape, work, None, kernel))
-    chunk = largest_token_chunk(shape, work, budget * ALLOCATOR_HEADROOM, kernel)
-    if chunk is None:
-        smallest = forward_peak_bytes(shape, work, 1, kernel) / ALLOCATOR_HEADROOM
-        raise BudgetError(f"no token slicing fits {format_bytes(budget)}: the finest needs about "
-                          f"{format_bytes(smallest)}")
-    return Plan(SliceConfig(token_chunk=chunk), int(forward_peak_bytes(shape, work, chunk, kernel)), whole)
+    fit = plan_tokens(shape, work, PlanSearch(budget, f"a HunyuanVideo call of {work.batch} x {work.tokens} tokens"),
+                      kernel)
+    return Plan(SliceConfig(token_chunk=fit.candidate), int(fit.peak_bytes),
+                int(forward_peak_bytes(shape, work, None, kernel)))
 
 
 def hunyuan_peaks(diffusion_model, latent_shape, dtype_bytes: int, config: SliceConfig,
@@ -372,7 +380,7 @@ def hunyuan_peaks(diffusion_model, latent_shape, dtype_bytes: int, config: Slice
     shape, kernel = hunyuan_shape(diffusion_model), attention_kernel()
     work = hunyuan_work(diffusion_model, latent_shape, dtype_bytes, text_tokens)
     _, per_frame = tokens_of(diffusion_model, latent_shape)
-    chunk = token_chunk_size(config, work.batch, work.tokens, per_frame, shape.dim)
+    chunk = hunyuan_token_chunk(config, shape, work, per_frame, kernel)
     return int(forward_peak_bytes(shape, work, chunk, kernel)), int(forward_peak_bytes(shape, work, None, kernel))
 
 

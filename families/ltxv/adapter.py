@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 from ...core.budget import Plan
-from ...core.slicing import SliceConfig
+from ...core.slicing import SliceConfig, is_automatic
 from ..family import Family, Shaped, plan_text
 from .laws import (
-    LTX_TEXT_TOKENS, ltx_peaks, ltx_rehash_split_bytes, ltx_shape, ltx_tokens, plan_ltx, preview_latent,
-    video_latent_shape,
+    LTX_TEXT_TOKENS, ltx_kernel, ltx_peaks, ltx_rehash_split_bytes, ltx_shape, ltx_token_chunk, ltx_tokens, ltx_work,
+    plan_ltx, preview_latent, video_latent_shape,
 )
 
 
@@ -88,24 +88,31 @@ class LtxvFamily(Family):
         remove_ltxv_slicing(patcher)
 
     def slice_text(self, model, x, context, config: SliceConfig) -> str:
-        chunk, tokens = self._chunk(model, config, self._video(x))
-        auto = " (automatic)" if not (config.token_chunk or config.frame_chunk) else ""
+        x = self._video(x)
+        chunk, tokens = self.token_chunk(model, x, context, config), ltx_tokens(tuple(x.shape))[0]
+        auto = " (automatic)" if is_automatic(config) else ""
         return f"slices of {chunk} of {tokens} video tokens in each LTX block{auto}"
+
+    def call_slicing(self, model, x, context, config: SliceConfig) -> SliceConfig:
+        """A config left automatic gets the slice the laws choose for this call (laws.automatic_token_chunk)."""
+        if not is_automatic(config):
+            return config
+        return dataclasses.replace(config, token_chunk=self.token_chunk(model, self._video(x), context, config))
 
     def finer_after_oom(self, model, config: SliceConfig, x, context) -> SliceConfig | None:
         """Half the tokens per slice (None: one token per slice already)."""
-        chunk, _ = self._chunk(model, config, self._video(x))
+        chunk = self.token_chunk(model, self._video(x), context, config)
         if chunk <= 1:
             return None
         return dataclasses.replace(config, token_chunk=chunk // 2)
 
     @staticmethod
-    def _chunk(model, config: SliceConfig, x) -> tuple[int, int]:
-        from ...core.slicing import token_chunk_size
-
-        tokens, per_frame = ltx_tokens(tuple(x.shape))
-        return token_chunk_size(config, batch=x.shape[0], tokens=tokens, tokens_per_frame=per_frame,
-                                dim=ltx_shape(model).dim), tokens
+    def token_chunk(model, x, context, config: SliceConfig) -> int:
+        """Tokens per slice of a call of video latent `x` with `config` (laws.ltx_token_chunk)."""
+        text = context.shape[1] if context is not None and context.ndim == 3 else LTX_TEXT_TOKENS
+        work = ltx_work(model, tuple(x.shape), x.element_size(), text)
+        _, per_frame = ltx_tokens(tuple(x.shape))
+        return ltx_token_chunk(config, ltx_shape(model), work, per_frame, ltx_kernel())
 
     def rehash_split_bytes(self, model, latent_shape, dtype_bytes: int) -> int:
         return ltx_rehash_split_bytes(model, latent_shape, dtype_bytes)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ...core.budget import Plan
-from ...core.slicing import SliceConfig, token_chunk_size
+from ...core.plan_search import Fit, PlanSearch, automatic_slice, cheapest_fit
+from ...core.slicing import SliceConfig, frame_slices, is_automatic, token_chunk_size
 from ...host.attention import runs_pytorch_attention
 
 SUB_QUADRATIC_QUERIES = 4096  # queries per score block of ComfyUI's sub-quadratic attention (with memory to spare)
@@ -245,20 +246,30 @@ def forward_peak_bytes(shape: LtxShape, work: LtxWork, chunk: int | None, kernel
                timestep_values(shape, work), held + head_values(shape, work)) * work.dtype_bytes
 
 
-def largest_token_chunk(shape: LtxShape, work: LtxWork, budget_bytes: float, kernel: Kernel = SUB_QUADRATIC) -> int | None:
-    """The largest token slice whose predicted peak fits `budget_bytes` (T: unsliced fits; None: not even one)."""
-    def fits(n: int) -> bool:
-        return forward_peak_bytes(shape, work, n, kernel) <= budget_bytes
+def token_slices(work: LtxWork) -> range:
+    """Tokens per slice from coarse (all of them: ComfyUI's block) to fine (one): the laws' peak shrinks along it."""
+    return range(work.tokens, 0, -1)
 
-    if forward_peak_bytes(shape, work, None, kernel) <= budget_bytes:
-        return work.tokens
-    if not fits(1):
-        return None
-    low, high = 1, work.tokens
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return high if fits(high) else low
+
+def plan_tokens(shape: LtxShape, work: LtxWork, search: PlanSearch, kernel: Kernel = SUB_QUADRATIC) -> Fit[int]:
+    """The largest token slice whose predicted forward peak fits `search` (core/plan_search.py, by bisection;
+    BudgetError when not even one token per slice does)."""
+    return cheapest_fit(token_slices(work), lambda n: forward_peak_bytes(shape, work, n, kernel), search)
+
+
+def automatic_token_chunk(shape: LtxShape, work: LtxWork, tokens_per_frame: int, kernel: Kernel = SUB_QUADRATIC) -> int:
+    """The slice of a config left automatic: the most latent frames per slice whose predicted peak is close to
+    that of one frame per slice (core/plan_search.py automatic_slice)."""
+    slices = frame_slices(work.tokens, tokens_per_frame)
+    return automatic_slice(slices, lambda n: forward_peak_bytes(shape, work, n, kernel)).candidate
+
+
+def ltx_token_chunk(config: SliceConfig, shape: LtxShape, work: LtxWork, tokens_per_frame: int, kernel: Kernel) -> int:
+    """Tokens per slice of one call: the config's (core/slicing.py token_chunk_size), or, left automatic,
+    the laws' choice (automatic_token_chunk)."""
+    if is_automatic(config):
+        return automatic_token_chunk(shape, work, tokens_per_frame, kernel)
+    return token_chunk_size(config, work.batch, work.tokens, tokens_per_frame, shape.dim)
 
 
 # -- LTX's side: its shape and a call's work as these laws read them -------------------------------------------
@@ -315,18 +326,12 @@ def ltx_kernel() -> Kernel:
 
 
 def plan_ltx(diffusion_model, latent_shape, dtype_bytes: int, budget: int, context_tokens: int | None = None) -> Plan:
-    """The coarsest token slicing predicted to fit `budget` for one call. Raises core.budget.BudgetError."""
-    from ...core.plan_search import ALLOCATOR_HEADROOM, BudgetError, format_bytes
-
+    """The coarsest token slicing predicted to fit `budget` for one call. Raises BudgetError."""
     shape, kernel = ltx_shape(diffusion_model), ltx_kernel()
     work = ltx_work(diffusion_model, latent_shape, dtype_bytes, context_tokens or LTX_TEXT_TOKENS)
-    whole = int(forward_peak_bytes(shape, work, None, kernel))
-    chunk = largest_token_chunk(shape, work, budget * ALLOCATOR_HEADROOM, kernel)
-    if chunk is None:
-        smallest = forward_peak_bytes(shape, work, 1, kernel) / ALLOCATOR_HEADROOM
-        raise BudgetError(f"no token slicing fits {format_bytes(budget)}: the finest needs about "
-                          f"{format_bytes(smallest)}")
-    return Plan(SliceConfig(token_chunk=chunk), int(forward_peak_bytes(shape, work, chunk, kernel)), whole)
+    fit = plan_tokens(shape, work, PlanSearch(budget, f"an LTX call of {work.batch} x {work.tokens} tokens"), kernel)
+    return Plan(SliceConfig(token_chunk=fit.candidate), int(fit.peak_bytes),
+                int(forward_peak_bytes(shape, work, None, kernel)))
 
 
 def ltx_peaks(diffusion_model, x, context, config: SliceConfig) -> tuple[int, int]:
@@ -335,7 +340,7 @@ def ltx_peaks(diffusion_model, x, context, config: SliceConfig) -> tuple[int, in
     text = context.shape[1] if context is not None and context.ndim == 3 else LTX_TEXT_TOKENS
     work = ltx_work(diffusion_model, tuple(x.shape), x.element_size(), text)
     _, per_frame = ltx_tokens(tuple(x.shape))
-    chunk = token_chunk_size(config, work.batch, work.tokens, per_frame, shape.dim)
+    chunk = ltx_token_chunk(config, shape, work, per_frame, kernel)
     return int(forward_peak_bytes(shape, work, chunk, kernel)), int(forward_peak_bytes(shape, work, None, kernel))
 
 

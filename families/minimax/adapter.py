@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from ...core.budget import Plan
-from ...core.slicing import SliceConfig
+from ...core.slicing import SliceConfig, is_automatic
 from ..family import Family
 
 
@@ -116,23 +116,27 @@ class MiniMaxFamily(Family):
         remove_minimax_slicing(patcher)
 
     def slice_text(self, model, x, context, config: SliceConfig) -> str:
-        chunk = self._chunk(model, config, x)
-        auto = " (automatic)" if not (config.token_chunk or config.frame_chunk) else ""
+        chunk = self.token_chunk(model, x, context, config)
+        auto = " (automatic)" if is_automatic(config) else ""
         return f"slices of {chunk} of {x.shape[1]} packed tokens in each MiniMax block{auto}"
+
+    def call_slicing(self, model, x, context, config: SliceConfig) -> SliceConfig:
+        """A config left automatic gets the slice the laws choose for this call (laws.automatic_token_chunk)."""
+        if not is_automatic(config):
+            return config
+        return dataclasses.replace(config, token_chunk=self.token_chunk(model, x, context, config))
 
     def finer_after_oom(self, model, config: SliceConfig, x, context) -> SliceConfig | None:
         """Half the tokens per slice (None: one token per slice already)."""
-        chunk = self._chunk(model, config, x)
+        chunk = self.token_chunk(model, x, context, config)
         return None if chunk <= 1 else dataclasses.replace(config, token_chunk=chunk // 2)
 
     @staticmethod
-    def _chunk(model, config: SliceConfig, x) -> int:
-        """Tokens per slice of `config` for a packed (1, S, C) call (packed_input); frame_chunk counts latent
-        frames of video tokens, as the block replacements count them."""
-        from ...core.slicing import token_chunk_size
+    def token_chunk(model, x, context, config: SliceConfig) -> int:
+        """Tokens per slice of a packed (1, S, C) call (packed_input) with `config` (laws.token_chunk_for)."""
+        from .laws import token_chunk_for
 
-        per_frame = getattr(x, "tokens_per_frame", x.shape[1])
-        return token_chunk_size(config, batch=1, tokens=x.shape[1], tokens_per_frame=per_frame, dim=x.shape[2])
+        return token_chunk_for(model, config, x)
 
     def rehash_split_bytes(self, model, latent_shape, dtype_bytes: int) -> int:
         """The split keeps x entering the first deep block (a copy) during a full call: one (S, C)."""

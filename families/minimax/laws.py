@@ -26,8 +26,8 @@ import math
 from dataclasses import dataclass
 
 from ...core.budget import Plan
-from ...core.plan_search import BudgetError
-from ...core.slicing import SliceConfig, token_chunk_size
+from ...core.plan_search import BudgetError, Fit, PlanSearch, automatic_slice, cheapest_fit, format_bytes
+from ...core.slicing import SliceConfig, frame_slices, is_automatic, token_chunk_size
 
 QUERY_CHUNK = 4096  # the sub-quadratic kernel's queries per score block (with the memory a CPU has)
 TEXT_TOKENS = 512  # text rows assumed where a call's are not known (ComfyUI's memory estimate)
@@ -145,7 +145,7 @@ def kernel_has_scores() -> bool:
 def minimax_peaks(model, packed, config: SliceConfig) -> tuple[int, int]:
     """(sliced with `config`, ComfyUI's forward) predicted peak bytes of one call (packed: adapter.packed_input)."""
     shape, work = h3_shape(model), packed_work(packed)
-    chunk = token_chunk_for(config, packed)
+    chunk = token_chunk_for(model, config, packed)
     scores = kernel_has_scores()
     return forward_peak_bytes(shape, work, chunk, scores), forward_peak_bytes(shape, work, None, scores)
 
@@ -159,36 +159,44 @@ def packed_work(packed) -> H3Work:
                   text_tokens=getattr(packed, "text_tokens", None))
 
 
-def token_chunk_for(config: SliceConfig, packed) -> int:
+def token_chunk_for(model, config: SliceConfig, packed) -> int:
+    """Tokens per slice of a packed (1, S, C) call (adapter.packed_input) with `config`: frame_chunk counts latent
+    frames of video tokens, as the block replacements count them; left automatic, the laws' choice
+    (automatic_token_chunk)."""
     per_frame = getattr(packed, "tokens_per_frame", packed.shape[1])
+    if is_automatic(config):
+        return automatic_token_chunk(h3_shape(model), packed_work(packed), per_frame, kernel_has_scores())
     return token_chunk_size(config, batch=1, tokens=packed.shape[1], tokens_per_frame=per_frame,
                             dim=packed.shape[2])
 
 
-def largest_token_chunk(shape: H3Shape, work: H3Work, budget: float, scores: bool) -> int | None:
-    """The largest slice whose predicted peak fits `budget` (bytes), or None (not even one token)."""
-    fits = lambda n: forward_peak_bytes(shape, work, n, scores) <= budget  # noqa: E731
-    if fits(work.tokens):
-        return work.tokens
-    if not fits(1):
-        return None
-    low, high = 1, work.tokens  # fits(low), not fits(high)
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+def token_slices(work: H3Work) -> range:
+    """Tokens per slice from coarse (all of them: ComfyUI's block) to fine (one): the laws' peak shrinks along it."""
+    return range(work.tokens, 0, -1)
+
+
+def plan_tokens(shape: H3Shape, work: H3Work, search: PlanSearch, scores: bool) -> Fit[int]:
+    """The largest token slice whose predicted forward peak fits `search` (core/plan_search.py, by bisection;
+    BudgetError when not even one token per slice does)."""
+    return cheapest_fit(token_slices(work), lambda n: forward_peak_bytes(shape, work, n, scores), search)
+
+
+def automatic_token_chunk(shape: H3Shape, work: H3Work, tokens_per_frame: int, scores: bool) -> int:
+    """The slice of a config left automatic: the most latent frames per slice whose predicted peak is close to
+    that of one frame per slice (core/plan_search.py automatic_slice)."""
+    slices = frame_slices(work.tokens, tokens_per_frame)
+    return automatic_slice(slices, lambda n: forward_peak_bytes(shape, work, n, scores)).candidate
+
+
+def _search(budget: int, work: H3Work) -> PlanSearch:
+    return PlanSearch(budget, f"a MiniMax H3 call of {work.tokens} packed tokens")
 
 
 def plan_minimax(model, packed, budget: int) -> Plan:
     """The coarsest token slicing predicted to fit `budget` for one call. Raises BudgetError."""
     shape, work, scores = h3_shape(model), packed_work(packed), kernel_has_scores()
-    whole = forward_peak_bytes(shape, work, None, scores)
-    chunk = largest_token_chunk(shape, work, budget, scores)
-    if chunk is None:
-        raise BudgetError(f"MiniMax H3: even one token per slice is predicted at "
-                          f"{forward_peak_bytes(shape, work, 1, scores) / 2**20:.1f} MiB, over the budget of "
-                          f"{budget / 2**20:.1f} MiB")
-    return Plan(SliceConfig(token_chunk=chunk), forward_peak_bytes(shape, work, chunk, scores), whole)
+    fit = plan_tokens(shape, work, _search(budget, work), scores)
+    return Plan(SliceConfig(token_chunk=fit.candidate), int(fit.peak_bytes), forward_peak_bytes(shape, work, None, scores))
 
 
 def latent_work(model, video_shape, audio_t: int, dtype_bytes: int, text_tokens: int = TEXT_TOKENS) -> H3Work:
@@ -215,9 +223,13 @@ def estimate_minimax(base_model, input_shape, dtype_bytes: int, config: SliceCon
         per_frame = rows
     shape, scores = h3_shape(model), kernel_has_scores()
     if planned_budget is not None:
-        chunk = largest_token_chunk(shape, work, planned_budget(), scores) or 1
+        try:
+            chunk = plan_tokens(shape, work, _search(planned_budget(), work), scores).candidate
+        except BudgetError:
+            chunk = 1
     else:
-        chunk = token_chunk_size(config, batch=1, tokens=work.tokens, tokens_per_frame=per_frame, dim=shape.hidden)
+        chunk = (automatic_token_chunk(shape, work, per_frame, scores) if is_automatic(config) else
+                 token_chunk_size(config, batch=1, tokens=work.tokens, tokens_per_frame=per_frame, dim=shape.hidden))
     return forward_peak_bytes(shape, work, chunk, scores) * max(1, input_shape[0])
 
 
@@ -233,15 +245,14 @@ def temporal_shape(frames: int) -> tuple[int, int]:
 def preview_minimax(model, planned: int, budget_text: str, width: int, height: int, frames: int,
                     dtype_bytes: int) -> str:
     """The Memory Budget node's text for a width x height x frames clip (t2va, TEXT_TOKENS text rows)."""
-    from ...core.plan_search import format_bytes
-
     t, audio_t = temporal_shape(frames)
     video = (1, 24, t, max(height // 16, 1), max(width // 16, 1))
     shape, work, scores = h3_shape(model), latent_work(model, video, audio_t, dtype_bytes), kernel_has_scores()
-    chunk = largest_token_chunk(shape, work, planned, scores)
     whole = forward_peak_bytes(shape, work, None, scores)
     head = f"budget {budget_text}, {width}x{height}x{frames} (MiniMax, {work.tokens} packed tokens)"
-    if chunk is None:
+    try:
+        fit = plan_tokens(shape, work, _search(planned, work), scores)
+    except BudgetError:
         return f"{head}: even one token per slice does not fit (predicted {format_bytes(whole)} unsliced)"
-    return (f"{head}: token_chunk {chunk}: predicted peak activation "
-            f"{format_bytes(forward_peak_bytes(shape, work, chunk, scores))} (unpatched {format_bytes(whole)})")
+    return (f"{head}: token_chunk {fit.candidate}: predicted peak activation "
+            f"{format_bytes(fit.peak_bytes)} (unpatched {format_bytes(whole)})")
