@@ -568,3 +568,16 @@ def test_streamline_model_patch_left_automatic_slices_as_the_laws_choose():
         out = sample(apply_streamline(h3_model(), SliceConfig()))
     assert relative(out, plain()) <= TOL
     assert slices and all(c == (packed.shape[1], chunk) for c in slices), (slices, chunk, packed.shape)
+
+
+def test_a_host_without_minimax_still_removes_every_familys_slicing(monkeypatch):
+    """registry.remove_slicing asks every family on every clone: on a host without comfy.ldm.minimax (ComfyUI
+    0.3.64) MiniMax's answer is nothing to remove, not an import of its block module (which needs the host's)."""
+    import sys
+
+    from comfyui_streamline.families.minimax.adapter import MINIMAX, host_has_minimax
+
+    monkeypatch.setitem(sys.modules, "comfy.ldm.minimax", None)
+    monkeypatch.setitem(sys.modules, "comfy.ldm.minimax.model", None)
+    assert not host_has_minimax()
+    MINIMAX.remove_slicing(object())  # a patcher it would fail on, were it asked to remove anything

@@ -46,6 +46,15 @@ def packed_input(model, x, context, payload: dict | None) -> torch.Tensor:
     return packed
 
 
+def host_has_minimax() -> bool:
+    """Whether the host builds MiniMax H3 (ComfyUI 0.33 does, 0.3.64 has no comfy.ldm.minimax)."""
+    try:
+        import comfy.ldm.minimax.model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def is_minimax(diffusion_model) -> bool:
     """A MiniMaxH3Model (ComfyUI 0.33's; a host without comfy.ldm.minimax has none)."""
     try:
@@ -111,6 +120,8 @@ class MiniMaxFamily(Family):
         install_minimax_slicing(patcher, token_chunk_for)
 
     def remove_slicing(self, patcher) -> None:
+        if not host_has_minimax():  # asked of every family on every clone: a host without H3 has none to remove
+            return
         from .patch import remove_minimax_slicing
 
         remove_minimax_slicing(patcher)
