@@ -154,6 +154,20 @@ class Shaped:
         return self._element_size
 
 
+def latent_plan_preview(family: Family, budget_text: str, clip: str, latent: tuple[int, ...],
+                        make_plan: Callable[[], Plan]) -> str:
+    """The Memory Budget node's text for a DiT family: the plan `make_plan` makes for a CFG-batched `latent` (the
+    clip `clip`, "WxHxF"), or why none fits."""
+    from ..core.plan_search import BudgetError
+
+    try:
+        chosen = make_plan()
+    except BudgetError as e:
+        return f"budget {budget_text}: {e}"
+    return (f"budget {budget_text}, {clip} with CFG batched ({family}, latent {'x'.join(map(str, latent))}): "
+            f"{plan_text(chosen)}")
+
+
 def plan_text(plan: Plan) -> str:
     """A plan as the pack prints it; a DiT's slicing is in tokens."""
     from ..core.plan_search import format_bytes

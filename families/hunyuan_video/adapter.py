@@ -56,18 +56,13 @@ class HunyuanVideoFamily(Family):
 
     def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
                 cond_batching) -> str:
-        from ...core.plan_search import BudgetError
-        from ..family import plan_text
+        from ..family import latent_plan_preview
         from .laws import plan_hunyuan, preview_latent
 
         dm = model.model.diffusion_model
         latent = preview_latent(dm, width, height, frames)
-        try:
-            chosen = plan_hunyuan(dm, latent, dtype_bytes, planned, None)
-        except BudgetError as e:
-            return f"budget {budget_text}: {e}"
-        return (f"budget {budget_text}, {width}x{height}x{frames} with CFG batched ({self}, latent "
-                f"{'x'.join(map(str, latent))}): {plan_text(chosen)}")
+        return latent_plan_preview(self, budget_text, f"{width}x{height}x{frames}", latent,
+                                   lambda: plan_hunyuan(dm, latent, dtype_bytes, planned, None))
 
     # -- Streamline Model Patch -------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import dataclasses
 
 from ...core.budget import Plan
 from ...core.slicing import SliceConfig, is_automatic
-from ..family import Family, Shaped, plan_text
+from ..family import Family, Shaped, latent_plan_preview
 from .laws import (
     LTX_TEXT_TOKENS, ltx_kernel, ltx_peaks, ltx_rehash_split_bytes, ltx_shape, ltx_token_chunk, ltx_tokens, ltx_work,
     plan_ltx, preview_latent, video_latent_shape,
@@ -64,16 +64,10 @@ class LtxvFamily(Family):
 
     def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
                 cond_batching) -> str:
-        from ...core.plan_search import BudgetError
-
         dm = model.model.diffusion_model
         latent = preview_latent(dm, width, height, frames)
-        try:
-            chosen = plan_ltx(dm, latent, dtype_bytes, planned, None)
-        except BudgetError as e:
-            return f"budget {budget_text}: {e}"
-        return (f"budget {budget_text}, {width}x{height}x{frames} with CFG batched ({self}, latent "
-                f"{'x'.join(map(str, latent))}): {plan_text(chosen)}")
+        return latent_plan_preview(self, budget_text, f"{width}x{height}x{frames}", latent,
+                                   lambda: plan_ltx(dm, latent, dtype_bytes, planned, None))
 
     # -- Streamline Model Patch -------------------------------------------------------------------------------
 

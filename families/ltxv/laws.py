@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from torch import Tensor
 
 from ...core.budget import Plan
 from ...core.plan_search import Fit, PlanSearch, automatic_slice, cheapest_fit
 from ...core.slicing import SliceConfig, frame_slices, is_automatic, token_chunk_size
 from ...host.attention import runs_pytorch_attention
+from ..dit.laws import Live as _Live
 
 SUB_QUADRATIC_QUERIES = 4096  # queries per score block of ComfyUI's sub-quadratic attention (with memory to spare)
 COORD_BYTES = 3 * 2 * 8  # the patchifier's (B, 3, T, 2) int64 token coordinates, per token
@@ -80,24 +80,6 @@ class Kernel:
 
 SUB_QUADRATIC = Kernel("sub-quadratic (ComfyUI's CPU default)", SUB_QUADRATIC_QUERIES)
 SDPA = Kernel("PyTorch SDPA (ComfyUI's CUDA default)", 0)
-
-
-class _Live:
-    """Running total of the values alive, and its peak."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.peak = 0.0
-
-    def alloc(self, values: float) -> None:
-        self.now += values
-        self.peak = max(self.peak, self.now)
-
-    def free(self, values: float) -> None:
-        self.now -= values
-
-    def transient(self, values: float) -> None:
-        self.peak = max(self.peak, self.now + values)
 
 
 def _attention(live: _Live, batch: int, heads: int, queries: int, keys: int, dim: int, kernel: Kernel,

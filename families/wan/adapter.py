@@ -6,7 +6,7 @@ import dataclasses
 
 from ...core.budget import Plan
 from ...core.slicing import SliceConfig, is_automatic
-from ..family import Family, Shaped, plan_text
+from ..family import Family, Shaped, latent_plan_preview
 from .laws import (
     WAN_TEXT_TOKENS, plan_wan, preview_latent, wan_peaks, wan_rehash_split_bytes, wan_kernel, wan_shape,
     wan_token_chunk, wan_tokens, wan_work,
@@ -75,16 +75,10 @@ class WanFamily(Family):
 
     def preview(self, model, planned, budget, budget_text, width, height, clip_frames, dtype_bytes, offload,
                 cond_batching) -> str:
-        from ...core.plan_search import BudgetError
-
         dm = model.model.diffusion_model
         latent = preview_latent(dm, width, height, clip_frames)
-        try:
-            chosen = plan_wan(dm, latent, dtype_bytes, planned, None)
-        except BudgetError as e:
-            return f"budget {budget_text}: {e}"
-        return (f"budget {budget_text}, {width}x{height}x{clip_frames} with CFG batched ({self}, latent "
-                f"{'x'.join(map(str, latent))}): {plan_text(chosen)}")
+        return latent_plan_preview(self, budget_text, f"{width}x{height}x{clip_frames}", latent,
+                                   lambda: plan_wan(dm, latent, dtype_bytes, planned, None))
 
     # -- Streamline Model Patch -------------------------------------------------------------------------------
 
