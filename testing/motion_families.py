@@ -26,10 +26,14 @@ loaded onto one (ADE_LoadAnimateDiffModelWithCameraCtrl): a camera pose encoder 
 
 ADE builds motion modules from a fixed channel table (320, 640, 1280[, 1280]; mid 1280), not from the
 file's shapes, and loads the file into them: a motion model of other widths is refused (size mismatch).
-So the motion models here are full width, and the UNets they go into have the real channel widths too:
-SD1.5's UNet as it is, and for SDXL the smallest SDXL layout ComfyUI detects (Segmind Vega's: spatial
-transformers of depth 1 and 2 at the two deeper levels instead of SDXL's 2 and 10), which ComfyUI loads
-as an SDXL model and ADE accepts as SDXL. Tests keep latents tiny instead.
+The SD1.5 families are built for a UNet of model_channels `width` (SD1.5's own 320, or narrower for the
+pack's mechanics: testing.synthetic.NARROW), and read with testing.synthetic.loaders_read_width(width),
+which makes ComfyUI's detection and ADE's loader read that width and changes nothing else of them; every
+part a family's file has (motion modules, PIA's conv_in, AnimateLCM-I2V's image encoder, CameraCtrl's pose
+encoder and qkv_merge projections) is at the UNet's levels. The SDXL families have SDXL's real widths, in the
+smallest SDXL layout ComfyUI detects (Segmind Vega's: spatial transformers of depth 1 and 2 at the two deeper
+levels instead of SDXL's 2 and 10), which ComfyUI loads as an SDXL model and ADE accepts as SDXL. Tests keep
+latents tiny.
 
 All SD1.5 families share one set of random motion-module weights (each file takes the keys its family
 has), as do the SDXL ones: the families differ in structure, and drawing 450M weights takes seconds.
@@ -45,6 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .synthetic import SD15_WIDTH, loaders_read_width, narrow_motion_model_, sd15_channels
 from .weights import ade_module
 
 SD15, SDXL = "SD1.5", "SDXL"
@@ -73,6 +78,10 @@ class Family:
     @property
     def file_name(self) -> str:
         return f"streamline-random-{self.name}.safetensors"
+
+    def width(self, sd15_width: int) -> int:
+        """model_channels of this family's UNet when the SD1.5 ones are `sd15_width` wide (SDXL's: its own)."""
+        return sd15_width if self.layout == SD15 else SD15_WIDTH
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -133,9 +142,9 @@ def random_state_dict(build, seed: int, dtype=torch.float16) -> dict[str, torch.
     return sd
 
 
-def _template(layout: str, seed: int) -> dict[str, torch.Tensor]:
+def _template(layout: str, seed: int, width: int = SD15_WIDTH) -> dict[str, torch.Tensor]:
     """ADE's AnimateDiffModel for `layout` with every part any family of that layout has (SD1.5: the
-    mid block), random weights, as a state dict in ADE's key names (fp16)."""
+    mid block), at a UNet of model_channels `width`, random weights, as a state dict in ADE's key names (fp16)."""
     import comfy.ops
 
     mmad = ade_module("motion_module_ad")
@@ -147,16 +156,23 @@ def _template(layout: str, seed: int) -> dict[str, torch.Tensor]:
         stub[f"mid_block.motion_modules.0.{pe_key}"] = torch.zeros(1, _MAX_PE, 1)
     info = mmad.AnimateDiffInfo(sd_type=layout, mm_format="AnimateDiff", mm_version="v2" if layout == SD15 else "v1",
                                 mm_name="template")
-    return random_state_dict(lambda: mmad.AnimateDiffModel(stub, info, init_kwargs={"ops": comfy.ops.disable_weight_init}),
-                             seed)
+    if width != SD15_WIDTH and layout != SD15:
+        raise ValueError(f"only the SD1.5 families are built narrower (asked: {layout} at {width})")
+
+    def build():
+        model = mmad.AnimateDiffModel(stub, info, init_kwargs={"ops": comfy.ops.disable_weight_init})
+        return narrow_motion_model_(model, width) if width != SD15_WIDTH else model
+
+    return random_state_dict(build, seed)
 
 
-def _img_encoder(seed: int) -> dict[str, torch.Tensor]:
-    """AnimateLCM-I2V's image encoder, as ADE builds it (AnimateDiffModel.init_img_encoder)."""
+def _img_encoder(seed: int, width: int = SD15_WIDTH) -> dict[str, torch.Tensor]:
+    """AnimateLCM-I2V's image encoder, as ADE builds it (AnimateDiffModel.init_img_encoder), for a UNet of
+    model_channels `width`."""
     import comfy.ops
 
     adapter = ade_module("adapter_animatelcm_i2v")
-    encoder = random_state_dict(lambda: adapter.AdapterEmbed(cin=4, channels=(320, 640, 1280, 1280), nums_rb=2, ksize=1,
+    encoder = random_state_dict(lambda: adapter.AdapterEmbed(cin=4, channels=sd15_channels(width), nums_rb=2, ksize=1,
                                                              sk=True, use_conv=False, ops=comfy.ops.disable_weight_init), seed)
     return {f"img_encoder.{k}": v for k, v in encoder.items()}
 
@@ -164,19 +180,21 @@ def _img_encoder(seed: int) -> dict[str, torch.Tensor]:
 CAMERACTRL_FILE = "streamline-random-CameraCtrl.safetensors"
 
 
-def cameractrl_state_dict(seed: int = 3) -> dict[str, torch.Tensor]:
-    """A CameraCtrl file for an SD1.5 (v3) motion model, as ADE_LoadAnimateDiffModelWithCameraCtrl reads it:
-    the camera pose encoder (`encoder_*` keys, ADE's CameraPoseEncoder) and a `qkv_merge` projection on the
-    first temporal attention of every down- and up-block motion module."""
+def cameractrl_state_dict(seed: int = 3, width: int = SD15_WIDTH) -> dict[str, torch.Tensor]:
+    """A CameraCtrl file for an SD1.5 (v3) motion model of a UNet of model_channels `width`, as
+    ADE_LoadAnimateDiffModelWithCameraCtrl reads it: the camera pose encoder (`encoder_*` keys, ADE's
+    CameraPoseEncoder, which ADE builds at the motion model's layer_channels) and a `qkv_merge` projection on
+    the first temporal attention of every down- and up-block motion module."""
     import comfy.ops
 
     adapter = ade_module("adapter_cameractrl")
-    sd = random_state_dict(lambda: adapter.CameraPoseEncoder(channels=[320, 640, 1280, 1280], nums_rb=2,
+    levels_channels = sd15_channels(width)
+    sd = random_state_dict(lambda: adapter.CameraPoseEncoder(channels=list(levels_channels), nums_rb=2,
                                                               ops=comfy.ops.disable_weight_init), seed)
     g = torch.Generator().manual_seed(seed + 1)
     for kind, levels, per in (("down_blocks", 4, 2), ("up_blocks", 4, 3)):
         for i in range(levels):
-            channels = (320, 640, 1280, 1280)[i if kind == "down_blocks" else 3 - i]
+            channels = levels_channels[i if kind == "down_blocks" else 3 - i]
             for m in range(per):
                 key = (f"{kind}.{i}.motion_modules.{m}.temporal_transformer.transformer_blocks.0.attention_blocks.0"
                        ".processor.qkv_merge")
@@ -194,8 +212,10 @@ def _hotshot_key(key: str) -> str:
     return key.replace("pos_encoder.pe", "pos_encoder.positional_encoding")
 
 
-def family_state_dict(family: Family, template: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-    """The motion-model file of `family`, in its own key format, from the layout's template."""
+def family_state_dict(family: Family, template: dict[str, torch.Tensor], seed: int = 0,
+                      width: int = SD15_WIDTH) -> dict[str, torch.Tensor]:
+    """The motion-model file of `family`, in its own key format, from the layout's template (built for a UNet of
+    model_channels `width`)."""
     sd = {}
     for key, value in template.items():
         if key.startswith("mid_block.") and not family.mid_block:
@@ -209,10 +229,10 @@ def family_state_dict(family: Family, template: dict[str, torch.Tensor], seed: i
         sd = {_hotshot_key(k): v for k, v in sd.items()}
     elif family.extra == "pia":
         g = torch.Generator().manual_seed(seed + 7)
-        sd["conv_in.weight"] = (torch.randn(320, 9, 3, 3, generator=g) / math.sqrt(9 * 9)).to(torch.float16)
-        sd["conv_in.bias"] = (0.1 * torch.randn(320, generator=g)).to(torch.float16)
+        sd["conv_in.weight"] = (torch.randn(width, 9, 3, 3, generator=g) / math.sqrt(9 * 9)).to(torch.float16)
+        sd["conv_in.bias"] = (0.1 * torch.randn(width, generator=g)).to(torch.float16)
     elif family.extra == "i2v":
-        sd.update(_img_encoder(seed + 11))
+        sd.update(_img_encoder(seed + 11, width))
     return sd
 
 
@@ -237,15 +257,17 @@ def reduced_width_state_dict(channels: tuple[int, ...], pe_frames: int = 32) -> 
 
 
 class MotionFiles:
-    """The family files, in one folder registered as ADE's "animatediff_models" folder. A layout's files
-    are written together the first time one of them is asked for (its template is then dropped)."""
+    """The family files, in one folder registered as ADE's "animatediff_models" folder, the SD1.5 ones for a
+    UNet of model_channels `sd15_width`. A layout's files are written together the first time one of them is
+    asked for (its template is then dropped)."""
 
-    def __init__(self, folder: Path, seed: int = 1):
+    def __init__(self, folder: Path, seed: int = 1, sd15_width: int = SD15_WIDTH):
         import folder_paths
 
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.seed = seed
+        self.sd15_width = sd15_width
         self._folder_key = ade_module("utils_model").Folders.ANIMATEDIFF_MODELS
         folder_paths.add_model_folder_path(self._folder_key, str(self.folder))
 
@@ -254,10 +276,11 @@ class MotionFiles:
         from safetensors.torch import save_file
 
         if not (self.folder / family.file_name).exists():
-            template = _template(family.layout, self.seed)
+            width = family.width(self.sd15_width)
+            template = _template(family.layout, self.seed, width)
             for member in FAMILIES.values():
                 if member.layout == family.layout:
-                    save_file(family_state_dict(member, template, self.seed), str(self.folder / member.file_name))
+                    save_file(family_state_dict(member, template, self.seed, width), str(self.folder / member.file_name))
             del template
         return family.file_name
 
@@ -266,11 +289,11 @@ class MotionFiles:
         from safetensors.torch import save_file
 
         if not (self.folder / CAMERACTRL_FILE).exists():
-            save_file(cameractrl_state_dict(self.seed + 2), str(self.folder / CAMERACTRL_FILE))
+            save_file(cameractrl_state_dict(self.seed + 2, self.sd15_width), str(self.folder / CAMERACTRL_FILE))
         return CAMERACTRL_FILE
 
     def close(self) -> None:
-        """Unregister the folder and delete the files (all of them: about 5 GB)."""
+        """Unregister the folder and delete the files (all of them: about 5 GB at SD1.5's width)."""
         import folder_paths
 
         paths = folder_paths.folder_names_and_paths[self._folder_key][0]
@@ -300,19 +323,23 @@ CONTEXT_DIM = {SD15: 768, SDXL: 2048}
 EXPECTED_CONFIG = {SD15: "SD15", SDXL: "Segmind_Vega"}  # ComfyUI's detected model config
 
 
-def base_model(layout: str, seed: int = 0):
-    """A MODEL as Load Diffusion Model gives it: a UNet of `layout` through ComfyUI's diffusion-model loader
-    (which detects its configuration from the state dict's keys and shapes), random weights. The loader is
-    given a state dict of the right shapes that holds no memory (one zero, expanded), and the loaded UNet's
-    weights are then drawn in place: one copy of the weights in memory instead of three."""
+def base_model(layout: str, seed: int = 0, width: int = SD15_WIDTH):
+    """A MODEL as Load Diffusion Model gives it: a UNet of `layout` (SD1.5: of model_channels `width`, read with
+    loaders_read_width) through ComfyUI's diffusion-model loader (which detects its configuration from the
+    state dict's keys and shapes), random weights. The loader is given a state dict of the right shapes that
+    holds no memory (one zero, expanded), and the loaded UNet's weights are then drawn in place: one copy of
+    the weights in memory instead of three."""
     import comfy.ops
     import comfy.sd
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    config = SD15_CONFIG if layout == SD15 else SDXL_SMALL_CONFIG
+    if width != SD15_WIDTH and layout != SD15:
+        raise ValueError(f"only the SD1.5 UNet is built narrower (asked: {layout} at {width})")
+    config = {**SD15_CONFIG, "model_channels": width} if layout == SD15 else SDXL_SMALL_CONFIG
     shapes = UNetModel(**config, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init).state_dict()
     zero = torch.zeros((), dtype=torch.float32)
-    patcher = comfy.sd.load_diffusion_model_state_dict({k: zero.expand(v.shape) for k, v in shapes.items()})
+    with loaders_read_width(width):
+        patcher = comfy.sd.load_diffusion_model_state_dict({k: zero.expand(v.shape) for k, v in shapes.items()})
     detected = type(patcher.model.model_config).__name__ if patcher is not None else None
     if detected != EXPECTED_CONFIG[layout]:
         raise RuntimeError(f"ComfyUI detected {detected} for the random {layout} UNet, not {EXPECTED_CONFIG[layout]}")

@@ -76,24 +76,36 @@ def _build_motion_model(pe_len: int, width: int = SD15_WIDTH):
     mmad = ade_module("motion_module_ad")
     info = mmad.AnimateDiffInfo(sd_type="SD1.5", mm_format="AnimateDiff", mm_version="v2", mm_name="synthetic")
     mm = mmad.AnimateDiffModel(_pe_stub(pe_len), info, init_kwargs={"ops": comfy.ops.disable_weight_init})
-    return _narrow_(mm, width) if width != SD15_WIDTH else mm
+    return narrow_motion_model_(mm, width) if width != SD15_WIDTH else mm
 
 
-def _narrow_(mm: nn.Module, width: int) -> nn.Module:
+def sd15_channels(width: int = SD15_WIDTH) -> tuple[int, ...]:
+    """The channels of SD1.5's four levels for model_channels `width` (channel_mult 1, 2, 4, 4)."""
+    return tuple(width * m for m in (1, 2, 4, 4))
+
+
+def narrow_motion_model_(mm: nn.Module, width: int) -> nn.Module:
     """ADE's AnimateDiffModel `mm` (built at SD1.5's fixed channel table) with the same motion modules at the
-    levels of a UNet of model_channels `width`."""
+    levels of a UNet of model_channels `width`, and AnimateLCM-I2V's image encoder, if it has one, rebuilt
+    at those levels by ADE's own init_img_encoder (CameraCtrl's encoder and PIA's conv_in ADE builds from
+    layer_channels and the file's shapes)."""
     mmad = ade_module("motion_module_ad")
-    channels = tuple(width * m for m in (1, 2, 4, 4))
+    channels = sd15_channels(width)
 
     def level(c: int, block_type, index: int):
         return mmad.MotionModule(c, temporal_pe=mm.has_position_encoding, temporal_pe_max_len=mm.encoding_max_len,
                                  block_type=block_type, block_idx=index, attention_block_types=mm.attn_block_types,
                                  ops=mm.ops)
 
-    mm.down_blocks = nn.ModuleList(level(c, mmad.BlockType.DOWN, i) for i, c in enumerate(channels))
-    mm.up_blocks = nn.ModuleList(level(c, mmad.BlockType.UP, i) for i, c in enumerate(reversed(channels)))
-    mm.mid_block = level(channels[-1], mmad.BlockType.MID, 0)
+    if mm.down_blocks is not None:
+        mm.down_blocks = nn.ModuleList(level(c, mmad.BlockType.DOWN, i) for i, c in enumerate(channels))
+    if mm.up_blocks is not None:
+        mm.up_blocks = nn.ModuleList(level(c, mmad.BlockType.UP, i) for i, c in enumerate(reversed(channels)))
+    if mm.mid_block is not None:  # v2 and AnimateLCM have one, v1, v3 and PIA none
+        mm.mid_block = level(channels[-1], mmad.BlockType.MID, 0)
     mm.layer_channels, mm.middle_channel = channels, channels[-1]
+    if getattr(mm, "img_encoder", None) is not None:
+        mm.init_img_encoder()
     return mm
 
 
@@ -114,7 +126,7 @@ def loaders_read_width(width: int):
     class NarrowAnimateDiffModel(ade_model):
         def __init__(self, mm_state_dict, mm_info, init_kwargs=None):
             super().__init__(mm_state_dict, mm_info, init_kwargs or {})
-            _narrow_(self, width)
+            narrow_motion_model_(self, width)
 
     comfy.supported_models.SD15.unet_config = {**sd15_config, "model_channels": width}
     injection.AnimateDiffModel = NarrowAnimateDiffModel
@@ -200,7 +212,6 @@ def ade_model_patcher(models_dir, pe_len: int = 32, seed: int = 0, context_lengt
     model_channels `width` (loaders_read_width)."""
     from pathlib import Path
 
-    import comfy.sd
     import folder_paths
     from safetensors.torch import save_file
 

@@ -17,13 +17,18 @@ motion modules at the first two levels in slices smaller than their positions; a
 nothing, or, where a feature cannot be sliced (AnimateLCM-I2V image features, CameraCtrl), its one notice.
 
 ADE builds motion modules from a fixed channel table and refuses other widths
-(test_reduced_width_motion_model_is_refused), so the UNets have real widths: SD1.5, and the smallest SDXL
-layout ComfyUI detects. An SD1.5 UNet call costs seconds on one thread whatever the latent, so each case
-costs 10-20 s. By default every family the pack sees as distinct runs once (Gen2, or its own apply node; v3 and
-AnimateDiff-SDXL, whose motion modules are v2's without the mid block and HotshotXL's, only in the full matrix)
-and the looped-uniform context windows; STREAMLINE_FULL_MATRIX=1 adds every family through every loader (the
-legacy loader with apply_v2_models_properly off on v2 too), odd frame counts, CFG 1 and standard static context
-windows (21 cases, about 5 minutes more).
+(test_reduced_width_motion_model_is_refused). The SD1.5 families run on SD1.5's layout at the mechanics' width
+(testing.matrix.MECHANICS_WIDTH: a fifth of SD1.5's by default, SD1.5's own 320 with STREAMLINE_FULL_MATRIX=1),
+every part of their files (motion modules, PIA's conv_in, AnimateLCM-I2V's image encoder, CameraCtrl's pose
+encoder and projections) at that width, read by ComfyUI's and ADE's own loaders with
+testing.synthetic.loaders_read_width (ADE's channel table and ComfyUI's SD15 entry read that width; nothing else
+of the loaders changes): each case costs about a second instead of 10-20 s. The SDXL families run at SDXL's real
+widths (the smallest SDXL layout ComfyUI detects), so ADE's own channel table loads a real-width file here too;
+real-width SD1.5 through ADE's loader runs in tests/test_server_e2e.py. By default every family the pack sees as
+distinct runs once (Gen2, or its own apply node; v3 and AnimateDiff-SDXL, whose motion modules are v2's without
+the mid block and HotshotXL's, only in the full matrix) and the looped-uniform context windows;
+STREAMLINE_FULL_MATRIX=1 adds every family through every loader (the legacy loader with apply_v2_models_properly
+off on v2 too), odd frame counts, CFG 1 and standard static context windows (21 cases, about 5 minutes more).
 In the full matrix the three loaders give the same samples for a family in the same mode; they differ in how
 the MODEL is put together, which is what those cases check. The latent is 8x8: levels of 64, 16, 4 (and 1) positions.
 """
@@ -39,6 +44,8 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+
+from comfyui_streamline.testing.matrix import MECHANICS_WIDTH
 
 pytestmark = pytest.mark.host
 
@@ -56,6 +63,7 @@ SEED = 1234
 # ADE self-check), and a dropped or misapplied operation differs by 1e-3 and more.
 TOL = 2e-5
 SPATIAL_CHUNK = 10  # motion modules: 7 slices of 64 positions at level 0, 2 of 16 at level 1; 4 positions whole
+SD15_WIDTH = MECHANICS_WIDTH  # model_channels of the SD1.5 families' UNet (SDXL's: its own)
 MODULES_SLICED = 10  # per UNet call: levels 0 and 1, 2 motion modules per down block and 3 per up block
 UP_MODULES_SLICED = 6
 STREAMLINE_LOGGER = "ComfyUI-Streamline"
@@ -137,17 +145,18 @@ def streamline_warnings(caplog) -> list[str]:
 
 
 class Bases:
-    """The random base UNet of one layout at a time (an SD1.5 UNet is 3.4 GB in fp32)."""
+    """The random base UNet of one layout at a time (an SD1.5 UNet is 3.4 GB in fp32 at its own width)."""
 
     def __init__(self):
         self.layout, self.model = None, None
 
     def get(self, layout: str):
-        from comfyui_streamline.testing.motion_families import base_model
+        from comfyui_streamline.testing.motion_families import SD15, base_model
 
         if layout != self.layout:
             self.clear()
-            self.model, self.layout = base_model(layout, seed=0), layout
+            self.model = base_model(layout, seed=0, width=SD15_WIDTH if layout == SD15 else 320)  # SDXL: its own
+            self.layout = layout
         return self.model
 
     def clear(self) -> None:
@@ -166,7 +175,7 @@ def bases():
 def motion_files(tmp_path_factory):
     from comfyui_streamline.testing.motion_families import MotionFiles
 
-    files = MotionFiles(tmp_path_factory.mktemp("animatediff_models"), seed=1)
+    files = MotionFiles(tmp_path_factory.mktemp("animatediff_models"), seed=1, sd15_width=SD15_WIDTH)
     yield files
     files.close()
 
@@ -196,12 +205,25 @@ def report_measured():
 def load(bases, motion_files, family_name: str, loader: str, properly: bool = True, context_options=None,
          apply_node: str | None = None, vae=None):
     """The family's file through `loader`, or for gen2 through a family's own load/apply nodes
-    (`apply_node`); checks what ADE detected. Returns (MODEL, Family)."""
-    from comfyui_streamline.testing.motion_families import FAMILIES, apply_motion_model, motion_models_of, run_node
+    (`apply_node`), the loaders reading the family's width; checks what ADE detected. Returns (MODEL, Family)."""
+    from comfyui_streamline.testing.motion_families import FAMILIES, motion_models_of
+    from comfyui_streamline.testing.synthetic import loaders_read_width
 
     family = FAMILIES[family_name]
     base = bases.get(family.layout)
     name = motion_files.write(family)
+    with loaders_read_width(family.width(SD15_WIDTH)):
+        model = _apply(base, motion_files, name, loader, properly, context_options, apply_node, vae)
+    (motion_model,) = motion_models_of(model)
+    info = motion_model.model.mm_info
+    assert (info.mm_format, info.mm_version, info.sd_type) == (family.mm_format, family.mm_version, family.layout)
+    assert motion_model.model.layer_channels[0] == family.width(SD15_WIDTH)
+    return model, family
+
+
+def _apply(base, motion_files, name: str, loader: str, properly: bool, context_options, apply_node: str | None, vae):
+    from comfyui_streamline.testing.motion_families import apply_motion_model, run_node
+
     m_models = None
     if apply_node == "ADE_ApplyAnimateDiffModelWithPIA":
         (motion,) = run_node("ADE_LoadAnimateDiffModel", model_name=name)
@@ -218,12 +240,8 @@ def load(bases, motion_files, family_name: str, loader: str, properly: bool = Tr
         (m_models,) = run_node(apply_node, motion_model=motion, cameractrl_poses=poses)
     elif apply_node is not None:
         raise ValueError(apply_node)
-    model = apply_motion_model(base, name, loader, apply_v2_properly=properly, context_options=context_options,
-                               m_models=m_models)
-    (motion_model,) = motion_models_of(model)
-    info = motion_model.model.mm_info
-    assert (info.mm_format, info.mm_version, info.sd_type) == (family.mm_format, family.mm_version, family.layout)
-    return model, family
+    return apply_motion_model(base, name, loader, apply_v2_properly=properly, context_options=context_options,
+                              m_models=m_models)
 
 
 # -- sampling -------------------------------------------------------------------------------------------
@@ -234,6 +252,7 @@ class Outcome:
     """What one case measured: the unpatched and patched samples, what ran, what the pack logged."""
 
     case: str
+    width: int  # the UNet's model_channels
     batch: int  # samples per UNet call
     frame_chunk: int
     ref: torch.Tensor
@@ -257,7 +276,7 @@ def sample(model, layout: str, frames: int, cfg: float) -> tuple[torch.Tensor, P
     return out["samples"].clone(), record
 
 
-def run_case(case: str, model, layout: str, caplog, frames: int = FRAMES, cfg: float = CFG,
+def run_case(case: str, model, layout: str, width: int, caplog, frames: int = FRAMES, cfg: float = CFG,
              window: int | None = None) -> Outcome:
     """Sample `model` unpatched, then patched with Streamline Model Patch: frame slices of half the batch
     plus one (a slice straddles the boundary between two videos), SPATIAL_CHUNK positions."""
@@ -274,7 +293,7 @@ def run_case(case: str, model, layout: str, caplog, frames: int = FRAMES, cfg: f
                                            scale_with_level=False).result[0]
     assert patched is not model
     out, record = sample(patched, layout, frames, cfg)
-    return Outcome(case, batch, frame_chunk, ref, out, ref_record, record, ref_warnings,
+    return Outcome(case, width, batch, frame_chunk, ref, out, ref_record, record, ref_warnings,
                    streamline_warnings(caplog)[len(ref_warnings):], (middle - start, time.perf_counter() - middle))
 
 
@@ -285,7 +304,7 @@ def measure(bases, motion_files, caplog, case: str, family_name: str, loader: st
 
     def run():
         model, family = load(bases, motion_files, family_name, loader, properly, context_options, apply_node, vae)
-        return run_case(case, model, family.layout, caplog, **sampling), family
+        return run_case(case, model, family.layout, family.width(SD15_WIDTH), caplog, **sampling), family
 
     try:
         return run()
@@ -310,7 +329,7 @@ def check(o: Outcome, hack: bool, sliced_per_call: int = MODULES_SLICED, notices
     assert frame_slices and {b for b, _ in frame_slices} == {o.batch}, frame_slices
     assert {c for _, c in o.record.sliced_frame_groups()} == {o.frame_chunk} and o.frame_chunk < o.batch, frame_slices
     sliced = o.record.sliced_motion_modules()
-    assert {ch for _, ch, _, _ in sliced} == ({320, 640} if sliced_per_call else set()), sorted(set(o.record.spatial_slices))
+    assert {ch for _, ch, _, _ in sliced} == ({o.width, 2 * o.width} if sliced_per_call else set()), sorted(set(o.record.spatial_slices))
     assert {c for *_, c in sliced} <= {SPATIAL_CHUNK}, sorted(set(o.record.spatial_slices))
     assert len(sliced) == sliced_per_call * len(o.record.unet_calls), sorted(set(o.record.spatial_slices))
     assert len(o.warnings) == len(notices) and all(any(n in w for w in o.warnings) for n in notices), o.warnings
@@ -320,7 +339,7 @@ def check(o: Outcome, hack: bool, sliced_per_call: int = MODULES_SLICED, notices
     diff = (o.out - o.ref).abs().max().item()
     ratio = diff / o.ref.abs().max().item()
     MEASURED[o.case] = ratio
-    print(f"\n[{o.case}] max|diff| = {diff:.3e}, max|ref| = {o.ref.abs().max().item():.3e}, ratio = {ratio:.3e} "
+    print(f"\n[{o.case}, width {o.width}] max|diff| = {diff:.3e}, max|ref| = {o.ref.abs().max().item():.3e}, ratio = {ratio:.3e} "
           f"(sampling {o.seconds[0]:.1f} s unpatched, {o.seconds[1]:.1f} s patched)")
     assert ratio <= TOL, f"{o.case}: max|patched - unpatched| / max|unpatched| = {ratio:.3e} > {TOL:.0e}"
 
@@ -330,7 +349,8 @@ def check(o: Outcome, hack: bool, sliced_per_call: int = MODULES_SLICED, notices
 
 def test_reduced_width_motion_model_is_refused(tmp_path):
     """ADE builds motion modules from a fixed channel table (320/640/1280[/1280], mid 1280), not from the
-    file's shapes: a motion model for a narrower UNet does not load. Hence full-width UNets here."""
+    file's shapes: a motion model for a narrower UNet does not load. Hence loaders_read_width for the narrow
+    SD1.5 families here."""
     import folder_paths
     from animatediff.utils_model import Folders
     from safetensors.torch import save_file

@@ -16,8 +16,8 @@ The latent is 8x8 (a 64x64 image), not 16x16: an SD1.5 UNet call on 8 samples at
 10 s on 2 CPU cores, at 8x8 a few seconds, and 8x8 still gives four UNet levels (8, 4, 2, 1) with
 slicing at the first two. The UNet, motion model and ControlNet have SD1.5's layout at a fifth of its width
 (WIDTH, testing/matrix.py): the same blocks, levels and motion modules through the same loaders, each call ~16x
-faster; tests/test_motion_families.py and tests/test_server_e2e.py run real-width SD1.5 through these loaders,
-and STREAMLINE_FULL_MATRIX=1 runs this file at the real width too.
+faster; tests/test_server_e2e.py runs real-width SD1.5 through these loaders, and STREAMLINE_FULL_MATRIX=1 runs
+this file (and tests/test_motion_families.py's SD1.5 families) at the real width too.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ SEED = 1234
 TOL = 1e-5
 MM_NAME = "streamline-test-mm_sd_v15_v2.safetensors"
 # SD1.5's layout at a fifth of its width through the same loaders (testing/matrix.py; real-width SD1.5 through them:
-# tests/test_motion_families.py, tests/test_server_e2e.py, and here with STREAMLINE_FULL_MATRIX=1)
+# tests/test_server_e2e.py, and here with STREAMLINE_FULL_MATRIX=1)
 WIDTH = MECHANICS_WIDTH
 STREAMLINE_LOGGER = "ComfyUI-Streamline"
 
