@@ -52,7 +52,8 @@ class RehashConfig:
         family reads it (Step Rehash's cache_block input): on a UNet the output block whose output (after its
         temporal layer) is cached, -1 = the default (the second-to-last output block: a rehash step then runs
         only the first input block and the last output block at full resolution; resolve_output_block); on
-        Wan the count of shallow blocks at each end, -1 = one (families/wan/rehash.py shallow_blocks).
+        a DiT the count of shallow blocks at each end of its block stack, -1 = one (families/dit/rehash.py
+        shallow_blocks).
     interval, warmup, tail: the fixed schedule (warm-up and tail steps are always full).
     threshold: adaptive mode; a step is computed in full once the predicted relative L1 change of the
         deep feature since the last full step reaches it (see predicted_deep_change).

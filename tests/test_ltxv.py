@@ -465,7 +465,7 @@ def test_memory_budget_plans_and_slices_exactly(name, slice_spy, caplog):
     video = (1, 128, FRAMES, HEIGHT, WIDTH)
     latent = ltxav_latent(video, AUDIO_FRAMES) if name == "LTXAV" else {"samples": torch.zeros(video)}
     batched = (2, *video[1:])
-    whole = laws.ltx_peaks(dm, torch.zeros(batched), torch.zeros(2, 8, 1), SliceConfig())[1]
+    whole = laws.ltx_peaks(dm, batched, 4, SliceConfig(), 8)[1]
     budget = int(whole * 0.6)
     plan = registry.plan_for(registry.LTXV, dm, batched, 4, budget, context_tokens=8)
     assert plan.config.token_chunk < 60 and plan.predicted_peak_bytes <= budget * ALLOCATOR_HEADROOM
@@ -631,12 +631,16 @@ def test_rehash_and_streamline_slicing_compose(mode, slice_spy):
 
 def test_rehash_shallow_blocks_and_conflicts(caplog):
     from comfyui_streamline.core.rehash import RehashConfigError
-    from comfyui_streamline.families.ltxv.rehash import shallow_blocks
+    from comfyui_streamline.families.registry import LTXV
 
-    assert [shallow_blocks(-1, n) for n in (1, 2, 3, 48)] == [0, 0, 1, 1]
+    class Stack:  # an LTX model as rehash_split reads it: its transformer blocks
+        def __init__(self, n):
+            self.transformer_blocks = [None] * n
+
+    assert [LTXV.rehash_split(Stack(n), -1) for n in (1, 2, 3, 48)] == [0, 0, 1, 1]
     for c, n in ((1, 2), (24, 48), (-2, 48)):
-        with pytest.raises(RehashConfigError):
-            shallow_blocks(c, n)
+        with pytest.raises(RehashConfigError, match="for a LTX model with"):
+            LTXV.rehash_split(Stack(n), c)
     model = loaded("LTXV", REHASH_BLOCKS)
     plain = rehash_sample(model, "LTXV")
     caplog.set_level(logging.WARNING, logger=STREAMLINE_LOGGER)

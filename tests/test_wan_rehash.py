@@ -300,13 +300,13 @@ def test_cache_block_out_of_range_runs_in_full_and_says_so(caplog):
 
 def test_shallow_blocks():
     from comfyui_streamline.core.rehash import RehashConfigError
-    from comfyui_streamline.families.wan.rehash import shallow_blocks
+    from comfyui_streamline.families.dit.rehash import shallow_blocks
 
-    assert [shallow_blocks(-1, n) for n in (1, 2, 3, 40)] == [0, 0, 1, 1]
-    assert shallow_blocks(0, 1) == 0 and shallow_blocks(19, 40) == 19
+    assert [shallow_blocks(-1, n, "Wan") for n in (1, 2, 3, 40)] == [0, 0, 1, 1]
+    assert shallow_blocks(0, 1, "Wan") == 0 and shallow_blocks(19, 40, "Wan") == 19
     for c, n in ((1, 2), (20, 40), (-2, 40)):
-        with pytest.raises(RehashConfigError):
-            shallow_blocks(c, n)
+        with pytest.raises(RehashConfigError, match="for a Wan model with"):
+            shallow_blocks(c, n, "Wan")
 
 
 def test_a_deep_block_another_node_replaces_keeps_every_step_full(caplog):

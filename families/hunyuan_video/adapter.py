@@ -3,17 +3,14 @@ over tokens through ComfyUI's block-replace hook; Step Rehash's split runs the f
 single stack on every step."""
 from __future__ import annotations
 
-import dataclasses
-
-from ...core.slicing import SliceConfig, is_automatic
-from ..family import Family
+from ...core.slicing import SliceConfig
+from ..dit.family import LatentLawsFamily, text_tokens
 from .laws import tokens_of
 
 
-class HunyuanVideoFamily(Family):
+class HunyuanVideoFamily(LatentLawsFamily):
     name = "HunyuanVideo"
-    swaps_forward = False  # the model's forward_orig runs; the block replacements slice each block
-    splits_block_stack = True
+    tokens_text = "image tokens"
 
     def claims(self, diffusion_model) -> bool:
         from comfy.ldm.hunyuan_video.model import HunyuanVideo
@@ -31,38 +28,34 @@ class HunyuanVideoFamily(Family):
             return None
         return unsupported_hunyuan_reason(diffusion_model)  # sliced, planned and split alike
 
-    # -- Memory Budget ----------------------------------------------------------------------------------------
+    # -- the laws (families/hunyuan_video/laws.py) ------------------------------------------------------------
 
-    def plan(self, model, x, context, budget, held, set_budget, video_norm, frames, offload):
+    def plan_latent(self, model, latent_shape, dtype_bytes, budget, text):
         from .laws import plan_hunyuan
 
-        return plan_hunyuan(model, tuple(x.shape), x.element_size(), budget, _text_tokens(context))
+        return plan_hunyuan(model, latent_shape, dtype_bytes, budget, text)
 
-    def peaks(self, model, x, context, config, video_norm=False, frames=None) -> tuple[int, int]:
+    def latent_peaks(self, model, latent_shape, dtype_bytes, config, text) -> tuple[int, int]:
         from .laws import hunyuan_peaks
 
-        return hunyuan_peaks(model, tuple(x.shape), x.element_size(), config, _text_tokens(context))
+        return hunyuan_peaks(model, latent_shape, dtype_bytes, config, text)
 
-    def estimate(self, base_model, input_shape, dtype_bytes, config, planned_budget, motion_models, offload) -> int:
-        from .laws import TEXT_TOKENS, hunyuan_peaks, plan_hunyuan
+    def preview_latent(self, model, width, height, clip_frames) -> tuple[int, ...]:
+        from .laws import preview_latent
 
-        model = base_model.diffusion_model
-        if planned_budget is not None:
-            try:
-                return plan_hunyuan(model, tuple(input_shape), dtype_bytes, planned_budget(), None).predicted_peak_bytes
-            except ValueError:
-                config = SliceConfig(1, 1, token_chunk=1)
-        return hunyuan_peaks(model, tuple(input_shape), dtype_bytes, config, TEXT_TOKENS)[0]
+        return preview_latent(model, width, height, clip_frames)
 
-    def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
-                cond_batching) -> str:
-        from ..family import latent_plan_preview
-        from .laws import plan_hunyuan, preview_latent
+    def sliced_tokens(self, model, x) -> int:
+        return tokens_of(model, tuple(x.shape))[0]
 
-        dm = model.model.diffusion_model
-        latent = preview_latent(dm, width, height, frames)
-        return latent_plan_preview(self, budget_text, f"{width}x{height}x{frames}", latent,
-                                   lambda: plan_hunyuan(dm, latent, dtype_bytes, planned, None))
+    def token_chunk(self, model, x, context, config: SliceConfig) -> int:
+        """Tokens per slice of a call of `x` with `config` (laws.hunyuan_token_chunk)."""
+        from ..dit.laws import attention_kernel
+        from .laws import hunyuan_shape, hunyuan_token_chunk, hunyuan_work
+
+        work = hunyuan_work(model, tuple(x.shape), x.element_size(), text_tokens(context))
+        _, per_frame = tokens_of(model, tuple(x.shape))
+        return hunyuan_token_chunk(config, hunyuan_shape(model), work, per_frame, attention_kernel())
 
     # -- Streamline Model Patch -------------------------------------------------------------------------------
 
@@ -76,38 +69,8 @@ class HunyuanVideoFamily(Family):
 
         remove_hunyuan_slicing(patcher)
 
-    def slice_text(self, model, x, context, config: SliceConfig) -> str:
-        chunk, tokens = self.token_chunk(model, x, context, config), tokens_of(model, tuple(x.shape))[0]
-        auto = " (automatic)" if is_automatic(config) else ""
-        return f"slices of {chunk} of {tokens} image tokens in each HunyuanVideo block{auto}"
-
-    def call_slicing(self, model, x, context, config: SliceConfig) -> SliceConfig:
-        """A config left automatic gets the slice the laws choose for this call (laws.automatic_token_chunk)."""
-        if not is_automatic(config):
-            return config
-        return dataclasses.replace(config, token_chunk=self.token_chunk(model, x, context, config))
-
-    def finer_after_oom(self, model, config: SliceConfig, x, context) -> SliceConfig | None:
-        """Half the tokens per slice (None: one token per slice already)."""
-        chunk = self.token_chunk(model, x, context, config)
-        if chunk <= 1:
-            return None
-        return dataclasses.replace(config, token_chunk=chunk // 2)
-
-    @staticmethod
-    def token_chunk(model, x, context, config: SliceConfig) -> int:
-        """Tokens per slice of a call of `x` with `config` (laws.hunyuan_token_chunk)."""
-        from ..dit.laws import attention_kernel
-        from .laws import hunyuan_shape, hunyuan_token_chunk, hunyuan_work
-
-        work = hunyuan_work(model, tuple(x.shape), x.element_size(), _text_tokens(context))
-        _, per_frame = tokens_of(model, tuple(x.shape))
-        return hunyuan_token_chunk(config, hunyuan_shape(model), work, per_frame, attention_kernel())
-
     def rehash_split_bytes(self, model, latent_shape, dtype_bytes: int) -> int:
-        from .laws import TEXT_TOKENS
-
-        from .laws import hunyuan_work
+        from .laws import TEXT_TOKENS, hunyuan_work
 
         work = hunyuan_work(model, latent_shape, dtype_bytes, TEXT_TOKENS)
         return work.batch * work.joint * model.hidden_size * dtype_bytes  # the deep span's entry, joined
@@ -116,11 +79,6 @@ class HunyuanVideoFamily(Family):
 
     def block_stack_length(self, diffusion_model) -> int:
         return len(diffusion_model.double_blocks) + len(diffusion_model.single_blocks)
-
-    def rehash_split(self, model, split_point: int) -> int:
-        from .rehash import shallow_blocks
-
-        return shallow_blocks(split_point, self.block_stack_length(model))
 
     def install_rehash(self, patcher) -> None:
         from .rehash import install_for_rehash
@@ -142,10 +100,6 @@ class HunyuanVideoFamily(Family):
         from .rehash import HunyuanRehashCall
 
         return HunyuanRehashCall(call_state, first_deep, last_deep)
-
-
-def _text_tokens(context) -> int | None:
-    return context.shape[1] if context is not None and context.ndim == 3 else None
 
 
 HUNYUAN_VIDEO = HunyuanVideoFamily()

@@ -24,14 +24,6 @@ from torch import Tensor
 
 from ...host.log import logger
 from ...host.options import DIT_CALL_KEY as CALL_KEY
-from ..dit.rehash import shallow_blocks as dit_shallow_blocks
-
-
-def shallow_blocks(split_point: int, blocks: int) -> int:
-    """HunyuanVideo's shallow blocks at each end of its double + single stack."""
-    return dit_shallow_blocks(split_point, blocks, "HunyuanVideo")
-
-
 def position_key(position: int, doubles: int) -> tuple[str, int]:
     """The hook key of stack position `position`."""
     return ("double_block", position) if position < doubles else ("single_block", position - doubles)

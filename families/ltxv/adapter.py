@@ -2,21 +2,18 @@
 ComfyUI's block-replace hook; Step Rehash's split runs the first and last blocks on every step."""
 from __future__ import annotations
 
-import dataclasses
-
 from ...core.budget import Plan
-from ...core.slicing import SliceConfig, is_automatic
-from ..family import Family, Shaped, latent_plan_preview
+from ...core.slicing import SliceConfig
+from ..dit.family import LatentLawsFamily, text_tokens
 from .laws import (
     LTX_TEXT_TOKENS, ltx_kernel, ltx_peaks, ltx_rehash_split_bytes, ltx_shape, ltx_token_chunk, ltx_tokens, ltx_work,
     plan_ltx, preview_latent, video_latent_shape,
 )
 
 
-class LtxvFamily(Family):
+class LtxvFamily(LatentLawsFamily):
     name = "LTX"
-    swaps_forward = False  # the model's own forward runs; the block replacements slice each block
-    splits_block_stack = True
+    tokens_text = "video tokens"
 
     def claims(self, diffusion_model) -> bool:
         from .patch import is_ltx, unsupported_ltxv_reason
@@ -30,44 +27,43 @@ class LtxvFamily(Family):
 
     def call_input(self, diffusion_model, args: tuple, kwargs: dict):
         """LTX-2's x is [video, audio]: its video latent stands for the call."""
-        return self._video(args[0] if args else kwargs["x"])
-
-    @staticmethod
-    def _video(x):
-        from .patch import video_latent
-
-        return video_latent(x)
+        return _video(args[0] if args else kwargs["x"])
 
     def block_stack_length(self, diffusion_model) -> int:
         return len(diffusion_model.transformer_blocks)
 
-    # -- Memory Budget ----------------------------------------------------------------------------------------
+    # -- the laws (families/ltxv/laws.py), of the video latent ------------------------------------------------
 
-    def plan(self, model, x, context, budget, held, set_budget, video_norm, frames, offload) -> Plan:
-        tokens = context.shape[1] if context is not None and context.ndim == 3 else None
-        x = self._video(x)
-        return plan_ltx(model, tuple(x.shape), x.element_size(), budget, tokens)
+    def plan(self, model, x, context, budget, held, set_budget, video_norm, video_length, offload) -> Plan:
+        return super().plan(model, _video(x), context, budget, held, set_budget, video_norm, video_length, offload)
 
-    def peaks(self, model, x, context, config, video_norm=False, frames=None) -> tuple[int, int]:
-        return ltx_peaks(model, self._video(x), context, config)
+    def peaks(self, model, x, context, config, video_norm=False, video_length=None) -> tuple[int, int]:
+        return super().peaks(model, _video(x), context, config, video_norm, video_length)
 
-    def estimate(self, base_model, input_shape, dtype_bytes, config, planned_budget, motion_models, offload) -> int:
-        model = base_model.diffusion_model
-        shape = video_latent_shape(base_model, input_shape)
-        if planned_budget is not None:
-            try:
-                return plan_ltx(model, shape, dtype_bytes, planned_budget(), None).predicted_peak_bytes
-            except ValueError:
-                config = SliceConfig(1, 1, token_chunk=1)
-        context = Shaped((shape[0], LTX_TEXT_TOKENS, 1), dtype_bytes)
-        return ltx_peaks(model, Shaped(shape, dtype_bytes), context, config)[0]
+    def plan_latent(self, model, latent_shape, dtype_bytes, budget, text) -> Plan:
+        return plan_ltx(model, latent_shape, dtype_bytes, budget, text)
 
-    def preview(self, model, planned, budget, budget_text, width, height, frames, dtype_bytes, offload,
-                cond_batching) -> str:
-        dm = model.model.diffusion_model
-        latent = preview_latent(dm, width, height, frames)
-        return latent_plan_preview(self, budget_text, f"{width}x{height}x{frames}", latent,
-                                   lambda: plan_ltx(dm, latent, dtype_bytes, planned, None))
+    def latent_peaks(self, model, latent_shape, dtype_bytes, config, text) -> tuple[int, int]:
+        return ltx_peaks(model, latent_shape, dtype_bytes, config, text)
+
+    def preview_latent(self, model, width, height, clip_frames) -> tuple[int, ...]:
+        return preview_latent(model, width, height, clip_frames)
+
+    def estimate_shape(self, base_model, input_shape) -> tuple[int, ...]:
+        return video_latent_shape(base_model, input_shape)
+
+    def sliced_tokens(self, model, x) -> int:
+        return ltx_tokens(tuple(_video(x).shape))[0]
+
+    def token_chunk(self, model, x, context, config: SliceConfig) -> int:
+        """Tokens per slice of a call of video latent `x` with `config` (laws.ltx_token_chunk)."""
+        x = _video(x)
+        work = ltx_work(model, tuple(x.shape), x.element_size(), text_tokens(context) or LTX_TEXT_TOKENS)
+        _, per_frame = ltx_tokens(tuple(x.shape))
+        return ltx_token_chunk(config, ltx_shape(model), work, per_frame, ltx_kernel())
+
+    def rehash_split_bytes(self, model, latent_shape, dtype_bytes: int) -> int:
+        return ltx_rehash_split_bytes(model, latent_shape, dtype_bytes)
 
     # -- Streamline Model Patch -------------------------------------------------------------------------------
 
@@ -81,42 +77,7 @@ class LtxvFamily(Family):
 
         remove_ltxv_slicing(patcher)
 
-    def slice_text(self, model, x, context, config: SliceConfig) -> str:
-        x = self._video(x)
-        chunk, tokens = self.token_chunk(model, x, context, config), ltx_tokens(tuple(x.shape))[0]
-        auto = " (automatic)" if is_automatic(config) else ""
-        return f"slices of {chunk} of {tokens} video tokens in each LTX block{auto}"
-
-    def call_slicing(self, model, x, context, config: SliceConfig) -> SliceConfig:
-        """A config left automatic gets the slice the laws choose for this call (laws.automatic_token_chunk)."""
-        if not is_automatic(config):
-            return config
-        return dataclasses.replace(config, token_chunk=self.token_chunk(model, self._video(x), context, config))
-
-    def finer_after_oom(self, model, config: SliceConfig, x, context) -> SliceConfig | None:
-        """Half the tokens per slice (None: one token per slice already)."""
-        chunk = self.token_chunk(model, self._video(x), context, config)
-        if chunk <= 1:
-            return None
-        return dataclasses.replace(config, token_chunk=chunk // 2)
-
-    @staticmethod
-    def token_chunk(model, x, context, config: SliceConfig) -> int:
-        """Tokens per slice of a call of video latent `x` with `config` (laws.ltx_token_chunk)."""
-        text = context.shape[1] if context is not None and context.ndim == 3 else LTX_TEXT_TOKENS
-        work = ltx_work(model, tuple(x.shape), x.element_size(), text)
-        _, per_frame = ltx_tokens(tuple(x.shape))
-        return ltx_token_chunk(config, ltx_shape(model), work, per_frame, ltx_kernel())
-
-    def rehash_split_bytes(self, model, latent_shape, dtype_bytes: int) -> int:
-        return ltx_rehash_split_bytes(model, latent_shape, dtype_bytes)
-
     # -- Step Rehash ------------------------------------------------------------------------------------------
-
-    def rehash_split(self, model, split_point: int) -> int:
-        from .rehash import shallow_blocks
-
-        return shallow_blocks(split_point, len(model.transformer_blocks))
 
     def install_rehash(self, patcher) -> None:
         from .rehash import install_for_rehash
@@ -138,6 +99,13 @@ class LtxvFamily(Family):
         from .rehash import LtxRehashCall
 
         return LtxRehashCall(call_state, first_deep, last_deep)
+
+
+def _video(x):
+    """The video latent of a call's x (LTX-2's is [video, audio])."""
+    from .patch import video_latent
+
+    return video_latent(x)
 
 
 LTXV = LtxvFamily()

@@ -316,12 +316,12 @@ def plan_ltx(diffusion_model, latent_shape, dtype_bytes: int, budget: int, conte
                 int(forward_peak_bytes(shape, work, None, kernel)))
 
 
-def ltx_peaks(diffusion_model, x, context, config: SliceConfig) -> tuple[int, int]:
-    """(sliced with `config`, ComfyUI's forward) predicted peak bytes of one call of video latent x."""
+def ltx_peaks(diffusion_model, latent_shape, dtype_bytes: int, config: SliceConfig,
+              context_tokens: int | None = None) -> tuple[int, int]:
+    """(sliced with `config`, ComfyUI's forward) predicted peak bytes of one call of a video latent."""
     shape, kernel = ltx_shape(diffusion_model), ltx_kernel()
-    text = context.shape[1] if context is not None and context.ndim == 3 else LTX_TEXT_TOKENS
-    work = ltx_work(diffusion_model, tuple(x.shape), x.element_size(), text)
-    _, per_frame = ltx_tokens(tuple(x.shape))
+    work = ltx_work(diffusion_model, tuple(latent_shape), dtype_bytes, context_tokens or LTX_TEXT_TOKENS)
+    _, per_frame = ltx_tokens(tuple(latent_shape))
     chunk = ltx_token_chunk(config, shape, work, per_frame, kernel)
     return int(forward_peak_bytes(shape, work, chunk, kernel)), int(forward_peak_bytes(shape, work, None, kernel))
 

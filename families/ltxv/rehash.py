@@ -24,11 +24,6 @@ from torch import Tensor
 from ..dit import rehash as dit_rehash
 
 
-def shallow_blocks(split_point: int, blocks: int) -> int:
-    """The blocks at each end that run on every step (families/dit/rehash.py shallow_blocks)."""
-    return dit_rehash.shallow_blocks(split_point, blocks, "LTX")
-
-
 def packed(streams) -> Tensor:
     """x (B, T, C), or LTX-2's (video, audio), as one (B, n) row per sample: each stream flattened, in order."""
     if isinstance(streams, Tensor):

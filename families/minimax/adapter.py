@@ -3,13 +3,11 @@ ComfyUI's block-replace hook (patch.py); Step Rehash's split runs the first and 
 (families/dit/rehash.py), the residual of the blocks between is the deep feature."""
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ...core.budget import Plan
-from ...core.slicing import SliceConfig, is_automatic
-from ..family import Family
+from ...core.slicing import SliceConfig
+from ..dit.family import BlockSlicedFamily
 
 
 def packed_tokens(model, video, audio_t: int, text_len: int, payload: dict | None) -> tuple[int, bool]:
@@ -64,10 +62,9 @@ def is_minimax(diffusion_model) -> bool:
     return isinstance(diffusion_model, MiniMaxH3Model)
 
 
-class MiniMaxFamily(Family):
+class MiniMaxFamily(BlockSlicedFamily):
     name = "MiniMax"
-    swaps_forward = False  # the model's _forward runs; the block replacements slice each block
-    splits_block_stack = True
+    tokens_text = "packed tokens"
 
     def claims(self, diffusion_model) -> bool:
         if not is_minimax(diffusion_model):
@@ -126,24 +123,10 @@ class MiniMaxFamily(Family):
 
         remove_minimax_slicing(patcher)
 
-    def slice_text(self, model, x, context, config: SliceConfig) -> str:
-        chunk = self.token_chunk(model, x, context, config)
-        auto = " (automatic)" if is_automatic(config) else ""
-        return f"slices of {chunk} of {x.shape[1]} packed tokens in each MiniMax block{auto}"
+    def sliced_tokens(self, model, x) -> int:
+        return x.shape[1]  # packed_input's (1, S, C)
 
-    def call_slicing(self, model, x, context, config: SliceConfig) -> SliceConfig:
-        """A config left automatic gets the slice the laws choose for this call (laws.automatic_token_chunk)."""
-        if not is_automatic(config):
-            return config
-        return dataclasses.replace(config, token_chunk=self.token_chunk(model, x, context, config))
-
-    def finer_after_oom(self, model, config: SliceConfig, x, context) -> SliceConfig | None:
-        """Half the tokens per slice (None: one token per slice already)."""
-        chunk = self.token_chunk(model, x, context, config)
-        return None if chunk <= 1 else dataclasses.replace(config, token_chunk=chunk // 2)
-
-    @staticmethod
-    def token_chunk(model, x, context, config: SliceConfig) -> int:
+    def token_chunk(self, model, x, context, config: SliceConfig) -> int:
         """Tokens per slice of a packed (1, S, C) call (packed_input) with `config` (laws.token_chunk_for)."""
         from .laws import token_chunk_for
 
@@ -154,11 +137,6 @@ class MiniMaxFamily(Family):
         return latent_shape[1] * latent_shape[2] * dtype_bytes
 
     # -- Step Rehash ------------------------------------------------------------------------------------------
-
-    def rehash_split(self, model, split_point: int) -> int:
-        from ..dit.rehash import shallow_blocks
-
-        return shallow_blocks(split_point, len(model.blocks), self.name)
 
     def install_rehash(self, patcher) -> None:
         from ..dit.hooks import block_hooks
@@ -174,11 +152,6 @@ class MiniMaxFamily(Family):
 
         foreign = foreign_blocks(transformer_options, first_deep, last_deep, SlicedMiniMaxBlock)
         return f"MiniMax blocks {foreign} run through another node's block replacement" if foreign else None
-
-    def rehash_call(self, call_state, first_deep: int, last_deep: int):
-        from ..dit.rehash import DeepSpanCall
-
-        return DeepSpanCall(call_state, first_deep, last_deep)
 
 
 MINIMAX = MiniMaxFamily()

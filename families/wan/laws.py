@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
 from ...core.budget import Plan
 from ...core.plan_search import Fit, PlanSearch, automatic_slice, cheapest_fit
 from ...core.slicing import SliceConfig, frame_slices, is_automatic, token_chunk_size
@@ -318,12 +316,12 @@ def plan_wan(diffusion_model, latent_shape, dtype_bytes: int, budget: int, conte
                 int(forward_peak_bytes(shape, work, None, kernel)))
 
 
-def wan_peaks(diffusion_model, x: Tensor, context: Tensor | None, config: SliceConfig) -> tuple[int, int]:
+def wan_peaks(diffusion_model, latent_shape, dtype_bytes: int, config: SliceConfig,
+              context_tokens: int | None = None) -> tuple[int, int]:
     """(sliced with `config`, ComfyUI's forward) predicted peak bytes of one Wan call."""
     shape, kernel = wan_shape(diffusion_model), wan_kernel()
-    work = wan_work(diffusion_model, x.shape, x.element_size(),
-                    context.shape[1] if context is not None and context.ndim == 3 else WAN_TEXT_TOKENS)
-    _, per_frame = wan_tokens(diffusion_model, x.shape)
+    work = wan_work(diffusion_model, latent_shape, dtype_bytes, context_tokens or WAN_TEXT_TOKENS)
+    _, per_frame = wan_tokens(diffusion_model, latent_shape)
     chunk = wan_token_chunk(config, shape, work, per_frame, kernel)
     return int(forward_peak_bytes(shape, work, chunk, kernel)), int(forward_peak_bytes(shape, work, None, kernel))
 

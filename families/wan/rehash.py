@@ -7,14 +7,6 @@ add to x after some blocks, so Step Rehash runs them in full (patch.py unsupport
 """
 from __future__ import annotations
 
-from ..dit.rehash import shallow_blocks as dit_shallow_blocks
-
-
-def shallow_blocks(split_point: int, blocks: int) -> int:
-    """Wan's shallow blocks at each end (families/dit/rehash.py shallow_blocks)."""
-    return dit_shallow_blocks(split_point, blocks, "Wan")
-
-
 def install_for_rehash(model) -> None:
     """The block replacements Step Rehash runs through, on `model` (a clone the caller owns), unless the
     pack's own are there already (Streamline Model Patch, Memory Budget). Without their run state they
