@@ -32,17 +32,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_base_directory(base: Path, checkpoint: str, motion_model: str) -> Path:
-    """A ComfyUI base directory with random-weight SD1.5 and mm_sd_v15_v2 files under these names, and
-    this pack and ADE in its custom_nodes."""
+def write_sd15_files(folder: Path) -> tuple[Path, Path]:
+    """A random-weight SD1.5 checkpoint and mm_sd_v15_v2 motion model written into `folder` (drawing them takes
+    about 30 s on one thread: the server tests' fixture sd15_server_files writes them once a run)."""
     from safetensors.torch import save_file
 
     from comfyui_streamline.testing.synthetic import mm_sd15_v2_state_dict, sd15_checkpoint_state_dict
 
+    checkpoint, motion_model = folder / "sd15.safetensors", folder / "mm_sd_v15_v2.safetensors"
+    save_file(sd15_checkpoint_state_dict(seed=0), str(checkpoint))
+    save_file(mm_sd15_v2_state_dict(pe_len=32, seed=1), str(motion_model))
+    return checkpoint, motion_model
+
+
+def make_base_directory(base: Path, checkpoint: str, motion_model: str, files: tuple[Path, Path]) -> Path:
+    """A ComfyUI base directory with the random-weight SD1.5 and mm_sd_v15_v2 `files` (write_sd15_files) under
+    these names (hard links), and this pack and ADE in its custom_nodes."""
     for folder in ("models/checkpoints", "models/animatediff_models", "custom_nodes"):
         (base / folder).mkdir(parents=True)
-    save_file(sd15_checkpoint_state_dict(seed=0), str(base / "models/checkpoints" / checkpoint))
-    save_file(mm_sd15_v2_state_dict(pe_len=32, seed=1), str(base / "models/animatediff_models" / motion_model))
+    os.link(files[0], base / "models/checkpoints" / checkpoint)
+    os.link(files[1], base / "models/animatediff_models" / motion_model)
     (base / "custom_nodes" / "ComfyUI-Streamline").symlink_to(REPO_ROOT, target_is_directory=True)
     (base / "custom_nodes" / ADE_ROOT.name).symlink_to(ADE_ROOT, target_is_directory=True)
     return base

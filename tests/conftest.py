@@ -48,6 +48,15 @@ def pytest_collection_modifyitems(config, items):
             _host_skipped.append(item.nodeid)
 
 
+@pytest.fixture(scope="session")
+def sd15_server_files(tmp_path_factory):
+    """The random-weight SD1.5 checkpoint and mm_sd_v15_v2 files every server test's base directory links
+    (comfy_server.write_sd15_files), drawn once a run."""
+    from comfy_server import write_sd15_files
+
+    return write_sd15_files(tmp_path_factory.mktemp("sd15-server-files"))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "host: needs a ComfyUI + AnimateDiff-Evolved host tree")
     config.addinivalue_line("markers", "server: starts a real ComfyUI server")

@@ -174,9 +174,9 @@ def overlaps(boxes: list[dict]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, sd15_server_files):
     base = make_base_directory(tmp_path_factory.mktemp("comfy-browser"), ANIMATEDIFF["1"]["inputs"]["ckpt_name"],
-                               ANIMATEDIFF["2"]["inputs"]["model_name"])
+                               ANIMATEDIFF["2"]["inputs"]["model_name"], sd15_server_files)
     # The SVD workflow is only loaded here, never run: its checkpoint needs to be listed, not read (a
     # loadable random-weight SVD checkpoint is gigabytes).
     (base / "models/checkpoints" / SVD["1"]["inputs"]["ckpt_name"]).write_bytes(b"")

@@ -28,8 +28,9 @@ MOTION = "streamline-random-mm_sd_v15_v2.safetensors"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    yield from running_server(make_base_directory(tmp_path_factory.mktemp("comfy-base"), CKPT, MOTION))
+def server(tmp_path_factory, sd15_server_files):
+    yield from running_server(make_base_directory(tmp_path_factory.mktemp("comfy-base"), CKPT, MOTION,
+                                                  sd15_server_files))
 
 
 def test_shipped_workflow_only_uses_inputs_the_server_knows(server):
