@@ -74,6 +74,22 @@ def forward(sd15, config, conds=CONDS, control=None, patches=None, meter=False):
     return (out, counter) if meter else out
 
 
+@pytest.fixture(scope="module")
+def reference():
+    """reference(key, compute): a case's result without offload, computed once for both kinds (skips alone, and
+    with features) and for every case that computes the same (`key` names what `compute` does): offload must give
+    it bit for bit."""
+    cache = {}
+
+    def get(key, compute):
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
+
+    yield get
+    cache.clear()
+
+
 @pytest.fixture
 def moved(monkeypatch):
     """Bytes every Transfers object moved (proof that offload ran)."""
@@ -102,10 +118,10 @@ def moved(monkeypatch):
 @KINDS
 @pytest.mark.parametrize("config, conds", [(SliceConfig(3, 7, False), 2), (SliceConfig(1, 5, True), 1),
                                            (SliceConfig(), 2)], ids=["f3-s7-cfg", "f1-s5-cond", "auto-cfg"])
-def test_offload_is_bit_identical_to_no_offload(sd15, moved, config, conds, features):
+def test_offload_is_bit_identical_to_no_offload(sd15, reference, moved, config, conds, features):
     from comfyui_streamline.families.unet.structure import unet_shape
 
-    ref = forward(sd15, config, conds)
+    ref = reference(("forward", repr(config), conds), lambda: forward(sd15, config, conds))
     out = forward(sd15, offloaded(config, features), conds)
     assert torch.equal(out, ref)
     # every skip but the deepest went out and came back (with features: once more, and the block outputs)
@@ -131,12 +147,12 @@ def control_residuals(sd15, conds=CONDS, seed=3):
 
 @pytest.mark.host
 @KINDS
-def test_controlnet_residuals(sd15, moved, features):
+def test_controlnet_residuals(sd15, reference, moved, features):
     """Residuals are added to whole skips (brought back one block ahead); the features still stream."""
-    make_control = control_residuals(sd15)
+    make_control = reference(("control residuals",), lambda: control_residuals(sd15))
     config = SliceConfig(3, 7, False)
-    plain = forward(sd15, config)
-    ref = forward(sd15, config, control=make_control())
+    plain = reference(("forward", repr(config), CONDS), lambda: forward(sd15, config))
+    ref = reference(("forward with control", repr(config)), lambda: forward(sd15, config, control=make_control()))
     out = forward(sd15, offloaded(config, features), control=make_control())
     assert not torch.equal(ref, plain)  # the residuals matter
     assert torch.equal(out, ref) and moved["out"] > 0 and features_moved(moved, features)
@@ -144,7 +160,7 @@ def test_controlnet_residuals(sd15, moved, features):
 
 @pytest.mark.host
 @KINDS
-def test_output_block_patches(sd15, moved, features):
+def test_output_block_patches(sd15, reference, moved, features):
     """A FreeU-style output_block_patch gets the whole skip (brought back one block ahead) and scales it, and
     the whole h: on the way up the features between blocks stay on the device (only the skips move); on the
     way down they still leave (the skips, read back by rows by the next block)."""
@@ -156,7 +172,7 @@ def test_output_block_patches(sd15, moved, features):
         return h, hsp * 0.9
 
     patches = {"output_block_patch": [freeu_like], "input_block_patch": [lambda h, to: h * 1.01]}
-    ref = forward(sd15, SliceConfig(3, 7, False), patches=patches)
+    ref = reference(("forward with freeu_like",), lambda: forward(sd15, SliceConfig(3, 7, False), patches=patches))
     out = forward(sd15, offloaded(SliceConfig(3, 7, False), features), patches=patches)
     skips = offload_traffic(unet_shape(sd15[0]), Workload(FRAMES * CONDS, FRAMES, SIZE, SIZE))
     assert torch.equal(out, ref) and moved["out"] == skips.host_bytes and features_moved(moved, features)
@@ -258,12 +274,13 @@ def test_features_leave_the_device_count_and_predictions_hold(sd15, monkeypatch,
 
 @pytest.mark.host
 @KINDS
-def test_ade_context_windows(ade_context_model, moved, features):
+def test_ade_context_windows(ade_context_model, reference, moved, features):
     """AnimateDiff-Evolved's overlapping context windows: each window's UNet call offloads its own skips
     (and features)."""
     model, _ = ade_context_model
     config = SliceConfig(3, 7, False)
-    ref, _ = ade_sample(streamline(model, config), POSITIVE, NEGATIVE, CTX_FRAMES)
+    ref = reference(("ADE context windows",),
+                    lambda: ade_sample(streamline(model, config), POSITIVE, NEGATIVE, CTX_FRAMES)[0])
     out, record = ade_sample(streamline(model, offloaded(config, features)), POSITIVE, NEGATIVE, CTX_FRAMES)
     assert len(record.unet_calls) > 2 and all(call.batch < 2 * CTX_FRAMES for call in record.unet_calls)  # windows
     assert torch.equal(out, ref) and moved["out"] > 0 and features_moved(moved, features)
@@ -291,12 +308,12 @@ def streamline(model, config):
 @pytest.mark.host
 @KINDS
 @pytest.mark.parametrize("node", ["FreeU", "FreeU_V2"])
-def test_comfyui_freeu(tinyvideo, moved, node, features):
+def test_comfyui_freeu(tinyvideo, reference, moved, node, features):
     """FreeU patches the output blocks' h and skips whole: the features stay on the device there."""
     from test_rehash_robustness import freeu
 
     config = SliceConfig(2, 32, False)
-    ref = tv_sample(freeu(streamline(tinyvideo, config), node))
+    ref = reference(("FreeU", node), lambda: tv_sample(freeu(streamline(tinyvideo, config), node)))
     out = tv_sample(freeu(streamline(tinyvideo, offloaded(config, features)), node))
     assert torch.equal(out, ref) and moved["out"] > 0
 
@@ -304,7 +321,7 @@ def test_comfyui_freeu(tinyvideo, moved, node, features):
 @pytest.mark.host
 @KINDS
 @pytest.mark.parametrize("reuse", ["extrapolate", "hold"])
-def test_step_rehash(tinyvideo, moved, reuse, features):
+def test_step_rehash(tinyvideo, reference, moved, reuse, features):
     """Rehash steps read the deepest shallow skip (on the device: the top of the stack never leaves, and with
     feature offload the last shallow block's output stays until the next is pushed); the cached deep
     feature and the output it is stored from stay on the device."""
@@ -312,8 +329,7 @@ def test_step_rehash(tinyvideo, moved, reuse, features):
 
     config = SliceConfig(2, 32, False)
     settings = dict(mode="fixed", interval=2, warmup=1, tail=1, reuse=reuse)
-    ref_model = patch(streamline(tinyvideo, config), **settings)
-    ref = tv_sample(ref_model)
+    ref = reference(("Step Rehash", reuse), lambda: tv_sample(patch(streamline(tinyvideo, config), **settings)))
     model = patch(streamline(tinyvideo, offloaded(config, features)), **settings)
     out = tv_sample(model)
     assert state_of(model).last.report.rehashed >= 2
@@ -322,11 +338,12 @@ def test_step_rehash(tinyvideo, moved, reuse, features):
 
 @pytest.mark.host
 @KINDS
-def test_comfyui_context_windows(tinyvideo, moved, features):
+def test_comfyui_context_windows(tinyvideo, reference, moved, features):
     from test_rehash_robustness import CW_FRAMES, core_context_windows
 
     config = SliceConfig(2, 32, False)
-    ref = tv_sample(core_context_windows(streamline(tinyvideo, config)), frames=CW_FRAMES)
+    ref = reference(("ComfyUI context windows",),
+                    lambda: tv_sample(core_context_windows(streamline(tinyvideo, config)), frames=CW_FRAMES))
     out = tv_sample(core_context_windows(streamline(tinyvideo, offloaded(config, features))), frames=CW_FRAMES)
     assert torch.equal(out, ref) and moved["out"] > 0 and features_moved(moved, features)
 
@@ -703,7 +720,7 @@ def cpu_pool(monkeypatch):
 
 @pytest.mark.host
 @KINDS
-def test_forwards_reuse_the_pools_buffers_bit_identically(sd15, cpu_pool, features):
+def test_forwards_reuse_the_pools_buffers_bit_identically(sd15, reference, cpu_pool, features):
     """A second forward of the run takes no new buffer (every one of the first came back); the output is
     bit-identical to no offload in both; end_run() leaves nothing held or pinned."""
     import gc
@@ -711,7 +728,7 @@ def test_forwards_reuse_the_pools_buffers_bit_identically(sd15, cpu_pool, featur
     from comfyui_streamline.core import offload
 
     config = SliceConfig(3, 7, False)
-    ref = forward(sd15, config)
+    ref = reference(("forward", repr(config), CONDS), lambda: forward(sd15, config))
     assert torch.equal(forward(sd15, offloaded(config, features)), ref)
     gc.collect()
     made, held = len(cpu_pool.made), cpu_pool.held_bytes
