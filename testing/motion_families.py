@@ -26,14 +26,13 @@ loaded onto one (ADE_LoadAnimateDiffModelWithCameraCtrl): a camera pose encoder 
 
 ADE builds motion modules from a fixed channel table (320, 640, 1280[, 1280]; mid 1280), not from the
 file's shapes, and loads the file into them: a motion model of other widths is refused (size mismatch).
-The SD1.5 families are built for a UNet of model_channels `width` (SD1.5's own 320, or narrower for the
+The families are built for a UNet of model_channels `width` (SD1.5's and SDXL's own 320, or narrower for the
 pack's mechanics: testing.synthetic.NARROW), and read with testing.synthetic.loaders_read_width(width),
 which makes ComfyUI's detection and ADE's loader read that width and changes nothing else of them; every
 part a family's file has (motion modules, PIA's conv_in, AnimateLCM-I2V's image encoder, CameraCtrl's pose
-encoder and qkv_merge projections) is at the UNet's levels. The SDXL families have SDXL's real widths, in the
-smallest SDXL layout ComfyUI detects (Segmind Vega's: spatial transformers of depth 1 and 2 at the two deeper
-levels instead of SDXL's 2 and 10), which ComfyUI loads as an SDXL model and ADE accepts as SDXL. Tests keep
-latents tiny.
+encoder and qkv_merge projections) is at the UNet's levels. The SDXL families go with the smallest SDXL layout
+ComfyUI detects (Segmind Vega's: spatial transformers of depth 1 and 2 at the two deeper levels instead of
+SDXL's 2 and 10), which ComfyUI loads as an SDXL model and ADE accepts as SDXL. Tests keep latents tiny.
 
 All SD1.5 families share one set of random motion-module weights (each file takes the keys its family
 has), as do the SDXL ones: the families differ in structure, and drawing 450M weights takes seconds.
@@ -78,10 +77,6 @@ class Family:
     @property
     def file_name(self) -> str:
         return f"streamline-random-{self.name}.safetensors"
-
-    def width(self, sd15_width: int) -> int:
-        """model_channels of this family's UNet when the SD1.5 ones are `sd15_width` wide (SDXL's: its own)."""
-        return sd15_width if self.layout == SD15 else SD15_WIDTH
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -156,9 +151,6 @@ def _template(layout: str, seed: int, width: int = SD15_WIDTH) -> dict[str, torc
         stub[f"mid_block.motion_modules.0.{pe_key}"] = torch.zeros(1, _MAX_PE, 1)
     info = mmad.AnimateDiffInfo(sd_type=layout, mm_format="AnimateDiff", mm_version="v2" if layout == SD15 else "v1",
                                 mm_name="template")
-    if width != SD15_WIDTH and layout != SD15:
-        raise ValueError(f"only the SD1.5 families are built narrower (asked: {layout} at {width})")
-
     def build():
         model = mmad.AnimateDiffModel(stub, info, init_kwargs={"ops": comfy.ops.disable_weight_init})
         return narrow_motion_model_(model, width) if width != SD15_WIDTH else model
@@ -257,17 +249,17 @@ def reduced_width_state_dict(channels: tuple[int, ...], pe_frames: int = 32) -> 
 
 
 class MotionFiles:
-    """The family files, in one folder registered as ADE's "animatediff_models" folder, the SD1.5 ones for a
-    UNet of model_channels `sd15_width`. A layout's files are written together the first time one of them is
-    asked for (its template is then dropped)."""
+    """The family files, in one folder registered as ADE's "animatediff_models" folder, for UNets of
+    model_channels `width`. A layout's files are written together the first time one of them is asked for (its
+    template is then dropped)."""
 
-    def __init__(self, folder: Path, seed: int = 1, sd15_width: int = SD15_WIDTH):
+    def __init__(self, folder: Path, seed: int = 1, width: int = SD15_WIDTH):
         import folder_paths
 
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.seed = seed
-        self.sd15_width = sd15_width
+        self.width = width
         self._folder_key = ade_module("utils_model").Folders.ANIMATEDIFF_MODELS
         folder_paths.add_model_folder_path(self._folder_key, str(self.folder))
 
@@ -276,11 +268,11 @@ class MotionFiles:
         from safetensors.torch import save_file
 
         if not (self.folder / family.file_name).exists():
-            width = family.width(self.sd15_width)
-            template = _template(family.layout, self.seed, width)
+            template = _template(family.layout, self.seed, self.width)
             for member in FAMILIES.values():
                 if member.layout == family.layout:
-                    save_file(family_state_dict(member, template, self.seed, width), str(self.folder / member.file_name))
+                    save_file(family_state_dict(member, template, self.seed, self.width),
+                              str(self.folder / member.file_name))
             del template
         return family.file_name
 
@@ -289,7 +281,7 @@ class MotionFiles:
         from safetensors.torch import save_file
 
         if not (self.folder / CAMERACTRL_FILE).exists():
-            save_file(cameractrl_state_dict(self.seed + 2, self.sd15_width), str(self.folder / CAMERACTRL_FILE))
+            save_file(cameractrl_state_dict(self.seed + 2, self.width), str(self.folder / CAMERACTRL_FILE))
         return CAMERACTRL_FILE
 
     def close(self) -> None:
@@ -324,7 +316,7 @@ EXPECTED_CONFIG = {SD15: "SD15", SDXL: "Segmind_Vega"}  # ComfyUI's detected mod
 
 
 def base_model(layout: str, seed: int = 0, width: int = SD15_WIDTH):
-    """A MODEL as Load Diffusion Model gives it: a UNet of `layout` (SD1.5: of model_channels `width`, read with
+    """A MODEL as Load Diffusion Model gives it: a UNet of `layout` of model_channels `width` (read with
     loaders_read_width) through ComfyUI's diffusion-model loader (which detects its configuration from the
     state dict's keys and shapes), random weights. The loader is given a state dict of the right shapes that
     holds no memory (one zero, expanded), and the loaded UNet's weights are then drawn in place: one copy of
@@ -333,9 +325,7 @@ def base_model(layout: str, seed: int = 0, width: int = SD15_WIDTH):
     import comfy.sd
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    if width != SD15_WIDTH and layout != SD15:
-        raise ValueError(f"only the SD1.5 UNet is built narrower (asked: {layout} at {width})")
-    config = {**SD15_CONFIG, "model_channels": width} if layout == SD15 else SDXL_SMALL_CONFIG
+    config = {**(SD15_CONFIG if layout == SD15 else SDXL_SMALL_CONFIG), "model_channels": width}
     shapes = UNetModel(**config, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init).state_dict()
     zero = torch.zeros((), dtype=torch.float32)
     with loaders_read_width(width):

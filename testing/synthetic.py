@@ -85,12 +85,12 @@ def sd15_channels(width: int = SD15_WIDTH) -> tuple[int, ...]:
 
 
 def narrow_motion_model_(mm: nn.Module, width: int) -> nn.Module:
-    """ADE's AnimateDiffModel `mm` (built at SD1.5's fixed channel table) with the same motion modules at the
-    levels of a UNet of model_channels `width`, and AnimateLCM-I2V's image encoder, if it has one, rebuilt
-    at those levels by ADE's own init_img_encoder (CameraCtrl's encoder and PIA's conv_in ADE builds from
-    layer_channels and the file's shapes)."""
+    """ADE's AnimateDiffModel `mm` (built at its fixed channel table: SD1.5's four levels or SDXL's three) with
+    the same motion modules at the levels of a UNet of model_channels `width`, and AnimateLCM-I2V's image encoder,
+    if it has one, rebuilt at those levels by ADE's own init_img_encoder (CameraCtrl's encoder and PIA's conv_in
+    ADE builds from layer_channels and the file's shapes)."""
     mmad = ade_module("motion_module_ad")
-    channels = sd15_channels(width)
+    channels = sd15_channels(width)[: len(mm.layer_channels)]
 
     def level(c: int, block_type, index: int):
         return mmad.MotionModule(c, temporal_pe=mm.has_position_encoding, temporal_pe_max_len=mm.encoding_max_len,
@@ -111,29 +111,32 @@ def narrow_motion_model_(mm: nn.Module, width: int) -> nn.Module:
 
 @contextmanager
 def loaders_read_width(width: int):
-    """ComfyUI's and AnimateDiff-Evolved's own loaders, reading SD1.5-layout files of model_channels `width`:
-    ComfyUI's detection matches SD15's entry at that width (its table names 320) and ADE builds its
-    AnimateDiffModel's motion modules at the UNet's levels (its table is SD1.5's). Everything else of the two
-    loaders runs as it is; at SD1.5's own width nothing is changed."""
+    """ComfyUI's and AnimateDiff-Evolved's own loaders, reading SD1.5-layout (and Segmind Vega's SDXL-layout)
+    files of model_channels `width`: ComfyUI's detection matches SD15's (Segmind_Vega's) entry at that width (its
+    table names 320) and ADE builds its AnimateDiffModel's motion modules at the UNet's levels (its tables are
+    SD1.5's and SDXL's). Everything else of the two loaders runs as it is; at SD1.5's own width nothing is
+    changed."""
     if width == SD15_WIDTH:
         yield
         return
     import comfy.supported_models
 
     injection = ade_module("model_injection")
-    ade_model, sd15_config = injection.AnimateDiffModel, comfy.supported_models.SD15.unet_config
+    models = comfy.supported_models
+    ade_model, sd15_config, vega_config = injection.AnimateDiffModel, models.SD15.unet_config, models.Segmind_Vega.unet_config
 
     class NarrowAnimateDiffModel(ade_model):
         def __init__(self, mm_state_dict, mm_info, init_kwargs=None):
             super().__init__(mm_state_dict, mm_info, init_kwargs or {})
             narrow_motion_model_(self, width)
 
-    comfy.supported_models.SD15.unet_config = {**sd15_config, "model_channels": width}
+    models.SD15.unet_config = {**sd15_config, "model_channels": width}
+    models.Segmind_Vega.unet_config = {**vega_config, "model_channels": width}
     injection.AnimateDiffModel = NarrowAnimateDiffModel
     try:
         yield
     finally:
-        comfy.supported_models.SD15.unet_config = sd15_config
+        models.SD15.unet_config, models.Segmind_Vega.unet_config = sd15_config, vega_config
         injection.AnimateDiffModel = ade_model
 
 

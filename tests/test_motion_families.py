@@ -17,14 +17,14 @@ motion modules at the first two levels in slices smaller than their positions; a
 nothing, or, where a feature cannot be sliced (AnimateLCM-I2V image features, CameraCtrl), its one notice.
 
 ADE builds motion modules from a fixed channel table and refuses other widths
-(test_reduced_width_motion_model_is_refused). The SD1.5 families run on SD1.5's layout at the mechanics' width
-(testing.matrix.MECHANICS_WIDTH: a fifth of SD1.5's by default, SD1.5's own 320 with STREAMLINE_FULL_MATRIX=1),
-every part of their files (motion modules, PIA's conv_in, AnimateLCM-I2V's image encoder, CameraCtrl's pose
-encoder and projections) at that width, read by ComfyUI's and ADE's own loaders with
-testing.synthetic.loaders_read_width (ADE's channel table and ComfyUI's SD15 entry read that width; nothing else
-of the loaders changes): each case costs about a second instead of 10-20 s. The SDXL families run at SDXL's real
-widths (the smallest SDXL layout ComfyUI detects), so ADE's own channel table loads a real-width file here too;
-real-width SD1.5 through ADE's loader runs in tests/test_server_e2e.py. By default every family the pack sees as
+(test_reduced_width_motion_model_is_refused). The families run on SD1.5's layout (and the smallest SDXL layout
+ComfyUI detects) at the mechanics' width (testing.matrix.MECHANICS_WIDTH: a fifth of SD1.5's and SDXL's by
+default, their own 320 with STREAMLINE_FULL_MATRIX=1), every part of their files (motion modules, PIA's conv_in,
+AnimateLCM-I2V's image encoder, CameraCtrl's pose encoder and projections) at that width, read by ComfyUI's and
+ADE's own loaders with testing.synthetic.loaders_read_width (ADE's channel tables and ComfyUI's SD15 and
+Segmind_Vega entries read that width; nothing else of the loaders changes): each case costs about a second
+instead of 10-30 s. A real-width mm_sd_v15_v2 goes through ADE's own channel table in tests/test_server_e2e.py
+(and every family here with STREAMLINE_FULL_MATRIX=1). By default every family the pack sees as
 distinct runs once (Gen2, or its own apply node; v3 and AnimateDiff-SDXL, whose motion modules are v2's without
 the mid block and HotshotXL's, only in the full matrix) and the looped-uniform context windows;
 STREAMLINE_FULL_MATRIX=1 adds every family through every loader (the legacy loader with apply_v2_models_properly
@@ -63,7 +63,7 @@ SEED = 1234
 # ADE self-check), and a dropped or misapplied operation differs by 1e-3 and more.
 TOL = 2e-5
 SPATIAL_CHUNK = 10  # motion modules: 7 slices of 64 positions at level 0, 2 of 16 at level 1; 4 positions whole
-SD15_WIDTH = MECHANICS_WIDTH  # model_channels of the SD1.5 families' UNet (SDXL's: its own)
+WIDTH = MECHANICS_WIDTH  # model_channels of the families' UNets
 MODULES_SLICED = 10  # per UNet call: levels 0 and 1, 2 motion modules per down block and 3 per up block
 UP_MODULES_SLICED = 6
 STREAMLINE_LOGGER = "ComfyUI-Streamline"
@@ -151,12 +151,11 @@ class Bases:
         self.layout, self.model = None, None
 
     def get(self, layout: str):
-        from comfyui_streamline.testing.motion_families import SD15, base_model
+        from comfyui_streamline.testing.motion_families import base_model
 
         if layout != self.layout:
             self.clear()
-            self.model = base_model(layout, seed=0, width=SD15_WIDTH if layout == SD15 else 320)  # SDXL: its own
-            self.layout = layout
+            self.model, self.layout = base_model(layout, seed=0, width=WIDTH), layout
         return self.model
 
     def clear(self) -> None:
@@ -175,7 +174,7 @@ def bases():
 def motion_files(tmp_path_factory):
     from comfyui_streamline.testing.motion_families import MotionFiles
 
-    files = MotionFiles(tmp_path_factory.mktemp("animatediff_models"), seed=1, sd15_width=SD15_WIDTH)
+    files = MotionFiles(tmp_path_factory.mktemp("animatediff_models"), seed=1, width=WIDTH)
     yield files
     files.close()
 
@@ -212,12 +211,12 @@ def load(bases, motion_files, family_name: str, loader: str, properly: bool = Tr
     family = FAMILIES[family_name]
     base = bases.get(family.layout)
     name = motion_files.write(family)
-    with loaders_read_width(family.width(SD15_WIDTH)):
+    with loaders_read_width(WIDTH):
         model = _apply(base, motion_files, name, loader, properly, context_options, apply_node, vae)
     (motion_model,) = motion_models_of(model)
     info = motion_model.model.mm_info
     assert (info.mm_format, info.mm_version, info.sd_type) == (family.mm_format, family.mm_version, family.layout)
-    assert motion_model.model.layer_channels[0] == family.width(SD15_WIDTH)
+    assert motion_model.model.layer_channels[0] == WIDTH
     return model, family
 
 
@@ -304,7 +303,7 @@ def measure(bases, motion_files, caplog, case: str, family_name: str, loader: st
 
     def run():
         model, family = load(bases, motion_files, family_name, loader, properly, context_options, apply_node, vae)
-        return run_case(case, model, family.layout, family.width(SD15_WIDTH), caplog, **sampling), family
+        return run_case(case, model, family.layout, WIDTH, caplog, **sampling), family
 
     try:
         return run()
@@ -350,7 +349,7 @@ def check(o: Outcome, hack: bool, sliced_per_call: int = MODULES_SLICED, notices
 def test_reduced_width_motion_model_is_refused(tmp_path):
     """ADE builds motion modules from a fixed channel table (320/640/1280[/1280], mid 1280), not from the
     file's shapes: a motion model for a narrower UNet does not load. Hence loaders_read_width for the narrow
-    SD1.5 families here."""
+    families here."""
     import folder_paths
     from animatediff.utils_model import Folders
     from safetensors.torch import save_file
