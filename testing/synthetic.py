@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .weights import ade_module, randomize_
+from .weights import ade_module, pooled_state_dict, randomize_
 
 SD15_MOTION_CHANNELS = {"down": (320, 640, 1280, 1280), "up": (1280, 1280, 640, 320), "mid": 1280}
 _PE_KEY = "temporal_transformer.transformer_blocks.0.attention_blocks.{}.pos_encoder.pe"
@@ -30,17 +30,21 @@ SD15_WIDTH = 320
 
 def sd15_unet(dtype=torch.float32, device="cpu", seed: int = 0, width: int = SD15_WIDTH):
     """ComfyUI's UNetModel with the SD1.5 configuration (at model_channels `width`), random weights."""
+    return randomize_(_sd15_unet_module(dtype, device, width), seed).eval()
+
+
+def _sd15_unet_module(dtype=torch.float32, device="cpu", width: int = SD15_WIDTH):
+    """ComfyUI's UNetModel with the SD1.5 configuration, its weights not initialised."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    unet = UNetModel(
+    return UNetModel(
         image_size=32, in_channels=4, out_channels=4, model_channels=width, num_res_blocks=[2, 2, 2, 2],
         channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
         transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=768,
         num_heads=8, num_head_channels=-1, legacy=False, use_linear_in_transformer=False,
         dtype=dtype, device=device, operations=comfy.ops.disable_weight_init,
     )
-    return randomize_(unet, seed).eval()
 
 
 def random_conds(seed: int = 1) -> tuple[list, list]:
@@ -51,10 +55,14 @@ def random_conds(seed: int = 1) -> tuple[list, list]:
     return positive, negative
 
 
-def mm_sd15_v2_state_dict(pe_len: int = 32, seed: int = 1, width: int = SD15_WIDTH) -> dict[str, torch.Tensor]:
+def mm_sd15_v2_state_dict(pe_len: int = 32, seed: int = 1, width: int = SD15_WIDTH,
+                          pooled: bool = False) -> dict[str, torch.Tensor]:
     """A complete mm_sd_v15_v2-format state dict (the keys ADE's loader reads; for a UNet of model_channels
-    `width`: loaders_read_width), random weights."""
+    `width`: loaders_read_width), random weights (pooled: weights.pooled_state_dict's, in fp16, for a file
+    whose exact values no test reads)."""
     mm = _build_motion_model(pe_len, width)
+    if pooled:
+        return pooled_state_dict(mm, seed)
     return {k: v.contiguous() for k, v in randomize_(mm, seed).state_dict().items()}
 
 
@@ -246,23 +254,19 @@ SD15_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_c
 
 
 def sd15_checkpoint_state_dict(seed: int = 0, dtype=torch.float16) -> dict[str, torch.Tensor]:
-    """A complete SD1.5-format checkpoint (UNet, VAE, CLIP-L text encoder) with random weights, as
-    CheckpointLoaderSimple reads it. The VAE and text encoder get small weights so their outputs stay
-    finite (their exact values do not matter to this pack)."""
+    """A complete SD1.5-format checkpoint (UNet, VAE, CLIP-L text encoder) with random weights at
+    randomize_'s scale (weights.pooled_state_dict: the exact values matter to no test; the VAE's and the text
+    encoder's outputs stay finite), as CheckpointLoaderSimple reads it."""
     import comfy.ldm.models.autoencoder
     import comfy.sd1_clip
 
     sd = {}
-    for prefix, module in (
-        ("model.diffusion_model.", sd15_unet(seed=seed)),
-        ("first_stage_model.", comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=SD15_VAE_DDCONFIG, embed_dim=4)),
-        ("cond_stage_model.", comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)),
-    ):
-        if not prefix.startswith("model."):
-            randomize_(module, seed + len(sd))
-        for key, value in module.state_dict().items():
-            sd[prefix + key] = value.to(dtype).contiguous()
-        del module
+    for index, (prefix, build) in enumerate((
+        ("model.diffusion_model.", _sd15_unet_module),
+        ("first_stage_model.", lambda: comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=SD15_VAE_DDCONFIG, embed_dim=4)),
+        ("cond_stage_model.", lambda: comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)),
+    )):
+        sd.update((prefix + key, value) for key, value in pooled_state_dict(build(), seed + index, dtype).items())
     return sd
 
 

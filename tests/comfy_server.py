@@ -33,15 +33,15 @@ def free_port() -> int:
 
 
 def write_sd15_files(folder: Path) -> tuple[Path, Path]:
-    """A random-weight SD1.5 checkpoint and mm_sd_v15_v2 motion model written into `folder` (drawing them takes
-    about 30 s on one thread: the server tests' fixture sd15_server_files writes them once a run)."""
+    """A random-weight SD1.5 checkpoint and mm_sd_v15_v2 motion model written into `folder` (the server tests'
+    fixture sd15_server_files writes them once a run)."""
     from safetensors.torch import save_file
 
     from comfyui_streamline.testing.synthetic import mm_sd15_v2_state_dict, sd15_checkpoint_state_dict
 
     checkpoint, motion_model = folder / "sd15.safetensors", folder / "mm_sd_v15_v2.safetensors"
     save_file(sd15_checkpoint_state_dict(seed=0), str(checkpoint))
-    save_file(mm_sd15_v2_state_dict(pe_len=32, seed=1), str(motion_model))
+    save_file(mm_sd15_v2_state_dict(pe_len=32, seed=1, pooled=True), str(motion_model))
     return checkpoint, motion_model
 
 
