@@ -33,7 +33,8 @@ HOST_0_3_64 = "ComfyUI 0.3.64 (a125cd84)"
 HOST_0_33_0 = "ComfyUI 0.33.0 (783545f6)"
 ADE_1_5_7 = "ComfyUI-AnimateDiff-Evolved 1.5.7 (d8d163c)"
 TESTED_HOSTS = f"{HOST_0_33_0} and {HOST_0_3_64}, with {ADE_1_5_7}"
-CHECK_COMMAND = ("COMFYUI_PATH=<your ComfyUI> python -m pytest tests/test_unet_exact.py tests/test_sampling_exact.py "
+CHECK_COMMAND = ("COMFYUI_PATH=<your ComfyUI> python -m pytest tests/test_unet_exact.py tests/test_sd15_real_width.py "
+                 "tests/test_sampling_exact.py "
                  "tests/test_video_norm.py tests/test_motion_families.py tests/test_svd_exact.py "
                  "tests/test_wan_exact.py (in the pack's folder)")
 # relative difference (float64) below which a self-check counts as equal: the sliced path and the host's differ
