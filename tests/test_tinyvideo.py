@@ -80,7 +80,8 @@ def test_the_untrained_model_fails_the_same_check(untrained_model):
 def test_shipped_weights_denoise_far_better_than_the_untrained_model(tinyvideo_model, untrained_model):
     from comfyui_streamline.tinyvideo import model as tinyvideo
 
-    batch = data.sample_batch(6, FRAMES, SIZE, torch.Generator().manual_seed(99))  # held out: training used seed 1
+    # held out (training used seed 1); trained / untrained is 0.026 on these 3 clips (0.026 on 6), bound 0.3
+    batch = data.sample_batch(3, FRAMES, SIZE, torch.Generator().manual_seed(99))
     sigmas = torch.tensor([0.1, 0.5, 1.0, 3.0, 10.0])
     trained = tinyvideo.denoising_loss(tinyvideo_model, batch.videos, batch.words, sigmas)
     untrained = tinyvideo.denoising_loss(untrained_model, batch.videos, batch.words, sigmas)
