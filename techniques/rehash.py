@@ -355,9 +355,18 @@ def _start_run(state: RehashState, guider, sigmas: Tensor, sampler, disable_pbar
     return run
 
 
-def _finish_run(state: RehashState, run: RehashRun, completed: bool) -> None:
+def _finish_run(state: RehashState, run: RehashRun, completed: bool, model_name: str = "the model") -> None:
     note = ""
     run.completed = completed
+    if completed and run.steps and not run.all_full and not any(run.calls.values()) and not run.notes \
+            and run.calibrating is None:
+        # the sampler ran, but no call passed the DIFFUSION_MODEL wrapper (ComfyUI's ar_video sampler calls
+        # CausalWanModel's blocks itself): the model computed every step in full, which the report says
+        run.all_full = True
+        why = (f"no call of {model_name} in this run went through ComfyUI's DIFFUSION_MODEL wrapper (its sampler "
+               "or forward calls the model's blocks directly)")
+        state.log.warn("no-wrapped-call", f"Step Rehash: {why}; every step runs in full.")
+        run.note(f"{why}: every step ran in full.")
     if run.calibrating is not None and completed and run.sketches:
         on_cpu = sketches_to_cpu([sketch for _, sketch in run.sketches.values()])
         run.sketches = {step: (sigma, sketch) for (step, (sigma, _)), sketch in zip(run.sketches.items(), on_cpu)}
@@ -413,7 +422,7 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
         completed = True
         return out
     finally:
-        _finish_run(state, run, completed)
+        _finish_run(state, run, completed, type(guider.model_patcher.model.diffusion_model).__name__)
         guider.model_options = original_options
 
 
